@@ -1,0 +1,1 @@
+"""hotplug-monitor: GPU and PCI accelerator hotplug and health, served on a Unix socket."""

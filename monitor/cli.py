@@ -1,0 +1,323 @@
+"""Command line: the daemon (``serve``), its clients, and a demo on simulated hardware."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
+from monitor.config import (
+    LOG_LEVELS,
+    UDEV_SOURCES,
+    ConfigError,
+    class_prefix,
+    default_socket,
+    load_settings,
+)
+from monitor.server import SocketInUse
+
+PROG = "hotplug-monitor"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _class_arg(text: str) -> str:
+    try:
+        return class_prefix(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help=f"daemon socket (default for you: {default_socket()})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Follow GPUs and PCI accelerators as the kernel adds, removes, binds and breaks them, "
+            "and serve their fingerprint, health and container reservations on a Unix socket."
+        ),
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon in the foreground until SIGTERM or SIGINT. "
+        "Flags override the config file; without one, the defaults below apply.",
+    )
+    _socket_arg(serve)
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where state is kept (default: /var/lib/hotplug-monitor as root, "
+        "$XDG_STATE_HOME/hotplug-monitor otherwise)",
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default: /etc/hotplug-monitor/config.toml as root, "
+        "$XDG_CONFIG_HOME/hotplug-monitor/config.toml otherwise, if it exists)",
+    )
+    serve.add_argument(
+        "--udev-source",
+        choices=UDEV_SOURCES,
+        help="uevents from udevd, from the kernel directly, or auto: udevd when it runs "
+        "(default: auto)",
+    )
+    serve.add_argument(
+        "--match-class",
+        action="append",
+        type=_class_arg,
+        metavar="HEX",
+        help="PCI class prefix of the devices to follow, repeatable "
+        "(default: 0x03 display and 0x12 processing accelerators)",
+    )
+    serve.add_argument(
+        "--no-nvml",
+        dest="nvml",
+        action="store_const",
+        const=False,
+        help="do not use NVIDIA's NVML library",
+    )
+    serve.add_argument(
+        "--netlink-buffer",
+        type=int,
+        metavar="BYTES",
+        help="uevent socket receive buffer (default: 64 MiB)",
+    )
+    serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 4096)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+
+    devices = commands.add_parser("devices", help="list devices, their groups and health")
+    _socket_arg(devices)
+    devices.add_argument("--json", action="store_true", help="print the raw fingerprint")
+
+    watch = commands.add_parser("watch", help="print each change as it happens")
+    _socket_arg(watch)
+    watch.add_argument("--json", action="store_true", help="print the raw notifications")
+
+    reserve = commands.add_parser("reserve", help="reserve devices for a container")
+    _socket_arg(reserve)
+    reserve.add_argument("device_ids", nargs="+", metavar="ID", help="PCI address or GPU UUID")
+    output = reserve.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the raw reservation")
+    output.add_argument("--env", action="store_true", help="print shell export lines")
+
+    release = commands.add_parser("release", help="release reserved devices")
+    _socket_arg(release)
+    release.add_argument("device_ids", nargs="*", metavar="ID", help="PCI address or GPU UUID")
+    release.add_argument("--reservation", metavar="ID", help="release a whole reservation")
+
+    demo = commands.add_parser(
+        "demo", help="run the daemon on simulated hardware (needs umockdev) and watch it"
+    )
+    demo.add_argument("--speed", type=float, default=1.0, help="faster (2) or slower (0.5)")
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    return Client(args.socket or default_socket())
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from monitor import app
+
+    overrides = {
+        "socket": args.socket,
+        "state_dir": args.state_dir,
+        "udev_source": args.udev_source,
+        "match_classes": tuple(args.match_class) if args.match_class else None,
+        "nvml": args.nvml,
+        "netlink_buffer": args.netlink_buffer,
+        "max_clients": args.max_clients,
+        "log_level": args.log_level,
+    }
+    settings = load_settings(args.config, overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        trio.run(app.serve, settings)
+    except* SocketInUse as group:
+        raise CliError(str(group.exceptions[0])) from None
+    except* PermissionError as group:
+        raise CliError(f"permission denied: {group.exceptions[0]}") from None
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _value(device: dict[str, Any], name: str) -> str:
+    attribute = device["attributes"].get(name)
+    return "-" if attribute is None else str(attribute["value"])
+
+
+def _health(device: dict[str, Any]) -> str:
+    return "healthy" if device["healthy"] else f"UNHEALTHY: {device['health_desc']}"
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    with _connect(args) as client:
+        result = client.call("fingerprint")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    devices = Mirror(result).devices()
+    if not devices:
+        print("no matching devices")
+        return
+    rows = [["ID", "GROUP", "DRIVER", "NUMA", "HEALTH"]]
+    for device_id, (key, device) in sorted(devices.items()):
+        numa, driver = _value(device, "numa_node"), _value(device, "driver")
+        rows.append([device_id, key, driver, numa, _health(device)])
+    print(_table(rows))
+
+
+def describe_changes(before: Mirror | None, after: Mirror) -> list[str]:
+    """One line per device that appeared, vanished, changed health or changed attributes."""
+    old = before.devices() if before else {}
+    new = after.devices()
+    lines = []
+    for device_id in sorted(old.keys() | new.keys()):
+        if device_id not in new:
+            lines.append(f"- {device_id} {old[device_id][0]} removed")
+            continue
+        key, device = new[device_id]
+        if device_id not in old:
+            lines.append(f"+ {device_id} {key} {_health(device)}")
+            continue
+        previous = old[device_id][1]
+        if (previous["healthy"], previous["health_desc"]) != (
+            device["healthy"],
+            device["health_desc"],
+        ):
+            mark = "*" if device["healthy"] else "!"
+            lines.append(f"{mark} {device_id} {key} {_health(device)}")
+        changed = sorted(
+            name
+            for name in previous["attributes"].keys() | device["attributes"].keys()
+            if previous["attributes"].get(name) != device["attributes"].get(name)
+        )
+        if changed:
+            values = ", ".join(f"{name}={_value(device, name)}" for name in changed)
+            lines.append(f"~ {device_id} {key} {values}")
+    return [f"[{after.generation}] {line}" for line in lines]
+
+
+def cmd_watch(args: argparse.Namespace) -> None:
+    with Client(args.socket or default_socket(), timeout=None) as client:
+        result = client.call("subscribe")
+        mirror = Mirror(result)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            for line in describe_changes(None, mirror) or [f"[{mirror.generation}] no devices"]:
+                print(line, flush=True)
+        for params in client.notifications():
+            if args.json:
+                print(json.dumps(params), flush=True)
+                continue
+            before = Mirror({"generation": mirror.generation, "snapshot": mirror.snapshot})
+            mirror.apply(params)
+            for line in describe_changes(before, mirror):
+                print(line, flush=True)
+
+
+def cmd_reserve(args: argparse.Namespace) -> None:
+    with _connect(args) as client:
+        result = client.call("reserve", {"device_ids": args.device_ids})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.env:
+        for name, value in result["envs"].items():
+            print(f"export {name}={shlex.quote(value)}")
+    else:
+        print(f"reservation {result['reservation_id']}: {', '.join(result['device_ids'])}")
+        for name, value in result["envs"].items():
+            print(f"  env    {name}={value}")
+        for mount in result["mounts"]:
+            mode = "ro" if mount["read_only"] else "rw"
+            print(f"  mount  {mount['host_path']} -> {mount['task_path']} ({mode})")
+        for device in result["devices"]:
+            print(f"  device {device['host_path']} ({device['cgroup_perms']})")
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    if bool(args.device_ids) == bool(args.reservation):
+        raise CliError("give either device IDs or --reservation, not both or neither")
+    params: dict[str, Any] = (
+        {"reservation_id": args.reservation}
+        if args.reservation
+        else {"device_ids": args.device_ids}
+    )
+    with _connect(args) as client:
+        result = client.call("release", params)
+    released = result["released"]
+    print(f"released {', '.join(released)}" if released else "nothing was reserved")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from monitor import sim
+
+    missing = sim.umockdev_missing()
+    if missing:
+        raise CliError(missing)
+    try:
+        sim.demo(speed=args.speed)
+    except RuntimeError as exc:
+        raise CliError(f"demo failed: {exc}") from None
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "devices": cmd_devices,
+    "watch": cmd_watch,
+    "reserve": cmd_reserve,
+    "release": cmd_release,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (CliError, ConfigError, DaemonUnavailable) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except RpcFailure as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A small blocking client for the daemon's socket, used by the CLI and the tests."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import json_merge_patch
+
+from monitor.protocol import encode_request
+
+
+class DaemonUnavailable(Exception):
+    """Nobody answers on the socket."""
+
+
+class RpcFailure(Exception):
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Client:
+    def __init__(self, path: Path, timeout: float | None = 10.0) -> None:
+        self.path = path
+        self._ids = itertools.count(1)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+        except FileNotFoundError:
+            self._sock.close()
+            raise DaemonUnavailable(f"no daemon is running: {path} does not exist") from None
+        except ConnectionRefusedError:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"no daemon is running on {path} (connection refused)"
+            ) from None
+        except PermissionError:
+            self._sock.close()
+            raise DaemonUnavailable(f"permission denied connecting to {path}") from None
+        self._reader = self._sock.makefile("rb")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self) -> dict[str, Any]:
+        line = self._reader.readline()
+        if not line:
+            raise DaemonUnavailable(f"the daemon on {self.path} closed the connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        request_id = next(self._ids)
+        self._sock.sendall(encode_request(request_id, method, params or {}))
+        while True:
+            message = self._read()
+            if message.get("id") == request_id:
+                break
+        if "error" in message:
+            error = message["error"]
+            raise RpcFailure(error["code"], error["message"], error.get("data"))
+        return message["result"]
+
+    def notifications(self) -> Iterator[dict[str, Any]]:
+        """The params of each ``fingerprint`` notification, after ``call("subscribe")``."""
+        while True:
+            message = self._read()
+            if message.get("method") == "fingerprint":
+                yield message["params"]
+
+
+class Mirror:
+    """A client's copy of the snapshot, kept current by applying notifications."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.generation: int = result["generation"]
+        self.snapshot: dict[str, Any] = result["snapshot"]
+
+    def apply(self, params: dict[str, Any]) -> None:
+        if "snapshot" in params:
+            self.snapshot = params["snapshot"]
+        else:
+            if params["base"] != self.generation:
+                raise ValueError(f"patch base {params['base']} != generation {self.generation}")
+            self.snapshot = json_merge_patch.merge(copy.deepcopy(self.snapshot), params["patch"])
+        self.generation = params["generation"]
+
+    def devices(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Every device by ID, with its group key."""
+        return {
+            device_id: (key, device)
+            for key, group in self.snapshot["groups"].items()
+            for device_id, device in group["devices"].items()
+        }

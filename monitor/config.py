@@ -1,0 +1,127 @@
+"""Settings: defaults that need no file, then the TOML config file, then flags (flags win)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from monitor.reducer import DEFAULT_MATCH_CLASSES
+
+UDEV_SOURCES = ("auto", "udev", "kernel")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message says which and why."""
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_socket() -> Path:
+    if _is_root():
+        return Path("/run/hotplug-monitor/hotplug-monitor.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "hotplug-monitor.sock"
+    return Path(f"/tmp/hotplug-monitor-{os.getuid()}/hotplug-monitor.sock")
+
+
+def default_state_dir() -> Path:
+    if _is_root():
+        return Path("/var/lib/hotplug-monitor")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "hotplug-monitor"
+
+
+def default_config() -> Path:
+    if _is_root():
+        return Path("/etc/hotplug-monitor/config.toml")
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "hotplug-monitor" / "config.toml"
+
+
+def class_prefix(text: str) -> str:
+    """``0x03``, ``0302`` or ``0x030200`` -> the hex prefix a class code must start with."""
+    match = _CLASS_PREFIX.match(text.strip().lower())
+    if match is None:
+        raise ConfigError(
+            f"invalid PCI class {text!r}: give 2, 4 or 6 hex digits, such as 0x03 or 0x0302"
+        )
+    return match.group(1)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class Settings:
+    socket: Path = attrs.field(factory=default_socket)
+    state_dir: Path = attrs.field(factory=default_state_dir)
+    udev_source: str = "auto"
+    match_classes: tuple[str, ...] = DEFAULT_MATCH_CLASSES
+    nvml: bool = True
+    netlink_buffer: int = 64 * 1024 * 1024
+    max_clients: int = 4096
+    log_level: str = "info"
+
+
+# name in the file -> (type the file must give, how to turn it into the setting)
+_FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "socket": (str, Path),
+    "state_dir": (str, Path),
+    "udev_source": (str, lambda v: _choice("udev_source", v, UDEV_SOURCES)),
+    "match_class": (list, lambda v: tuple(class_prefix(str(c)) for c in v)),
+    "nvml": (bool, bool),
+    "netlink_buffer": (int, int),
+    "max_clients": (int, int),
+    "log_level": (str, lambda v: _choice("log_level", v, LOG_LEVELS)),
+}
+_SETTING_OF = {"match_class": "match_classes"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings a TOML file gives, checked; unknown keys are errors, not silently ignored."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FILE_KEYS:
+            known = ", ".join(_FILE_KEYS)
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
+        expected, convert = _FILE_KEYS[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        settings[_SETTING_OF.get(key, key)] = convert(value)
+    return settings
+
+
+def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Defaults, then ``config`` (or the default file, if it exists), then non-None overrides."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        values.update(read_config(config))
+    elif default_config().is_file():
+        values.update(read_config(default_config()))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    if settings.netlink_buffer < 64 * 1024:
+        raise ConfigError("netlink_buffer must be at least 65536 bytes")
+    if settings.max_clients < 1:
+        raise ConfigError("max_clients must be at least 1")
+    return settings

@@ -1,0 +1,102 @@
+"""Frozen input events: what the sources saw, already translated out of udev's and NVML's terms.
+
+Sources build these at the edge and send them to the reducer; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from monitor.model import frozen_tuple
+
+
+@attrs.frozen
+class PciFacts:
+    """What the kernel and sysfs say about one PCI function at one moment."""
+
+    address: str  # kernel form, 0000:3b:00.0
+    vendor_id: int
+    device_id: int
+    pci_class: int  # 24 bits: base class, subclass, programming interface
+    subsystem_vendor_id: int | None = None
+    subsystem_device_id: int | None = None
+    driver: str | None = None
+    model: str | None = None  # from the hardware database, if it knows the device
+    numa_node: int | None = None
+    link_speed: str | None = None  # as sysfs writes it: "32.0 GT/s PCIe"
+    link_width: int | None = None
+
+
+@attrs.frozen
+class DrmNode:
+    """A DRM minor (``card1``, ``renderD129``) below a PCI function."""
+
+    name: str
+    parent: str  # PCI address
+    devnode: str  # /dev/dri/card1
+
+
+@attrs.frozen
+class DeviceSeen:
+    """A PCI function was added, bound, unbound or changed: here is all we know of it now."""
+
+    facts: PciFacts
+
+
+@attrs.frozen
+class DeviceGone:
+    address: str
+
+
+@attrs.frozen
+class DrmNodeSeen:
+    node: DrmNode
+
+
+@attrs.frozen
+class DrmNodeGone:
+    name: str
+
+
+@attrs.frozen
+class PciErrorReported:
+    """A PCI error-recovery uevent (``ERROR_EVENT`` and/or ``DEVICE_ONLINE``)."""
+
+    address: str
+    error_event: str | None  # BEGIN_RECOVERY, SUCCESSFUL_RECOVERY, FAILED_RECOVERY
+    online: bool | None
+
+
+@attrs.frozen
+class DrmWedged:
+    """A DRM ``WEDGED=<method>`` uevent; method ``none`` means the device works again."""
+
+    name: str
+    method: str
+
+
+@attrs.frozen
+class Resync:
+    """A full enumeration: every PCI function and DRM node the host has now."""
+
+    devices: tuple[PciFacts, ...] = attrs.field(converter=frozen_tuple)
+    drm_nodes: tuple[DrmNode, ...] = attrs.field(converter=frozen_tuple)
+
+
+@attrs.frozen
+class ClassFilterChanged:
+    """The set of PCI class prefixes that make a device ours changed (start-up, reload)."""
+
+    match_classes: tuple[str, ...] = attrs.field(converter=frozen_tuple)
+
+
+Event = (
+    DeviceSeen
+    | DeviceGone
+    | DrmNodeSeen
+    | DrmNodeGone
+    | PciErrorReported
+    | DrmWedged
+    | Resync
+    | ClassFilterChanged
+)

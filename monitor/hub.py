@@ -1,0 +1,86 @@
+"""The latest state, and fan-out of each change to subscribers with bounded buffers.
+
+Only the reducer task calls ``publish``. It never waits: each subscriber has a small buffer, and
+one that is full is marked behind, its backlog dropped, and it is sent a full snapshot once it
+reads again. A slow client therefore costs memory for a few messages at most, and never delays
+the reducer or the other clients.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from monitor.protocol import dumps, encode_raw_notification
+from monitor.reducer import Patch, State
+
+SUBSCRIBER_BUFFER = 16
+
+_SNAPSHOT_DUE = None  # queued in place of a dropped backlog
+
+
+class Subscriber:
+    def __init__(self, capacity: int = SUBSCRIBER_BUFFER) -> None:
+        self._send, self._receive = trio.open_memory_channel[bytes | None](capacity)
+        self.behind = False
+
+    def offer(self, message: bytes) -> None:
+        if self.behind:
+            return
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            self.behind = True
+            while True:
+                try:
+                    self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            self._send.send_nowait(_SNAPSHOT_DUE)
+
+    async def next_message(self, hub: Hub) -> bytes:
+        """The next notification to write: a queued patch, or a full snapshot after a drop."""
+        message = await self._receive.receive()
+        if message is _SNAPSHOT_DUE:
+            self.behind = False
+            return hub.snapshot_notification()
+        return message
+
+
+class Hub:
+    def __init__(self, subscriber_buffer: int = SUBSCRIBER_BUFFER) -> None:
+        self.state = State()
+        self.ready = trio.Event()  # set once the first enumeration is in the state
+        self.subscribers: set[Subscriber] = set()
+        self._subscriber_buffer = subscriber_buffer
+        self._snapshot_cache: tuple[int, bytes] | None = None
+
+    def publish(self, state: State, patch: Patch | None) -> None:
+        base = self.state.generation
+        self.state = state
+        self.ready.set()
+        if patch is None:
+            return
+        params = {"base": base, "generation": state.generation, "patch": patch}
+        message = encode_raw_notification("fingerprint", dumps(params))
+        for subscriber in self.subscribers:
+            subscriber.offer(message)
+
+    def subscribe(self) -> Subscriber:
+        subscriber = Subscriber(self._subscriber_buffer)
+        self.subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+
+    def snapshot_result(self) -> bytes:
+        """``{"generation": G, "snapshot": S}`` as JSON, encoded once per generation."""
+        generation = self.state.generation
+        if self._snapshot_cache is None or self._snapshot_cache[0] != generation:
+            snapshot = self.state.fingerprint.to_json()
+            encoded = dumps({"generation": generation, "snapshot": snapshot})
+            self._snapshot_cache = (generation, encoded)
+        return self._snapshot_cache[1]
+
+    def snapshot_notification(self) -> bytes:
+        return encode_raw_notification("fingerprint", self.snapshot_result())

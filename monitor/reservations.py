@@ -1,0 +1,152 @@
+"""What a container needs to use a set of devices, per vendor, checked against the current snapshot.
+
+Only paths that exist on this host are listed. The reservation table here is in memory and not
+exclusive; exclusive, persistent leases build on the same ``plan`` function.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from monitor.model import ContainerReservation, Device, DeviceGroup, DeviceSpec, Fingerprint
+from monitor.protocol import DEVICE_UNHEALTHY, INVALID_PARAMS, UNKNOWN_DEVICE, RpcError
+
+NVIDIA_CONTROL_NODES = (
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+)
+AMD_KFD = "/dev/kfd"
+NVIDIA_GPU_INFO = "/proc/driver/nvidia/gpus/{address}/information"
+_DEVICE_MINOR = re.compile(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
+MAX_DEVICES_PER_REQUEST = 1024
+
+Exists = Callable[[str], bool]
+
+
+def nvidia_minor(address: str) -> int | None:
+    """The /dev/nvidiaN number of a GPU, from the NVIDIA driver's proc file."""
+    try:
+        with open(NVIDIA_GPU_INFO.format(address=address)) as info:
+            found = _DEVICE_MINOR.search(info.read())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def resolve(fingerprint: Fingerprint, ids: Iterable[str]) -> list[tuple[DeviceGroup, Device]]:
+    """Find devices by PCI address or by GPU UUID; unknown IDs raise -32001 naming them all."""
+    by_id = fingerprint.devices()
+    by_uuid = {
+        str(device.attributes["uuid"].value): (group, device)
+        for group, device in by_id.values()
+        if "uuid" in device.attributes
+    }
+    found, unknown = [], []
+    for wanted in ids:
+        hit = by_id.get(wanted.lower()) or by_uuid.get(wanted)
+        if hit is None:
+            unknown.append(wanted)
+        elif hit not in found:
+            found.append(hit)
+    if unknown:
+        raise RpcError(
+            UNKNOWN_DEVICE,
+            f"No such device on this host: {', '.join(unknown)}.",
+            {"device_ids": unknown},
+        )
+    return found
+
+
+def _drm_nodes(device: Device) -> list[str]:
+    paths = []
+    for name in ("drm_card", "drm_render"):
+        attribute = device.attributes.get(name)
+        if attribute is not None:
+            paths.extend(str(attribute.value).split(","))
+    return paths
+
+
+def plan(
+    devices: list[tuple[DeviceGroup, Device]],
+    *,
+    exists: Exists = os.path.exists,
+    minor_of: Callable[[str], int | None] = nvidia_minor,
+) -> ContainerReservation:
+    """The env vars and device nodes for these devices; refuses unhealthy ones with -32002."""
+    unhealthy = {d.id: d.health_desc for _, d in devices if not d.healthy}
+    if unhealthy:
+        names = "; ".join(f"{i}: {desc}" for i, desc in unhealthy.items())
+        raise RpcError(
+            DEVICE_UNHEALTHY,
+            f"Refusing unhealthy devices ({names}).",
+            {"device_ids": list(unhealthy), "health": unhealthy},
+        )
+    nodes: list[str] = []
+    visible_gpus: list[str] = []
+    for group, device in devices:
+        if group.vendor == "nvidia":
+            uuid_attribute = device.attributes.get("uuid")
+            visible_gpus.append(str(uuid_attribute.value) if uuid_attribute else device.id)
+            minor = minor_of(device.id)
+            if minor is not None:
+                nodes.append(f"/dev/nvidia{minor}")
+            nodes.extend(NVIDIA_CONTROL_NODES)
+        elif group.vendor == "amd":
+            nodes.append(AMD_KFD)
+        nodes.extend(_drm_nodes(device))
+    envs = {"NVIDIA_VISIBLE_DEVICES": ",".join(visible_gpus)} if visible_gpus else {}
+    unique = [n for n in dict.fromkeys(nodes) if exists(n)]
+    return ContainerReservation(
+        envs=envs,
+        devices=[DeviceSpec(task_path=n, host_path=n, cgroup_perms="rwm") for n in unique],
+    )
+
+
+@attrs.frozen
+class Reservation:
+    id: str
+    device_ids: tuple[str, ...]
+
+
+class ReservationTable:
+    """Reservations made through this daemon since it started, by ID."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Reservation] = {}
+
+    def add(self, device_ids: list[str]) -> Reservation:
+        reservation = Reservation(id=str(uuid.uuid4()), device_ids=tuple(device_ids))
+        self._by_id[reservation.id] = reservation
+        return reservation
+
+    def release_by_id(self, reservation_id: str) -> list[str]:
+        reservation = self._by_id.pop(reservation_id, None)
+        if reservation is None:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"No reservation {reservation_id} is held.",
+                {"reservation_id": reservation_id},
+            )
+        return list(reservation.device_ids)
+
+    def release_devices(self, device_ids: list[str]) -> list[str]:
+        """Take these devices out of the reservations holding them; the ones that were held."""
+        wanted = set(device_ids)
+        released: list[str] = []
+        for reservation in list(self._by_id.values()):
+            kept = tuple(d for d in reservation.device_ids if d not in wanted)
+            if len(kept) == len(reservation.device_ids):
+                continue
+            released.extend(d for d in reservation.device_ids if d in wanted and d not in released)
+            if kept:
+                self._by_id[reservation.id] = attrs.evolve(reservation, device_ids=kept)
+            else:
+                del self._by_id[reservation.id]
+        return released

@@ -1,0 +1,397 @@
+"""Simulated GPUs through umockdev, for the tests and ``hotplug-monitor demo``.
+
+umockdev fakes sysfs, /dev and udev's netlink for any process run with its preload library, so
+the daemon's real pyudev/libudev code sees these devices and their events exactly as real ones.
+The testbed itself must be driven from a preloaded process too, so it lives in a small helper
+(``python -m monitor.sim``) that takes one JSON command per line; ``Simulator`` runs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+PRELOAD = "libumockdev-preload.so.0"
+LIBRARY = "libumockdev.so.0"
+INSTALL_HINT = (
+    "umockdev is not installed; on Debian or Ubuntu: sudo apt-get install umockdev "
+    "(it provides libumockdev.so.0 and libumockdev-preload.so.0)"
+)
+
+
+@attrs.frozen
+class GpuKind:
+    vendor_id: int
+    device_id: int
+    pci_class: int
+    subsystem: tuple[int, int]
+    driver: str
+    link_speed: str = "32.0 GT/s PCIe"
+    link_width: int = 16
+
+
+KINDS = {
+    "nvidia-h100": GpuKind(0x10DE, 0x2330, 0x030200, (0x10DE, 0x16C1), "nvidia"),
+    "amd-mi300x": GpuKind(0x1002, 0x74A1, 0x038000, (0x1002, 0x74A1), "amdgpu"),
+    "intel-arc": GpuKind(0x8086, 0x56A0, 0x030000, (0x8086, 0x1020), "i915", "2.5 GT/s PCIe", 1),
+}
+
+
+def umockdev_missing() -> str | None:
+    """None when umockdev can be used here, else what to install."""
+    try:
+        ctypes.CDLL(LIBRARY)
+        ctypes.CDLL(PRELOAD)
+    except OSError:
+        return INSTALL_HINT
+    return None
+
+
+def _strv(pairs: dict[str, str]) -> Any:
+    flat = [s.encode() for kv in pairs.items() for s in kv]
+    return (ctypes.c_char_p * (len(flat) + 1))(*flat, None)
+
+
+class _Testbed:
+    """libumockdev's testbed, through ctypes. Only usable in a preloaded process."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(LIBRARY)
+        vp, cp = ctypes.c_void_p, ctypes.c_char_p
+        lib.umockdev_testbed_new.restype = vp
+        lib.umockdev_testbed_get_root_dir.restype = cp
+        lib.umockdev_testbed_get_root_dir.argtypes = [vp]
+        lib.umockdev_testbed_add_devicev.restype = cp
+        lib.umockdev_testbed_add_devicev.argtypes = [vp, cp, cp, cp, vp, vp]
+        lib.umockdev_testbed_uevent.argtypes = [vp, cp, cp]
+        lib.umockdev_testbed_set_property.argtypes = [vp, cp, cp, cp]
+        lib.umockdev_testbed_remove_device.argtypes = [vp, cp]
+        self._lib = lib
+        self._bed = lib.umockdev_testbed_new()
+        self.root = lib.umockdev_testbed_get_root_dir(self._bed).decode()
+
+    def add(
+        self,
+        subsystem: str,
+        name: str,
+        parent: str | None,
+        attrs_: dict[str, str],
+        props: dict[str, str],
+    ) -> str:
+        path = self._lib.umockdev_testbed_add_devicev(
+            self._bed,
+            subsystem.encode(),
+            name.encode(),
+            parent.encode() if parent else None,
+            _strv(attrs_),
+            _strv(props),
+        )
+        if not path:
+            raise RuntimeError(f"umockdev could not add {subsystem} device {name}")
+        return str(path.decode())
+
+    def uevent(self, syspath: str, action: str, **props: str) -> None:
+        for key, value in props.items():
+            self._lib.umockdev_testbed_set_property(
+                self._bed, syspath.encode(), key.encode(), value.encode()
+            )
+        self._lib.umockdev_testbed_uevent(self._bed, syspath.encode(), action.encode())
+        for key in props:  # the properties belong to this one event, not to the device
+            self._lib.umockdev_testbed_set_property(self._bed, syspath.encode(), key.encode(), b"")
+
+    def set_property(self, syspath: str, key: str, value: str) -> None:
+        self._lib.umockdev_testbed_set_property(
+            self._bed, syspath.encode(), key.encode(), value.encode()
+        )
+
+    def remove(self, syspath: str) -> None:
+        self._lib.umockdev_testbed_remove_device(self._bed, syspath.encode())
+
+
+class _Helper:
+    """The commands the helper process carries out, one per line of stdin."""
+
+    def __init__(self) -> None:
+        self.bed = _Testbed()
+        self.gpus: dict[str, tuple[str, GpuKind, list[str]]] = {}  # address -> (path, kind, drm)
+        self.next_minor = 0
+
+    def add(self, kind: str, address: str, numa_node: int = 0) -> None:
+        gpu = KINDS[kind]
+        vendor, device = f"{gpu.vendor_id:04X}", f"{gpu.device_id:04X}"
+        sub_vendor, sub_device = (f"{i:04X}" for i in gpu.subsystem)
+        path = self.bed.add(
+            "pci",
+            address,
+            None,
+            {
+                "vendor": f"0x{gpu.vendor_id:04x}",
+                "device": f"0x{gpu.device_id:04x}",
+                "class": f"0x{gpu.pci_class:06x}",
+                "numa_node": str(numa_node),
+                "current_link_speed": gpu.link_speed,
+                "current_link_width": str(gpu.link_width),
+            },
+            {
+                "PCI_SLOT_NAME": address,
+                "PCI_ID": f"{vendor}:{device}",
+                "PCI_CLASS": f"{gpu.pci_class:X}",
+                "PCI_SUBSYS_ID": f"{sub_vendor}:{sub_device}",
+                "DRIVER": gpu.driver,
+                "MODALIAS": f"pci:v0000{vendor}d0000{device}sv0000{sub_vendor}sd0000{sub_device}",
+            },
+        )
+        self.gpus[address] = (path, gpu, self._add_drm(path))
+        # Vendor nodes are not udev devices here; plain files are enough for the daemon's checks.
+        if gpu.driver == "nvidia":
+            minor = sum(1 for _, kind, _ in self.gpus.values() if kind.driver == "nvidia") - 1
+            info = f"proc/driver/nvidia/gpus/{address}/information"
+            self._touch(info, f"Model: simulated\nDevice Minor: {minor}\n")
+            for node in (f"nvidia{minor}", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"):
+                self._touch(f"dev/{node}")
+        elif gpu.driver == "amdgpu":
+            self._touch("dev/kfd")
+
+    def _touch(self, relative: str, content: str = "") -> None:
+        path = Path(self.bed.root, relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+
+    def _add_drm(self, parent: str) -> list[str]:
+        minor = self.next_minor
+        self.next_minor += 1
+        nodes = []
+        for name, number in ((f"card{minor}", minor), (f"renderD{128 + minor}", 128 + minor)):
+            nodes.append(
+                self.bed.add(
+                    "drm",
+                    f"drm/{name}",
+                    parent,
+                    {"dev": f"226:{number}"},
+                    {
+                        "DEVNAME": f"/dev/dri/{name}",
+                        "DEVTYPE": "drm_minor",
+                        "MAJOR": "226",
+                        "MINOR": str(number),
+                    },
+                )
+            )
+            # umockdev records the node but leaves no file in its /dev; make one.
+            self._touch(f"dev/dri/{name}")
+        return nodes
+
+    def _remove_drm(self, nodes: list[str]) -> None:
+        for node in nodes:
+            self.bed.uevent(node, "remove")
+            self.bed.remove(node)
+            Path(self.bed.root, "dev/dri", Path(node).name).unlink(missing_ok=True)
+        nodes.clear()
+
+    def remove(self, address: str) -> None:
+        path, _, nodes = self.gpus.pop(address)
+        self._remove_drm(nodes)
+        self.bed.uevent(path, "remove")
+        self.bed.remove(path)
+        shutil.rmtree(Path(self.bed.root, "proc/driver/nvidia/gpus", address), ignore_errors=True)
+
+    def pci_error(self, address: str, event: str) -> None:
+        online = "1" if event == "SUCCESSFUL_RECOVERY" else "0"
+        self.bed.uevent(self.gpus[address][0], "change", ERROR_EVENT=event, DEVICE_ONLINE=online)
+
+    def wedge(self, address: str, method: str) -> None:
+        card = self.gpus[address][2][0]
+        self.bed.uevent(card, "change", WEDGED=method)
+
+    def unbind(self, address: str) -> None:
+        path, _, nodes = self.gpus[address]
+        self._remove_drm(nodes)
+        self.bed.set_property(path, "DRIVER", "")
+        self.bed.uevent(path, "unbind")
+
+    def bind(self, address: str) -> None:
+        path, gpu, nodes = self.gpus[address]
+        self.bed.set_property(path, "DRIVER", gpu.driver)
+        self.bed.uevent(path, "bind")
+        nodes.extend(self._add_drm(path))
+
+    def change(self, address: str) -> None:
+        self.bed.uevent(self.gpus[address][0], "change")
+
+
+def _helper_main() -> None:
+    helper = _Helper()
+    print(json.dumps({"root": helper.bed.root}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            getattr(helper, command.pop("op"))(**command)
+            reply: dict[str, Any] = {"ok": True}
+        except Exception as exc:  # reported to the driving process, which raises it
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(reply), flush=True)
+
+
+class Simulator:
+    """Simulated GPUs; ``daemon_env()`` is the environment a daemon needs to see them."""
+
+    def __init__(self) -> None:
+        missing = umockdev_missing()
+        if missing:
+            raise RuntimeError(missing)
+        env = {**os.environ, "LD_PRELOAD": PRELOAD}
+        env.pop("UMOCKDEV_DIR", None)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "monitor.sim"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self.root = self._reply()["root"]
+
+    def _reply(self) -> dict[str, Any]:
+        stdout: IO[str] | None = self._process.stdout
+        assert stdout is not None
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError("the umockdev helper exited")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def _do(self, op: str, **args: Any) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"op": op, **args}) + "\n")
+        stdin.flush()
+        reply = self._reply()
+        if not reply["ok"]:
+            raise RuntimeError(reply["error"])
+
+    def add(self, kind: str, address: str, numa_node: int = 0) -> None:
+        self._do("add", kind=kind, address=address, numa_node=numa_node)
+
+    def remove(self, address: str) -> None:
+        self._do("remove", address=address)
+
+    def pci_error(self, address: str, event: str) -> None:
+        self._do("pci_error", address=address, event=event)
+
+    def wedge(self, address: str, method: str) -> None:
+        self._do("wedge", address=address, method=method)
+
+    def unbind(self, address: str) -> None:
+        self._do("unbind", address=address)
+
+    def bind(self, address: str) -> None:
+        self._do("bind", address=address)
+
+    def change(self, address: str) -> None:
+        self._do("change", address=address)
+
+    def daemon_env(self) -> dict[str, str]:
+        return {**os.environ, "LD_PRELOAD": PRELOAD, "UMOCKDEV_DIR": self.root}
+
+    def close(self) -> None:
+        if self._process.stdin:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if self._process.stdout:
+            self._process.stdout.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+DEMO_GPUS = (
+    ("nvidia-h100", "0000:1b:00.0", 0),
+    ("nvidia-h100", "0000:3b:00.0", 0),
+    ("amd-mi300x", "0000:5b:00.0", 1),
+    ("intel-arc", "0000:9a:00.0", 1),
+)
+
+DEMO_SCRIPT: tuple[tuple[str, tuple[tuple[Any, ...], ...]], ...] = (
+    ("a GPU is hot-added", (("add", "nvidia-h100", "0000:bb:00.0", 1),)),
+    ("its PCI link reports an error", (("pci_error", "0000:bb:00.0", "BEGIN_RECOVERY"),)),
+    ("the kernel recovers it", (("pci_error", "0000:bb:00.0", "SUCCESSFUL_RECOVERY"),)),
+    ("the Intel GPU's driver declares it wedged", (("wedge", "0000:9a:00.0", "rebind"),)),
+    ("the driver is rebound", (("unbind", "0000:9a:00.0"), ("bind", "0000:9a:00.0"))),
+    ("the AMD GPU is unplugged", (("remove", "0000:5b:00.0"),)),
+    ("and plugged back in", (("add", "amd-mi300x", "0000:5b:00.0", 1),)),
+)
+
+
+def demo(speed: float = 1.0) -> None:
+    """Start a daemon on simulated GPUs, then add, break, mend and remove them while watching."""
+    with Simulator() as sim, tempfile.TemporaryDirectory(prefix="hotplug-demo-") as tmp:
+        for kind, address, numa in DEMO_GPUS:
+            sim.add(kind, address, numa)
+        sock = Path(tmp) / "demo.sock"
+        python = [sys.executable, "-m", "monitor"]
+        daemon = subprocess.Popen(
+            [*python, "serve", "--socket", str(sock), "--udev-source", "udev", "--no-nvml",
+             "--state-dir", tmp, "--log-level", "warning"],
+            env=sim.daemon_env(),
+        )  # fmt: skip
+        watcher = None
+        try:
+            _wait_for_socket(sock, daemon)
+            print(f"demo: daemon running on simulated hardware; socket {sock}\n")
+            subprocess.run([*python, "devices", "--socket", str(sock)], check=True)
+            print("\ndemo: watching changes (hotplug-monitor watch):")
+            watcher = subprocess.Popen([*python, "watch", "--socket", str(sock)])
+            time.sleep(1.0 / speed)
+            for what, actions in DEMO_SCRIPT:
+                print(f"\ndemo: {what}", flush=True)
+                for op, *args in actions:
+                    getattr(sim, op)(*args)
+                time.sleep(1.5 / speed)
+            print("\ndemo: reserving both H100s (hotplug-monitor reserve):", flush=True)
+            subprocess.run(
+                [*python, "reserve", "--socket", str(sock), "0000:1b:00.0", "0000:3b:00.0"],
+                check=False,
+            )  # fmt: skip
+            print("\ndemo: done")
+        finally:
+            if watcher is not None:
+                watcher.terminate()
+                watcher.wait()
+            daemon.terminate()
+            daemon.wait()
+
+
+def _wait_for_socket(sock: Path, daemon: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    from monitor.client import Client, DaemonUnavailable
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited with status {daemon.returncode}")
+        try:
+            with Client(sock) as client:
+                client.call("fingerprint")
+                return
+        except DaemonUnavailable:
+            time.sleep(0.05)
+    raise RuntimeError(f"the daemon did not answer on {sock} within {timeout:.0f} s")
+
+
+if __name__ == "__main__":
+    _helper_main()

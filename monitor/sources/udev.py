@@ -1,0 +1,257 @@
+"""udev netlink source: PCI and DRM uevents and enumerations, translated into frozen events.
+
+The monitor is filtered to ``pci`` and ``drm``, started before the first enumeration so nothing
+falls between the two, and read on the trio loop with ``wait_readable`` + ``poll(timeout=0)``.
+Each pyudev ``Device`` is a lazy view of sysfs, so it is copied into a frozen event at once.
+When the kernel drops events because our receive buffer overflowed, the socket reports ENOBUFS:
+we clear it, enumerate again and send a ``Resync`` so the state ends equal to sysfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pyudev
+import trio
+
+from monitor.events import (
+    DeviceGone,
+    DeviceSeen,
+    DrmNode,
+    DrmNodeGone,
+    DrmNodeSeen,
+    DrmWedged,
+    Event,
+    PciErrorReported,
+    PciFacts,
+    Resync,
+)
+from monitor.sources.hwdb import pci_model_name
+
+log = logging.getLogger(__name__)
+
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_PCI_IN_PATH = re.compile(r"/([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])/")
+DRM_MINOR = re.compile(r"^(card|renderD)[0-9]+$")
+MAX_TEXT = 256
+# Events translated per batch before we let the loop run other tasks.
+BATCH_LIMIT = 512
+UDEV_CONTROL = "/run/udev/control"
+
+
+def pick_source(requested: str) -> str:
+    """``auto`` means udevd's events when udevd runs, the kernel's raw events otherwise."""
+    if requested != "auto":
+        return requested
+    return "udev" if os.path.exists(UDEV_CONTROL) else "kernel"
+
+
+def _text(value: Any) -> str | None:
+    """A property or attribute as printable text, or None: no control characters, bounded."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    text = "".join(ch for ch in str(value) if ch.isprintable()).strip()
+    return text[:MAX_TEXT] or None
+
+
+def _hex(value: str | None, bits: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value, 16)
+    except ValueError:
+        return None
+    return number if 0 <= number < (1 << bits) else None
+
+
+def _id_pair(value: str | None) -> tuple[int | None, int | None]:
+    if value is None or ":" not in value:
+        return None, None
+    first, _, second = value.partition(":")
+    return _hex(first, 16), _hex(second, 16)
+
+
+def _attribute(device: pyudev.Device, name: str) -> str | None:
+    try:
+        return _text(device.attributes.get(name))
+    except (OSError, UnicodeError, KeyError):
+        return None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def pci_address(device: pyudev.Device) -> str | None:
+    address = _text(device.properties.get("PCI_SLOT_NAME")) or _text(device.sys_name)
+    address = address.lower() if address else None
+    return address if address and PCI_ADDRESS.match(address) else None
+
+
+def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | None:
+    """Copy a PCI device into ``PciFacts``; None (and a log line) when it is not a sane one."""
+    props = device.properties
+    address = pci_address(device)
+    vendor_id, device_id = _id_pair(_text(props.get("PCI_ID")))
+    if vendor_id is None or device_id is None:
+        vendor_id = _hex(_attribute(device, "vendor"), 16)
+        device_id = _hex(_attribute(device, "device"), 16)
+    pci_class = _hex(_text(props.get("PCI_CLASS")) or _attribute(device, "class"), 24)
+    if address is None or vendor_id is None or device_id is None or pci_class is None:
+        log.warning("skipping PCI device %s: missing or malformed identity", device.sys_path)
+        return None
+    sub_vendor, sub_device = _id_pair(_text(props.get("PCI_SUBSYS_ID")))
+    driver = None if unbound else _text(props.get("DRIVER")) or _text(device.driver)
+    return PciFacts(
+        address=address,
+        vendor_id=vendor_id,
+        device_id=device_id,
+        pci_class=pci_class,
+        subsystem_vendor_id=sub_vendor,
+        subsystem_device_id=sub_device,
+        driver=driver,
+        model=_text(pci_model_name(vendor_id, device_id)),
+        numa_node=_int(_attribute(device, "numa_node")),
+        link_speed=_attribute(device, "current_link_speed"),
+        link_width=_int(_attribute(device, "current_link_width")),
+    )
+
+
+def drm_node(device: pyudev.Device) -> DrmNode | None:
+    """A DRM minor with a PCI parent, or None (connectors, virtual and platform devices)."""
+    name = _text(device.sys_name)
+    if name is None or not DRM_MINOR.match(name):
+        return None
+    parents = _PCI_IN_PATH.findall(device.sys_path + "/")
+    if not parents:
+        log.debug("skipping DRM node %s: no PCI parent", device.sys_path)
+        return None
+    devname = _text(device.properties.get("DEVNAME")) or f"dri/{name}"
+    devnode = devname if devname.startswith("/") else f"/dev/{devname}"
+    return DrmNode(name=name, parent=parents[-1].lower(), devnode=devnode)
+
+
+def _online(value: str | None) -> bool | None:
+    return None if value is None else value.strip() == "1"
+
+
+def translate(device: pyudev.Device) -> list[Event]:
+    """The events one uevent means; malformed or foreign devices mean none."""
+    action = device.action
+    props = device.properties
+    if device.subsystem == "pci":
+        if action == "remove":
+            address = pci_address(device)
+            return [DeviceGone(address)] if address else []
+        facts = pci_facts(device, unbound=action == "unbind")
+        if facts is None:
+            return []
+        events: list[Event] = [DeviceSeen(facts)]
+        error_event = _text(props.get("ERROR_EVENT"))
+        online = _online(_text(props.get("DEVICE_ONLINE")))
+        if action == "change" and (error_event is not None or online is not None):
+            events.append(PciErrorReported(facts.address, error_event, online))
+        return events
+    if device.subsystem == "drm":
+        name = _text(device.sys_name)
+        if name is None or not DRM_MINOR.match(name):
+            return []
+        if action == "remove":
+            return [DrmNodeGone(name)]
+        node = drm_node(device)
+        if node is None:
+            return []
+        wedged = _text(props.get("WEDGED"))
+        if action == "change" and wedged is not None:
+            return [DrmNodeSeen(node), DrmWedged(name, wedged)]
+        return [DrmNodeSeen(node)]
+    return []
+
+
+def enumerate_host() -> Resync:
+    """Every PCI function and DRM node, read from sysfs. Blocking: run it in a thread."""
+    context = pyudev.Context()  # libudev objects are not shared between threads
+    facts = [pci_facts(d) for d in context.list_devices(subsystem="pci")]
+    nodes = [drm_node(d) for d in context.list_devices(subsystem="drm")]
+    return Resync(
+        devices=tuple(f for f in facts if f is not None),
+        drm_nodes=tuple(n for n in nodes if n is not None),
+    )
+
+
+def _open_monitor(source: str, receive_buffer: int) -> pyudev.Monitor:
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
+    monitor.filter_by("pci")
+    monitor.filter_by("drm")
+    try:
+        monitor.set_receive_buffer_size(receive_buffer)  # SO_RCVBUFFORCE: root only
+    except OSError:
+        with socket.socket(fileno=os.dup(monitor.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        log.info("netlink receive buffer capped by net.core.rmem_max (not running as root)")
+    monitor.start()
+    return monitor
+
+
+def _take_socket_error(monitor: pyudev.Monitor) -> int:
+    """Read and clear the pending socket error (ENOBUFS after an overflow)."""
+    with socket.socket(fileno=os.dup(monitor.fileno())) as sock:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def _drain(monitor: pyudev.Monitor) -> Iterator[pyudev.Device]:
+    for count, device in enumerate(iter(partial(monitor.poll, timeout=0), None)):
+        yield device
+        if count + 1 >= BATCH_LIMIT:
+            return
+
+
+async def run_udev_source(
+    send: trio.MemorySendChannel[tuple[Event, ...]],
+    *,
+    source: str = "auto",
+    receive_buffer: int = 64 * 1024 * 1024,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send a ``Resync``, report started, then send every relevant uevent as it arrives."""
+    source = pick_source(source)
+    monitor = _open_monitor(source, receive_buffer)
+    log.info("listening to %s uevents for pci and drm", source)
+    await send.send((await trio.to_thread.run_sync(enumerate_host),))
+    task_status.started()
+    overflows = 0
+    while True:
+        await trio.lowlevel.wait_readable(monitor)
+        batch: list[Event] = []
+        try:
+            for device in _drain(monitor):
+                batch.extend(translate(device))
+        except OSError:
+            # pyudev raises for POLLERR before it reads, so the error stays until we take it.
+            code = _take_socket_error(monitor)
+            if code not in (0, errno.ENOBUFS):
+                raise
+            overflows += 1
+            log.warning(
+                "uevents were lost (netlink receive buffer overflow #%d); re-reading sysfs",
+                overflows,
+            )
+            if batch:
+                await send.send(tuple(batch))
+            batch = [await trio.to_thread.run_sync(enumerate_host)]
+        if batch:
+            await send.send(tuple(batch))
+        else:
+            await trio.lowlevel.checkpoint()
