@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -48,9 +49,14 @@ class Client:
             raise DaemonUnavailable(f"permission denied connecting to {path}") from None
         self._reader = self._sock.makefile("rb")
 
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
     def close(self) -> None:
-        self._reader.close()
+        with contextlib.suppress(OSError):  # wakes a thread blocked reading notifications
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        self._reader.close()
 
     def __enter__(self) -> Client:
         return self

@@ -9,13 +9,10 @@ we clear it, enumerate again and send a ``Resync`` so the state ends equal to sy
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import pyudev
@@ -211,11 +208,18 @@ def _take_socket_error(monitor: pyudev.Monitor) -> int:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
-def _drain(monitor: pyudev.Monitor) -> Iterator[pyudev.Device]:
-    for count, device in enumerate(iter(partial(monitor.poll, timeout=0), None)):
-        yield device
-        if count + 1 >= BATCH_LIMIT:
-            return
+def _receive(monitor: pyudev.Monitor) -> tuple[list[pyudev.Device], bool, OSError | None]:
+    """Up to BATCH_LIMIT queued uevents; whether the queue is now empty; the error, if any."""
+    devices: list[pyudev.Device] = []
+    try:
+        while len(devices) < BATCH_LIMIT:
+            device = monitor.poll(timeout=0)
+            if device is None:
+                return devices, True, None
+            devices.append(device)
+    except OSError as exc:
+        return devices, False, exc
+    return devices, False, None
 
 
 async def run_udev_source(
@@ -225,33 +229,38 @@ async def run_udev_source(
     receive_buffer: int = 64 * 1024 * 1024,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send a ``Resync``, report started, then send every relevant uevent as it arrives."""
+    """Send a ``Resync``, report started, then send every relevant uevent as it arrives.
+
+    After an overflow, what is still queued is discarded until the queue is empty, and only then
+    is sysfs read again: the kernel reports the next loss (ENOBUFS) only once our queue has been
+    empty, so a resync taken earlier could be followed by stale events and a silent loss.
+    """
     source = pick_source(source)
     monitor = _open_monitor(source, receive_buffer)
     log.info("listening to %s uevents for pci and drm", source)
     await send.send((await trio.to_thread.run_sync(enumerate_host),))
     task_status.started()
     overflows = 0
+    resync_due = False
     while True:
-        await trio.lowlevel.wait_readable(monitor)
-        batch: list[Event] = []
-        try:
-            for device in _drain(monitor):
-                batch.extend(translate(device))
-        except OSError:
-            # pyudev raises for POLLERR before it reads, so the error stays until we take it.
-            code = _take_socket_error(monitor)
-            if code not in (0, errno.ENOBUFS):
-                raise
+        devices, empty, error = _receive(monitor)
+        batch = [] if resync_due else [e for d in devices for e in translate(d)]
+        if error is not None:
+            # pyudev raises for POLLERR before reading, so the error stays until we take it.
+            code = _take_socket_error(monitor) or error.errno
             overflows += 1
             log.warning(
-                "uevents were lost (netlink receive buffer overflow #%d); re-reading sysfs",
+                "uevents were lost (%s, overflow #%d); re-reading sysfs once the queue is drained",
+                os.strerror(code) if code else error,
                 overflows,
             )
-            if batch:
-                await send.send(tuple(batch))
-            batch = [await trio.to_thread.run_sync(enumerate_host)]
+            resync_due = True
         if batch:
             await send.send(tuple(batch))
+        if resync_due and empty:
+            resync_due = False
+            await send.send((await trio.to_thread.run_sync(enumerate_host),))
+        elif empty:
+            await trio.lowlevel.wait_readable(monitor)
         else:
             await trio.lowlevel.checkpoint()

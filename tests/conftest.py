@@ -1,0 +1,143 @@
+"""Shared fixtures: a daemon in a subprocess on a real socket, simulated GPUs, subscriptions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.client import Client, DaemonUnavailable, Mirror
+from monitor.sim import Simulator, umockdev_missing
+
+# CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(reason: str | None) -> None:
+    """Skip (fail in CI) when ``reason`` says a needed tool or permission is missing."""
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run every test: {reason}")
+    pytest.skip(reason)
+
+
+class Daemon:
+    """``hotplug-monitor serve`` in a subprocess, with its stderr kept in a file."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.socket = tmp / "monitor.sock"
+        self.log_path = tmp / "daemon.log"
+        command = [sys.executable, "-m", "monitor", "serve", "--socket", str(self.socket)]
+        command += ["--state-dir", str(tmp / "state"), "--no-nvml", *args]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, stderr=self._log, env=env)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with Client(self.socket) as client:
+                    client.call("fingerprint")
+                return
+            except DaemonUnavailable:
+                time.sleep(0.02)
+        raise AssertionError(f"daemon not ready within {timeout} s:\n{self.log()}")
+
+    def client(self, timeout: float | None = 10.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def fingerprint(self) -> dict[str, Any]:
+        with self.client() as client:
+            result: dict[str, Any] = client.call("fingerprint")
+            return result
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, list(args), env)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    need(umockdev_missing())
+    with Simulator() as simulator:
+        yield simulator
+
+
+class Subscription:
+    """A subscribed connection whose mirror of the snapshot follows every notification."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.mirror = Mirror(client.call("subscribe"))
+        self.notifications: list[dict[str, Any]] = []
+        self._stream = client.notifications()
+
+    def next(self) -> dict[str, Any]:
+        params = next(self._stream)
+        self.notifications.append(params)
+        self.mirror.apply(params)
+        return params
+
+    def until(self, condition: Callable[[Mirror], bool], timeout: float = 10.0) -> Mirror:
+        """Read notifications until the mirror satisfies ``condition``."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.mirror):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"condition not met; snapshot: {self.mirror.snapshot}")
+            self.client.settimeout(remaining)
+            try:
+                self.next()
+            except TimeoutError:
+                raise AssertionError(
+                    f"condition not met; snapshot: {self.mirror.snapshot}"
+                ) from None
+        return self.mirror
+
+
+@pytest.fixture
+def subscribe() -> Iterator[Callable[[Daemon], Subscription]]:
+    opened: list[Client] = []
+
+    def open_subscription(daemon: Daemon) -> Subscription:
+        client = daemon.client()
+        opened.append(client)
+        return Subscription(client)
+
+    yield open_subscription
+    for client in opened:
+        client.close()

@@ -1,0 +1,276 @@
+"""Simulated GPUs (umockdev): real libudev and pyudev in the daemon, real socket subscribers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from monitor.client import Mirror, RpcFailure
+from monitor.sim import Simulator
+from tests.conftest import Daemon, Subscription
+
+H100 = "nvidia/gpu/H100 SXM5 80GB"
+MI300X = "amd/gpu/Instinct MI300X"
+ARC = "intel/gpu/Arc A770"
+
+pytestmark = pytest.mark.umockdev
+
+
+@pytest.fixture
+def gpus(sim: Simulator) -> Simulator:
+    sim.add("nvidia-h100", "0000:1b:00.0", 0)
+    sim.add("nvidia-h100", "0000:3b:00.0", 1)
+    sim.add("amd-mi300x", "0000:5b:00.0", 1)
+    sim.add("intel-arc", "0000:9a:00.0", 0)
+    return sim
+
+
+@pytest.fixture
+def daemon(gpus: Simulator, start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon("--udev-source", "udev", env=gpus.daemon_env())
+
+
+def device(mirror: Mirror, address: str) -> dict[str, Any]:
+    """The device's JSON, or {} while it is absent."""
+    found = mirror.devices().get(address)
+    return found[1] if found else {}
+
+
+def attribute(mirror: Mirror, address: str, name: str) -> Any:
+    return device(mirror, address).get("attributes", {}).get(name, {}).get("value")
+
+
+def test_enumeration_groups_the_devices_with_their_drm_nodes(daemon: Daemon) -> None:
+    result = daemon.fingerprint()
+    groups = result["snapshot"]["groups"]
+    assert set(groups) == {H100, MI300X, ARC}
+    assert set(groups[H100]["devices"]) == {"0000:1b:00.0", "0000:3b:00.0"}
+    h100 = groups[H100]
+    assert (h100["vendor"], h100["type"], h100["name"]) == ("nvidia", "gpu", "H100 SXM5 80GB")
+    assert h100["attributes"]["driver"] == {"value": "nvidia"}
+    assert h100["attributes"]["pci_link_speed"] == {"value": "32.0 GT/s PCIe"}
+    assert "numa_node" not in h100["attributes"]  # 0 and 1: not shared
+    first = h100["devices"]["0000:1b:00.0"]
+    assert first["healthy"] is True and first["hw_locality"] == {"pci_bus_id": "0000:1b:00.0"}
+    assert first["attributes"]["numa_node"] == {"value": 0}
+    assert first["attributes"]["drm_card"] == {"value": "/dev/dri/card0"}
+    assert first["attributes"]["drm_render"] == {"value": "/dev/dri/renderD128"}
+    assert groups[MI300X]["attributes"]["pci_class"] == {"value": "0x038000"}
+
+
+def test_hotplug_add_and_remove_reach_a_subscriber_as_patches(
+    daemon: Daemon, gpus: Simulator, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    sub = subscribe(daemon)
+    gpus.add("nvidia-h100", "0000:bb:00.0", 1)
+    mirror = sub.until(lambda m: attribute(m, "0000:bb:00.0", "drm_render") is not None)
+    first = sub.notifications[0]
+    added = first["patch"]["groups"][H100]["devices"]["0000:bb:00.0"]
+    assert added["id"] == "0000:bb:00.0" and added["healthy"] is True
+    assert first["base"] == first["generation"] - 1
+    assert attribute(mirror, "0000:bb:00.0", "drm_card").startswith("/dev/dri/card")
+
+    sub.notifications.clear()
+    gpus.remove("0000:5b:00.0")
+    mirror = sub.until(lambda m: MI300X not in m.snapshot["groups"])
+    assert sub.notifications[-1]["patch"]["groups"][MI300X] is None
+    assert mirror.snapshot == daemon.fingerprint()["snapshot"]
+
+
+def test_pci_error_recovery_is_a_health_patch_both_ways(
+    daemon: Daemon, gpus: Simulator, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    sub = subscribe(daemon)
+    gpus.change("0000:3b:00.0")  # a plain change: no notification at all
+    gpus.pci_error("0000:3b:00.0", "BEGIN_RECOVERY")
+    begin = sub.next()
+    assert begin["base"] == sub.mirror.generation - 1 == begin["generation"] - 1
+    assert begin["patch"] == {
+        "groups": {
+            H100: {
+                "devices": {
+                    "0000:3b:00.0": {
+                        "healthy": False,
+                        "health_desc": "PCI error: recovery in progress, device offline",
+                    }
+                }
+            }
+        }
+    }
+    gpus.pci_error("0000:3b:00.0", "SUCCESSFUL_RECOVERY")
+    assert sub.next()["patch"] == {
+        "groups": {H100: {"devices": {"0000:3b:00.0": {"healthy": True, "health_desc": ""}}}}
+    }
+    gpus.pci_error("0000:3b:00.0", "FAILED_RECOVERY")
+    failed = sub.next()["patch"]["groups"][H100]["devices"]["0000:3b:00.0"]
+    assert failed["healthy"] is False and "recovery failed" in failed["health_desc"]
+    assert "0000:3b:00.0 is unhealthy: PCI error: recovery failed" in daemon.log()
+
+
+def test_wedged_drm_device_marks_its_parent_and_none_restores(
+    daemon: Daemon, gpus: Simulator, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    sub = subscribe(daemon)
+    gpus.wedge("0000:9a:00.0", "rebind,bus-reset")
+    patch = sub.next()["patch"]["groups"][ARC]["devices"]["0000:9a:00.0"]
+    assert patch == {
+        "healthy": False,
+        "health_desc": "DRM device card3 is wedged; recovery needs: rebind,bus-reset",
+    }
+    gpus.wedge("0000:9a:00.0", "none")
+    assert sub.next()["patch"]["groups"][ARC]["devices"]["0000:9a:00.0"]["healthy"] is True
+
+
+def test_unbind_and_bind_follow_the_driver(
+    daemon: Daemon, gpus: Simulator, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    sub = subscribe(daemon)
+    gpus.wedge("0000:9a:00.0", "rebind")
+    sub.until(lambda m: device(m, "0000:9a:00.0")["healthy"] is False)
+    gpus.unbind("0000:9a:00.0")
+    mirror = sub.until(lambda m: attribute(m, "0000:9a:00.0", "driver") is None)
+    unbound = device(mirror, "0000:9a:00.0")
+    assert unbound["healthy"] is False
+    assert unbound["health_desc"].startswith("no kernel driver bound")
+    assert "drm_card" not in unbound["attributes"]
+    gpus.bind("0000:9a:00.0")
+    mirror = sub.until(lambda m: attribute(m, "0000:9a:00.0", "drm_render") is not None)
+    bound = device(mirror, "0000:9a:00.0")
+    assert bound["healthy"] is True  # the rebind also ended the wedge
+    assert bound["attributes"]["driver"] == {"value": "i915"}
+
+
+def test_reservations_list_only_what_the_vendor_needs(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        nvidia = client.call("reserve", {"device_ids": ["0000:3b:00.0"]})
+        amd = client.call("reserve", {"device_ids": ["0000:5b:00.0"]})
+        intel = client.call("reserve", {"device_ids": ["0000:9a:00.0"]})
+    assert nvidia["device_ids"] == ["0000:3b:00.0"]
+    assert nvidia["envs"] == {"NVIDIA_VISIBLE_DEVICES": "0000:3b:00.0"}
+    assert [d["host_path"] for d in nvidia["devices"]] == [
+        "/dev/nvidia1",  # the minor the driver's proc file gives
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia-uvm-tools",  # no /dev/nvidia-modeset on this host: not listed
+        "/dev/dri/card1",
+        "/dev/dri/renderD129",
+    ]
+    assert all(
+        d["cgroup_perms"] == "rwm" and d["task_path"] == d["host_path"] for d in nvidia["devices"]
+    )
+    assert [d["host_path"] for d in amd["devices"]] == [
+        "/dev/kfd",
+        "/dev/dri/card2",
+        "/dev/dri/renderD130",
+    ]
+    assert amd["envs"] == {} and amd["mounts"] == []
+    assert [d["host_path"] for d in intel["devices"]] == ["/dev/dri/card3", "/dev/dri/renderD131"]
+    assert len({nvidia["reservation_id"], amd["reservation_id"], intel["reservation_id"]}) == 3
+
+
+def test_reserve_refuses_unhealthy_devices_and_release_works(
+    daemon: Daemon, gpus: Simulator
+) -> None:
+    gpus.pci_error("0000:1b:00.0", "FAILED_RECOVERY")
+    with daemon.client() as client:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.call("reserve", {"device_ids": ["0000:1b:00.0", "0000:3b:00.0"]})
+            except RpcFailure as failure:
+                assert failure.code == -32002
+                assert failure.data["device_ids"] == ["0000:1b:00.0"]
+                assert "recovery failed" in failure.message
+                break
+            assert time.monotonic() < deadline, "the daemon never saw the PCI error"
+            client.call("release", {"device_ids": ["0000:1b:00.0", "0000:3b:00.0"]})
+            time.sleep(0.05)
+        both = client.call("reserve", {"device_ids": ["0000:3b:00.0", "0000:9A:00.0"]})
+        assert client.call("release", {"device_ids": ["0000:9a:00.0"]}) == {
+            "released": ["0000:9a:00.0"]
+        }
+        assert client.call("release", {"reservation_id": both["reservation_id"]}) == {
+            "released": ["0000:3b:00.0"]
+        }
+        with pytest.raises(RpcFailure) as unknown:
+            client.call("release", {"reservation_id": both["reservation_id"]})
+        assert unknown.value.code == -32602
+
+
+# --- the CLI, as an operator runs it ---------------------------------------------------------
+
+
+def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "monitor", args[0], "--socket", str(daemon.socket), *args[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def test_devices_prints_a_table_and_json(daemon: Daemon, gpus: Simulator) -> None:
+    gpus.pci_error("0000:1b:00.0", "BEGIN_RECOVERY")
+    deadline = time.monotonic() + 10
+    while "UNHEALTHY" not in (table := cli(daemon, "devices").stdout):
+        assert time.monotonic() < deadline
+    lines = table.splitlines()
+    assert lines[0].split() == ["ID", "GROUP", "DRIVER", "NUMA", "HEALTH"]
+    assert len(lines) == 5
+    assert lines[1].split()[:2] == ["0000:1b:00.0", "nvidia/gpu/H100"]
+    assert lines[1].endswith("UNHEALTHY: PCI error: recovery in progress, device offline")
+    assert "0000:9a:00.0  intel/gpu/Arc A770" in table and "healthy" in lines[4]
+    as_json = json.loads(cli(daemon, "devices", "--json").stdout)
+    assert set(as_json["snapshot"]["groups"]) == {H100, MI300X, ARC}
+
+
+def test_watch_prints_one_line_per_change(daemon: Daemon, gpus: Simulator) -> None:
+    for args, expect in (
+        ((), ["! 0000:5b:00.0 amd/gpu/Instinct MI300X UNHEALTHY: PCI error: recovery in progress"]),
+        (("--json",), ['"healthy": false']),
+    ):
+        command = [sys.executable, "-m", "monitor", "watch", "--socket", str(daemon.socket), *args]
+        watcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert watcher.stdout is not None
+            first = watcher.stdout.readline()  # the initial state, then changes
+            if args:
+                assert set(json.loads(first)["snapshot"]["groups"]) == {H100, MI300X, ARC}
+            else:
+                assert (
+                    first.startswith("[")
+                    and "+ 0000:1b:00.0 nvidia/gpu/H100 SXM5 80GB healthy" in first
+                )
+                for _ in range(3):
+                    watcher.stdout.readline()
+            gpus.pci_error("0000:5b:00.0", "BEGIN_RECOVERY")
+            line = watcher.stdout.readline()
+            assert all(e in line for e in expect), line
+            gpus.pci_error("0000:5b:00.0", "SUCCESSFUL_RECOVERY")
+            assert "healthy" in watcher.stdout.readline()
+        finally:
+            watcher.terminate()
+            watcher.wait()
+
+
+def test_reserve_and_release_commands(daemon: Daemon) -> None:
+    human = cli(daemon, "reserve", "0000:1b:00.0")
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.startswith("reservation ") and "0000:1b:00.0" in human.stdout
+    assert "  env    NVIDIA_VISIBLE_DEVICES=0000:1b:00.0" in human.stdout
+    assert "  device /dev/nvidia0 (rwm)" in human.stdout
+    env = cli(daemon, "reserve", "--env", "0000:1b:00.0", "0000:3b:00.0")
+    assert env.stdout == "export NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0\n"
+    as_json = json.loads(cli(daemon, "reserve", "--json", "0000:9a:00.0").stdout)
+    assert as_json["devices"][0] == {
+        "task_path": "/dev/dri/card3",
+        "host_path": "/dev/dri/card3",
+        "cgroup_perms": "rwm",
+    }
+    released = cli(daemon, "release", "--reservation", as_json["reservation_id"])
+    assert released.stdout == "released 0000:9a:00.0\n"
+    unknown = cli(daemon, "reserve", "0000:ee:00.0")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr == "hotplug-monitor: No such device on this host: 0000:ee:00.0.\n"
