@@ -16,10 +16,11 @@ import trio
 from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from monitor.config import (
     LOG_LEVELS,
+    SYSTEM_SOCKET,
     UDEV_SOURCES,
     ConfigError,
     class_prefix,
-    default_socket,
+    client_socket,
     load_settings,
 )
 from monitor.server import SocketInUse
@@ -38,13 +39,11 @@ def _class_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _socket_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=None,
-        help=f"daemon socket (default for you: {default_socket()})",
-    )
+def _socket_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--socket", type=Path, help=f"daemon socket (default: {default})")
+
+
+CLIENT_SOCKET_HELP = "your own daemon's socket if it runs, else the system one"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the daemon in the foreground until SIGTERM or SIGINT. "
         "Flags override the config file; without one, the defaults below apply.",
     )
-    _socket_arg(serve)
+    _socket_arg(serve, f"{SYSTEM_SOCKET} as root, $XDG_RUNTIME_DIR/hotplug-monitor.sock otherwise")
     serve.add_argument(
         "--state-dir",
         type=Path,
-        help="where state is kept (default: /var/lib/hotplug-monitor as root, "
-        "$XDG_STATE_HOME/hotplug-monitor otherwise)",
+        help="where state will be kept (default: /var/lib/hotplug-monitor as root, "
+        "$XDG_STATE_HOME/hotplug-monitor otherwise; unused until leases persist)",
     )
     serve.add_argument(
         "--config",
@@ -96,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="nvml",
         action="store_const",
         const=False,
-        help="do not use NVIDIA's NVML library",
+        help="do not use NVIDIA's NVML library (accepted for compatibility: this version "
+        "has no NVML source yet)",
     )
     serve.add_argument(
         "--netlink-buffer",
@@ -108,22 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
 
     devices = commands.add_parser("devices", help="list devices, their groups and health")
-    _socket_arg(devices)
+    _socket_arg(devices, CLIENT_SOCKET_HELP)
     devices.add_argument("--json", action="store_true", help="print the raw fingerprint")
 
     watch = commands.add_parser("watch", help="print each change as it happens")
-    _socket_arg(watch)
+    _socket_arg(watch, CLIENT_SOCKET_HELP)
     watch.add_argument("--json", action="store_true", help="print the raw notifications")
 
     reserve = commands.add_parser("reserve", help="reserve devices for a container")
-    _socket_arg(reserve)
+    _socket_arg(reserve, CLIENT_SOCKET_HELP)
     reserve.add_argument("device_ids", nargs="+", metavar="ID", help="PCI address or GPU UUID")
     output = reserve.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the raw reservation")
     output.add_argument("--env", action="store_true", help="print shell export lines")
 
     release = commands.add_parser("release", help="release reserved devices")
-    _socket_arg(release)
+    _socket_arg(release, CLIENT_SOCKET_HELP)
     release.add_argument("device_ids", nargs="*", metavar="ID", help="PCI address or GPU UUID")
     release.add_argument("--reservation", metavar="ID", help="release a whole reservation")
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _connect(args: argparse.Namespace) -> Client:
-    return Client(args.socket or default_socket())
+    return Client(args.socket or client_socket())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -229,7 +229,7 @@ def describe_changes(before: Mirror | None, after: Mirror) -> list[str]:
 
 
 def cmd_watch(args: argparse.Namespace) -> None:
-    with Client(args.socket or default_socket(), timeout=None) as client:
+    with Client(args.socket or client_socket(), timeout=None) as client:
         result = client.call("subscribe")
         mirror = Mirror(result)
         if args.json:

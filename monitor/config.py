@@ -25,13 +25,23 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+SYSTEM_SOCKET = Path("/run/hotplug-monitor/hotplug-monitor.sock")
+
+
 def default_socket() -> Path:
+    """Where ``serve`` listens by default: the system path for root, else the user's own."""
     if _is_root():
-        return Path("/run/hotplug-monitor/hotplug-monitor.sock")
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "hotplug-monitor.sock"
     return Path(f"/tmp/hotplug-monitor-{os.getuid()}/hotplug-monitor.sock")
+
+
+def client_socket() -> Path:
+    """Where clients connect by default: the user's own daemon if one runs, else the system's."""
+    own = default_socket()
+    return own if own.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
 
 
 def default_state_dir() -> Path:

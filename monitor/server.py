@@ -25,6 +25,7 @@ from monitor.protocol import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    SERVER_BUSY,
     LineBuffer,
     LineTooLong,
     Request,
@@ -193,9 +194,8 @@ class _Connection:
             await self.stream.send_all(data)
 
     async def refuse_busy(self) -> None:
-        error = RpcError(
-            INTERNAL_ERROR, f"Too many clients (limit {self.server.max_clients}); try again later."
-        )
+        limit = self.server.max_clients
+        error = RpcError(SERVER_BUSY, f"Too many clients (limit {limit}); try again later.")
         with trio.move_on_after(1):
             await self.send(encode_error(error))
 

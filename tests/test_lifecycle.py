@@ -1,0 +1,170 @@
+"""Start, stop, sockets and configuration, as an operator meets them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from monitor import config
+from tests.conftest import Daemon, need
+
+KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
+
+
+def hotplug_monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_within_a_second_closing_clients_and_removing_the_socket(
+    start_daemon: Callable[..., Daemon], signum: int
+) -> None:
+    daemon = start_daemon(*KERNEL)
+    clients = [daemon.client() for _ in range(20)]
+    for client in clients:
+        client.call("subscribe")
+    started = time.monotonic()
+    daemon.process.send_signal(signum)
+    daemon.process.wait(timeout=5)
+    elapsed = time.monotonic() - started
+    assert daemon.process.returncode == 0, daemon.log()
+    assert elapsed < 1.0, f"took {elapsed:.2f} s"
+    assert not daemon.socket.exists()
+    for client in clients:
+        assert client._reader.readline() == b""  # closed by the daemon
+        client.close()
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_stale_socket_file_is_replaced(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "monitor.sock"))
+    stale.close()  # the file stays, nobody listens: what a crash leaves behind
+    daemon = start_daemon(*KERNEL)
+    assert "groups" in daemon.fingerprint()["snapshot"]
+    assert "replacing stale socket" in daemon.log()
+
+
+def test_a_live_socket_is_refused_and_left_alone(start_daemon: Callable[..., Daemon]) -> None:
+    first = start_daemon(*KERNEL)
+    second = hotplug_monitor("serve", "--socket", str(first.socket), *KERNEL)
+    assert second.returncode == 1
+    assert second.stderr.strip().endswith(
+        f"error: another hotplug-monitor is already serving on {first.socket}"
+    )
+    assert "Traceback" not in second.stderr
+    assert "groups" in first.fingerprint()["snapshot"]
+
+
+def test_a_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("important")
+    result = hotplug_monitor("serve", "--socket", str(path), *KERNEL)
+    assert result.returncode == 1 and "is not a socket" in result.stderr
+    assert path.read_text() == "important"
+
+
+@pytest.mark.parametrize(
+    "command", [["devices"], ["watch"], ["reserve", "0000:3b:00.0"], ["release", "x"]]
+)
+def test_clients_say_in_one_line_that_no_daemon_runs(command: list[str], tmp_path: Path) -> None:
+    result = hotplug_monitor(command[0], "--socket", str(tmp_path / "none.sock"), *command[1:])
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"hotplug-monitor: error: no daemon is running: {tmp_path / 'none.sock'} does not exist\n"
+    )
+
+
+def test_help_explains_every_command() -> None:
+    result = hotplug_monitor("--help")
+    assert result.returncode == 0
+    for command in ("serve", "devices", "watch", "reserve", "release", "demo"):
+        assert command in result.stdout
+    serve = hotplug_monitor("serve", "--help").stdout
+    for flag in (
+        "--socket",
+        "--state-dir",
+        "--config",
+        "--udev-source",
+        "--match-class",
+        "--no-nvml",
+    ):
+        assert flag in serve
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("match_class = [", "is not valid TOML"),
+        ('colour = "blue"', "unknown setting 'colour'"),
+        ('match_class = "03"', "match_class has the wrong type"),
+        ('match_class = ["0xZZ"]', "invalid PCI class '0xZZ'"),
+        ('udev_source = "carrier-pigeon"', "udev_source must be one of auto, udev, kernel"),
+        ("netlink_buffer = 10", "netlink_buffer must be at least 65536"),
+    ],
+)
+def test_bad_config_files_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    result = hotplug_monitor("serve", "--config", str(path), "--socket", str(tmp_path / "s.sock"))
+    assert result.returncode == 1
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_missing_config_file_and_bad_flags(tmp_path: Path) -> None:
+    missing = hotplug_monitor("serve", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1 and "cannot read config file" in missing.stderr
+    bad_class = hotplug_monitor("serve", "--match-class", "display")
+    assert bad_class.returncode == 2 and "invalid PCI class 'display'" in bad_class.stderr
+
+
+def test_config_file_applies_and_flags_win(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    classes = {
+        p.name: (p / "class").read_text()[2:4] for p in Path("/sys/bus/pci/devices").iterdir()
+    }
+    need(None if len(set(classes.values())) >= 2 else "needs PCI devices of two base classes")
+    first, second = sorted(set(classes.values()))[:2]
+    path = tmp_path / "config.toml"
+    path.write_text(f'udev_source = "kernel"\nmatch_class = ["0x{first}"]\n')
+    from_file = start_daemon("--config", str(path))
+    assert _ids(from_file) == {a for a, c in classes.items() if c == first}
+    from_file.stop()
+    overridden = start_daemon("--config", str(path), "--match-class", second)
+    assert _ids(overridden) == {a for a, c in classes.items() if c == second}
+
+
+def _ids(daemon: Daemon) -> set[str]:
+    groups = daemon.fingerprint()["snapshot"]["groups"]
+    return {device_id for group in groups.values() for device_id in group["devices"]}
+
+
+def test_default_paths_depend_on_who_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert config.default_socket() == Path("/run/hotplug-monitor/hotplug-monitor.sock")
+    assert config.default_state_dir() == Path("/var/lib/hotplug-monitor")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.state")
+    assert config.default_socket() == Path("/run/user/1000/hotplug-monitor.sock")
+    assert config.default_state_dir() == Path("/home/u/.state/hotplug-monitor")
+
+
+def test_python_dash_m_and_the_console_script_are_the_same_program() -> None:
+    script = Path(sys.executable).parent / "hotplug-monitor"
+    need(None if script.exists() else f"no console script next to {sys.executable}")
+    via_script = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert via_script.stdout == hotplug_monitor("--help").stdout
