@@ -274,3 +274,38 @@ def test_reserve_and_release_commands(daemon: Daemon) -> None:
     unknown = cli(daemon, "reserve", "0000:ee:00.0")
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr == "hotplug-monitor: No such device on this host: 0000:ee:00.0.\n"
+
+
+def test_demo_tells_the_whole_story_in_under_30_seconds() -> None:
+    started = time.monotonic()
+    demo = subprocess.run(
+        [sys.executable, "-m", "monitor", "demo"], capture_output=True, text=True, timeout=60
+    )
+    elapsed = time.monotonic() - started
+    assert demo.returncode == 0, demo.stderr
+    assert elapsed < 30, f"the demo took {elapsed:.1f} s"
+    out = demo.stdout
+    for expected in (
+        "0000:1b:00.0  nvidia/gpu/H100 SXM5 80GB",  # the devices table
+        "+ 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB healthy",  # hot-added
+        "! 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB UNHEALTHY: PCI error: recovery in progress",
+        "* 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB healthy",  # recovered
+        "! 0000:9a:00.0 intel/gpu/Arc A770 UNHEALTHY: DRM device card3 is wedged",
+        "* 0000:9a:00.0 intel/gpu/Arc A770 healthy",  # rebound
+        "- 0000:5b:00.0 amd/gpu/Instinct MI300X removed",
+        "+ 0000:5b:00.0 amd/gpu/Instinct MI300X healthy",  # replugged
+        "  env    NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0",
+        "demo: done",
+    ):
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+    assert "Traceback" not in demo.stderr
+
+
+def test_demo_says_what_to_install_without_umockdev(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from monitor import cli, sim
+
+    monkeypatch.setattr(sim, "umockdev_missing", lambda: sim.INSTALL_HINT)
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err == f"hotplug-monitor: error: {sim.INSTALL_HINT}\n"
