@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from monitor import logs
 from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from monitor.config import (
     LOG_LEVELS,
+    LOG_TARGETS,
     SYSTEM_SOCKET,
     UDEV_SOURCES,
     ConfigError,
@@ -24,6 +26,7 @@ from monitor.config import (
     load_settings,
 )
 from monitor.server import SocketInUse
+from monitor.systemd import ActivationError
 
 PROG = "hotplug-monitor"
 
@@ -106,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 4096)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    serve.add_argument(
+        "--log-target",
+        choices=LOG_TARGETS,
+        help="journal: native entries with fields; stderr: text with <N> priority prefixes; "
+        "auto: the journal when it runs (default)",
+    )
 
     devices = commands.add_parser("devices", help="list devices, their groups and health")
     _socket_arg(devices, CLIENT_SOCKET_HELP)
@@ -150,17 +159,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "netlink_buffer": args.netlink_buffer,
         "max_clients": args.max_clients,
         "log_level": args.log_level,
+        "log_target": args.log_target,
     }
-    settings = load_settings(args.config, overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    load = partial(load_settings, args.config, overrides)
+    settings = load()
+    logs.setup(settings.log_level, settings.log_target)
     try:
-        trio.run(app.serve, settings)
+        trio.run(app.serve, settings, load)
     except* SocketInUse as group:
         raise CliError(str(group.exceptions[0])) from None
     except* PermissionError as group:
         raise CliError(f"permission denied: {group.exceptions[0]}") from None
+    except* ActivationError as group:
+        raise CliError(str(group.exceptions[0])) from None
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -14,6 +14,7 @@ from monitor.reducer import DEFAULT_MATCH_CLASSES
 
 UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_TARGETS = ("auto", "journal", "stderr")
 _CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 
 
@@ -84,6 +85,7 @@ class Settings:
     netlink_buffer: int = 64 * 1024 * 1024
     max_clients: int = 4096
     log_level: str = "info"
+    log_target: str = "auto"
 
 
 # name in the file -> (type the file must give, how to turn it into the setting)
@@ -96,6 +98,7 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "netlink_buffer": (int, int),
     "max_clients": (int, int),
     "log_level": (str, lambda v: _choice("log_level", v, LOG_LEVELS)),
+    "log_target": (str, lambda v: _choice("log_target", v, LOG_TARGETS)),
 }
 _SETTING_OF = {"match_class": "match_classes"}
 

@@ -50,6 +50,7 @@ class Hub:
     def __init__(self, subscriber_buffer: int = SUBSCRIBER_BUFFER) -> None:
         self.state = State()
         self.ready = trio.Event()  # set once the first enumeration is in the state
+        self.changed = trio.Event()  # set on any change of state or subscribers; reset by reader
         self.subscribers: set[Subscriber] = set()
         self._subscriber_buffer = subscriber_buffer
         self._snapshot_cache: tuple[int, bytes] | None = None
@@ -60,6 +61,7 @@ class Hub:
         self.ready.set()
         if patch is None:
             return
+        self.changed.set()
         params = {"base": base, "generation": state.generation, "patch": patch}
         message = encode_raw_notification("fingerprint", dumps(params))
         for subscriber in self.subscribers:
@@ -68,10 +70,12 @@ class Hub:
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self._subscriber_buffer)
         self.subscribers.add(subscriber)
+        self.changed.set()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.discard(subscriber)
+        self.changed.set()
 
     def snapshot_result(self) -> bytes:
         """``{"generation": G, "snapshot": S}`` as JSON, encoded once per generation."""

@@ -54,11 +54,33 @@ TYPE_BY_BASE_CLASS = {0x03: "gpu", 0x12: "accelerator"}
 CAUSE_PCI_ERROR = "pci_error"
 CAUSE_DRM_WEDGED = "drm_wedged"
 
-Problems = Mapping[str, str]  # cause -> description
+
+@attrs.frozen
+class Problem:
+    """One reason a device is unhealthy."""
+
+    desc: str
+    lost: bool = False  # the device is gone until reset or replaced (journal priority crit)
+    recovery_action: str | None = None  # what an operator or driver must do, where known
 
 
-def _frozen_problems(items: Mapping[str, Mapping[str, str]]) -> Mapping[str, Problems]:
+Problems = Mapping[str, Problem]  # cause -> problem
+
+
+def _frozen_problems(items: Mapping[str, Mapping[str, Problem]]) -> Mapping[str, Problems]:
     return frozen_mapping({k: frozen_mapping(v) for k, v in items.items() if v})
+
+
+@attrs.frozen
+class HealthTransition:
+    """A device that turned unhealthy, changed why, or recovered: what the journal records."""
+
+    kind: str  # "unhealthy", "lost" or "recovered"
+    device_id: str
+    vendor: str
+    device_name: str
+    health_desc: str  # now; for a recovery, what it was
+    recovery_action: str | None = None
 
 
 @attrs.frozen
@@ -134,7 +156,8 @@ class _Scratch:
                         self._clear(wedged.parent, CAUSE_DRM_WEDGED)
                     else:
                         desc = f"DRM device {name} is wedged; recovery needs: {method}"
-                        self._set(wedged.parent, CAUSE_DRM_WEDGED, desc)
+                        problem = Problem(desc, recovery_action=method)
+                        self._set(wedged.parent, CAUSE_DRM_WEDGED, problem)
             case Resync(devices, drm_nodes):
                 present = {f.address for f in devices}
                 for address in [a for a in self.devices if a not in present]:
@@ -171,19 +194,21 @@ class _Scratch:
         if error_event == "SUCCESSFUL_RECOVERY" or (error_event is None and online):
             self._clear(address, CAUSE_PCI_ERROR)
         elif error_event == "BEGIN_RECOVERY":
-            self._set(address, CAUSE_PCI_ERROR, "PCI error: recovery in progress, device offline")
+            desc = "PCI error: recovery in progress, device offline"
+            self._set(address, CAUSE_PCI_ERROR, Problem(desc))
         elif error_event == "FAILED_RECOVERY":
             desc = "PCI error: recovery failed, device offline until it is reset or replaced"
-            self._set(address, CAUSE_PCI_ERROR, desc)
+            problem = Problem(desc, lost=True, recovery_action="reset or replace the device")
+            self._set(address, CAUSE_PCI_ERROR, problem)
         elif error_event is not None:
-            self._set(address, CAUSE_PCI_ERROR, f"PCI error event {error_event}")
+            self._set(address, CAUSE_PCI_ERROR, Problem(f"PCI error event {error_event}"))
         elif online is False:
-            self._set(address, CAUSE_PCI_ERROR, "PCI device reported offline")
+            self._set(address, CAUSE_PCI_ERROR, Problem("PCI device reported offline"))
 
-    def _set(self, address: str, cause: str, desc: str) -> None:
+    def _set(self, address: str, cause: str, problem: Problem) -> None:
         causes = self.problems.setdefault(address, {})
-        if causes.get(cause) != desc:
-            causes[cause] = desc
+        if causes.get(cause) != problem:
+            causes[cause] = problem
             self.changed = True
 
     def _clear(self, address: str, cause: str) -> None:
@@ -238,10 +263,17 @@ def device_attributes(facts: PciFacts, nodes: list[DrmNode]) -> dict[str, Attrib
     return attributes
 
 
+NO_DRIVER = Problem("no kernel driver bound", recovery_action="bind a driver")
+
+
+def device_problems(facts: PciFacts, problems: Problems) -> list[Problem]:
+    """Everything wrong with a device, in the order health_desc names it."""
+    found = [problems[cause] for cause in sorted(problems)]
+    return found if facts.driver else [NO_DRIVER, *found]
+
+
 def build_device(facts: PciFacts, nodes: list[DrmNode], problems: Problems) -> Device:
-    descs = [problems[cause] for cause in sorted(problems)]
-    if not facts.driver:
-        descs.insert(0, "no kernel driver bound")
+    descs = [p.desc for p in device_problems(facts, problems)]
     return Device(
         id=facts.address,
         healthy=not descs,
@@ -287,3 +319,30 @@ def fingerprint_patch(old: Fingerprint, new: Fingerprint) -> Patch | None:
         elif before != group:
             groups[key] = json_merge_patch.create_patch(before.to_json(), group.to_json())
     return {"groups": groups} if groups else None
+
+
+def health_transitions(old: State, new: State) -> list[HealthTransition]:
+    """Devices whose health changed between two states, and devices that arrived unhealthy."""
+    before = {d.id: d for _, d in old.fingerprint.devices().values()}
+    transitions = []
+    for group, device in new.fingerprint.devices().values():
+        previous = before.get(device.id)
+        if previous is None and device.healthy:
+            continue
+        if previous is not None and (previous.healthy, previous.health_desc) == (
+            device.healthy,
+            device.health_desc,
+        ):
+            continue
+        if device.healthy:
+            assert previous is not None
+            kind, desc, action = "recovered", previous.health_desc, None
+        else:
+            problems = device_problems(new.devices[device.id], new.problems.get(device.id, {}))
+            kind = "lost" if any(p.lost for p in problems) else "unhealthy"
+            actions = [p.recovery_action for p in problems if p.recovery_action]
+            desc, action = device.health_desc, actions[0] if actions else None
+        transitions.append(
+            HealthTransition(kind, device.id, group.vendor, group.name, desc, action)
+        )
+    return transitions

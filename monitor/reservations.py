@@ -121,6 +121,9 @@ class ReservationTable:
     def __init__(self) -> None:
         self._by_id: dict[str, Reservation] = {}
 
+    def __len__(self) -> int:
+        return len(self._by_id)
+
     def add(self, device_ids: list[str]) -> Reservation:
         reservation = Reservation(id=str(uuid.uuid4()), device_ids=tuple(device_ids))
         self._by_id[reservation.id] = reservation

@@ -158,6 +158,7 @@ class Server:
         devices = reservations.resolve(self.hub.state.fingerprint, ids)
         edits = reservations.plan(devices)
         reservation = self.reservations.add([device.id for _, device in devices])
+        self.hub.changed.set()
         return {
             "reservation_id": reservation.id,
             "device_ids": list(reservation.device_ids),
@@ -165,6 +166,7 @@ class Server:
         }
 
     def release(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.hub.changed.set()
         if set(params) == {"reservation_id"} and isinstance(params["reservation_id"], str):
             return {"released": self.reservations.release_by_id(params["reservation_id"])}
         if set(params) == {"device_ids"}:

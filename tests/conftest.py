@@ -35,7 +35,7 @@ class Daemon:
         self.socket = tmp / "monitor.sock"
         self.log_path = tmp / "daemon.log"
         command = [sys.executable, "-m", "monitor", "serve", "--socket", str(self.socket)]
-        command += ["--state-dir", str(tmp / "state"), "--no-nvml", *args]
+        command += ["--state-dir", str(tmp / "state"), "--no-nvml", "--log-target", "stderr", *args]
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)
         self.wait_ready()

@@ -110,7 +110,9 @@ def test_pci_error_recovery_is_a_health_patch_both_ways(
     gpus.pci_error("0000:3b:00.0", "FAILED_RECOVERY")
     failed = sub.next()["patch"]["groups"][H100]["devices"]["0000:3b:00.0"]
     assert failed["healthy"] is False and "recovery failed" in failed["health_desc"]
-    assert "0000:3b:00.0 is unhealthy: PCI error: recovery failed" in daemon.log()
+    assert (
+        "0000:3b:00.0 (nvidia H100 SXM5 80GB) is lost: PCI error: recovery failed" in daemon.log()
+    )
 
 
 def test_wedged_drm_device_marks_its_parent_and_none_restores(

@@ -30,6 +30,7 @@ from monitor.events import (
     PciFacts,
     Resync,
 )
+from monitor.logs import MESSAGE_IDS
 from monitor.sources.hwdb import pci_model_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ MAX_TEXT = 256
 # Events translated per batch before we let the loop run other tasks.
 BATCH_LIMIT = 512
 UDEV_CONTROL = "/run/udev/control"
+UEVENTS_LOST_MESSAGE_ID = MESSAGE_IDS["uevents_lost"]
 
 
 def pick_source(requested: str) -> str:
@@ -253,6 +255,7 @@ async def run_udev_source(
                 "uevents were lost (%s, overflow #%d); re-reading sysfs once the queue is drained",
                 os.strerror(code) if code else error,
                 overflows,
+                extra={"journal": {"MESSAGE_ID": UEVENTS_LOST_MESSAGE_ID}},
             )
             resync_due = True
         if batch:

@@ -1,0 +1,126 @@
+"""Logging: native journald entries with structured fields, or plain stderr with ``<N>`` prefixes.
+
+Health transitions are one entry each, with a stable MESSAGE_ID per kind (explained in
+``systemd/hotplug-monitor.catalog``) and the device's fields, so operators can filter and alert
+on them: ``journalctl MESSAGE_ID=... DEVICE_ID=0000:3b:00.0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from monitor.reducer import HealthTransition
+
+NOTICE = 25  # between INFO and WARNING, as syslog has it
+logging.addLevelName(NOTICE, "NOTICE")
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "hotplug-monitor"
+
+# syslog priorities (sd-daemon(3)): what both targets use
+PRIORITIES = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    NOTICE: 5,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+# Stable per kind of event; each has an entry in systemd/hotplug-monitor.catalog.
+MESSAGE_IDS = {
+    "lost": "5a1d3c0e7b2f4e6a9c8d4b1f0e2a3c71",
+    "unhealthy": "8e4b2a1c6d3f4b7e9a0c5d2e1f3b4a82",
+    "recovered": "c3f1e2d4b5a64c7d8e9f0a1b2c3d4e93",
+    "uevents_lost": "2b7e9c1d4f3a4e5b8c6d7e0f1a2b3ca4",
+}
+LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
+
+
+def priority(levelno: int) -> int:
+    return PRIORITIES.get(levelno, 7 if levelno < logging.INFO else 2)
+
+
+class JournalHandler(logging.Handler):
+    """Writes each record as a native journal entry; ``extra={"journal": {...}}`` adds fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from cysystemd import journal
+
+        self._send = journal.send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = getattr(record, "journal", {})
+        try:
+            self._send(
+                message=self.format(record),
+                priority=priority(record.levelno),
+                syslog_identifier=IDENTIFIER,
+                logger=record.name,
+                **{k.lower(): str(v) for k, v in fields.items()},
+            )
+        except Exception:
+            self.handleError(record)
+
+
+class PriorityFormatter(logging.Formatter):
+    """``<3>message``: the prefix journald and syslog readers turn into a priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{priority(record.levelno)}>{super().format(record)}"
+
+
+def journal_available() -> bool:
+    return "JOURNAL_STREAM" in os.environ or os.path.exists(JOURNAL_SOCKET)
+
+
+def setup(level: str, target: str = "auto") -> str:
+    """Route the root logger to the journal or stderr; returns the target chosen."""
+    if target == "auto":
+        target = "journal" if journal_available() else "stderr"
+    handler: logging.Handler
+    if target == "journal":
+        handler = JournalHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PriorityFormatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return target
+
+
+def report_health(log: logging.Logger, transition: HealthTransition) -> None:
+    """One entry per health transition, with the fields operators filter on."""
+    fields = {
+        "MESSAGE_ID": MESSAGE_IDS[transition.kind],
+        "DEVICE_ID": transition.device_id,
+        "PCI_BUS_ID": transition.device_id,
+        "VENDOR": transition.vendor,
+        "DEVICE_NAME": transition.device_name,
+        "HEALTH": "healthy" if transition.kind == "recovered" else "unhealthy",
+    }
+    if transition.recovery_action:
+        fields["RECOVERY_ACTION"] = transition.recovery_action
+    what = {
+        "lost": "is lost",
+        "unhealthy": "is unhealthy",
+        "recovered": "is healthy again; it was",
+    }[transition.kind]
+    log.log(
+        LEVELS[transition.kind],
+        "%s (%s %s) %s: %s",
+        transition.device_id,
+        transition.vendor,
+        transition.device_name,
+        what,
+        transition.health_desc,
+        extra={"journal": fields},
+    )
