@@ -81,7 +81,10 @@ def _raise_fd_limit() -> None:
     """Every client is a file descriptor: allow as many as the hard limit does."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except OSError as exc:  # a seccomp filter may forbid it; LimitNOFILE= then decides
+            log.info("keeping the file descriptor limit at %d: %s", soft, exc)
 
 
 async def _reload(
