@@ -28,6 +28,16 @@ def need(reason: str | None) -> None:
     pytest.skip(reason)
 
 
+def two_pci_classes() -> tuple[dict[str, str], str, str]:
+    """Every PCI device's base class (2 hex digits), and two classes present on this host."""
+    classes = {
+        p.name: (p / "class").read_text()[2:4] for p in Path("/sys/bus/pci/devices").iterdir()
+    }
+    need(None if len(set(classes.values())) >= 2 else "needs PCI devices of two base classes")
+    first, second = sorted(set(classes.values()))[:2]
+    return classes, first, second
+
+
 class Daemon:
     """``hotplug-monitor serve`` in a subprocess, with its stderr kept in a file."""
 

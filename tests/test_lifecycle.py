@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from monitor import config
-from tests.conftest import Daemon, need
+from tests.conftest import Daemon, need, two_pci_classes
 
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
 
@@ -133,11 +133,7 @@ def test_missing_config_file_and_bad_flags(tmp_path: Path) -> None:
 def test_config_file_applies_and_flags_win(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    classes = {
-        p.name: (p / "class").read_text()[2:4] for p in Path("/sys/bus/pci/devices").iterdir()
-    }
-    need(None if len(set(classes.values())) >= 2 else "needs PCI devices of two base classes")
-    first, second = sorted(set(classes.values()))[:2]
+    classes, first, second = two_pci_classes()
     path = tmp_path / "config.toml"
     path.write_text(f'udev_source = "kernel"\nmatch_class = ["0x{first}"]\n')
     from_file = start_daemon("--config", str(path))

@@ -23,7 +23,7 @@ import trio
 from monitor import app, logs
 from monitor.client import Client, DaemonUnavailable
 from monitor.sim import Simulator
-from tests.conftest import Daemon, Subscription, need
+from tests.conftest import Daemon, Subscription, need, two_pci_classes
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -349,11 +349,7 @@ def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad(
     start_daemon: Callable[..., Daemon],
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    classes = {
-        p.name: (p / "class").read_text()[2:4] for p in Path("/sys/bus/pci/devices").iterdir()
-    }
-    need(None if len(set(classes.values())) >= 2 else "needs PCI devices of two base classes")
-    first, second = sorted(set(classes.values()))[:2]
+    classes, first, second = two_pci_classes()
     config = tmp_path / "config.toml"
     config.write_text(f'udev_source = "kernel"\nmatch_class = ["{first}"]\n')
     daemon = start_daemon("--config", str(config))
