@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--netlink-buffer",
         type=int,
         metavar="BYTES",
-        help="uevent socket receive buffer (default: 64 MiB)",
+        help="uevent socket receive buffer (default: 8 MiB)",
     )
     serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 4096)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")

@@ -82,7 +82,9 @@ class Settings:
     udev_source: str = "auto"
     match_classes: tuple[str, ...] = DEFAULT_MATCH_CLASSES
     nvml: bool = True
-    netlink_buffer: int = 64 * 1024 * 1024
+    # Room for about 13,000 queued uevents: a driver reload on a full host fits, and a storm
+    # beyond it overflows into a resync (milliseconds) instead of a backlog that takes seconds.
+    netlink_buffer: int = 8 * 1024 * 1024
     max_clients: int = 4096
     log_level: str = "info"
     log_target: str = "auto"

@@ -25,6 +25,7 @@ class PciFacts:
     numa_node: int | None = None
     link_speed: str | None = None  # as sysfs writes it: "32.0 GT/s PCIe"
     link_width: int | None = None
+    nvidia_minor: int | None = None  # N of /dev/nvidiaN, from the NVIDIA driver's proc file
 
 
 @attrs.frozen

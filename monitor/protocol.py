@@ -61,8 +61,12 @@ class LineBuffer:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._pending += data
+        if b"\n" not in data:
+            if len(self._pending) > self._limit:
+                raise LineTooLong(f"a line is longer than {self._limit} bytes")
+            return []
         *lines, rest = self._pending.split(b"\n")
-        if len(rest) > self._limit or any(len(line) > self._limit for line in lines):
+        if len(rest) > self._limit or max(map(len, lines)) > self._limit:
             raise LineTooLong(f"a line is longer than {self._limit} bytes")
         self._pending = bytearray(rest)
         return [bytes(line) for line in lines]
@@ -71,7 +75,8 @@ class LineBuffer:
 def parse_request(line: bytes) -> Request:
     """One line to a ``Request``; raises ``RpcError`` with the right code when it is not one."""
     try:
-        message = json.loads(line)
+        # Decoded here, not by json.loads: the wire is UTF-8 only, never UTF-16 or UTF-32.
+        message = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise RpcError(PARSE_ERROR, f"The request is not valid UTF-8 JSON: {exc}.") from None
     if isinstance(message, list):

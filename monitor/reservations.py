@@ -7,7 +7,6 @@ exclusive; exclusive, persistent leases build on the same ``plan`` function.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -23,21 +22,9 @@ NVIDIA_CONTROL_NODES = (
     "/dev/nvidia-modeset",
 )
 AMD_KFD = "/dev/kfd"
-NVIDIA_GPU_INFO = "/proc/driver/nvidia/gpus/{address}/information"
-_DEVICE_MINOR = re.compile(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
 MAX_DEVICES_PER_REQUEST = 1024
 
 Exists = Callable[[str], bool]
-
-
-def nvidia_minor(address: str) -> int | None:
-    """The /dev/nvidiaN number of a GPU, from the NVIDIA driver's proc file."""
-    try:
-        with open(NVIDIA_GPU_INFO.format(address=address)) as info:
-            found = _DEVICE_MINOR.search(info.read())
-    except OSError:
-        return None
-    return int(found.group(1)) if found else None
 
 
 def resolve(fingerprint: Fingerprint, ids: Iterable[str]) -> list[tuple[DeviceGroup, Device]]:
@@ -76,8 +63,8 @@ def _drm_nodes(device: Device) -> list[str]:
 def plan(
     devices: list[tuple[DeviceGroup, Device]],
     *,
+    minor_of: Callable[[str], int | None],
     exists: Exists = os.path.exists,
-    minor_of: Callable[[str], int | None] = nvidia_minor,
 ) -> ContainerReservation:
     """The env vars and device nodes for these devices; refuses unhealthy ones with -32002."""
     unhealthy = {d.id: d.health_desc for _, d in devices if not d.healthy}

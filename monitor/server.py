@@ -155,8 +155,11 @@ class Server:
         raise RpcError(METHOD_NOT_FOUND, f"Unknown method {request.method!r}.")
 
     def reserve(self, ids: list[str]) -> dict[str, Any]:
-        devices = reservations.resolve(self.hub.state.fingerprint, ids)
-        edits = reservations.plan(devices)
+        state = self.hub.state
+        devices = reservations.resolve(state.fingerprint, ids)
+        edits = reservations.plan(
+            devices, minor_of=lambda address: state.devices[address].nvidia_minor
+        )
         reservation = self.reservations.add([device.id for _, device in devices])
         self.hub.changed.set()
         return {

@@ -173,6 +173,8 @@ def test_line_buffer_splits_and_limits() -> None:
     assert buffer.feed(b"\n") == [b"f"]
     with pytest.raises(LineTooLong):
         buffer.feed(b"123456789")
+    with pytest.raises(LineTooLong):  # a long line between two short ones, in one read
+        LineBuffer(limit=8).feed(b"1234567\n123456789\n12\n")
 
 
 def test_parse_request_keeps_the_id_of_an_invalid_request() -> None:

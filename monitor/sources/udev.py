@@ -42,6 +42,8 @@ MAX_TEXT = 256
 # Events translated per batch before we let the loop run other tasks.
 BATCH_LIMIT = 512
 UDEV_CONTROL = "/run/udev/control"
+NVIDIA_GPU_INFO = "/proc/driver/nvidia/gpus/{address}/information"
+_DEVICE_MINOR = re.compile(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
 UEVENTS_LOST_MESSAGE_ID = MESSAGE_IDS["uevents_lost"]
 
 
@@ -93,6 +95,16 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def nvidia_minor(address: str) -> int | None:
+    """The N of /dev/nvidiaN for a GPU the NVIDIA driver has bound, from its proc file."""
+    try:
+        with open(NVIDIA_GPU_INFO.format(address=address)) as info:
+            found = _DEVICE_MINOR.search(info.read())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
 def pci_address(device: pyudev.Device) -> str | None:
     address = _text(device.properties.get("PCI_SLOT_NAME")) or _text(device.sys_name)
     address = address.lower() if address else None
@@ -125,6 +137,7 @@ def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | Non
         numa_node=_int(_attribute(device, "numa_node")),
         link_speed=_attribute(device, "current_link_speed"),
         link_width=_int(_attribute(device, "current_link_width")),
+        nvidia_minor=nvidia_minor(address) if driver == "nvidia" else None,
     )
 
 
@@ -228,7 +241,7 @@ async def run_udev_source(
     send: trio.MemorySendChannel[tuple[Event, ...]],
     *,
     source: str = "auto",
-    receive_buffer: int = 64 * 1024 * 1024,
+    receive_buffer: int = 8 * 1024 * 1024,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send a ``Resync``, report started, then send every relevant uevent as it arrives.
