@@ -123,8 +123,14 @@ class ContainerReservation:
     def to_json(self) -> JSON:
         return {
             "envs": dict(self.envs),
-            "mounts": [attrs.asdict(m) for m in self.mounts],
-            "devices": [attrs.asdict(d) for d in self.devices],
+            "mounts": [
+                {"task_path": m.task_path, "host_path": m.host_path, "read_only": m.read_only}
+                for m in self.mounts
+            ],
+            "devices": [
+                {"task_path": d.task_path, "host_path": d.host_path, "cgroup_perms": d.cgroup_perms}
+                for d in self.devices
+            ],
         }
 
 

@@ -6,8 +6,9 @@ exclusive; exclusive, persistent leases build on the same ``plan`` function.
 
 from __future__ import annotations
 
+import itertools
 import os
-import uuid
+import secrets
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -27,17 +28,22 @@ MAX_DEVICES_PER_REQUEST = 1024
 Exists = Callable[[str], bool]
 
 
+def device_index(fingerprint: Fingerprint) -> dict[str, tuple[DeviceGroup, Device]]:
+    """Every device by PCI address and, where it has one, by GPU UUID."""
+    index = fingerprint.devices()
+    for group, device in list(index.values()):
+        uuid_attribute = device.attributes.get("uuid")
+        if uuid_attribute is not None:
+            index[str(uuid_attribute.value)] = (group, device)
+    return index
+
+
 def resolve(fingerprint: Fingerprint, ids: Iterable[str]) -> list[tuple[DeviceGroup, Device]]:
     """Find devices by PCI address or by GPU UUID; unknown IDs raise -32001 naming them all."""
-    by_id = fingerprint.devices()
-    by_uuid = {
-        str(device.attributes["uuid"].value): (group, device)
-        for group, device in by_id.values()
-        if "uuid" in device.attributes
-    }
+    index = device_index(fingerprint)
     found, unknown = [], []
     for wanted in ids:
-        hit = by_id.get(wanted.lower()) or by_uuid.get(wanted)
+        hit = index.get(wanted) or index.get(wanted.lower())
         if hit is None:
             unknown.append(wanted)
         elif hit not in found:
@@ -75,7 +81,8 @@ def plan(
             f"Refusing unhealthy devices ({names}).",
             {"device_ids": list(unhealthy), "health": unhealthy},
         )
-    nodes: list[str] = []
+    vendor_nodes: list[str] = []  # made by drivers outside udev's view: checked on disk
+    drm_nodes: list[str] = []  # the kernel reported them with the device: they exist
     visible_gpus: list[str] = []
     for group, device in devices:
         if group.vendor == "nvidia":
@@ -83,13 +90,13 @@ def plan(
             visible_gpus.append(str(uuid_attribute.value) if uuid_attribute else device.id)
             minor = minor_of(device.id)
             if minor is not None:
-                nodes.append(f"/dev/nvidia{minor}")
-            nodes.extend(NVIDIA_CONTROL_NODES)
+                vendor_nodes.append(f"/dev/nvidia{minor}")
+            vendor_nodes.extend(NVIDIA_CONTROL_NODES)
         elif group.vendor == "amd":
-            nodes.append(AMD_KFD)
-        nodes.extend(_drm_nodes(device))
+            vendor_nodes.append(AMD_KFD)
+        drm_nodes.extend(_drm_nodes(device))
     envs = {"NVIDIA_VISIBLE_DEVICES": ",".join(visible_gpus)} if visible_gpus else {}
-    unique = [n for n in dict.fromkeys(nodes) if exists(n)]
+    unique = [n for n in dict.fromkeys(vendor_nodes) if exists(n)] + drm_nodes
     return ContainerReservation(
         envs=envs,
         devices=[DeviceSpec(task_path=n, host_path=n, cgroup_perms="rwm") for n in unique],
@@ -107,12 +114,17 @@ class ReservationTable:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Reservation] = {}
+        # IDs unique across restarts without a random read per reservation.
+        self._prefix = secrets.token_hex(6)
+        self._serial = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def add(self, device_ids: list[str]) -> Reservation:
-        reservation = Reservation(id=str(uuid.uuid4()), device_ids=tuple(device_ids))
+        reservation = Reservation(
+            id=f"{self._prefix}-{next(self._serial)}", device_ids=tuple(device_ids)
+        )
         self._by_id[reservation.id] = reservation
         return reservation
 

@@ -169,21 +169,18 @@ class Server:
         }
 
     def release(self, params: dict[str, Any]) -> dict[str, Any]:
-        self.hub.changed.set()
         if set(params) == {"reservation_id"} and isinstance(params["reservation_id"], str):
-            return {"released": self.reservations.release_by_id(params["reservation_id"])}
-        if set(params) == {"device_ids"}:
-            wanted = _device_ids(params)
-            by_uuid = {
-                str(d.attributes["uuid"].value): d.id
-                for _, d in self.hub.state.fingerprint.devices().values()
-                if "uuid" in d.attributes
-            }
-            addresses = [by_uuid.get(i, i.lower()) for i in wanted]
-            return {"released": self.reservations.release_devices(addresses)}
-        raise RpcError(
-            INVALID_PARAMS, 'release takes either "device_ids" (a list) or "reservation_id".'
-        )
+            released = self.reservations.release_by_id(params["reservation_id"])
+        elif set(params) == {"device_ids"}:
+            index = reservations.device_index(self.hub.state.fingerprint)
+            wanted = [index[i][1].id if i in index else i.lower() for i in _device_ids(params)]
+            released = self.reservations.release_devices(wanted)
+        else:
+            raise RpcError(
+                INVALID_PARAMS, 'release takes either "device_ids" (a list) or "reservation_id".'
+            )
+        self.hub.changed.set()
+        return {"released": released}
 
 
 class _Connection:
