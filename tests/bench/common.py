@@ -1,0 +1,376 @@
+"""What every scenario shares: latency statistics, result rows, the daemon in a subprocess, a
+subscriber in another process, and the real PCI device whose uevent file we write."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from monitor.client import Client, DaemonUnavailable
+
+REPO = Path(__file__).resolve().parents[2]
+PCI = Path("/sys/bus/pci/devices")
+MIN_SAMPLES = 1000  # every latency in a full run is over at least this many samples
+
+
+@dataclass(frozen=True)
+class Stats:
+    """p50 / p99 / max of a latency sample, in milliseconds."""
+
+    n: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of_ns(cls, samples_ns: Sequence[int]) -> Stats:
+        if not samples_ns:
+            raise ValueError("no samples")
+        ordered = sorted(samples_ns)
+
+        def rank(q: float) -> float:
+            # Nearest-rank percentile: an observed value, never an interpolation.
+            index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered) - 1e-9) - 1))
+            return ordered[index] / 1e6
+
+        return cls(len(ordered), rank(0.50), rank(0.99), ordered[-1] / 1e6)
+
+    def text(self) -> str:
+        return f"{fmt_ms(self.p50_ms)} / {fmt_ms(self.p99_ms)} / {fmt_ms(self.max_ms)} ms"
+
+
+def fmt_ms(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+@dataclass
+class Row:
+    """One line of the table. ``verdict`` is "met", "MISSED", "info" or "n/a"."""
+
+    scenario: str
+    metric: str
+    value: str
+    target: str = ""
+    verdict: str = "info"
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"  {row.metric}: {row.value}" + (f"  [{row.verdict}]" if row.target else ""))
+
+    def latency(
+        self,
+        scenario: str,
+        metric: str,
+        stats: Stats,
+        *,
+        target_p99_ms: float | None = None,
+        quick: bool = False,
+        **data: Any,
+    ) -> None:
+        if not quick and stats.n < MIN_SAMPLES:
+            raise AssertionError(f"{metric}: only {stats.n} samples")
+        target, verdict = "", "info"
+        if target_p99_ms is not None:
+            target = f"p99 <= {target_p99_ms:g} ms"
+            verdict = "met" if stats.p99_ms <= target_p99_ms else "MISSED"
+        value = f"{stats.text()} (n={stats.n})"
+        self.add(Row(scenario, metric, value, target, verdict, {**asdict(stats), **data}))
+
+    def ratio(self, scenario: str, metric: str, numerator: Stats, denominator: Stats) -> None:
+        p50 = numerator.p50_ms / denominator.p50_ms
+        p99 = numerator.p99_ms / denominator.p99_ms
+        self.add(
+            Row(
+                scenario,
+                metric,
+                f"x{p50:.2f} at p50, x{p99:.2f} at p99",
+                data={"p50": p50, "p99": p99},
+            )
+        )
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"  note: {text}")
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC, the clock every process here (and udevadm) stamps events with."""
+    return time.monotonic_ns()
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+@functools.cache
+def log_to_stderr() -> tuple[str, ...]:
+    """``--log-target stderr`` where the daemon has that flag (it may log to the journal by
+    default): the storm scenario counts overflows in the daemon's log."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "monitor", "serve", "--help"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout  # fmt: skip
+    return ("--log-target", "stderr") if "--log-target" in usage else ()
+
+
+def source_version() -> dict[str, Any]:
+    """The commit measured, and whether the daemon's code differs from it (read-only git)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "monitor")
+    return {"commit": git("rev-parse", "HEAD"), "monitor_uncommitted": changed.splitlines()}
+
+
+class Daemon:
+    """``python -m monitor serve`` in a subprocess; stderr (the log) kept in a file."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        name: str = "monitor",
+        log_level: str = "info",
+        wait: bool = True,
+        tune: str | None = None,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / f"{name}.sock"
+        self.log_path = workdir / f"{name}.log"
+        # ``tune``: a fix turned back off by tests.bench.tuned, for before/after rows.
+        module = "monitor" if tune is None else "tests.bench.tuned"
+        if tune is not None:
+            env = {**(os.environ if env is None else env), "HOTPLUG_BENCH_TUNE": tune}
+        self.command = [
+            sys.executable, "-m", module, "serve", "--socket", str(self.socket),
+            "--state-dir", str(workdir / "state"), "--no-nvml", "--log-level", log_level,
+            *log_to_stderr(), *args,
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.command, stderr=self._log, env=env, cwd=REPO)
+        self.psutil = psutil.Process(self.process.pid)
+        if wait:
+            self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with Client(self.socket) as client:
+                    client.call("fingerprint")
+                return
+            except DaemonUnavailable:
+                time.sleep(0.01)
+        raise RuntimeError(f"daemon not ready within {timeout} s:\n{self.log()}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        with Client(self.socket, timeout=30) as client:
+            result: dict[str, Any] = client.call("fingerprint")
+            return result
+
+    def cpu_seconds(self) -> float:
+        times = self.psutil.cpu_times()
+        return float(times.user + times.system)
+
+    def rss_bytes(self) -> int:
+        return int(self.psutil.memory_info().rss)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One line from a subscriber process: when it read a notification, and its mirror after."""
+
+    t_ns: int
+    generation: int
+    kind: str  # I: the subscribe answer, P: a patch, S: a full snapshot, E: a wrong base
+    devices: int
+    digest: str
+
+
+class SubscriberProcess:
+    """``python -m tests.bench.subscriber SOCKET`` in another process: it stamps each
+    notification as it reads it and reports its mirror; a thread here queues the lines."""
+
+    def __init__(self, sock: Path, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.subscriber", str(sock)],
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+            env=env,
+        )
+        self.lines: queue.Queue[Seen | None] = queue.Queue()
+        self.seen: list[Seen] = []
+        assert self.process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
+        self._reader.daemon = True
+        self._reader.start()
+        self.initial = self.next(timeout=30)
+        if self.initial.kind != "I":
+            raise RuntimeError(f"subscriber did not start: {self.initial}")
+
+    def _read(self, stdout: IO[bytes]) -> None:
+        for line in stdout:
+            t, generation, kind, devices, digest = line.split()
+            self.lines.put(
+                Seen(int(t), int(generation), kind.decode(), int(devices), digest.decode())
+            )
+        self.lines.put(None)
+
+    def next(self, timeout: float) -> Seen:
+        item = self.lines.get(timeout=timeout)
+        if item is None:
+            raise RuntimeError("the subscriber process ended")
+        self.seen.append(item)
+        return item
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=5)
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+def digest(snapshot: Any) -> str:
+    """A short fingerprint of a snapshot's JSON, to compare mirrors across processes."""
+    import hashlib
+
+    text = json.dumps(snapshot, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def pick_pci_device() -> tuple[str, str] | None:
+    """A PCI device whose uevent file we may write, and its class (6 hex digits): preferably an
+    endpoint with a driver bound (not a bridge, class 0x06), like the GPUs the daemon follows."""
+    if os.geteuid() != 0 or not PCI.is_dir():
+        return None
+    candidates = []
+    for path in sorted(PCI.iterdir()):
+        if os.access(path / "uevent", os.W_OK):
+            pci_class = (path / "class").read_text().strip().removeprefix("0x")
+            endpoint = (path / "driver").exists() and not pci_class.startswith("06")
+            candidates.append((not endpoint, path.name, pci_class))
+    if not candidates:
+        return None
+    _, address, pci_class = min(candidates)
+    return address, pci_class
+
+
+def sysfs_truth(pci_class: str) -> dict[str, str | None]:
+    """Every PCI device of the class, with its bound driver, read straight from sysfs."""
+    truth = {}
+    for path in PCI.iterdir():
+        if (path / "class").read_text().strip().removeprefix("0x") == pci_class:
+            driver = path / "driver"
+            truth[path.name] = os.path.basename(os.readlink(driver)) if driver.exists() else None
+    return truth
+
+
+def snapshot_view(snapshot: dict[str, Any]) -> dict[str, str | None]:
+    return {
+        device_id: (device["attributes"].get("driver") or {}).get("value")
+        for group in snapshot["groups"].values()
+        for device_id, device in group["devices"].items()
+    }
+
+
+@contextlib.contextmanager
+def uevent_file(address: str) -> Iterator[int]:
+    """The device's uevent file, open for writing; each pwrite makes the kernel emit one uevent."""
+    fd = os.open(PCI / address / "uevent", os.O_WRONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def emit(fd: int, action: str) -> None:
+    os.pwrite(fd, action.encode(), 0)

@@ -1,0 +1,162 @@
+"""Scenario 5: reserve + release pairs per second, over 1 connection and over 16 concurrent ones.
+
+Each connection has one request in flight at a time (no pipelining): reserve one simulated GPU,
+read the answer, release that reservation by its ID, read the answer. A pair's latency runs
+from sending the reserve to reading the release's answer.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.bench.common import Daemon, Results, Row, Stats, now_ns
+from tests.bench.profile import PySpy
+
+
+def _reserve(request_id: int, device: str) -> bytes:
+    params = {"device_ids": [device]}
+    return (
+        json.dumps(
+            {"jsonrpc": "2.0", "id": request_id, "method": "reserve", "params": params}
+        ).encode()
+        + b"\n"
+    )
+
+
+def _release(request_id: int, reservation: str) -> bytes:
+    params = {"reservation_id": reservation}
+    return (
+        json.dumps(
+            {"jsonrpc": "2.0", "id": request_id, "method": "release", "params": params}
+        ).encode()
+        + b"\n"
+    )
+
+
+class _Conn:
+    def __init__(self, path: Path, devices: list[str], index: int) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.setblocking(False)
+        self.devices = devices
+        self.index = index
+        self.buffer = b""
+        self.next_id = 1
+        self.started = 0
+        self.releasing = False
+        self.pairs = 0
+
+    def send_reserve(self) -> None:
+        device = self.devices[(self.index + self.pairs) % len(self.devices)]
+        self.started = now_ns()
+        self.releasing = False
+        self.sock.sendall(_reserve(self.next_id, device))
+        self.next_id += 1
+
+    def on_line(self, line: bytes) -> int | None:
+        """Handle one answer; the pair's latency in ns when it completes one."""
+        message = json.loads(line)
+        if "result" not in message:
+            raise RuntimeError(f"refused: {message}")
+        if not self.releasing:
+            self.releasing = True
+            self.sock.sendall(_release(self.next_id, message["result"]["reservation_id"]))
+            self.next_id += 1
+            return None
+        if not message["result"]["released"]:
+            raise RuntimeError(f"nothing released: {message}")
+        self.pairs += 1
+        return now_ns() - self.started
+
+
+def run_pairs(
+    path: Path, devices: list[str], connections: int, pairs: int
+) -> tuple[list[int], float]:
+    """Drive ``pairs`` reserve+release pairs spread over ``connections``; latencies and seconds."""
+    conns = [_Conn(path, devices, i) for i in range(connections)]
+    by_fd = {c.sock.fileno(): c for c in conns}
+    poller = select.epoll()
+    latencies: list[int] = []
+    try:
+        for conn in conns:
+            poller.register(conn.sock.fileno(), select.EPOLLIN)
+        started = time.perf_counter()
+        in_flight = 0
+        for conn in conns:
+            if len(latencies) + in_flight < pairs:
+                conn.send_reserve()
+                in_flight += 1
+        while in_flight:
+            for fd, _ in poller.poll(10.0):
+                conn = by_fd[fd]
+                data = conn.sock.recv(1 << 16)
+                if not data:
+                    raise RuntimeError("the daemon closed a connection")
+                conn.buffer += data
+                while b"\n" in conn.buffer:
+                    line, conn.buffer = conn.buffer.split(b"\n", 1)
+                    latency = conn.on_line(line)
+                    if latency is None:
+                        continue
+                    latencies.append(latency)
+                    in_flight -= 1
+                    if len(latencies) + in_flight < pairs:
+                        conn.send_reserve()
+                        in_flight += 1
+        elapsed = time.perf_counter() - started
+    finally:
+        poller.close()
+        for conn in conns:
+            conn.sock.close()
+    return latencies, elapsed
+
+
+def reservations(
+    results: Results,
+    daemon: Daemon,
+    devices: list[str],
+    pairs: int,
+    quick: bool,
+    label: str,
+    profiles: dict[str, Any] | None = None,
+) -> dict[int, float]:
+    scenario = "5 reservations"
+    rates: dict[int, float] = {}
+    run_pairs(daemon.socket, devices, 1, 200)  # warm-up
+    for connections in (1, 16):
+        print(f"[{scenario}] {label}: {pairs:,} pairs over {connections} connection(s)")
+        cpu_before = daemon.cpu_seconds()
+        latencies, elapsed = run_pairs(daemon.socket, devices, connections, pairs)
+        busy = (daemon.cpu_seconds() - cpu_before) / elapsed
+        rate = len(latencies) / elapsed
+        rates[connections] = rate
+        target, verdict = ("", "info")
+        if connections == 1:
+            target, verdict = ">= 5000 pairs/s", "met" if rate >= 5000 else "MISSED"
+        results.add(
+            Row(scenario, f"{label}: pairs/s over {connections} connection(s)",
+                f"{rate:,.0f} pairs/s (daemon busy {busy:.0%} of a core, "
+                f"{busy / rate * 1e6:.0f} us CPU per pair)",
+                target, verdict,
+                {"pairs": len(latencies), "seconds": elapsed, "rate": rate, "daemon_busy": busy}),
+        )  # fmt: skip
+        results.latency(
+            scenario, f"{label}: pair latency over {connections} connection(s)",
+            Stats.of_ns(latencies), quick=quick, connections=connections,
+        )  # fmt: skip
+    results.add(
+        Row(scenario, f"{label}: ratio pairs/s 16 connections / 1", f"x{rates[16] / rates[1]:.2f}",
+            data={"ratio": rates[16] / rates[1]}),
+    )  # fmt: skip
+    if profiles is not None:
+        for connections in (1, 16):
+            output = daemon.socket.with_suffix(f".{connections}.pyspy")
+            with PySpy(daemon.pid, output) as spy:
+                run_pairs(daemon.socket, devices, connections, pairs)
+            profiles[f"reserve+release, {label}, {connections} connection(s)"] = spy.summary()
+    return rates
