@@ -108,6 +108,7 @@ class Server:
         self.max_clients = max_clients
         self.clients = 0
         self.reservations = reservations.ReservationTable()
+        self.node_exists = reservations.RecentNodeCheck()
 
     async def serve(
         self,
@@ -158,7 +159,9 @@ class Server:
         state = self.hub.state
         devices = reservations.resolve(state.fingerprint, ids)
         edits = reservations.plan(
-            devices, minor_of=lambda address: state.devices[address].nvidia_minor
+            devices,
+            minor_of=lambda address: state.devices[address].nvidia_minor,
+            exists=self.node_exists,
         )
         reservation = self.reservations.add([device.id for _, device in devices])
         self.hub.changed.set()

@@ -113,11 +113,25 @@ def main(argv: list[str] | None = None) -> int:
 
         def simulated_reservations(sim: simulated.TimedSimulator) -> None:
             devices = [address for _, address in simulated.EIGHT_GPUS]
+            with Daemon(work / "s5-before", ["--udev-source", "udev"], env=sim.daemon_env(),
+                        log_level="warning", tune="nodes-uncached") as daemon:  # fmt: skip
+                before = reserve.reservations(
+                    results, daemon, devices, pairs, quick,
+                    "8 simulated GPUs, before: a stat per device node per request",
+                    target=False,
+                )  # fmt: skip
             with Daemon(work / "s5", ["--udev-source", "udev"], env=sim.daemon_env(),
                         log_level="warning") as daemon:  # fmt: skip
-                reserve.reservations(
+                after = reserve.reservations(
                     results, daemon, devices, pairs, quick,
                     "8 simulated GPUs (umockdev)", profiles,
+                )  # fmt: skip
+            for connections in (1, 16):
+                ratio = after[connections] / before[connections]
+                results.add(
+                    Row("5 reservations",
+                        f"ratio pairs/s after / before, {connections} connection(s)",
+                        f"x{ratio:.2f}", data={"ratio": ratio}),
                 )  # fmt: skip
 
         if 2 in only or 5 in only or 6 in only:

@@ -66,7 +66,8 @@ def fmt_ms(value: float) -> str:
 
 @dataclass
 class Row:
-    """One line of the table. ``verdict`` is "met", "MISSED", "info" or "n/a"."""
+    """One line of the table. ``verdict`` is "met", "MISSED", "info", "n/a", or "before: ..."
+    for a row that measures the former behaviour (not counted against a target)."""
 
     scenario: str
     metric: str

@@ -337,7 +337,10 @@ def storm(
                 f"{correct_after_ms:.0f} ms"
                 + (" (already final before the last write)" if correct_after_ms == 0 else ""),
                 "<= 1000 ms",
-                "met" if ok_state and correct_after_ms <= 1000 else "MISSED",
+                # The former default is the "before" row: shown against the target, not counted.
+                ("met" if ok_state and correct_after_ms <= 1000 else "MISSED")
+                if "before" not in label
+                else ("before: met" if correct_after_ms <= 1000 else "before: missed"),
                 {"correct_after_ms": correct_after_ms},
             )
         )

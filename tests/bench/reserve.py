@@ -124,6 +124,7 @@ def reservations(
     quick: bool,
     label: str,
     profiles: dict[str, Any] | None = None,
+    target: bool = True,
 ) -> dict[int, float]:
     scenario = "5 reservations"
     rates: dict[int, float] = {}
@@ -135,14 +136,14 @@ def reservations(
         busy = (daemon.cpu_seconds() - cpu_before) / elapsed
         rate = len(latencies) / elapsed
         rates[connections] = rate
-        target, verdict = ("", "info")
-        if connections == 1:
-            target, verdict = ">= 5000 pairs/s", "met" if rate >= 5000 else "MISSED"
+        goal, verdict = ("", "info")
+        if connections == 1 and target:
+            goal, verdict = ">= 5000 pairs/s", "met" if rate >= 5000 else "MISSED"
         results.add(
             Row(scenario, f"{label}: pairs/s over {connections} connection(s)",
                 f"{rate:,.0f} pairs/s (daemon busy {busy:.0%} of a core, "
                 f"{busy / rate * 1e6:.0f} us CPU per pair)",
-                target, verdict,
+                goal, verdict,
                 {"pairs": len(latencies), "seconds": elapsed, "rate": rate, "daemon_busy": busy}),
         )  # fmt: skip
         results.latency(

@@ -4,6 +4,8 @@ what to change (comma-separated).
 
 - ``gc-default``: Python's default garbage collector settings, as the daemon had them before it
   raised the thresholds and froze its start-up objects (monitor/app.py ``_tune_gc``).
+- ``nodes-uncached``: a stat of every vendor device node on every reservation, as before the
+  daemon kept each answer for a second (monitor/reservations.py ``RecentNodeCheck``).
 - ``gclog`` changes nothing: it logs each long or full collection pause to stderr.
 """
 
@@ -14,6 +16,7 @@ import os
 import runpy
 import sys
 import time
+from typing import Any
 
 
 def log_gc_pauses() -> None:
@@ -38,10 +41,24 @@ def default_gc() -> None:
     gc.freeze = lambda: None  # the module app calls freeze() on
 
 
+def uncached_nodes() -> None:
+    from monitor import server
+
+    original_init = server.Server.__init__
+
+    def init(self: server.Server, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.node_exists = os.path.exists  # type: ignore[assignment]
+
+    server.Server.__init__ = init  # type: ignore[method-assign]
+
+
 def main() -> None:
     tunes = {t for t in os.environ.get("HOTPLUG_BENCH_TUNE", "").split(",") if t}
     if "gc-default" in tunes:
         default_gc()
+    if "nodes-uncached" in tunes:
+        uncached_nodes()
     if "gclog" in tunes:
         log_gc_pauses()
     sys.argv = ["hotplug-monitor", *sys.argv[1:]]
