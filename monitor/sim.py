@@ -244,14 +244,15 @@ def _helper_main() -> None:
 class Simulator:
     """Simulated GPUs; ``daemon_env()`` is the environment a daemon needs to see them."""
 
-    def __init__(self) -> None:
+    def __init__(self, helper: str = "monitor.sim") -> None:
+        """``helper``: the module to run as the testbed's process (the benchmark has its own)."""
         missing = umockdev_missing()
         if missing:
             raise RuntimeError(missing)
         env = {**os.environ, "LD_PRELOAD": PRELOAD}
         env.pop("UMOCKDEV_DIR", None)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "monitor.sim"],
+            [sys.executable, "-m", helper],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

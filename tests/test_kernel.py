@@ -15,6 +15,7 @@ import pytest
 
 from monitor.client import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need
+from tests.sysfs import snapshot_view, sysfs_truth
 
 pytestmark = pytest.mark.kernel
 PCI = Path("/sys/bus/pci/devices")
@@ -37,24 +38,6 @@ def target() -> tuple[str, str]:
     need(None if found else "needs root and a PCI device with a writable uevent file")
     assert found is not None
     return found
-
-
-def sysfs_truth(pci_class: str) -> dict[str, str | None]:
-    """Every PCI device of the class, with its bound driver, read straight from sysfs."""
-    truth = {}
-    for path in PCI.iterdir():
-        if (path / "class").read_text().strip().removeprefix("0x") == pci_class:
-            driver = path / "driver"
-            truth[path.name] = os.path.basename(os.readlink(driver)) if driver.exists() else None
-    return truth
-
-
-def snapshot_view(snapshot: dict[str, Any]) -> dict[str, str | None]:
-    return {
-        device_id: (device["attributes"].get("driver") or {}).get("value")
-        for group in snapshot["groups"].values()
-        for device_id, device in group["devices"].items()
-    }
 
 
 def settle(daemon: Daemon, since: float, quiet: float = 1.0, timeout: float = 30.0) -> float:

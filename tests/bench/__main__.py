@@ -30,9 +30,9 @@ from tests.bench.common import (
     machine,
     pick_pci_device,
     source_version,
-    sysfs_truth,
 )
 from tests.bench.profile import print_summary
+from tests.sysfs import sysfs_truth
 
 DEFAULT_JSON = Path(__file__).resolve().with_name("results.json")
 

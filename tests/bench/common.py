@@ -345,24 +345,6 @@ def pick_pci_device() -> tuple[str, str] | None:
     return address, pci_class
 
 
-def sysfs_truth(pci_class: str) -> dict[str, str | None]:
-    """Every PCI device of the class, with its bound driver, read straight from sysfs."""
-    truth = {}
-    for path in PCI.iterdir():
-        if (path / "class").read_text().strip().removeprefix("0x") == pci_class:
-            driver = path / "driver"
-            truth[path.name] = os.path.basename(os.readlink(driver)) if driver.exists() else None
-    return truth
-
-
-def snapshot_view(snapshot: dict[str, Any]) -> dict[str, str | None]:
-    return {
-        device_id: (device["attributes"].get("driver") or {}).get("value")
-        for group in snapshot["groups"].values()
-        for device_id, device in group["devices"].items()
-    }
-
-
 @contextlib.contextmanager
 def uevent_file(address: str) -> Iterator[int]:
     """The device's uevent file, open for writing; each pwrite makes the kernel emit one uevent."""

@@ -29,10 +29,9 @@ from tests.bench.common import (
     digest,
     emit,
     now_ns,
-    snapshot_view,
-    sysfs_truth,
     uevent_file,
 )
+from tests.sysfs import snapshot_view, sysfs_truth
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1

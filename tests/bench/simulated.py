@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from monitor.sim import PRELOAD, Simulator, umockdev_missing
+from monitor.sim import Simulator
 from tests.bench.common import (
     REPO,
     Daemon,
@@ -38,21 +37,8 @@ class TimedSimulator(Simulator):
     """``Simulator`` driving ``tests.bench.umockdev_helper``, whose replies carry the time each
     command started in the helper."""
 
-    def __init__(self) -> None:  # replaces Simulator's start-up to run our helper instead
-        missing = umockdev_missing()
-        if missing:
-            raise RuntimeError(missing)
-        env = {**os.environ, "LD_PRELOAD": PRELOAD}
-        env.pop("UMOCKDEV_DIR", None)
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.umockdev_helper"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-            cwd=REPO,
-        )
-        self.root = self._reply()["root"]
+    def __init__(self) -> None:
+        super().__init__(helper="tests.bench.umockdev_helper")
 
     def timed(self, op: str, **args: Any) -> int:
         """Run one helper command; the CLOCK_MONOTONIC ns at which the helper began it."""
