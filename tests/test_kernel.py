@@ -53,10 +53,11 @@ def settle(daemon: Daemon, since: float, quiet: float = 1.0, timeout: float = 30
             generation, changed = current, now
             window_start, window_cpu = now, sum(process.cpu_times()[:2])
         elif now - window_start >= quiet:
-            if sum(process.cpu_times()[:2]) - window_cpu < 0.05 * quiet:
+            # Busy means a core flat out; our own polling costs the daemon about 3 %.
+            if sum(process.cpu_times()[:2]) - window_cpu < 0.15 * quiet:
                 return max(0.0, changed - since)
             window_start, window_cpu = now, sum(process.cpu_times()[:2])
-        time.sleep(0.005)
+        time.sleep(0.02)  # often enough to time convergence, rarely enough not to load the daemon
     raise AssertionError(f"the daemon did not settle within {timeout} s")
 
 
