@@ -269,7 +269,8 @@ class Simulator:
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    def _do(self, op: str, **args: Any) -> None:
+    def _do(self, op: str, **args: Any) -> dict[str, Any]:
+        """Run one helper command; its reply."""
         stdin = self._process.stdin
         assert stdin is not None
         stdin.write(json.dumps({"op": op, **args}) + "\n")
@@ -277,6 +278,7 @@ class Simulator:
         reply = self._reply()
         if not reply["ok"]:
             raise RuntimeError(reply["error"])
+        return reply
 
     def add(self, kind: str, address: str, numa_node: int = 0) -> None:
         self._do("add", kind=kind, address=address, numa_node=numa_node)

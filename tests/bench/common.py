@@ -11,7 +11,6 @@ import os
 import platform
 import queue
 import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +53,17 @@ class Stats:
 
     def text(self) -> str:
         return f"{fmt_ms(self.p50_ms)} / {fmt_ms(self.p99_ms)} / {fmt_ms(self.max_ms)} ms"
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, five seconds to exit, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def fmt_ms(value: float) -> str:
@@ -244,13 +254,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
     def __enter__(self) -> Daemon:
@@ -308,13 +312,7 @@ class SubscriberProcess:
         return item
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._reader.join(timeout=5)
         if self.process.stdout:
             self.process.stdout.close()

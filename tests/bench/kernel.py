@@ -29,6 +29,7 @@ from tests.bench.common import (
     digest,
     emit,
     now_ns,
+    stop_process,
     uevent_file,
 )
 from tests.sysfs import snapshot_view, sysfs_truth
@@ -97,12 +98,7 @@ class UdevadmPeer:
         return found
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.stdout.close()
 
 

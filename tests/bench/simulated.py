@@ -24,6 +24,7 @@ from tests.bench.common import (
     SubscriberProcess,
     log_to_stderr,
     now_ns,
+    stop_process,
 )
 
 # 8 GPUs of the three simulated vendors, each with its card and render nodes.
@@ -42,14 +43,7 @@ class TimedSimulator(Simulator):
 
     def timed(self, op: str, **args: Any) -> int:
         """Run one helper command; the CLOCK_MONOTONIC ns at which the helper began it."""
-        stdin = self._process.stdin
-        assert stdin is not None
-        stdin.write(json.dumps({"op": op, **args}) + "\n")
-        stdin.flush()
-        reply = self._reply()
-        if not reply["ok"]:
-            raise RuntimeError(reply["error"])
-        return int(reply["t"])
+        return int(self._do(op, **args)["t"])
 
 
 def simulated(gpus: list[tuple[str, str]]) -> TimedSimulator:
@@ -91,12 +85,7 @@ class PyudevReceiver:
             self.events.put((int(stamp), action, error_event))
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self._thread.join(timeout=2)
         if self.process.stdout:
             self.process.stdout.close()
