@@ -18,53 +18,41 @@ from functools import partial
 import attrs
 import trio
 
-from monitor import logs, systemd
+from monitor import holders, logs, systemd
+from monitor.access import Access, resolve_group
 from monitor.config import ConfigError, Settings
-from monitor.events import ClassFilterChanged, Event
+from monitor.engine import run_engine
+from monitor.events import ClassFilterChanged, Event, LeaseEnded
+from monitor.holders import HolderWatch
 from monitor.hub import Hub
-from monitor.reducer import State, health_transitions, reduce_all
-from monitor.server import Server, bind_unix_socket
+from monitor.leases import Lease
+from monitor.reducer import State
+from monitor.server import Pending, Server, bind_unix_socket
 from monitor.sources.udev import run_udev_source
+from monitor.store import LeaseStore
 
 log = logging.getLogger(__name__)
 
 EVENT_BUFFER = 16  # batches; a full buffer makes the sources wait, and the kernel buffer absorb
-MAX_COALESCED = 4096  # events folded into one patch when they are already waiting
 STATUS_MIN_INTERVAL = 0.1  # seconds between STATUS= updates, however busy the host
 
 
-async def run_reducer(hub: Hub, receive: trio.MemoryReceiveChannel[tuple[Event, ...]]) -> None:
-    async for batch in receive:
-        events = list(batch)
-        while len(events) < MAX_COALESCED:
-            try:
-                events.extend(receive.receive_nowait())
-            except trio.WouldBlock:
-                break
-        old = hub.state
-        state, patch = reduce_all(old, events)
-        if patch is not None:
-            for transition in health_transitions(old, state):
-                logs.report_health(log, transition)
-        hub.publish(state, patch)
-
-
-def status_line(hub: Hub, server: Server) -> str:
+def status_line(hub: Hub) -> str:
     devices = [d for _, d in hub.state.fingerprint.devices().values()]
     unhealthy = sum(not d.healthy for d in devices)
     return (
         f"{len(devices)} devices, {unhealthy} unhealthy, {len(hub.subscribers)} subscribers, "
-        f"{len(server.reservations)} reservations"
+        f"{len(hub.state.leases)} reservations"
     )
 
 
-async def report_status(hub: Hub, server: Server) -> None:
+async def report_status(hub: Hub) -> None:
     """Keep systemd's STATUS= line current, at most every STATUS_MIN_INTERVAL."""
     last = None
     while True:
         await hub.changed.wait()
         hub.changed = trio.Event()
-        line = status_line(hub, server)
+        line = status_line(hub)
         if line != last:
             systemd.notify(STATUS=line)
             last = line
@@ -98,7 +86,7 @@ def _raise_fd_limit() -> None:
 async def _reload(
     current: Settings,
     load: Callable[[], Settings],
-    events: trio.MemorySendChannel[tuple[Event, ...]],
+    events: trio.MemorySendChannel[tuple[Event, ...] | Pending],
 ) -> Settings:
     """Re-read the config; apply what can change live, keep the old settings on any error."""
     systemd.notify(RELOADING=1)
@@ -110,7 +98,14 @@ async def _reload(
             return current
         restart_only = [
             name
-            for name in ("socket", "udev_source", "netlink_buffer", "max_clients")
+            for name in (
+                "socket",
+                "state_dir",
+                "udev_source",
+                "netlink_buffer",
+                "max_clients",
+                "group",
+            )
             if getattr(new, name) != getattr(current, name)
         ]
         if restart_only:
@@ -125,33 +120,73 @@ async def _reload(
         systemd.notify(READY=1)
 
 
-def _open_socket(settings: Settings) -> tuple[socket.socket, os.stat_result | None]:
-    """systemd's socket if we were activated, else our own; with what to unlink on exit."""
+def _open_socket(
+    settings: Settings, gid: int | None
+) -> tuple[socket.socket, os.stat_result | None]:
+    """systemd's socket if we were activated, else our own; with what to unlink on exit.
+
+    Ours is 0660, owned by our user and the configured group: the group may connect."""
     passed = systemd.listen_socket()
     if passed is not None:
         log.info("serving on the socket systemd passed us")
         return passed, None
-    mode = 0o660 if os.geteuid() == 0 else 0o600
-    sock = bind_unix_socket(settings.socket, mode)
+    sock = bind_unix_socket(settings.socket, 0o660 if gid is not None else 0o600)
+    if gid is not None:
+        try:
+            os.chown(settings.socket, -1, gid)
+        except OSError as exc:
+            sock.close()
+            raise PermissionError(f"cannot give {settings.socket} to group {gid}: {exc}") from None
     return sock, os.stat(settings.socket)
+
+
+def restore_leases(store: LeaseStore) -> list[Lease]:
+    """The leases on disk whose holder, if they name one, still runs."""
+    kept = []
+    for lease in store.load():
+        if lease.holder_pid is not None and not holders.is_same_process(
+            lease.holder_pid, lease.holder_start or 0.0
+        ):
+            log.info(
+                "reservation %s ends: its holder process %d exited while the daemon was down",
+                lease.id,
+                lease.holder_pid,
+            )
+            continue
+        kept.append(lease)
+    return kept
 
 
 async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP re-reads the config through ``load``."""
     _raise_fd_limit()
     _tune_gc()
+    store = LeaseStore(settings.state_dir)
+    leases = restore_leases(store)
+    store.save(leases)  # fails now, loudly, if the state directory cannot be written
+    if leases:
+        log.info("restored %d reservations from %s", len(leases), store.path)
     hub = Hub()
-    hub.state = State(match_classes=settings.match_classes)
-    server = Server(hub, max_clients=settings.max_clients)
-    sock, bound = _open_socket(settings)
+    hub.state = State(
+        match_classes=settings.match_classes, leases={lease.id: lease for lease in leases}
+    )
+    send, receive = trio.open_memory_channel[tuple[Event, ...] | Pending](EVENT_BUFFER)
+    gid = resolve_group(settings.group)
+    server = Server(hub, send.clone(), access=Access(gid), max_clients=settings.max_clients)
+    sock, bound = _open_socket(settings, gid)
     socket_path = settings.socket
-    send, receive = trio.open_memory_channel[tuple[Event, ...]](EVENT_BUFFER)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
         with trio.open_signal_receiver(*handled) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, sock)
-                nursery.start_soon(run_reducer, hub, receive)
+
+                async def holder_exited(lease_id: str) -> None:
+                    await send.send((LeaseEnded(lease_id),))
+
+                watch = HolderWatch(nursery, holder_exited)
+                watch.update(hub.state.leases)
+                nursery.start_soon(run_engine, hub, receive, store, watch)
                 udev = partial(
                     run_udev_source,
                     send.clone(),
@@ -164,8 +199,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 interval = systemd.watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(ping_watchdog, interval)
-                nursery.start_soon(report_status, hub, server)
-                systemd.notify(READY=1, STATUS=status_line(hub, server))
+                nursery.start_soon(report_status, hub)
+                systemd.notify(READY=1, STATUS=status_line(hub))
                 log.info("serving %d devices", len(hub.state.fingerprint.devices()))
                 async for signum in signals:
                     if signum == signal.SIGHUP and load is not None:

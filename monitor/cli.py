@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from monitor import logs
+from monitor.access import UnknownGroup
 from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from monitor.config import (
     LOG_LEVELS,
@@ -26,6 +27,7 @@ from monitor.config import (
     load_settings,
 )
 from monitor.server import SocketInUse
+from monitor.store import StoreError
 from monitor.systemd import ActivationError
 
 PROG = "hotplug-monitor"
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--state-dir",
         type=Path,
-        help="where state will be kept (default: /var/lib/hotplug-monitor as root, "
-        "$XDG_STATE_HOME/hotplug-monitor otherwise; unused until leases persist)",
+        help="where reservations are kept across restarts (default: /var/lib/hotplug-monitor "
+        "as root, $XDG_STATE_HOME/hotplug-monitor otherwise)",
     )
     serve.add_argument(
         "--config",
@@ -107,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="uevent socket receive buffer (default: 8 MiB)",
     )
-    serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 4096)")
+    serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 1024)")
+    serve.add_argument(
+        "--group",
+        help="group that may connect to the socket and reserve devices "
+        "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument(
         "--log-target",
@@ -158,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "nvml": args.nvml,
         "netlink_buffer": args.netlink_buffer,
         "max_clients": args.max_clients,
+        "group": args.group,
         "log_level": args.log_level,
         "log_target": args.log_target,
     }
@@ -170,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(group.exceptions[0])) from None
     except* PermissionError as group:
         raise CliError(f"permission denied: {group.exceptions[0]}") from None
-    except* ActivationError as group:
+    except* (ActivationError, UnknownGroup, StoreError) as group:
         raise CliError(str(group.exceptions[0])) from None
 
 

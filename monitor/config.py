@@ -85,7 +85,8 @@ class Settings:
     # Room for about 13,000 queued uevents: a driver reload on a full host fits, and a storm
     # beyond it overflows into a resync (milliseconds) instead of a backlog that takes seconds.
     netlink_buffer: int = 8 * 1024 * 1024
-    max_clients: int = 4096
+    max_clients: int = 1024
+    group: str | None = None  # None: hotplug-monitor if that group exists
     log_level: str = "info"
     log_target: str = "auto"
 
@@ -99,6 +100,7 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "nvml": (bool, bool),
     "netlink_buffer": (int, int),
     "max_clients": (int, int),
+    "group": (str, str),
     "log_level": (str, lambda v: _choice("log_level", v, LOG_LEVELS)),
     "log_target": (str, lambda v: _choice("log_target", v, LOG_TARGETS)),
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import attrs
 
+from monitor.leases import Lease
 from monitor.model import frozen_tuple
 
 
@@ -91,6 +92,42 @@ class ClassFilterChanged:
     match_classes: tuple[str, ...] = attrs.field(converter=frozen_tuple)
 
 
+@attrs.frozen
+class ReserveRequested:
+    """A client asks for ``device_ids``; ``lease`` is what it gets if the reducer grants it.
+
+    The lease's devices are filled in by the reducer, which resolves the IDs."""
+
+    device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple)
+    lease: Lease
+
+
+@attrs.frozen
+class ReleaseRequested:
+    """A client with ``uid`` releases a whole lease, or some devices from the leases holding them.
+
+    ``token`` identifies the request in the reducer's answers."""
+
+    token: int
+    uid: int
+    lease_id: str | None = None
+    device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple, factory=tuple)
+
+
+@attrs.frozen
+class LeaseEnded:
+    """A lease's holder process exited."""
+
+    lease_id: str
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """A client connection closed: the leases bound to it end."""
+
+    connection: int
+
+
 Event = (
     DeviceSeen
     | DeviceGone
@@ -100,4 +137,8 @@ Event = (
     | DrmWedged
     | Resync
     | ClassFilterChanged
+    | ReserveRequested
+    | ReleaseRequested
+    | LeaseEnded
+    | ConnectionClosed
 )

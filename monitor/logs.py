@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from monitor.reducer import HealthTransition
+from monitor.reducer import HealthTransition, LeaseWarning
 
 NOTICE = 25  # between INFO and WARNING, as syslog has it
 logging.addLevelName(NOTICE, "NOTICE")
@@ -36,6 +36,7 @@ MESSAGE_IDS = {
     "unhealthy": "8e4b2a1c6d3f4b7e9a0c5d2e1f3b4a82",
     "recovered": "c3f1e2d4b5a64c7d8e9f0a1b2c3d4e93",
     "uevents_lost": "2b7e9c1d4f3a4e5b8c6d7e0f1a2b3ca4",
+    "lease_revoked": "7d2c4e6f8a0b4c1d9e3f5a7b9c1d3e05",
 }
 LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
 
@@ -122,5 +123,30 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
         transition.device_name,
         what,
         transition.health_desc,
+        extra={"journal": fields},
+    )
+
+
+def report_lease_warning(log: logging.Logger, warning: LeaseWarning) -> None:
+    """A reserved device left or broke: one warning naming the lease and who holds it."""
+    lease = warning.lease
+    holder = f"uid {lease.uid}, pid {lease.pid}"
+    if lease.holder_pid is not None:
+        holder += f", holder process {lease.holder_pid}"
+    fields = {
+        "MESSAGE_ID": MESSAGE_IDS["lease_revoked"],
+        "DEVICE_ID": warning.device_id,
+        "PCI_BUS_ID": warning.device_id,
+        "LEASE_ID": lease.id,
+        "LEASE_UID": lease.uid,
+        "LEASE_PID": lease.holder_pid if lease.holder_pid is not None else lease.pid,
+        "HEALTH": "unhealthy",
+    }
+    log.warning(
+        "%s, reserved by %s (%s), is no longer usable: %s",
+        warning.device_id,
+        lease.id,
+        holder,
+        warning.health_desc,
         extra={"journal": fields},
     )

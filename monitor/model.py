@@ -53,15 +53,19 @@ class Device:
     health_desc: str
     hw_locality: DeviceLocality
     attributes: Attributes = attrs.field(converter=frozen_mapping, factory=dict)
+    reserved_by: str | None = None  # the lease holding it
 
     def to_json(self) -> JSON:
-        return {
+        json = {
             "id": self.id,
             "healthy": self.healthy,
             "health_desc": self.health_desc,
             "hw_locality": {"pci_bus_id": self.hw_locality.pci_bus_id},
             "attributes": attributes_json(self.attributes),
         }
+        if self.reserved_by is not None:  # absent, not null: null in a merge patch deletes
+            json["reserved_by"] = self.reserved_by
+        return json
 
 
 @attrs.frozen

@@ -22,6 +22,7 @@ import json_merge_patch
 
 from monitor.events import (
     ClassFilterChanged,
+    ConnectionClosed,
     DeviceGone,
     DeviceSeen,
     DrmNode,
@@ -29,10 +30,14 @@ from monitor.events import (
     DrmNodeSeen,
     DrmWedged,
     Event,
+    LeaseEnded,
     PciErrorReported,
     PciFacts,
+    ReleaseRequested,
+    ReserveRequested,
     Resync,
 )
+from monitor.leases import Lease
 from monitor.model import (
     Attribute,
     Device,
@@ -43,6 +48,8 @@ from monitor.model import (
     frozen_mapping,
     group_key,
 )
+from monitor.protocol import DEVICE_RESERVED, INVALID_PARAMS, PERMISSION_DENIED, RpcError
+from monitor.reservations import check_healthy, device_index, resolve
 
 # PCI base classes: 0x03 display controllers, 0x12 processing accelerators.
 DEFAULT_MATCH_CLASSES = ("03", "12")
@@ -90,10 +97,20 @@ class State:
     devices: Mapping[str, PciFacts] = attrs.field(converter=frozen_mapping, factory=dict)
     drm_nodes: Mapping[str, DrmNode] = attrs.field(converter=frozen_mapping, factory=dict)
     problems: Mapping[str, Problems] = attrs.field(converter=_frozen_problems, factory=dict)
+    leases: Mapping[str, Lease] = attrs.field(converter=frozen_mapping, factory=dict)
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 
 
 Patch = dict[str, Any]
+Answer = Lease | list[str] | RpcError  # a granted lease, the devices released, or a refusal
+
+
+@attrs.frozen
+class Reduction:
+    state: State
+    patch: Patch | None
+    # per request: ReserveRequested by its lease ID, ReleaseRequested by its token
+    answers: Mapping[str | int, Answer] = attrs.field(factory=dict)
 
 
 def reduce(state: State, event: Event) -> tuple[State, Patch | None]:
@@ -103,14 +120,22 @@ def reduce(state: State, event: Event) -> tuple[State, Patch | None]:
 
 def reduce_all(state: State, events: Iterable[Event]) -> tuple[State, Patch | None]:
     """Fold a batch of events into the state, with one patch (and generation) for all of them."""
+    reduction = fold(state, events)
+    return reduction.state, reduction.patch
+
+
+def fold(state: State, events: Iterable[Event]) -> Reduction:
+    """Fold a batch of events, requests among them, into one state and one patch.
+
+    Each request is decided against the devices and leases as the events before it left them,
+    so requests in one batch are decided one after the other, as if they came one by one.
+    """
     scratch = _Scratch(state)
     for event in events:
         scratch.apply(event)
     if not scratch.changed:
-        return state, None
-    fingerprint = build_fingerprint(
-        scratch.devices, scratch.drm_nodes, scratch.problems, scratch.match_classes
-    )
+        return Reduction(state, None, scratch.answers)
+    fingerprint = scratch.fingerprint()
     patch = fingerprint_patch(state.fingerprint, fingerprint)
     new = State(
         generation=state.generation + (patch is not None),
@@ -118,20 +143,41 @@ def reduce_all(state: State, events: Iterable[Event]) -> tuple[State, Patch | No
         devices=scratch.devices,
         drm_nodes=scratch.drm_nodes,
         problems=scratch.problems,
+        leases=scratch.leases,
         fingerprint=fingerprint,
     )
-    return new, patch
+    return Reduction(new, patch, scratch.answers)
 
 
 class _Scratch:
-    """Mutable working copies of one state's facts, private to one ``reduce_all`` call."""
+    """Mutable working copies of one state's facts, private to one ``fold`` call."""
 
     def __init__(self, state: State) -> None:
         self.match_classes = state.match_classes
         self.devices = dict(state.devices)
         self.drm_nodes = dict(state.drm_nodes)
         self.problems = {k: dict(v) for k, v in state.problems.items()}
-        self.changed = False
+        self.leases = dict(state.leases)
+        self.answers: dict[str | int, Answer] = {}
+        self._changed = False
+        self._built: Fingerprint | None = state.fingerprint
+
+    @property
+    def changed(self) -> bool:
+        return self._changed
+
+    @changed.setter
+    def changed(self, value: bool) -> None:
+        self._changed = value
+        self._built = None
+
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint of the facts as they are now, built at most once per change."""
+        if self._built is None:
+            self._built = build_fingerprint(
+                self.devices, self.drm_nodes, self.problems, self.match_classes, self.leases
+            )
+        return self._built
 
     def apply(self, event: Event) -> None:
         match event:
@@ -172,6 +218,85 @@ class _Scratch:
                 if match_classes != self.match_classes:
                     self.match_classes = match_classes
                     self.changed = True
+            case ReserveRequested(device_ids, lease):
+                try:
+                    self.answers[lease.id] = self._reserve(device_ids, lease)
+                except RpcError as refusal:
+                    self.answers[lease.id] = refusal
+            case ReleaseRequested(token, uid, lease_id, device_ids):
+                try:
+                    self.answers[token] = self._release(uid, lease_id, device_ids)
+                except RpcError as refusal:
+                    self.answers[token] = refusal
+            case LeaseEnded(lease_id):
+                if self.leases.pop(lease_id, None) is not None:
+                    self.changed = True
+            case ConnectionClosed(connection):
+                for lease in [le for le in self.leases.values() if le.connection == connection]:
+                    del self.leases[lease.id]
+                    self.changed = True
+
+    def _reserve(self, device_ids: tuple[str, ...], lease: Lease) -> Lease:
+        """All the devices or none: each known, healthy and held by no other lease."""
+        wanted = resolve(self.fingerprint(), device_ids)
+        check_healthy(wanted)
+        holders = {d.id: d.reserved_by for _, d in wanted if d.reserved_by is not None}
+        if holders:
+            held = {
+                device_id: self.leases[lease_id].holder_json()
+                for device_id, lease_id in holders.items()
+            }
+            raise RpcError(
+                DEVICE_RESERVED,
+                "Already reserved: "
+                + "; ".join(f"{d} by {lease_id}" for d, lease_id in holders.items())
+                + ".",
+                {"device_ids": list(holders), "holders": held},
+            )
+        granted = attrs.evolve(lease, devices={d.id: g.key for g, d in wanted})
+        self.leases[granted.id] = granted
+        self.changed = True
+        return granted
+
+    def _release(self, uid: int, lease_id: str | None, device_ids: tuple[str, ...]) -> list[str]:
+        """Release a lease, or devices from their leases; only the lease's uid or root may."""
+        if lease_id is not None:
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                raise RpcError(
+                    INVALID_PARAMS,
+                    f"No reservation {lease_id} is held.",
+                    {"reservation_id": lease_id},
+                )
+            affected = {lease.id: set(lease.devices)}
+        else:
+            index = device_index(self.fingerprint())
+            wanted = {index[i][1].id if i in index else i.lower() for i in device_ids}
+            affected = {
+                held.id: wanted & set(held.devices)
+                for held in self.leases.values()
+                if wanted & set(held.devices)
+            }
+        refused = [i for i in affected if uid not in (0, self.leases[i].uid)]
+        if refused:
+            raise RpcError(
+                PERMISSION_DENIED,
+                "Only the user who made a reservation, or root, may release it: "
+                + ", ".join(refused)
+                + ".",
+                {"reservation_ids": refused},
+            )
+        released: list[str] = []
+        for held_id, devices in affected.items():
+            lease = self.leases[held_id]
+            released.extend(d for d in lease.devices if d in devices)
+            kept = {d: g for d, g in lease.devices.items() if d not in devices}
+            if kept:
+                self.leases[held_id] = attrs.evolve(lease, devices=kept)
+            else:
+                del self.leases[held_id]
+            self.changed = True
+        return released
 
     def _seen(self, facts: PciFacts) -> None:
         old = self.devices.get(facts.address)
@@ -272,7 +397,9 @@ def device_problems(facts: PciFacts, problems: Problems) -> list[Problem]:
     return found if facts.driver else [NO_DRIVER, *found]
 
 
-def build_device(facts: PciFacts, nodes: list[DrmNode], problems: Problems) -> Device:
+def build_device(
+    facts: PciFacts, nodes: list[DrmNode], problems: Problems, reserved_by: str | None
+) -> Device:
     descs = [p.desc for p in device_problems(facts, problems)]
     return Device(
         id=facts.address,
@@ -280,6 +407,18 @@ def build_device(facts: PciFacts, nodes: list[DrmNode], problems: Problems) -> D
         health_desc="; ".join(descs),
         hw_locality=DeviceLocality(pci_bus_id=facts.address),
         attributes=device_attributes(facts, nodes),
+        reserved_by=reserved_by,
+    )
+
+
+def departed_device(address: str, lease_id: str) -> Device:
+    """A reserved device that left the host: shown until its lease ends, so the holder learns."""
+    return Device(
+        id=address,
+        healthy=False,
+        health_desc=f"removed from this host while reserved by {lease_id}",
+        hw_locality=DeviceLocality(pci_bus_id=address),
+        reserved_by=lease_id,
     )
 
 
@@ -288,23 +427,45 @@ def build_fingerprint(
     drm_nodes: Mapping[str, DrmNode],
     problems: Mapping[str, Problems],
     match_classes: Iterable[str],
+    leases: Mapping[str, Lease] | None = None,
 ) -> Fingerprint:
     match_classes = tuple(match_classes)
     nodes_by_parent: dict[str, list[DrmNode]] = {}
     for node in drm_nodes.values():
         nodes_by_parent.setdefault(node.parent, []).append(node)
+    reserved_by = {d: lease.id for lease in (leases or {}).values() for d in lease.devices}
     members: dict[tuple[str, str, str], dict[str, Device]] = {}
     for address, facts in devices.items():
         if not class_matches(facts.pci_class, match_classes):
             continue
-        device = build_device(facts, nodes_by_parent.get(address, []), problems.get(address, {}))
+        device = build_device(
+            facts,
+            nodes_by_parent.get(address, []),
+            problems.get(address, {}),
+            reserved_by.get(address),
+        )
         key = (vendor_name(facts.vendor_id), device_type(facts.pci_class), device_name(facts))
         members.setdefault(key, {})[address] = device
+    present = {address for group in members.values() for address in group}
+    departed: dict[tuple[str, str, str], dict[str, Device]] = {}
+    for lease in (leases or {}).values():
+        for address, held_in in lease.devices.items():
+            if address not in present:
+                vendor, type_, name = held_in.split("/", 2)
+                departed.setdefault((vendor, type_, name), {})[address] = departed_device(
+                    address, lease.id
+                )
     groups = {}
-    for (vendor, type_, name), group_devices in members.items():
-        shared = common_attributes([d.attributes for d in group_devices.values()])
+    for triple in members.keys() | departed.keys():
+        vendor, type_, name = triple
+        # a departed device has no attributes left: it does not take the group's away
+        shared = common_attributes([d.attributes for d in members.get(triple, {}).values()])
         groups[group_key(vendor, type_, name)] = DeviceGroup(
-            vendor=vendor, type=type_, name=name, devices=group_devices, attributes=shared
+            vendor=vendor,
+            type=type_,
+            name=name,
+            devices={**members.get(triple, {}), **departed.get(triple, {})},
+            attributes=shared,
         )
     return Fingerprint(groups=groups)
 
@@ -326,6 +487,8 @@ def health_transitions(old: State, new: State) -> list[HealthTransition]:
     before = {d.id: d for _, d in old.fingerprint.devices().values()}
     transitions = []
     for group, device in new.fingerprint.devices().values():
+        if device.id not in new.devices:
+            continue  # departed while reserved: lease_warnings reports it
         previous = before.get(device.id)
         if previous is None and device.healthy:
             continue
@@ -346,3 +509,28 @@ def health_transitions(old: State, new: State) -> list[HealthTransition]:
             HealthTransition(kind, device.id, group.vendor, group.name, desc, action)
         )
     return transitions
+
+
+@attrs.frozen
+class LeaseWarning:
+    """A reserved device that left the host or turned unhealthy: its holder must hear of it."""
+
+    lease: Lease
+    device_id: str
+    health_desc: str
+
+
+def lease_warnings(old: State, new: State) -> list[LeaseWarning]:
+    """Reserved devices whose health got worse or changed between two states."""
+    before = old.fingerprint.devices()
+    after = new.fingerprint.devices()
+    warnings = []
+    for lease in new.leases.values():
+        for device_id in lease.devices:
+            device = after[device_id][1] if device_id in after else None
+            if device is None or device.healthy:
+                continue
+            previous = before[device_id][1] if device_id in before else None
+            if previous is None or previous.health_desc != device.health_desc:
+                warnings.append(LeaseWarning(lease, device_id, device.health_desc))
+    return warnings

@@ -1,21 +1,24 @@
 """What a container needs to use a set of devices, per vendor, checked against the current snapshot.
 
-Only paths that exist on this host are listed. The reservation table here is in memory and not
-exclusive; exclusive, persistent leases build on the same ``plan`` function.
+Only paths that exist on this host are listed. Who may hold which device is the reducer's
+decision (leases); this module finds devices and lists their container edits.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 
-import attrs
-
-from monitor.model import ContainerReservation, Device, DeviceGroup, DeviceSpec, Fingerprint
-from monitor.protocol import DEVICE_UNHEALTHY, INVALID_PARAMS, UNKNOWN_DEVICE, RpcError
+from monitor.model import (
+    ContainerReservation,
+    Device,
+    DeviceGroup,
+    DeviceSpec,
+    Fingerprint,
+    Mount,
+)
+from monitor.protocol import DEVICE_UNHEALTHY, UNKNOWN_DEVICE, RpcError
 
 NVIDIA_CONTROL_NODES = (
     "/dev/nvidiactl",
@@ -24,6 +27,7 @@ NVIDIA_CONTROL_NODES = (
     "/dev/nvidia-modeset",
 )
 AMD_KFD = "/dev/kfd"
+BY_PATH = "/dev/dri/by-path"
 MAX_DEVICES_PER_REQUEST = 1024
 
 Exists = Callable[[str], bool]
@@ -96,13 +100,8 @@ def _drm_nodes(device: Device) -> list[str]:
     return paths
 
 
-def plan(
-    devices: list[tuple[DeviceGroup, Device]],
-    *,
-    minor_of: Callable[[str], int | None],
-    exists: Exists = os.path.exists,
-) -> ContainerReservation:
-    """The env vars and device nodes for these devices; refuses unhealthy ones with -32002."""
+def check_healthy(devices: list[tuple[DeviceGroup, Device]]) -> None:
+    """Refuse unhealthy devices with -32002, naming each and why."""
     unhealthy = {d.id: d.health_desc for _, d in devices if not d.healthy}
     if unhealthy:
         names = "; ".join(f"{i}: {desc}" for i, desc in unhealthy.items())
@@ -111,8 +110,27 @@ def plan(
             f"Refusing unhealthy devices ({names}).",
             {"device_ids": list(unhealthy), "health": unhealthy},
         )
+
+
+def by_path_links(address: str, exists: Exists) -> list[str]:
+    """udev's stable names for a device's DRM nodes, where udev made them."""
+    return [
+        link
+        for link in (f"{BY_PATH}/pci-{address}-card", f"{BY_PATH}/pci-{address}-render")
+        if exists(link)
+    ]
+
+
+def plan(
+    devices: list[tuple[DeviceGroup, Device]],
+    *,
+    minor_of: Callable[[str], int | None],
+    exists: Exists = os.path.exists,
+) -> ContainerReservation:
+    """The env vars, device nodes and mounts that let a container use these devices."""
     vendor_nodes: list[str] = []  # made by drivers outside udev's view: checked on disk
     drm_nodes: list[str] = []  # the kernel reported them with the device: they exist
+    links: list[str] = []
     visible_gpus: list[str] = []
     for group, device in devices:
         if group.vendor == "nvidia":
@@ -124,61 +142,14 @@ def plan(
             vendor_nodes.extend(NVIDIA_CONTROL_NODES)
         elif group.vendor == "amd":
             vendor_nodes.append(AMD_KFD)
-        drm_nodes.extend(_drm_nodes(device))
+        nodes = _drm_nodes(device)
+        drm_nodes.extend(nodes)
+        if nodes:
+            links.extend(by_path_links(device.id, exists))
     envs = {"NVIDIA_VISIBLE_DEVICES": ",".join(visible_gpus)} if visible_gpus else {}
     unique = [n for n in dict.fromkeys(vendor_nodes) if exists(n)] + drm_nodes
     return ContainerReservation(
         envs=envs,
+        mounts=[Mount(task_path=link, host_path=link, read_only=True) for link in links],
         devices=[DeviceSpec(task_path=n, host_path=n, cgroup_perms="rwm") for n in unique],
     )
-
-
-@attrs.frozen
-class Reservation:
-    id: str
-    device_ids: tuple[str, ...]
-
-
-class ReservationTable:
-    """Reservations made through this daemon since it started, by ID."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, Reservation] = {}
-        # IDs unique across restarts without a random read per reservation.
-        self._prefix = secrets.token_hex(6)
-        self._serial = itertools.count(1)
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def add(self, device_ids: list[str]) -> Reservation:
-        reservation = Reservation(
-            id=f"{self._prefix}-{next(self._serial)}", device_ids=tuple(device_ids)
-        )
-        self._by_id[reservation.id] = reservation
-        return reservation
-
-    def release_by_id(self, reservation_id: str) -> list[str]:
-        reservation = self._by_id.pop(reservation_id, None)
-        if reservation is None:
-            raise RpcError(
-                INVALID_PARAMS,
-                f"No reservation {reservation_id} is held.",
-                {"reservation_id": reservation_id},
-            )
-        return list(reservation.device_ids)
-
-    def release_devices(self, device_ids: list[str]) -> list[str]:
-        """Take these devices out of the reservations holding them; the ones that were held."""
-        wanted = set(device_ids)
-        released: list[str] = []
-        for reservation in list(self._by_id.values()):
-            kept = tuple(d for d in reservation.device_ids if d not in wanted)
-            if len(kept) == len(reservation.device_ids):
-                continue
-            released.extend(d for d in reservation.device_ids if d in wanted and d not in released)
-            if kept:
-                self._by_id[reservation.id] = attrs.evolve(reservation, device_ids=kept)
-            else:
-                del self._by_id[reservation.id]
-        return released

@@ -8,23 +8,31 @@ daemon or another client.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import os
+import secrets
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from monitor import reservations
+from monitor import holders, reservations
+from monitor.access import Access, peer_of
+from monitor.events import ConnectionClosed, Event, ReleaseRequested, ReserveRequested
 from monitor.hub import Hub, Subscriber
+from monitor.leases import Lease
 from monitor.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    PERMISSION_DENIED,
     SERVER_BUSY,
     LineBuffer,
     LineTooLong,
@@ -35,11 +43,32 @@ from monitor.protocol import (
     encode_result,
     parse_request,
 )
+from monitor.reducer import Answer
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
 LISTEN_BACKLOG = 4096
+# Per connection. A client sending faster waits (and the kernel's socket buffer fills, which
+# stops its writes), so one flooding client costs a bounded share of the loop.
+REQUESTS_PER_SECOND = 1000.0
+
+
+class RequestBudget:
+    """A token bucket: bursts up to a second's worth of requests, then ``rate`` per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last: float | None = None
+
+    def wait_before_next(self, now: float) -> float:
+        """Take a token for one request; the seconds to wait before answering it."""
+        if self.last is not None:
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 class SocketInUse(Exception):
@@ -102,13 +131,52 @@ def _expect_params(params: dict[str, Any], allowed: set[str]) -> None:
         raise RpcError(INVALID_PARAMS, f"Unknown params: {', '.join(unknown)}.")
 
 
+def _holder(params: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The holder process a reservation names, with its start time; none if not named."""
+    pid = params.get("holder_pid")
+    if pid is None:
+        return None, None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise RpcError(INVALID_PARAMS, "holder_pid must be a positive process ID.")
+    started = holders.start_time(pid)
+    if started is None:
+        raise RpcError(INVALID_PARAMS, f"No process {pid} runs on this host.", {"holder_pid": pid})
+    return pid, started
+
+
+class Pending:
+    """A request waiting for the reducer task's answer."""
+
+    def __init__(self, event: Event, key: str | int) -> None:
+        self.event = event
+        self.key = key
+        self.answer: Answer | None = None
+        self.done = trio.Event()
+
+
+Inbox = trio.MemorySendChannel[tuple[Event, ...] | Pending]
+
+
 class Server:
-    def __init__(self, hub: Hub, *, max_clients: int = 4096) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        inbox: Inbox,
+        *,
+        access: Access | None = None,
+        max_clients: int = 1024,
+        requests_per_second: float = REQUESTS_PER_SECOND,
+    ) -> None:
         self.hub = hub
+        self.inbox = inbox
+        self.access = access or Access(None)
         self.max_clients = max_clients
+        self.requests_per_second = requests_per_second
         self.clients = 0
-        self.reservations = reservations.ReservationTable()
         self.node_exists = reservations.RecentNodeCheck()
+        # Reservation IDs unique across restarts without a random read per reservation.
+        self._lease_prefix = secrets.token_hex(6)
+        self._serial = itertools.count(1)
 
     async def serve(
         self,
@@ -122,7 +190,7 @@ class Server:
             await trio.serve_listeners(self.handle, [listener], handler_nursery=nursery)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        connection = _Connection(self, stream)
+        connection = _Connection(self, stream, next(self._serial))
         self.clients += 1
         try:
             if self.clients > self.max_clients:
@@ -134,6 +202,25 @@ class Server:
         finally:
             self.clients -= 1
             await trio.aclose_forcefully(stream)
+            if connection.bound_leases:
+                await self._tell_reducer(ConnectionClosed(connection.number))
+
+    async def _tell_reducer(self, event: Event) -> None:
+        """Send an event that must not be lost to a cancellation, unless we are shutting down."""
+        # If the reducer task has ended, the daemon is stopping: nothing to tell.
+        with (
+            trio.CancelScope(shield=True),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self.inbox.send((event,))
+
+    async def ask(self, event: Event, key: str | int) -> Answer:
+        """Hand a request to the reducer task and wait for its decision."""
+        pending = Pending(event, key)
+        await self.inbox.send(pending)
+        await pending.done.wait()
+        assert pending.answer is not None
+        return pending.answer
 
     async def dispatch(self, request: Request, connection: _Connection) -> bytes | None:
         """The response to send, or None when the method has sent it already."""
@@ -147,49 +234,114 @@ class Server:
             await self.hub.ready.wait()
             await connection.subscribe(request)
             return None
-        if request.method == "reserve":
-            _expect_params(params, {"device_ids"})
+        if request.method == "leases":
+            _expect_params(params, set())
             await self.hub.ready.wait()
-            return encode_result(request.id, self.reserve(_device_ids(params)))
+            return encode_result(request.id, self.leases())
+        if request.method == "reserve":
+            _expect_params(params, {"device_ids", "holder_pid", "bind"})
+            await self.hub.ready.wait()
+            return encode_result(request.id, await self.reserve(params, connection))
         if request.method == "release":
-            return encode_result(request.id, self.release(params))
+            await self.hub.ready.wait()
+            return encode_result(request.id, await self.release(params, connection))
         raise RpcError(METHOD_NOT_FOUND, f"Unknown method {request.method!r}.")
 
-    def reserve(self, ids: list[str]) -> dict[str, Any]:
+    async def _authorize(self, connection: _Connection, action: str) -> None:
+        peer = connection.peer
+        if not await trio.to_thread.run_sync(self.access.may_change, peer):
+            raise RpcError(
+                PERMISSION_DENIED,
+                f"Only root and members of the daemon's group may {action} devices "
+                f"(you are uid {peer.uid}).",
+                {"uid": peer.uid},
+            )
+
+    async def reserve(self, params: dict[str, Any], connection: _Connection) -> dict[str, Any]:
+        ids = _device_ids(params)
+        bind = params.get("bind")
+        if bind not in (None, "connection"):
+            raise RpcError(INVALID_PARAMS, 'bind must be "connection" when given.')
+        holder_pid, holder_start = _holder(params)
+        await self._authorize(connection, "reserve")
+        peer = connection.peer
+        lease = Lease(
+            id=f"{self._lease_prefix}-{next(self._serial)}",
+            devices={},
+            uid=peer.uid,
+            gid=peer.gid,
+            pid=peer.pid,
+            created=time.time(),
+            holder_pid=holder_pid,
+            holder_start=holder_start,
+            connection=connection.number if bind else None,
+        )
+        answer = await self.ask(ReserveRequested(tuple(ids), lease), lease.id)
+        if isinstance(answer, RpcError):
+            raise answer
+        assert isinstance(answer, Lease)
+        if bind:
+            connection.bound_leases = True
+        log.info(
+            "reservation %s granted to uid %d (pid %d): %s",
+            answer.id,
+            peer.uid,
+            peer.pid,
+            ", ".join(answer.devices),
+        )
         state = self.hub.state
-        devices = reservations.resolve(state.fingerprint, ids)
+        index = state.fingerprint.devices()
         edits = reservations.plan(
-            devices,
-            minor_of=lambda address: state.devices[address].nvidia_minor,
+            [index[d] for d in answer.devices if d in index],
+            minor_of=lambda address: (
+                state.devices[address].nvidia_minor if address in state.devices else None
+            ),
             exists=self.node_exists,
         )
-        reservation = self.reservations.add([device.id for _, device in devices])
-        self.hub.changed.set()
-        return {
-            "reservation_id": reservation.id,
-            "device_ids": list(reservation.device_ids),
-            **edits.to_json(),
-        }
+        return {"reservation_id": answer.id, "device_ids": list(answer.devices), **edits.to_json()}
 
-    def release(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def release(self, params: dict[str, Any], connection: _Connection) -> dict[str, Any]:
+        token = next(self._serial)
+        uid = connection.peer.uid
         if set(params) == {"reservation_id"} and isinstance(params["reservation_id"], str):
-            released = self.reservations.release_by_id(params["reservation_id"])
+            event = ReleaseRequested(token, uid, lease_id=params["reservation_id"])
         elif set(params) == {"device_ids"}:
-            index = reservations.device_index(self.hub.state.fingerprint)
-            wanted = [index[i][1].id if i in index else i.lower() for i in _device_ids(params)]
-            released = self.reservations.release_devices(wanted)
+            event = ReleaseRequested(token, uid, device_ids=tuple(_device_ids(params)))
         else:
             raise RpcError(
                 INVALID_PARAMS, 'release takes either "device_ids" (a list) or "reservation_id".'
             )
-        self.hub.changed.set()
-        return {"released": released}
+        await self._authorize(connection, "release")
+        answer = await self.ask(event, token)
+        if isinstance(answer, RpcError):
+            raise answer
+        assert isinstance(answer, list)
+        return {"released": answer}
+
+    def leases(self) -> dict[str, Any]:
+        """Every lease, with the devices of it that are no longer on the host."""
+        state = self.hub.state
+        present = set(state.devices)
+        return {
+            "leases": [
+                {
+                    **lease.to_json(),
+                    "bind": "connection" if lease.connection is not None else None,
+                    "orphaned": [d for d in lease.devices if d not in present],
+                }
+                for lease in state.leases.values()
+            ]
+        }
 
 
 class _Connection:
-    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
         self.server = server
         self.stream = stream
+        self.number = number
+        self.peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        self.bound_leases = False  # whether a lease ends when this connection closes
+        self.budget = RequestBudget(server.requests_per_second)
         self.send_lock = trio.Lock()
         self.subscriber: Subscriber | None = None
         self.nursery: trio.Nursery | None = None
@@ -218,6 +370,9 @@ class _Connection:
                         return
                     for line in lines:
                         if line.strip():
+                            wait = self.budget.wait_before_next(trio.current_time())
+                            if wait > 0:
+                                await trio.sleep(wait)
                             await self.answer(line)
             finally:
                 nursery.cancel_scope.cancel()

@@ -19,6 +19,12 @@ from monitor.hub import Hub
 from monitor.reducer import State, reduce
 from monitor.server import Server, bind_unix_socket
 
+
+def server(hub: Hub, max_clients: int = 1024) -> Server:
+    """A server whose requests nobody decides: these tests only read."""
+    inbox, _ = trio.open_memory_channel[Any](1)
+    return Server(hub, inbox, max_clients=max_clients)
+
 GPU = PciFacts(
     address="0000:3b:00.0", vendor_id=0x10DE, device_id=0x2330, pci_class=0x030200, driver="nvidia"
 )
@@ -68,7 +74,7 @@ async def harness(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harnes
     harness = Harness(hub, tmp_path / "hub.sock")
     harness.state, patch = reduce(harness.state, DeviceSeen(GPU))
     hub.publish(harness.state, patch)
-    await nursery.start(Server(hub).serve, bind_unix_socket(harness.path, 0o600))
+    await nursery.start(server(hub).serve, bind_unix_socket(harness.path, 0o600))
     yield harness
 
 
@@ -129,7 +135,7 @@ async def test_answers_wait_for_the_first_enumeration(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     hub = Hub()
-    await nursery.start(Server(hub).serve, bind_unix_socket(tmp_path / "s.sock", 0o600))
+    await nursery.start(server(hub).serve, bind_unix_socket(tmp_path / "s.sock", 0o600))
     client = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))
     async with trio.open_nursery() as inner:
         answers: list[dict[str, Any]] = []
@@ -151,7 +157,7 @@ async def test_too_many_clients_are_refused_with_an_error(
     hub = Hub()
     hub.publish(State(), None)
     await nursery.start(
-        Server(hub, max_clients=2).serve, bind_unix_socket(tmp_path / "s.sock", 0o600)
+        server(hub, max_clients=2).serve, bind_unix_socket(tmp_path / "s.sock", 0o600)
     )
     first = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))
     second = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor.reservations import RecentNodeCheck, ReservationTable
+from monitor.reservations import RecentNodeCheck
 
 
 def test_node_checks_are_remembered_for_a_second_then_asked_again() -> None:
@@ -22,14 +22,3 @@ def test_node_checks_are_remembered_for_a_second_then_asked_again() -> None:
     now[0] += 0.5
     assert exists("/dev/nvidia-uvm")  # asked again after a second
     assert asked == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm"]
-
-
-def test_reservation_ids_are_unique_and_partial_release_keeps_the_rest() -> None:
-    table = ReservationTable()
-    first = table.add(["0000:1b:00.0", "0000:3b:00.0"])
-    second = table.add(["0000:5b:00.0"])
-    assert first.id != second.id
-    assert table.release_devices(["0000:3b:00.0"]) == ["0000:3b:00.0"]
-    assert len(table) == 2
-    assert table.release_by_id(first.id) == ["0000:1b:00.0"]
-    assert len(table) == 1

@@ -263,6 +263,11 @@ def test_reserve_and_release_commands(daemon: Daemon) -> None:
     assert human.stdout.startswith("reservation ") and "0000:1b:00.0" in human.stdout
     assert "  env    NVIDIA_VISIBLE_DEVICES=0000:1b:00.0" in human.stdout
     assert "  device /dev/nvidia0 (rwm)" in human.stdout
+    lease = human.stdout.split()[1].rstrip(":")
+    held = cli(daemon, "reserve", "0000:3b:00.0", "0000:1b:00.0")
+    assert held.returncode == 1 and held.stdout == ""
+    assert held.stderr == f"hotplug-monitor: Already reserved: 0000:1b:00.0 by {lease}.\n"
+    assert cli(daemon, "release", "0000:1b:00.0").stdout == "released 0000:1b:00.0\n"
     env = cli(daemon, "reserve", "--env", "0000:1b:00.0", "0000:3b:00.0")
     assert env.stdout == "export NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0\n"
     as_json = json.loads(cli(daemon, "reserve", "--json", "0000:9a:00.0").stdout)

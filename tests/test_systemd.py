@@ -207,7 +207,7 @@ def test_without_journald_stderr_lines_carry_priority_prefixes(
         time.sleep(0.05)
     lines = daemon.log().splitlines()
     assert any(line.startswith("<6>INFO ") for line in lines)
-    assert any(line.startswith("<2>CRITICAL monitor.app: 0000:3b:00.0") for line in lines)
+    assert any(line.startswith("<2>CRITICAL monitor.engine: 0000:3b:00.0") for line in lines)
 
 
 # --- socket activation ---------------------------------------------------------------------
