@@ -1,15 +1,16 @@
 """Who may change leases: root, the daemon's own user, and members of one configured group.
 
 Anyone who can connect may read (the socket's mode and group decide who can connect). The
-peer's uid and gid come from the kernel (``SO_PEERCRED``), never from the request; group
-membership is looked up per request, so removing a user from the group takes effect at once.
+peer's uid, gid and groups come from the kernel (``SO_PEERCRED``, ``SO_PEERGROUPS``) as they
+were when it connected, never from the request, and each request is checked against them: the
+same groups the kernel used to let the peer open the socket, with no user database lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
-import pwd
 import socket
 import struct
 
@@ -22,18 +23,36 @@ class UnknownGroup(Exception):
     pass
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it from 3.14 on
+GID_SIZE = struct.calcsize("I")
+MAX_GROUPS = 65536  # the kernel's NGROUPS_MAX
+
+
 @attrs.frozen
 class Peer:
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()  # supplementary groups
 
 
 def peer_of(sock: socket.socket) -> Peer:
     """The process at the other end of a Unix socket, as the kernel saw it connect."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, _peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    for count in (64, MAX_GROUPS):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, count * GID_SIZE)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue  # more groups than we asked room for
+            return frozenset()  # an older kernel: the primary group still counts
+        return frozenset(struct.unpack(f"{len(raw) // GID_SIZE}I", raw))
+    return frozenset()
 
 
 def resolve_group(name: str | None) -> int | None:
@@ -57,15 +76,7 @@ class Access:
         self.own_uid = os.geteuid() if own_uid is None else own_uid
 
     def may_change(self, peer: Peer) -> bool:
-        """Whether ``peer`` may reserve and release. Reads the user and group databases."""
+        """Whether ``peer`` may reserve and release."""
         if peer.uid in (0, self.own_uid):
             return True
-        if self.gid is None:
-            return False
-        if peer.gid == self.gid:
-            return True
-        try:
-            name = pwd.getpwuid(peer.uid).pw_name
-        except KeyError:
-            return False  # no user entry: only its primary group can count
-        return self.gid in os.getgrouplist(name, peer.gid)
+        return self.gid is not None and (peer.gid == self.gid or self.gid in peer.groups)

@@ -41,12 +41,20 @@ def two_pci_classes() -> tuple[dict[str, str], str, str]:
 class Daemon:
     """``hotplug-monitor serve`` in a subprocess, with its stderr kept in a file."""
 
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.socket = tmp / "monitor.sock"
+    def __init__(
+        self,
+        tmp: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        socket: Path | None = None,
+    ) -> None:
+        self.socket = socket or tmp / "monitor.sock"
+        self.state_dir = tmp / "state"
         self.log_path = tmp / "daemon.log"
         command = [sys.executable, "-m", "monitor", "serve", "--socket", str(self.socket)]
-        command += ["--state-dir", str(tmp / "state"), "--no-nvml", "--log-target", "stderr", *args]
-        self._log = self.log_path.open("wb")
+        command += ["--state-dir", str(self.state_dir), "--no-nvml", "--log-target", "stderr"]
+        command += args
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)
         self.wait_ready()
 
@@ -74,7 +82,15 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind, as in a crash."""
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
+
     def stop(self) -> int:
+        if self._log.closed:
+            return self.process.returncode
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -90,8 +106,8 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(tmp_path, list(args), env)
+    def start(*args: str, env: dict[str, str] | None = None, socket: Path | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, list(args), env, socket)
         daemons.append(daemon)
         return daemon
 

@@ -1,0 +1,294 @@
+"""Leases against a real daemon on this host's real PCI devices: exclusivity, holders,
+connection-bound leases, permissions by peer credentials, and persistence across SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.client import Client, DaemonUnavailable, RpcFailure
+from tests.conftest import Daemon, Subscription
+
+PCI = Path("/sys/bus/pci/devices")
+
+
+def reservable() -> tuple[list[str], list[str]]:
+    """PCI functions with a driver bound (healthy to us), and match-class flags for them."""
+    devices = sorted(p.name for p in PCI.iterdir() if (p / "driver").exists())
+    classes = sorted({(PCI / d / "class").read_text()[2:4] for d in devices})
+    assert len(devices) >= 2, "needs two PCI functions with drivers bound"
+    return devices, [arg for c in classes for arg in ("--match-class", c)]
+
+
+@pytest.fixture
+def host(start_daemon: Callable[..., Daemon]) -> tuple[Daemon, list[str]]:
+    devices, flags = reservable()
+    return start_daemon(*flags), devices
+
+
+def reserved_by(mirror: Any, device: str) -> str | None:
+    for group in mirror.snapshot["groups"].values():
+        if device in group["devices"]:
+            value: str | None = group["devices"][device].get("reserved_by")
+            return value
+    raise AssertionError(f"{device} not in the snapshot")
+
+
+def test_concurrent_reserves_of_one_device_have_exactly_one_winner(
+    host: tuple[Daemon, list[str]],
+) -> None:
+    daemon, devices = host
+    clients = [daemon.client() for _ in range(40)]
+    start = threading.Barrier(len(clients))
+    outcomes: list[dict[str, Any] | RpcFailure] = []
+
+    def ask(client: Client) -> None:
+        start.wait()
+        try:
+            outcomes.append(client.call("reserve", {"device_ids": [devices[0]]}))
+        except RpcFailure as failure:
+            outcomes.append(failure)
+
+    threads = [threading.Thread(target=ask, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if isinstance(o, dict)]
+    losers = [o for o in outcomes if isinstance(o, RpcFailure)]
+    assert len(winners) == 1 and len(losers) == len(clients) - 1
+    winner = winners[0]["reservation_id"]
+    for loser in losers:
+        assert loser.code == -32003
+        assert loser.data["device_ids"] == [devices[0]]
+        assert loser.data["holders"][devices[0]]["reservation_id"] == winner
+        assert loser.data["holders"][devices[0]]["pid"] == os.getpid()
+    # all or nothing: a request naming a held device and a free one gets neither
+    with daemon.client() as client, pytest.raises(RpcFailure) as refused:
+        client.call("reserve", {"device_ids": [devices[1], devices[0]]})
+    assert refused.value.code == -32003
+    assert daemon.client().call("reserve", {"device_ids": [devices[1]]})["device_ids"] == [
+        devices[1]
+    ]
+    for client in clients:
+        client.close()
+
+
+def test_leases_come_and_go_as_patches(
+    host: tuple[Daemon, list[str]], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    daemon, devices = host
+    sub = subscribe(daemon)
+    with daemon.client() as client:
+        lease = client.call("reserve", {"device_ids": devices[:2]})
+        sub.until(lambda m: reserved_by(m, devices[1]) == lease["reservation_id"])
+        assert reserved_by(sub.mirror, devices[0]) == lease["reservation_id"]
+        patch = sub.notifications[-1]["patch"]
+        assert "reserved_by" in json.dumps(patch) and len(json.dumps(patch)) < 1000
+        client.call("release", {"reservation_id": lease["reservation_id"]})
+    sub.until(lambda m: reserved_by(m, devices[0]) is None and reserved_by(m, devices[1]) is None)
+    assert sub.mirror.snapshot == daemon.fingerprint()["snapshot"]
+
+
+def test_a_lease_ends_within_a_second_of_its_holder_process(
+    host: tuple[Daemon, list[str]], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    daemon, devices = host
+    holder = subprocess.Popen(["sleep", "60"])
+    sub = subscribe(daemon)
+    try:
+        with daemon.client() as client:
+            lease = client.call("reserve", {"device_ids": [devices[0]], "holder_pid": holder.pid})
+            with pytest.raises(RpcFailure) as no_such:
+                client.call("reserve", {"device_ids": [devices[1]], "holder_pid": 2**22 + 1})
+            assert no_such.value.code == -32602
+        sub.until(lambda m: reserved_by(m, devices[0]) == lease["reservation_id"])
+        listed = daemon.client().call("leases")["leases"]
+        assert [entry["holder_pid"] for entry in listed] == [holder.pid]
+    finally:
+        holder.kill()
+        holder.wait()
+    ended = time.monotonic()
+    sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=5)
+    assert time.monotonic() - ended < 1.0
+    assert daemon.client().call("leases") == {"leases": []}
+
+
+def test_a_connection_bound_lease_ends_with_its_connection(
+    host: tuple[Daemon, list[str]], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    daemon, devices = host
+    sub = subscribe(daemon)
+    client = daemon.client()
+    lease = client.call("reserve", {"device_ids": [devices[0]], "bind": "connection"})
+    sub.until(lambda m: reserved_by(m, devices[0]) == lease["reservation_id"])
+    assert daemon.client().call("leases")["leases"][0]["bind"] == "connection"
+    client.close()
+    sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=2)
+
+
+class Churn(threading.Thread):
+    """Releases a lease or reserves free devices, again and again, until the daemon dies."""
+
+    def __init__(self, client: Client, devices: list[str], leases: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.client = client
+        self.devices = devices
+        self.answered = leases  # lease -> devices, as the daemon answered
+        self.releasing: str | None = None  # sent, not answered: it may have happened or not
+        self.granted = 0
+        self.failure: BaseException | None = None
+        self.rng = random.Random(len(leases))
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.answered and self.rng.random() < 0.5:
+                    self.releasing = self.rng.choice(sorted(self.answered))
+                    self.client.call("release", {"reservation_id": self.releasing})
+                    del self.answered[self.releasing]
+                    self.releasing = None
+                held = {d for devices in self.answered.values() for d in devices}
+                free = [d for d in self.devices if d not in held]
+                if free:
+                    want = self.rng.sample(free, self.rng.randint(1, len(free)))
+                    result = self.client.call("reserve", {"device_ids": want})
+                    self.answered[result["reservation_id"]] = result["device_ids"]
+                    self.granted += 1
+        except (OSError, DaemonUnavailable):
+            return  # killed
+        except BaseException as exc:
+            self.failure = exc
+
+
+def test_leases_survive_sigkill_at_random_moments(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    devices, flags = reservable()
+    rng = random.Random(7)
+    leases: dict[str, list[str]] = {}
+    granted = 0
+    for _ in range(50):
+        daemon = start_daemon(*flags)
+        restored = {e["reservation_id"]: e for e in daemon.client().call("leases")["leases"]}
+        held = [d for entry in restored.values() for d in entry["devices"]]
+        assert len(held) == len(set(held)), restored  # no device in two leases
+        # every lease answered before the kill is back, with its devices
+        assert set(leases) <= set(restored), (leases, restored, daemon.log())
+        assert all(sorted(restored[i]["devices"]) == sorted(leases[i]) for i in leases)
+        client = daemon.client(timeout=5)
+        churn = Churn(client, devices, {i: list(e["devices"]) for i, e in restored.items()})
+        churn.start()
+        time.sleep(rng.uniform(0.0, 0.1))
+        daemon.kill()
+        churn.join()
+        client.close()
+        assert churn.failure is None, churn.failure
+        granted += churn.granted
+        leases = {i: d for i, d in churn.answered.items() if i != churn.releasing}
+    assert granted >= 50, f"only {granted} leases granted in 50 rounds: too few to mean much"
+
+
+def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
+    host: tuple[Daemon, list[str]], start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, devices = host
+    daemon.client().call("reserve", {"device_ids": [devices[0]]})
+    daemon.stop()
+    lease_file = daemon.state_dir / "leases.json"
+    lease_file.write_text('{"version": 1, "leases": [{"reservation_id": 3')
+    _, flags = reservable()
+    again = start_daemon(*flags)
+    assert again.client().call("leases") == {"leases": []}
+    aside = list(daemon.state_dir.glob("leases.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1')
+    assert "<2>CRITICAL monitor.store: lease file" in again.log()
+    assert json.loads(lease_file.read_text()) == {"version": 1, "leases": []}
+
+
+# --- who may ask: clients forked into other users ---------------------------------------------
+
+GROUP = 4242  # a gid no account has: membership only by what a client process carries
+
+
+def call_as(
+    uid: int, groups: list[int], path: Path, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """One request from a child process running as ``uid`` with ``groups`` (primary first)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, ask, report, and leave without cleanup
+        try:
+            os.close(read)
+            os.setgroups(groups[1:])
+            os.setgid(groups[0])
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                os.write(write, sock.makefile("rb").readline())
+        except BaseException as exc:
+            os.write(write, json.dumps({"child_error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        answer: dict[str, Any] = json.loads(reader.read())
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.fixture
+def shared_socket() -> Iterator[Path]:
+    """A socket path other users can reach (pytest's tmp_path is private to root)."""
+    directory = Path(tempfile.mkdtemp(prefix="hotplug-monitor-test-"))
+    directory.chmod(0o755)
+    yield directory / "monitor.sock"
+    for leftover in directory.iterdir():
+        leftover.unlink()
+    directory.rmdir()
+
+
+def test_only_the_group_may_reserve_and_only_the_owner_may_release(
+    start_daemon: Callable[..., Daemon], shared_socket: Path
+) -> None:
+    devices, flags = reservable()
+    daemon = start_daemon(*flags, "--group", str(GROUP), socket=shared_socket)
+    mode = shared_socket.stat()
+    assert (mode.st_mode & 0o777, mode.st_uid, mode.st_gid) == (0o660, 0, GROUP)
+    alice, bob, eve = 60001, 60002, 60003
+    # Eve is not in the group: the socket's mode keeps her out altogether...
+    shut_out = call_as(eve, [eve], shared_socket, "fingerprint", {})
+    assert "PermissionError" in shut_out["child_error"]
+    # ...and where an operator opens it to everyone, she may read but not reserve.
+    shared_socket.chmod(0o666)
+    assert "result" in call_as(eve, [eve], shared_socket, "fingerprint", {})
+    refused = call_as(eve, [eve], shared_socket, "reserve", {"device_ids": [devices[0]]})
+    assert refused["error"]["code"] == -32004 and refused["error"]["data"] == {"uid": eve}
+    # Members (by a supplementary group) may reserve; only the owner or root may release.
+    granted = call_as(alice, [alice, GROUP], shared_socket, "reserve", {"device_ids": devices[:1]})
+    lease = granted["result"]["reservation_id"]
+    listed = daemon.client().call("leases")["leases"][0]
+    assert (listed["uid"], listed["gid"]) == (alice, alice)
+    for params in ({"reservation_id": lease}, {"device_ids": devices[:1]}):
+        denied = call_as(bob, [GROUP], shared_socket, "release", params)
+        assert denied["error"]["code"] == -32004, denied
+        assert denied["error"]["data"] == {"reservation_ids": [lease]}
+    owner = call_as(alice, [alice, GROUP], shared_socket, "release", {"reservation_id": lease})
+    assert owner["result"] == {"released": devices[:1]}
+    again = call_as(bob, [GROUP], shared_socket, "reserve", {"device_ids": devices[:1]})
+    with daemon.client() as root:
+        assert root.call("release", {"device_ids": devices[:1]}) == {"released": devices[:1]}
+    assert again["result"]["device_ids"] == devices[:1]
