@@ -20,6 +20,7 @@ import trio
 
 from monitor import holders, logs, systemd
 from monitor.access import Access, resolve_group
+from monitor.cdi import keep_spec
 from monitor.config import ConfigError, Settings
 from monitor.engine import run_engine
 from monitor.events import ClassFilterChanged, Event, LeaseEnded
@@ -105,6 +106,7 @@ async def _reload(
                 "netlink_buffer",
                 "max_clients",
                 "group",
+                "cdi_dir",
             )
             if getattr(new, name) != getattr(current, name)
         ]
@@ -195,6 +197,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 )
                 await nursery.start(udev)
                 await hub.ready.wait()
+                if settings.cdi_dir is not None:
+                    nursery.start_soon(keep_spec, hub, settings.cdi_dir)
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 interval = systemd.watchdog_interval()
                 if interval is not None:

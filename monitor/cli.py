@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ import trio
 
 from monitor import logs
 from monitor.access import UnknownGroup
+from monitor.cdi import KIND as CDI_KIND
 from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from monitor.config import (
     LOG_LEVELS,
@@ -115,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="group that may connect to the socket and reserve devices "
         "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
     )
+    cdi = serve.add_mutually_exclusive_group()
+    cdi.add_argument(
+        "--cdi-dir",
+        type=Path,
+        help="keep a CDI spec (hotplug-monitor.json) of the present devices here "
+        "(default: /var/run/cdi as root, none otherwise)",
+    )
+    cdi.add_argument(
+        "--no-cdi", dest="cdi_dir", action="store_const", const=False, help="write no CDI spec"
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument(
         "--log-target",
@@ -134,9 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     reserve = commands.add_parser("reserve", help="reserve devices for a container")
     _socket_arg(reserve, CLIENT_SOCKET_HELP)
     reserve.add_argument("device_ids", nargs="+", metavar="ID", help="PCI address or GPU UUID")
+    reserve.add_argument(
+        "--holder-pid",
+        type=int,
+        metavar="PID",
+        help="end the reservation when this process ends (default: it lasts until released)",
+    )
     output = reserve.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the raw reservation")
     output.add_argument("--env", action="store_true", help="print shell export lines")
+    output.add_argument(
+        "--cdi", action="store_true", help=f"print the CDI device names ({CDI_KIND}=ID)"
+    )
+    output.add_argument(
+        "--docker-args",
+        action="store_true",
+        help="print --device, -e and --mount arguments for docker or podman run",
+    )
+
+    leases = commands.add_parser("leases", help="list reservations and who holds them")
+    _socket_arg(leases, CLIENT_SOCKET_HELP)
+    leases.add_argument("--json", action="store_true", help="print the raw list")
 
     release = commands.add_parser("release", help="release reserved devices")
     _socket_arg(release, CLIENT_SOCKET_HELP)
@@ -166,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "netlink_buffer": args.netlink_buffer,
         "max_clients": args.max_clients,
         "group": args.group,
+        "cdi_dir": args.cdi_dir,  # False: --no-cdi
         "log_level": args.log_level,
         "log_target": args.log_target,
     }
@@ -267,13 +298,30 @@ def cmd_watch(args: argparse.Namespace) -> None:
 
 
 def cmd_reserve(args: argparse.Namespace) -> None:
+    params: dict[str, Any] = {"device_ids": args.device_ids}
+    if args.holder_pid is not None:
+        params["holder_pid"] = args.holder_pid
     with _connect(args) as client:
-        result = client.call("reserve", {"device_ids": args.device_ids})
+        result = client.call("reserve", params)
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.env:
         for name, value in result["envs"].items():
             print(f"export {name}={shlex.quote(value)}")
+    elif args.cdi:
+        print(" ".join(f"{CDI_KIND}={device_id}" for device_id in result["device_ids"]))
+    elif args.docker_args:
+        words = []
+        for device in result["devices"]:
+            spec = f"{device['host_path']}:{device['task_path']}:{device['cgroup_perms']}"
+            words += ["--device", spec]
+        for name, value in result["envs"].items():
+            words += ["-e", f"{name}={value}"]
+        for mount in result["mounts"]:
+            # --mount, not -v: paths such as /dev/dri/by-path/pci-0000:3b:00.0-card have colons
+            spec = f"type=bind,source={mount['host_path']},target={mount['task_path']}"
+            words += ["--mount", spec + (",readonly" if mount["read_only"] else "")]
+        print(shlex.join(words))
     else:
         print(f"reservation {result['reservation_id']}: {', '.join(result['device_ids'])}")
         for name, value in result["envs"].items():
@@ -283,6 +331,41 @@ def cmd_reserve(args: argparse.Namespace) -> None:
             print(f"  mount  {mount['host_path']} -> {mount['task_path']} ({mode})")
         for device in result["devices"]:
             print(f"  device {device['host_path']} ({device['cgroup_perms']})")
+
+
+def cmd_leases(args: argparse.Namespace) -> None:
+    with _connect(args) as client:
+        result = client.call("leases")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    if not result["leases"]:
+        print("no reservations")
+        return
+    rows = [["RESERVATION", "DEVICES", "UID", "PID", "ENDS WITH", "SINCE", "STATE"]]
+    for lease in result["leases"]:
+        if lease["holder_pid"] is not None:
+            ends = f"process {lease['holder_pid']}"
+        elif lease["bind"] == "connection":
+            ends = "connection"
+        else:
+            ends = "release"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease["created"]))
+        orphaned = lease["orphaned"]
+        state = f"orphaned: {', '.join(orphaned)} gone" if orphaned else "held"
+        devices = ",".join(lease["devices"])
+        rows.append(
+            [
+                lease["reservation_id"],
+                devices,
+                str(lease["uid"]),
+                str(lease["pid"]),
+                ends,
+                since,
+                state,
+            ]
+        )
+    print(_table(rows))
 
 
 def cmd_release(args: argparse.Namespace) -> None:
@@ -317,6 +400,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "reserve": cmd_reserve,
     "release": cmd_release,
+    "leases": cmd_leases,
     "demo": cmd_demo,
 }
 

@@ -52,6 +52,11 @@ def default_state_dir() -> Path:
     return Path(state) / "hotplug-monitor"
 
 
+def default_cdi_dir() -> Path | None:
+    """Where container engines look for CDI specs; only root may write there."""
+    return Path("/var/run/cdi") if _is_root() else None
+
+
 def default_config() -> Path:
     if _is_root():
         return Path("/etc/hotplug-monitor/config.toml")
@@ -87,6 +92,7 @@ class Settings:
     netlink_buffer: int = 8 * 1024 * 1024
     max_clients: int = 1024
     group: str | None = None  # None: hotplug-monitor if that group exists
+    cdi_dir: Path | None = attrs.field(factory=default_cdi_dir)  # None: write no CDI spec
     log_level: str = "info"
     log_target: str = "auto"
 
@@ -101,6 +107,7 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "netlink_buffer": (int, int),
     "max_clients": (int, int),
     "group": (str, str),
+    "cdi_dir": (str, lambda v: Path(v) if v else None),
     "log_level": (str, lambda v: _choice("log_level", v, LOG_LEVELS)),
     "log_target": (str, lambda v: _choice("log_target", v, LOG_TARGETS)),
 }
@@ -136,6 +143,8 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     elif default_config().is_file():
         values.update(read_config(default_config()))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("cdi_dir") is False:
+        values["cdi_dir"] = None
     settings = Settings(**values)
     if settings.netlink_buffer < 64 * 1024:
         raise ConfigError("netlink_buffer must be at least 65536 bytes")

@@ -51,6 +51,7 @@ class Hub:
         self.state = State()
         self.ready = trio.Event()  # set once the first enumeration is in the state
         self.changed = trio.Event()  # set on any change of state or subscribers; reset by reader
+        self.published = trio.Event()  # set, and replaced, when the fingerprint changes
         self.subscribers: set[Subscriber] = set()
         self._subscriber_buffer = subscriber_buffer
         self._snapshot_cache: tuple[int, bytes] | None = None
@@ -62,6 +63,8 @@ class Hub:
         if patch is None:
             return
         self.changed.set()
+        self.published.set()
+        self.published = trio.Event()
         params = {"base": base, "generation": state.generation, "patch": patch}
         message = encode_raw_notification("fingerprint", dumps(params))
         for subscriber in self.subscribers:

@@ -186,15 +186,25 @@ class _Helper:
                     },
                 )
             )
-            # umockdev records the node but leaves no file in its /dev; make one.
+            # umockdev records the node but leaves no file in its /dev; make one, and the
+            # stable name udev would make for it.
             self._touch(f"dev/dri/{name}")
+            kind = "card" if name.startswith("card") else "render"
+            link = Path(self.bed.root, "dev/dri/by-path", f"pci-{Path(parent).name}-{kind}")
+            link.parent.mkdir(exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"../{name}")
         return nodes
 
     def _remove_drm(self, nodes: list[str]) -> None:
         for node in nodes:
             self.bed.uevent(node, "remove")
             self.bed.remove(node)
-            Path(self.bed.root, "dev/dri", Path(node).name).unlink(missing_ok=True)
+            name = Path(node).name
+            Path(self.bed.root, "dev/dri", name).unlink(missing_ok=True)
+            kind = "card" if name.startswith("card") else "render"
+            link = f"dev/dri/by-path/pci-{Path(node).parent.parent.name}-{kind}"
+            Path(self.bed.root, link).unlink(missing_ok=True)
         nodes.clear()
 
     def remove(self, address: str) -> None:

@@ -53,6 +53,8 @@ class Daemon:
         self.log_path = tmp / "daemon.log"
         command = [sys.executable, "-m", "monitor", "serve", "--socket", str(self.socket)]
         command += ["--state-dir", str(self.state_dir), "--no-nvml", "--log-target", "stderr"]
+        if "--cdi-dir" not in args:
+            command.append("--no-cdi")  # never the host's /var/run/cdi
         command += args
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)

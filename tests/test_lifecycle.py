@@ -77,7 +77,8 @@ def test_a_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [["devices"], ["watch"], ["reserve", "0000:3b:00.0"], ["release", "x"]]
+    "command",
+    [["devices"], ["watch"], ["reserve", "0000:3b:00.0"], ["release", "x"], ["leases"]],
 )
 def test_clients_say_in_one_line_that_no_daemon_runs(command: list[str], tmp_path: Path) -> None:
     result = hotplug_monitor(command[0], "--socket", str(tmp_path / "none.sock"), *command[1:])
@@ -90,7 +91,7 @@ def test_clients_say_in_one_line_that_no_daemon_runs(command: list[str], tmp_pat
 def test_help_explains_every_command() -> None:
     result = hotplug_monitor("--help")
     assert result.returncode == 0
-    for command in ("serve", "devices", "watch", "reserve", "release", "demo"):
+    for command in ("serve", "devices", "watch", "reserve", "release", "leases", "demo"):
         assert command in result.stdout
     serve = hotplug_monitor("serve", "--help").stdout
     for flag in (
@@ -100,8 +101,14 @@ def test_help_explains_every_command() -> None:
         "--udev-source",
         "--match-class",
         "--no-nvml",
+        "--group",
+        "--cdi-dir",
+        "--no-cdi",
     ):
         assert flag in serve
+    reserve = hotplug_monitor("reserve", "--help").stdout
+    for flag in ("--holder-pid", "--cdi", "--docker-args", "--env", "--json"):
+        assert flag in reserve
 
 
 @pytest.mark.parametrize(

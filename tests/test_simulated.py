@@ -171,7 +171,14 @@ def test_reservations_list_only_what_the_vendor_needs(daemon: Daemon) -> None:
         "/dev/dri/card2",
         "/dev/dri/renderD130",
     ]
-    assert amd["envs"] == {} and amd["mounts"] == []
+    assert amd["envs"] == {}
+    assert amd["mounts"] == [  # udev's stable names, read-only
+        {"task_path": link, "host_path": link, "read_only": True}
+        for link in (
+            "/dev/dri/by-path/pci-0000:5b:00.0-card",
+            "/dev/dri/by-path/pci-0000:5b:00.0-render",
+        )
+    ]
     assert [d["host_path"] for d in intel["devices"]] == ["/dev/dri/card3", "/dev/dri/renderD131"]
     assert len({nvidia["reservation_id"], amd["reservation_id"], intel["reservation_id"]}) == 3
 

@@ -1,0 +1,96 @@
+"""A Container Device Interface spec for the devices present, kept current on disk.
+
+podman, containerd and CRI-O read CDI specs from ``/var/run/cdi`` (and ``/etc/cdi``), so with
+this file ``--device hotplug-monitor.io/gpu=0000:3b:00.0`` (or ``=GPU-<uuid>``) gives a
+container the device's nodes without asking the daemon. It bypasses leases: CDI has no notion
+of them, which the README says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from monitor import reservations
+from monitor.hub import Hub
+from monitor.model import ContainerReservation
+from monitor.protocol import dumps
+from monitor.reducer import State
+from monitor.store import write_atomically
+
+log = logging.getLogger(__name__)
+
+KIND = "hotplug-monitor.io/gpu"
+# The newest version our edits need (hostPath on nodes, names starting with a digit), and the
+# newest that podman 4.3 (Debian 12) still reads.
+CDI_VERSION = "0.5.0"
+FILE_NAME = "hotplug-monitor.json"
+
+
+def container_edits(edits: ContainerReservation) -> dict[str, Any]:
+    """Our container edits in CDI's form. NVIDIA_VISIBLE_DEVICES is left out: it names one
+    device per spec entry, and a container given two would see only the last."""
+    result: dict[str, Any] = {
+        "deviceNodes": [
+            {"path": d.task_path, "hostPath": d.host_path, "permissions": d.cgroup_perms}
+            for d in edits.devices
+        ]
+    }
+    if edits.mounts:
+        result["mounts"] = [
+            {
+                "hostPath": m.host_path,
+                "containerPath": m.task_path,
+                "options": ["ro" if m.read_only else "rw", "nosuid", "nodev", "bind"],
+            }
+            for m in edits.mounts
+        ]
+    return result
+
+
+def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> dict[str, Any]:
+    """One CDI device per present device, named by PCI address, and again by GPU UUID."""
+    devices = []
+    for address, (group, device) in sorted(state.fingerprint.devices().items()):
+        facts = state.devices.get(address)
+        if facts is None:
+            continue  # departed, shown only for its lease
+        edits = reservations.plan(
+            [(group, device)], minor_of={address: facts.nvidia_minor}.get, exists=exists
+        )
+        entry = container_edits(edits)
+        devices.append({"name": address, "containerEdits": entry})
+        uuid = device.attributes.get("uuid")
+        if uuid is not None:
+            devices.append({"name": str(uuid.value), "containerEdits": entry})
+    return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices}
+
+
+async def keep_spec(hub: Hub, directory: Path) -> None:
+    """Rewrite ``directory/hotplug-monitor.json`` on every change; remove it when we stop."""
+    path = directory / FILE_NAME
+    written: bytes | None = None
+    try:
+        while True:
+            published = hub.published
+            content = dumps(build_spec(hub.state)) + b"\n"
+            if content != written:
+                try:
+                    await trio.to_thread.run_sync(_write, path, content)
+                    written = content
+                except OSError as exc:
+                    log.error("cannot write the CDI spec %s: %s", path, exc.strerror or exc)
+            await published.wait()
+    finally:
+        if written is not None:
+            path.unlink(missing_ok=True)
+
+
+def _write(path: Path, content: bytes) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    write_atomically(path, content, mode=0o644)

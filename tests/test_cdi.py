@@ -1,0 +1,139 @@
+"""The CDI spec the daemon keeps, on simulated NVIDIA, AMD and Intel GPUs: valid against the
+CDI schema, the same edits as ``reserve`` answers, current after hotplug, gone after a clean
+stop; and the CLI's container arguments."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.sim import Simulator
+from tests.conftest import Daemon
+from tests.container import validate_cdi_spec
+
+pytestmark = pytest.mark.umockdev
+
+KIND = "hotplug-monitor.io/gpu"
+
+
+@pytest.fixture
+def gpus(sim: Simulator) -> Simulator:
+    sim.add("nvidia-h100", "0000:3b:00.0", 0)
+    sim.add("amd-mi300x", "0000:5b:00.0", 1)
+    sim.add("intel-arc", "0000:9a:00.0", 0)
+    return sim
+
+
+def read_spec(path: Path, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            spec: dict[str, Any] = json.loads(path.read_text())
+            if condition(spec):
+                return spec
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() < deadline, f"{path} never met the condition"
+        time.sleep(0.02)
+
+
+def names(spec: dict[str, Any]) -> list[str]:
+    return [device["name"] for device in spec["devices"]]
+
+
+def test_the_cdi_spec_is_valid_matches_reserve_and_follows_hotplug(
+    gpus: Simulator, start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    cdi_dir = tmp_path / "cdi"
+    daemon = start_daemon("--udev-source", "udev", "--cdi-dir", str(cdi_dir), env=gpus.daemon_env())
+    path = cdi_dir / "hotplug-monitor.json"
+    spec = read_spec(path, lambda s: len(s["devices"]) == 3)
+    validate_cdi_spec(spec)
+    assert (spec["kind"], names(spec)) == (KIND, ["0000:3b:00.0", "0000:5b:00.0", "0000:9a:00.0"])
+    edits = {device["name"]: device["containerEdits"] for device in spec["devices"]}
+    with daemon.client() as client:
+        for name in names(spec):
+            answer = client.call("reserve", {"device_ids": [name]})
+            nodes = [
+                {"path": d["task_path"], "hostPath": d["host_path"], "permissions": "rwm"}
+                for d in answer["devices"]
+            ]
+            assert edits[name]["deviceNodes"] == nodes
+            mounts = [
+                {
+                    "hostPath": m["host_path"],
+                    "containerPath": m["task_path"],
+                    "options": ["ro", "nosuid", "nodev", "bind"],
+                }
+                for m in answer["mounts"]
+            ]
+            assert edits[name].get("mounts", []) == mounts
+    assert next(n["path"] for n in edits["0000:5b:00.0"]["deviceNodes"]) == "/dev/kfd"
+    assert "env" not in edits["0000:3b:00.0"]  # one device's variable would hide another's
+    gpus.remove("0000:5b:00.0")
+    spec = read_spec(path, lambda s: "0000:5b:00.0" not in names(s))
+    validate_cdi_spec(spec)
+    assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0"]  # reserved, but gone: not listed
+    gpus.add("nvidia-h100", "0000:bb:00.0", 1)
+    spec = read_spec(path, lambda s: "0000:bb:00.0" in names(s))
+    assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0", "0000:bb:00.0"]
+    assert daemon.stop() == 0
+    assert not path.exists()  # removed on a clean stop: no device names that nobody keeps
+
+
+def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "monitor", args[0], "--socket", str(daemon.socket), *args[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def test_reserve_prints_cdi_names_and_container_engine_arguments(
+    gpus: Simulator, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon("--udev-source", "udev", env=gpus.daemon_env())
+    cdi = cli(daemon, "reserve", "--cdi", "0000:3b:00.0", "0000:9a:00.0")
+    assert cdi.stdout == f"{KIND}=0000:3b:00.0 {KIND}=0000:9a:00.0\n", cdi.stderr
+    docker = cli(daemon, "reserve", "--docker-args", "0000:5b:00.0")
+    assert shlex.split(docker.stdout) == [
+        "--device",
+        "/dev/kfd:/dev/kfd:rwm",
+        "--device",
+        "/dev/dri/card1:/dev/dri/card1:rwm",
+        "--device",
+        "/dev/dri/renderD129:/dev/dri/renderD129:rwm",
+        # --mount, not -v: the by-path names have colons, which -v would split on
+        "--mount",
+        "type=bind,source=/dev/dri/by-path/pci-0000:5b:00.0-card,"
+        "target=/dev/dri/by-path/pci-0000:5b:00.0-card,readonly",
+        "--mount",
+        "type=bind,source=/dev/dri/by-path/pci-0000:5b:00.0-render,"
+        "target=/dev/dri/by-path/pci-0000:5b:00.0-render,readonly",
+    ]
+    table = cli(daemon, "leases").stdout.splitlines()
+    assert table[0].split() == [
+        "RESERVATION",
+        "DEVICES",
+        "UID",
+        "PID",
+        "ENDS",
+        "WITH",
+        "SINCE",
+        "STATE",
+    ]
+    assert len(table) == 3 and all(line.rstrip().endswith("held") for line in table[1:])
+    assert "0000:3b:00.0,0000:9a:00.0" in table[1] or "0000:3b:00.0,0000:9a:00.0" in table[2]
+    gpus.remove("0000:5b:00.0")
+    deadline = time.monotonic() + 10
+    while "orphaned" not in (listed := cli(daemon, "leases").stdout):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "orphaned: 0000:5b:00.0 gone" in listed
+    as_json = json.loads(cli(daemon, "leases", "--json").stdout)
+    assert sorted(len(lease["devices"]) for lease in as_json["leases"]) == [1, 2]
