@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from monitor.reducer import DEFAULT_MATCH_CLASSES
+from monitor.fingerprint import DEFAULT_MATCH_CLASSES
 
 UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -15,11 +15,12 @@ import trio
 
 from monitor import logs
 from monitor.events import Event, ReleaseRequested, ReserveRequested
+from monitor.health import health_transitions, lease_warnings
 from monitor.holders import HolderWatch
 from monitor.hub import Hub
 from monitor.leases import Lease
 from monitor.protocol import INTERNAL_ERROR, RpcError
-from monitor.reducer import Reduction, State, fold, health_transitions, lease_warnings
+from monitor.reducer import Reduction, State, fold
 from monitor.server import Pending
 from monitor.store import LeaseStore, StoreError
 

@@ -5,10 +5,13 @@ Sources build these at the edge and send them to the reducer; nothing here does 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 
 from monitor.leases import Lease
-from monitor.model import frozen_tuple
+from monitor.model import Attribute, frozen_mapping, frozen_tuple
+from monitor.xids import XidPolicy
 
 
 @attrs.frozen
@@ -93,6 +96,64 @@ class ClassFilterChanged:
 
 
 @attrs.frozen
+class NvmlGpu:
+    """What NVML says of one GPU, matched to udev's device by PCI address."""
+
+    address: str  # kernel form, 0000:3b:00.0
+    uuid: str
+    name: str  # NVML's, e.g. "NVIDIA H100 80GB HBM3"
+    minor: int | None = None
+    attributes: Mapping[str, Attribute] = attrs.field(converter=frozen_mapping, factory=dict)
+
+
+@attrs.frozen
+class NvmlGpuSeen:
+    """NVML enumerated (or re-read, after a rebind or reset) this GPU."""
+
+    gpu: NvmlGpu
+
+
+@attrs.frozen
+class XidReported:
+    address: str
+    xid: int
+
+
+@attrs.frozen
+class NvmlEventReported:
+    """An NVML health event other than an XID.
+
+    kind: ``double_bit_ecc``, ``gpu_unavailable``, or ``recovery_action`` with ``action`` being
+    NVML's recovery action (0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset).
+    """
+
+    address: str
+    kind: str
+    action: int | None = None
+
+
+@attrs.frozen
+class NvmlUnreachable:
+    """NVML calls for this GPU fail or hang; ``lost``: NVML says it fell off the bus."""
+
+    address: str
+    reason: str
+    lost: bool = False
+
+
+@attrs.frozen
+class NvmlReachable:
+    """NVML answers for this GPU again."""
+
+    address: str
+
+
+@attrs.frozen
+class XidPolicyChanged:
+    policy: XidPolicy
+
+
+@attrs.frozen
 class ReserveRequested:
     """A client asks for ``device_ids``; ``lease`` is what it gets if the reducer grants it.
 
@@ -137,6 +198,12 @@ Event = (
     | DrmWedged
     | Resync
     | ClassFilterChanged
+    | NvmlGpuSeen
+    | XidReported
+    | NvmlEventReported
+    | NvmlUnreachable
+    | NvmlReachable
+    | XidPolicyChanged
     | ReserveRequested
     | ReleaseRequested
     | LeaseEnded

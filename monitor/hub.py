@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import trio
 
+from monitor.fingerprint import Patch
 from monitor.protocol import dumps, encode_raw_notification
-from monitor.reducer import Patch, State
+from monitor.reducer import State
 
 SUBSCRIBER_BUFFER = 16
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from monitor.reducer import HealthTransition, LeaseWarning
+from monitor.health import HealthTransition, LeaseWarning
 
 NOTICE = 25  # between INFO and WARNING, as syslog has it
 logging.addLevelName(NOTICE, "NOTICE")
@@ -110,19 +110,27 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
     }
     if transition.recovery_action:
         fields["RECOVERY_ACTION"] = transition.recovery_action
+    if transition.uuid:
+        fields["GPU_UUID"] = transition.uuid
+    if transition.xid is not None:
+        fields["XID"] = str(transition.xid)
+    if transition.reason:
+        fields["RECOVERY_REASON"] = transition.reason
     what = {
         "lost": "is lost",
         "unhealthy": "is unhealthy",
         "recovered": "is healthy again; it was",
     }[transition.kind]
+    because = f" (evidence: {transition.reason})" if transition.reason else ""
     log.log(
         LEVELS[transition.kind],
-        "%s (%s %s) %s: %s",
+        "%s (%s %s) %s: %s%s",
         transition.device_id,
         transition.vendor,
         transition.device_name,
         what,
         transition.health_desc,
+        because,
         extra={"journal": fields},
     )
 

@@ -1,0 +1,191 @@
+"""From the facts the reducer keeps to the fingerprint clients see, and the patch between two.
+
+Pure derivation: the same facts always give the same fingerprint. Which facts there are is the
+reducer's business (``monitor.reducer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import json_merge_patch
+
+from monitor.events import DrmNode, NvmlGpu, PciFacts
+from monitor.health import Problems, device_problems
+from monitor.leases import Lease
+from monitor.model import (
+    Attribute,
+    Device,
+    DeviceGroup,
+    DeviceLocality,
+    Fingerprint,
+    common_attributes,
+    group_key,
+)
+
+# PCI base classes: 0x03 display controllers, 0x12 processing accelerators.
+DEFAULT_MATCH_CLASSES = ("03", "12")
+
+VENDOR_NAMES = {0x10DE: "nvidia", 0x1002: "amd", 0x1022: "amd", 0x8086: "intel"}
+TYPE_BY_BASE_CLASS = {0x03: "gpu", 0x12: "accelerator"}
+
+Patch = dict[str, Any]
+
+
+class Facts(Protocol):
+    """What a fingerprint is built from: the reducer's state, or its working copy."""
+
+    @property
+    def match_classes(self) -> tuple[str, ...]: ...
+    @property
+    def devices(self) -> Mapping[str, PciFacts]: ...
+    @property
+    def drm_nodes(self) -> Mapping[str, DrmNode]: ...
+    @property
+    def problems(self) -> Mapping[str, Problems]: ...
+    @property
+    def leases(self) -> Mapping[str, Lease]: ...
+    @property
+    def nvml(self) -> Mapping[str, NvmlGpu]: ...
+    @property
+    def xids(self) -> Mapping[str, tuple[int, int]]: ...
+
+
+def class_matches(pci_class: int, match_classes: Iterable[str]) -> bool:
+    """Whether a 24-bit class code starts with one of the hex prefixes (``03``, ``0302``)."""
+    code = f"{pci_class:06x}"
+    return any(code.startswith(prefix) for prefix in match_classes)
+
+
+def vendor_name(vendor_id: int) -> str:
+    return VENDOR_NAMES.get(vendor_id, f"{vendor_id:04x}")
+
+
+def device_type(pci_class: int) -> str:
+    return TYPE_BY_BASE_CLASS.get(pci_class >> 16, "pci")
+
+
+def device_name(facts: PciFacts, gpu: NvmlGpu | None = None) -> str:
+    """NVML's name for an NVIDIA GPU it knows, else the hardware database's, else the IDs."""
+    if gpu is not None:
+        return gpu.name
+    return facts.model or f"{facts.vendor_id:04x}:{facts.device_id:04x}"
+
+
+def device_attributes(
+    facts: PciFacts,
+    nodes: list[DrmNode],
+    gpu: NvmlGpu | None = None,
+    xids: tuple[int, int] | None = None,
+) -> dict[str, Attribute]:
+    attributes = {
+        "vendor_id": Attribute(f"0x{facts.vendor_id:04x}"),
+        "device_id": Attribute(f"0x{facts.device_id:04x}"),
+        "pci_class": Attribute(f"0x{facts.pci_class:06x}"),
+    }
+    if facts.subsystem_vendor_id is not None and facts.subsystem_device_id is not None:
+        attributes["subsystem_vendor_id"] = Attribute(f"0x{facts.subsystem_vendor_id:04x}")
+        attributes["subsystem_device_id"] = Attribute(f"0x{facts.subsystem_device_id:04x}")
+    if facts.driver:
+        attributes["driver"] = Attribute(facts.driver)
+    if facts.numa_node is not None and facts.numa_node >= 0:
+        attributes["numa_node"] = Attribute(facts.numa_node)
+    if facts.link_speed:
+        attributes["pci_link_speed"] = Attribute(facts.link_speed)
+    if facts.link_width:
+        attributes["pci_link_width"] = Attribute(facts.link_width)
+    for prefix, attribute in (("card", "drm_card"), ("renderD", "drm_render")):
+        paths = sorted(
+            n.devnode
+            for n in nodes
+            if n.name.startswith(prefix) and n.name[len(prefix) :].isdigit()
+        )
+        if paths:
+            attributes[attribute] = Attribute(",".join(paths))
+    if gpu is not None:
+        attributes.update(gpu.attributes)
+        attributes["uuid"] = Attribute(gpu.uuid)
+    if xids is not None:
+        attributes["last_xid"] = Attribute(xids[0])
+        attributes["xid_count"] = Attribute(xids[1])
+    return attributes
+
+
+def build_device(
+    facts: PciFacts, state: Facts, nodes: list[DrmNode], reserved_by: str | None
+) -> Device:
+    address = facts.address
+    descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
+    return Device(
+        id=address,
+        healthy=not descs,
+        health_desc="; ".join(descs),
+        hw_locality=DeviceLocality(pci_bus_id=address),
+        attributes=device_attributes(
+            facts, nodes, state.nvml.get(address), state.xids.get(address)
+        ),
+        reserved_by=reserved_by,
+    )
+
+
+def departed_device(address: str, lease_id: str) -> Device:
+    """A reserved device that left the host: shown until its lease ends, so the holder learns."""
+    return Device(
+        id=address,
+        healthy=False,
+        health_desc=f"removed from this host while reserved by {lease_id}",
+        hw_locality=DeviceLocality(pci_bus_id=address),
+        reserved_by=lease_id,
+    )
+
+
+def build_fingerprint(state: Facts) -> Fingerprint:
+    nodes_by_parent: dict[str, list[DrmNode]] = {}
+    for node in state.drm_nodes.values():
+        nodes_by_parent.setdefault(node.parent, []).append(node)
+    reserved_by = {d: lease.id for lease in state.leases.values() for d in lease.devices}
+    members: dict[tuple[str, str, str], dict[str, Device]] = {}
+    for address, facts in state.devices.items():
+        if not class_matches(facts.pci_class, state.match_classes):
+            continue
+        device = build_device(
+            facts, state, nodes_by_parent.get(address, []), reserved_by.get(address)
+        )
+        name = device_name(facts, state.nvml.get(address))
+        key = (vendor_name(facts.vendor_id), device_type(facts.pci_class), name)
+        members.setdefault(key, {})[address] = device
+    present = {address for group in members.values() for address in group}
+    departed: dict[tuple[str, str, str], dict[str, Device]] = {}
+    for lease in state.leases.values():
+        for address, held_in in lease.devices.items():
+            if address not in present:
+                vendor, type_, name = held_in.split("/", 2)
+                departed.setdefault((vendor, type_, name), {})[address] = departed_device(
+                    address, lease.id
+                )
+    groups = {}
+    for triple in members.keys() | departed.keys():
+        vendor, type_, name = triple
+        # a departed device has no attributes left: it does not take the group's away
+        shared = common_attributes([d.attributes for d in members.get(triple, {}).values()])
+        groups[group_key(vendor, type_, name)] = DeviceGroup(
+            vendor=vendor,
+            type=type_,
+            name=name,
+            devices={**members.get(triple, {}), **departed.get(triple, {})},
+            attributes=shared,
+        )
+    return Fingerprint(groups=groups)
+
+
+def fingerprint_patch(old: Fingerprint, new: Fingerprint) -> Patch | None:
+    """The merge patch from ``old``'s JSON to ``new``'s, converting only the groups that differ."""
+    groups: dict[str, Any] = {key: None for key in old.groups if key not in new.groups}
+    for key, group in new.groups.items():
+        before = old.groups.get(key)
+        if before is None:
+            groups[key] = group.to_json()
+        elif before != group:
+            groups[key] = json_merge_patch.create_patch(before.to_json(), group.to_json())
+    return {"groups": groups} if groups else None
