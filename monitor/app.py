@@ -23,12 +23,13 @@ from monitor.access import Access, resolve_group
 from monitor.cdi import keep_spec
 from monitor.config import ConfigError, Settings
 from monitor.engine import run_engine
-from monitor.events import ClassFilterChanged, Event, LeaseEnded
+from monitor.events import ClassFilterChanged, Event, LeaseEnded, XidPolicyChanged
 from monitor.holders import HolderWatch
 from monitor.hub import Hub
 from monitor.leases import Lease
 from monitor.reducer import State
 from monitor.server import Pending, Server, bind_unix_socket
+from monitor.sources.nvml import run_nvml_source
 from monitor.sources.udev import run_udev_source
 from monitor.store import LeaseStore
 
@@ -107,6 +108,8 @@ async def _reload(
                 "max_clients",
                 "group",
                 "cdi_dir",
+                "nvml",
+                "nvml_timeout",
             )
             if getattr(new, name) != getattr(current, name)
         ]
@@ -116,6 +119,8 @@ async def _reload(
         logs.setup(new.log_level, new.log_target)
         if new.match_classes != current.match_classes:
             await events.send((ClassFilterChanged(new.match_classes),))
+        if new.xid_policy != current.xid_policy:
+            await events.send((XidPolicyChanged(new.xid_policy),))
         log.info("configuration reloaded")
         return new
     finally:
@@ -170,7 +175,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         log.info("restored %d reservations from %s", len(leases), store.path)
     hub = Hub()
     hub.state = State(
-        match_classes=settings.match_classes, leases={lease.id: lease for lease in leases}
+        match_classes=settings.match_classes,
+        leases={lease.id: lease for lease in leases},
+        xid_policy=settings.xid_policy,
     )
     send, receive = trio.open_memory_channel[tuple[Event, ...] | Pending](EVENT_BUFFER)
     gid = resolve_group(settings.group)
@@ -199,6 +206,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 await hub.ready.wait()
                 if settings.cdi_dir is not None:
                     nursery.start_soon(keep_spec, hub, settings.cdi_dir)
+                if settings.nvml:
+                    nvml = partial(run_nvml_source, deadline=settings.nvml_timeout)
+                    nursery.start_soon(nvml, send.clone(), hub)
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 interval = systemd.watchdog_interval()
                 if interval is not None:

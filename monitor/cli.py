@@ -102,8 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
         dest="nvml",
         action="store_const",
         const=False,
-        help="do not use NVIDIA's NVML library (accepted for compatibility: this version "
-        "has no NVML source yet)",
+        help="do not use NVIDIA's NVML library (no XIDs, no NVML attributes)",
+    )
+    serve.add_argument(
+        "--nvml-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="an NVML call slower than this marks its GPU 'NVML not responding' (default: 5)",
+    )
+    serve.add_argument(
+        "--xid-ignore",
+        action="append",
+        type=int,
+        metavar="XID",
+        help="treat this XID as an application error (GPU stays healthy), repeatable",
+    )
+    serve.add_argument(
+        "--xid-fatal",
+        action="append",
+        type=int,
+        metavar="XID",
+        help="treat this XID as fatal (GPU unhealthy until reset), repeatable",
+    )
+    serve.add_argument(
+        "--no-xid-health",
+        dest="xid_health",
+        action="store_const",
+        const=False,
+        help="log and count XIDs but never change health on them",
     )
     serve.add_argument(
         "--netlink-buffer",
@@ -193,6 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "udev_source": args.udev_source,
         "match_classes": tuple(args.match_class) if args.match_class else None,
         "nvml": args.nvml,
+        "nvml_timeout": args.nvml_timeout,
+        "xid_ignore": tuple(args.xid_ignore) if args.xid_ignore else None,
+        "xid_fatal": tuple(args.xid_fatal) if args.xid_fatal else None,
+        "xid_health": args.xid_health,
         "netlink_buffer": args.netlink_buffer,
         "max_clients": args.max_clients,
         "group": args.group,

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from monitor.fingerprint import DEFAULT_MATCH_CLASSES
+from monitor.xids import XidPolicy
 
 UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,6 +75,12 @@ def class_prefix(text: str) -> str:
     return match.group(1)
 
 
+def _xid(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 16:
+        raise ConfigError(f"an XID is a positive number, not {value!r}")
+    return value
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
@@ -87,6 +94,10 @@ class Settings:
     udev_source: str = "auto"
     match_classes: tuple[str, ...] = DEFAULT_MATCH_CLASSES
     nvml: bool = True
+    nvml_timeout: float = 5.0  # seconds an NVML call may take before its GPU is "not responding"
+    xid_ignore: tuple[int, ...] = ()  # XIDs to treat as application errors
+    xid_fatal: tuple[int, ...] = ()  # XIDs to treat as fatal
+    xid_health: bool = True  # False: XIDs are logged and counted, never change health
     # Room for about 13,000 queued uevents: a driver reload on a full host fits, and a storm
     # beyond it overflows into a resync (milliseconds) instead of a backlog that takes seconds.
     netlink_buffer: int = 8 * 1024 * 1024
@@ -96,6 +107,10 @@ class Settings:
     log_level: str = "info"
     log_target: str = "auto"
 
+    @property
+    def xid_policy(self) -> XidPolicy:
+        return XidPolicy(self.xid_health, frozenset(self.xid_ignore), frozenset(self.xid_fatal))
+
 
 # name in the file -> (type the file must give, how to turn it into the setting)
 _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -104,6 +119,10 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "udev_source": (str, lambda v: _choice("udev_source", v, UDEV_SOURCES)),
     "match_class": (list, lambda v: tuple(class_prefix(str(c)) for c in v)),
     "nvml": (bool, bool),
+    "nvml_timeout": ((int, float), float),
+    "xid_ignore": (list, lambda v: tuple(_xid(x) for x in v)),
+    "xid_fatal": (list, lambda v: tuple(_xid(x) for x in v)),
+    "xid_health": (bool, bool),
     "netlink_buffer": (int, int),
     "max_clients": (int, int),
     "group": (str, str),
@@ -150,4 +169,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
         raise ConfigError("netlink_buffer must be at least 65536 bytes")
     if settings.max_clients < 1:
         raise ConfigError("max_clients must be at least 1")
+    if not settings.nvml_timeout > 0:
+        raise ConfigError("nvml_timeout must be a positive number of seconds")
+    both = set(settings.xid_ignore) & set(settings.xid_fatal)
+    if both:
+        raise ConfigError(f"XIDs both ignored and fatal: {', '.join(map(str, sorted(both)))}")
     return settings

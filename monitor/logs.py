@@ -37,6 +37,7 @@ MESSAGE_IDS = {
     "recovered": "c3f1e2d4b5a64c7d8e9f0a1b2c3d4e93",
     "uevents_lost": "2b7e9c1d4f3a4e5b8c6d7e0f1a2b3ca4",
     "lease_revoked": "7d2c4e6f8a0b4c1d9e3f5a7b9c1d3e05",
+    "xid": "4f8e2d6c1b3a4e9d8c7b6a5f4e3d2c16",
 }
 LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
 

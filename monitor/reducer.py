@@ -320,7 +320,7 @@ class _Scratch:
             return
         self.devices[facts.address] = facts
         self.changed = True
-        if old is not None and old.driver != facts.driver:
+        if old is not None and old.driver != facts.driver and facts.driver is not None:
             causes = (CAUSE_DRM_WEDGED, *NVIDIA_CAUSES)
             self._clear(facts.address, causes, "its driver was rebound")
 

@@ -14,6 +14,7 @@ import pytest
 
 from monitor.client import Client, DaemonUnavailable, Mirror
 from monitor.sim import Simulator, umockdev_missing
+from tests.fakenvml import build_library
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
 IN_CI = os.environ.get("CI") == "true"
@@ -47,12 +48,15 @@ class Daemon:
         args: list[str],
         env: dict[str, str] | None = None,
         socket: Path | None = None,
+        nvml: bool = False,
     ) -> None:
         self.socket = socket or tmp / "monitor.sock"
         self.state_dir = tmp / "state"
         self.log_path = tmp / "daemon.log"
         command = [sys.executable, "-m", "monitor", "serve", "--socket", str(self.socket)]
-        command += ["--state-dir", str(self.state_dir), "--no-nvml", "--log-target", "stderr"]
+        command += ["--state-dir", str(self.state_dir), "--log-target", "stderr"]
+        if not nvml:
+            command.append("--no-nvml")  # never the host's NVML, if it has one
         if "--cdi-dir" not in args:
             command.append("--no-cdi")  # never the host's /var/run/cdi
         command += args
@@ -108,14 +112,25 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, socket: Path | None = None) -> Daemon:
-        daemon = Daemon(tmp_path, list(args), env, socket)
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        socket: Path | None = None,
+        nvml: bool = False,
+    ) -> Daemon:
+        daemon = Daemon(tmp_path, list(args), env, socket, nvml)
         daemons.append(daemon)
         return daemon
 
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def nvml_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in libnvidia-ml.so.1, built once per session (tests/fakenvml)."""
+    return build_library(tmp_path_factory.mktemp("fakenvml-lib"))
 
 
 @pytest.fixture

@@ -1,0 +1,263 @@
+"""Scripted stand-in for libnvidia-ml.so.1, driven through files in a scenario directory.
+
+``build_library`` compiles ``fakenvml.c`` against NVIDIA's own ``nvml.h`` (from the
+``nvidia-nvml-dev`` wheel).  A process started with ``FakeNvml.env()`` in its environment
+loads it in place of the driver's NVML, so the real ``pynvml`` bindings talk to GPUs,
+XID events, lost GPUs and hanging calls that a test scripts with ``FakeNvml``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+__all__ = [
+    "EVENT_DOUBLE_BIT_ECC",
+    "EVENT_GPU_RECOVERY_ACTION",
+    "EVENT_GPU_UNAVAILABLE",
+    "EVENT_XID",
+    "H100_SUPPORTED_EVENTS",
+    "FakeGpu",
+    "FakeNvml",
+    "build_library",
+    "find_nvml_include",
+]
+
+SOURCE = Path(__file__).with_name("fakenvml.c")
+LIBRARY_NAME = "libnvidia-ml.so.1"
+
+# Event type bits, as nvml.h (NVML API 13, nvidia-nvml-dev 13.x) defines them.
+EVENT_SINGLE_BIT_ECC = 0x0001  # nvmlEventTypeSingleBitEccError
+EVENT_DOUBLE_BIT_ECC = 0x0002  # nvmlEventTypeDoubleBitEccError
+EVENT_PSTATE = 0x0004  # nvmlEventTypePState
+EVENT_XID = 0x0008  # nvmlEventTypeXidCriticalError
+EVENT_MIG_CONFIG_CHANGE = 0x0100  # nvmlEventMigConfigChange
+EVENT_DRAM_RETIREMENT = 0x0400  # nvmlEventTypeDramRetirementEvent
+EVENT_DRAM_RETIREMENT_FAILURE = 0x0800  # nvmlEventTypeDramRetirementFailure
+EVENT_NON_FATAL_POISON = 0x1000  # nvmlEventTypeNonFatalPoisonError
+EVENT_FATAL_POISON = 0x2000  # nvmlEventTypeFatalPoisonError
+EVENT_GPU_UNAVAILABLE = 0x4000  # nvmlEventTypeGpuUnavailableError
+EVENT_GPU_RECOVERY_ACTION = 0x8000  # nvmlEventTypeGpuRecoveryAction
+
+# What a data-centre Hopper reports: every defined type except the Kepler-only clock event,
+# the laptop power-source event and the single-bit ECC storm event (0xFD0F).
+H100_SUPPORTED_EVENTS = (
+    EVENT_SINGLE_BIT_ECC
+    | EVENT_DOUBLE_BIT_ECC
+    | EVENT_PSTATE
+    | EVENT_XID
+    | EVENT_MIG_CONFIG_CHANGE
+    | EVENT_DRAM_RETIREMENT
+    | EVENT_DRAM_RETIREMENT_FAILURE
+    | EVENT_NON_FATAL_POISON
+    | EVENT_FATAL_POISON
+    | EVENT_GPU_UNAVAILABLE
+    | EVENT_GPU_RECOVERY_ACTION
+)
+
+
+@attrs.frozen
+class FakeGpu:
+    """One scripted GPU; the defaults describe an H100 SXM 80 GB."""
+
+    bus_id: str
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3"
+    memory_mib: int = 81559
+    bar1_mib: int = 131072
+    power_limit_mw: int = 700000
+    max_sm_clock_mhz: int = 1980
+    max_mem_clock_mhz: int = 2619
+    pcie_max_gen: int = 5
+    pcie_max_width: int = 16
+    cc_major: int = 9
+    cc_minor: int = 0
+    persistence: int = 1
+    display_mode: int = 0
+    mig_mode: int = 0
+    minor: int = 0
+    lost: bool = False
+    register_error: int = 0
+    supported_events: int = H100_SUPPORTED_EVENTS
+    recovery_action: int = 0
+    pci_device_id: int = 0x233010DE
+    pci_subsystem_id: int = 0x16C110DE
+
+    def line(self) -> str:
+        """Render this GPU as one line of the ``gpus`` file the C side parses."""
+        fields: list[str] = []
+        for field in attrs.fields(FakeGpu):
+            value = getattr(self, field.name)
+            if field.name in ("supported_events", "pci_device_id", "pci_subsystem_id"):
+                text = f"{value:x}"
+            elif isinstance(value, bool):
+                text = str(int(value))
+            else:
+                text = str(value)
+            if any(c in text for c in "\t\n"):
+                raise ValueError(f"{field.name} must not contain tabs or newlines: {text!r}")
+            fields.append(f"{field.name}={text}")
+        return "\t".join(fields)
+
+
+def find_nvml_include() -> Path:
+    """Directory holding ``nvml.h`` from the installed ``nvidia-nvml-dev`` wheel.
+
+    The wheel's layout changes with CUDA major versions (``nvidia/cu13/include`` today,
+    ``nvidia/nvml/include`` before), so look the header up from the wheel's file list,
+    then fall back to scanning the ``nvidia`` namespace package.
+    """
+    try:
+        dist = importlib.metadata.distribution("nvidia-nvml-dev")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for file in dist.files or ():
+            if file.name == "nvml.h":
+                return Path(str(dist.locate_file(file))).parent
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for header in sorted(Path(root).glob("*/include/nvml.h")):
+            return header.parent
+    raise FileNotFoundError("nvml.h not found: pip install nvidia-nvml-dev")
+
+
+def build_library(build_dir: Path) -> Path:
+    """Compile the stand-in into ``build_dir/libnvidia-ml.so.1``; return ``build_dir``.
+
+    Skips the build when the library is newer than the source.  Compiles to a unique
+    temporary name and renames it into place, so concurrent callers (xdist workers,
+    parallel sessions) never load a half-written library.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    target = build_dir / LIBRARY_NAME
+    if target.exists() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return build_dir
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{LIBRARY_NAME}.", suffix=".tmp", dir=build_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        subprocess.run(
+            [
+                "gcc",
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-Wall",
+                "-Werror",
+                "-pthread",
+                f"-I{find_nvml_include()}",
+                "-o",
+                str(tmp),
+                str(SOURCE),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return build_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a control file in one step, so the C side sees the old or the new contents."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as tmp:
+            tmp.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one whole line with a single O_APPEND write, so a polling reader never
+    sees a torn line from us."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write to {path}")
+    finally:
+        os.close(fd)
+
+
+class FakeNvml:
+    """A scenario directory that the stand-in library reads on every NVML call."""
+
+    def __init__(
+        self,
+        directory: Path,
+        lib_dir: Path,
+        gpus: Iterable[FakeGpu],
+        *,
+        record_calls: bool = False,
+    ) -> None:
+        """Create the scenario with these GPUs; ``record_calls`` starts the call log."""
+        self.directory = directory
+        self.lib_dir = lib_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        self.set_gpus(gpus)
+        (directory / "events").touch()
+        if record_calls:
+            (directory / "calls").touch()
+
+    def env(self) -> dict[str, str]:
+        """Environment entries that make a new process load the stand-in."""
+        existing = os.environ.get("LD_LIBRARY_PATH", "")
+        path = f"{self.lib_dir}:{existing}" if existing else str(self.lib_dir)
+        return {"LD_LIBRARY_PATH": path, "FAKE_NVML_DIR": str(self.directory)}
+
+    def set_gpus(self, gpus: Iterable[FakeGpu]) -> None:
+        """Replace the GPU list (order = NVML index); running processes pick it up."""
+        text = "".join(gpu.line() + "\n" for gpu in gpus)
+        _write_atomic(self.directory / "gpus", text)
+
+    def set_driver_version(self, version: str) -> None:
+        """Change what nvmlSystemGetDriverVersion returns, e.g. to simulate an upgrade."""
+        _write_atomic(self.directory / "driver_version", version + "\n")
+
+    def event(self, bus_id: str, event_type: int, data: int = 0) -> None:
+        """Deliver one event of ``event_type`` for the GPU at ``bus_id`` to registered sets."""
+        _append_line(self.directory / "events", f"{bus_id}\t{event_type:x}\t{data}")
+
+    def xid(self, bus_id: str, xid: int) -> None:
+        """Deliver an Xid critical error event carrying XID number ``xid``."""
+        self.event(bus_id, EVENT_XID, xid)
+
+    def hang(self, function: str, bus_id: str | None = None) -> None:
+        """Make calls of ``function`` (for ``bus_id`` only, if given) block until unhang()."""
+        _write_atomic(self.directory / "hang", function + (f"\t{bus_id}" if bus_id else "") + "\n")
+
+    def unhang(self) -> None:
+        """Release every call blocked by hang()."""
+        (self.directory / "hang").unlink(missing_ok=True)
+
+    def fail_init(self, code: int) -> None:
+        """Make nvmlInit* return ``code`` (0 clears it)."""
+        path = self.directory / "init_error"
+        if code:
+            _write_atomic(path, f"{code}\n")
+        else:
+            path.unlink(missing_ok=True)
+
+    def crash(self, function: str, bus_id: str | None = None) -> None:
+        """Make calls of ``function`` abort() the calling process."""
+        _write_atomic(self.directory / "crash", function + (f"\t{bus_id}" if bus_id else "") + "\n")
+
+    def calls(self) -> list[str]:
+        """NVML functions called so far, in order (needs ``record_calls=True``)."""
+        path = self.directory / "calls"
+        if not path.exists():
+            raise RuntimeError("call recording is off: pass record_calls=True")
+        return path.read_text().splitlines()

@@ -1,0 +1,292 @@
+"""NVIDIA health end to end: the daemon on simulated GPUs (umockdev) with the real nvidia-ml-py
+bindings loading the stand-in libnvidia-ml.so.1 (tests/fakenvml), driven by XIDs, lost GPUs and
+hanging calls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.client import Mirror, RpcFailure
+from monitor.sim import Simulator
+from tests.conftest import Daemon, Subscription
+from tests.fakenvml import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
+
+pytestmark = pytest.mark.umockdev
+
+A, B = "0000:3b:00.0", "0000:86:00.0"
+UUID_A = "GPU-0a0a0a0a-1111-2222-3333-444444444444"
+UUID_B = "GPU-0b0b0b0b-5555-6666-7777-888888888888"
+H100 = "nvidia/gpu/NVIDIA H100 80GB HBM3"
+
+
+def gpus(**a: Any) -> list[FakeGpu]:
+    return [FakeGpu(bus_id=A, uuid=UUID_A, minor=0, **a), FakeGpu(bus_id=B, uuid=UUID_B, minor=1)]
+
+
+@pytest.fixture
+def nvml(tmp_path: Path, nvml_lib: Path) -> FakeNvml:
+    return FakeNvml(tmp_path / "nvml", nvml_lib, gpus())
+
+
+@pytest.fixture
+def hosts(sim: Simulator) -> Simulator:
+    sim.add("nvidia-h100", A, 0)
+    sim.add("nvidia-h100", B, 1)
+    return sim
+
+
+@pytest.fixture
+def launch(
+    hosts: Simulator, nvml: FakeNvml, start_daemon: Callable[..., Daemon]
+) -> Iterator[Callable[..., Daemon]]:
+    def start(*args: str) -> Daemon:
+        env = {**hosts.daemon_env(), **nvml.env()}
+        return start_daemon(
+            "--udev-source", "udev", "--nvml-timeout", "0.5", *args, env=env, nvml=True
+        )
+
+    yield start
+
+
+def device(mirror: Mirror, address: str) -> dict[str, Any]:
+    found = mirror.devices().get(address)
+    return found[1] if found else {}
+
+
+def value(mirror: Mirror, address: str, name: str) -> Any:
+    return device(mirror, address).get("attributes", {}).get(name, {}).get("value")
+
+
+def healthy(mirror: Mirror, address: str) -> bool | None:
+    answer = device(mirror, address).get("healthy")
+    return None if answer is None else bool(answer)
+
+
+def enriched(mirror: Mirror) -> bool:
+    return bool(value(mirror, A, "uuid") == UUID_A and value(mirror, B, "uuid") == UUID_B)
+
+
+def test_nvml_enriches_the_fingerprint_and_a_driver_upgrade_is_a_patch(
+    launch: Callable[..., Daemon],
+    hosts: Simulator,
+    nvml: FakeNvml,
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    daemon = launch()
+    sub = subscribe(daemon)
+    mirror = sub.until(enriched)
+    group = mirror.snapshot["groups"][H100]
+    assert (group["vendor"], group["type"], group["name"]) == ("nvidia", "gpu", H100.split("/")[2])
+    shared = group["attributes"]
+    assert shared["memory"] == {"value": 81559, "unit": "MiB"}
+    assert shared["bar1"] == {"value": 131072, "unit": "MiB"}
+    assert shared["power"] == {"value": 700, "unit": "W"}
+    assert shared["cores_clock"] == {"value": 1980, "unit": "MHz"}
+    assert shared["memory_clock"] == {"value": 2619, "unit": "MHz"}
+    assert shared["pci_bandwidth"] == {"value": 3938 * 16, "unit": "MB/s"}
+    assert shared["driver_version"] == {"value": "550.54.15"}
+    assert shared["cuda_compute_capability"] == {"value": "9.0"}
+    assert shared["persistence_mode"] == {"value": "enabled"}
+    assert shared["display_state"] == {"value": "disabled"}
+    assert shared["mig_mode"] == {"value": "disabled"}
+    assert "uuid" not in shared  # differs per GPU: a device attribute
+    with daemon.client() as client:
+        by_uuid = client.call("reserve", {"device_ids": [UUID_B]})
+    assert by_uuid["device_ids"] == [B]
+    assert by_uuid["envs"] == {"NVIDIA_VISIBLE_DEVICES": UUID_B}
+    # a driver upgrade: the driver is unbound and bound again, and NVML reads the new version
+    nvml.set_driver_version("560.35.03")
+    before = len(sub.notifications)
+    hosts.unbind(A)
+    hosts.bind(A)
+    mirror = sub.until(lambda m: value(m, A, "driver_version") == "560.35.03")
+    assert value(mirror, B, "driver_version") == "550.54.15"  # B was not re-read
+    patches = [n["patch"] for n in sub.notifications[before:]]
+    assert any("560.35.03" in str(p) for p in patches) and all("snapshot" not in p for p in patches)
+
+
+@pytest.mark.parametrize(
+    ("xid", "args", "stays_healthy", "desc"),
+    [
+        (13, (), True, None),  # application error
+        (43, (), True, None),
+        (79, (), False, "XID 79: GPU has fallen off the bus; recovery: reboot the node"),
+        (48, (), False, "XID 48: double-bit ECC error; recovery: reset the GPU"),
+        (999, (), False, "XID 999: not in hotplug-monitor's catalog; recovery: reset the GPU"),
+        (79, ("--xid-ignore", "79"), True, None),
+        (13, ("--xid-fatal", "13"), False, "XID 13: graphics engine exception"),
+        (79, ("--no-xid-health",), True, None),
+    ],
+)
+def test_each_xid_class_does_the_right_thing(
+    launch: Callable[..., Daemon],
+    nvml: FakeNvml,
+    subscribe: Callable[[Daemon], Subscription],
+    xid: int,
+    args: tuple[str, ...],
+    stays_healthy: bool,
+    desc: str | None,
+) -> None:
+    daemon = launch(*args)
+    sub = subscribe(daemon)
+    sub.until(enriched)
+    nvml.xid(A, xid)
+    mirror = sub.until(lambda m: value(m, A, "last_xid") == xid)
+    assert value(mirror, A, "xid_count") == 1
+    assert healthy(mirror, A) is stays_healthy
+    if desc is not None:
+        assert device(mirror, A)["health_desc"].startswith(desc)
+    assert healthy(mirror, B) is True and value(mirror, B, "last_xid") is None
+    log = daemon.log()
+    assert f"{A} ({UUID_A}): XID {xid}" in log  # every XID is logged
+    if xid == 79 and not stays_healthy:
+        assert (
+            "<2>CRITICAL monitor.engine: 0000:3b:00.0 (nvidia NVIDIA H100 80GB HBM3) is lost" in log
+        )
+
+
+@pytest.mark.parametrize("evidence", ["rebind", "pci_recovery", "nvml_recovery_action", "replug"])
+def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
+    launch: Callable[..., Daemon],
+    hosts: Simulator,
+    nvml: FakeNvml,
+    subscribe: Callable[[Daemon], Subscription],
+    evidence: str,
+) -> None:
+    daemon = launch()
+    sub = subscribe(daemon)
+    sub.until(enriched)
+    nvml.xid(A, 94)
+    sub.until(lambda m: healthy(m, A) is False)
+    with daemon.client() as client, pytest.raises(RpcFailure) as refused:
+        client.call("reserve", {"device_ids": [UUID_A]})
+    assert refused.value.code == -32002 and "XID 94" in refused.value.message
+    reason = {
+        "rebind": "its driver was rebound",
+        "pci_recovery": "the kernel reported a successful PCI error recovery",
+        "nvml_recovery_action": "NVML reports it usable again (recovery action: none)",
+        "replug": None,
+    }[evidence]
+    if evidence == "rebind":
+        hosts.unbind(A)
+        hosts.bind(A)
+    elif evidence == "pci_recovery":
+        hosts.pci_error(A, "SUCCESSFUL_RECOVERY")
+    elif evidence == "nvml_recovery_action":
+        nvml.event(A, EVENT_GPU_RECOVERY_ACTION, 0)
+    else:
+        hosts.remove(A)
+        sub.until(lambda m: not device(m, A))
+        hosts.add("nvidia-h100", A, 0)
+    mirror = sub.until(lambda m: healthy(m, A) is True and value(m, A, "uuid") == UUID_A)
+    assert device(mirror, A)["health_desc"] == ""
+    if reason is not None:
+        deadline = time.monotonic() + 5
+        while not [
+            line
+            for line in daemon.log().splitlines()
+            if "is healthy again" in line
+            and "XID 94: contained ECC error" in line
+            and line.endswith(f"(evidence: {reason})")
+        ]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+
+
+def test_nvml_recovery_action_needed_makes_it_unhealthy_until_none(
+    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    sub = subscribe(launch())
+    sub.until(enriched)
+    nvml.event(A, EVENT_GPU_RECOVERY_ACTION, 2)
+    mirror = sub.until(lambda m: healthy(m, A) is False)
+    assert device(mirror, A)["health_desc"] == "NVML asks to reboot the node"
+    nvml.event(A, EVENT_GPU_RECOVERY_ACTION, 0)
+    sub.until(lambda m: healthy(m, A) is True)
+
+
+def test_without_nvml_the_daemon_runs_on_udev_alone(
+    hosts: Simulator, start_daemon: Callable[..., Daemon], nvml: FakeNvml, tmp_path: Path
+) -> None:
+    for started, env in enumerate(
+        (
+            {**hosts.daemon_env(), "LD_LIBRARY_PATH": str(tmp_path)},  # no library at all
+            {**hosts.daemon_env(), **nvml.env()},  # a library whose init fails: no driver
+        ),
+        start=1,
+    ):
+        nvml.fail_init(9 if "FAKE_NVML_DIR" in env else 0)
+        daemon = start_daemon("--udev-source", "udev", env=env, nvml=True)
+        snapshot = daemon.fingerprint()["snapshot"]
+        assert set(snapshot["groups"]) == {"nvidia/gpu/H100 SXM5 80GB"}  # udev's name
+        deadline = time.monotonic() + 5
+        while daemon.log().count("NVML is not available") < started:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert daemon.log().count("NVML is not available") == started  # one line each
+        assert "Traceback" not in daemon.log()
+        daemon.stop()
+
+
+def test_a_lost_gpu_goes_unhealthy_alone(
+    hosts: Simulator,
+    nvml_lib: Path,
+    start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, gpus(lost=True))
+    env = {**hosts.daemon_env(), **nvml.env()}
+    daemon = start_daemon("--udev-source", "udev", env=env, nvml=True)
+    sub = subscribe(daemon)
+    mirror = sub.until(lambda m: healthy(m, A) is False and value(m, B, "uuid") == UUID_B)
+    assert device(mirror, A)["health_desc"] == "GPU has fallen off the bus (NVML: GPU is lost)"
+    assert healthy(mirror, B) is True
+    nvml.set_gpus(gpus())  # back (a reset the driver did)
+    mirror = sub.until(
+        lambda m: healthy(m, A) is True and value(m, A, "uuid") == UUID_A, timeout=15
+    )
+
+
+def test_a_gpu_whose_events_cannot_be_watched_is_unhealthy_and_the_other_is_watched(
+    hosts: Simulator,
+    nvml_lib: Path,
+    start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, gpus(register_error=3))
+    env = {**hosts.daemon_env(), **nvml.env()}
+    sub = subscribe(start_daemon("--udev-source", "udev", env=env, nvml=True))
+    mirror = sub.until(lambda m: healthy(m, A) is False and value(m, B, "uuid") == UUID_B)
+    assert device(mirror, A)["health_desc"].startswith("NVML cannot watch this GPU: ")
+    nvml.xid(B, 79)
+    sub.until(lambda m: healthy(m, B) is False)
+
+
+def test_a_hanging_call_delays_neither_the_other_gpu_nor_the_socket(
+    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    nvml.hang("nvmlDeviceGetPowerManagementLimit", A)
+    daemon = launch()
+    sub = subscribe(daemon)
+    mirror = sub.until(lambda m: value(m, B, "uuid") == UUID_B and healthy(m, A) is False)
+    assert device(mirror, A)["health_desc"].startswith(
+        "NVML not responding (read_gpu has not returned for 0.5 s)"
+    )
+    sent = time.monotonic()
+    nvml.xid(B, 48)
+    sub.until(lambda m: healthy(m, B) is False)
+    assert time.monotonic() - sent < 1.0  # WAIT_MS is 0.5 s: an XID needs at most one wait
+    for _ in range(5):
+        asked = time.monotonic()
+        daemon.fingerprint()
+        assert time.monotonic() - asked < 0.2
+    nvml.unhang()
+    sub.until(lambda m: healthy(m, A) is True and value(m, A, "uuid") == UUID_A)
