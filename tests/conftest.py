@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from monitor.client import Client, DaemonUnavailable, Mirror
+from monitor.nvmlsim import build_library
 from monitor.sim import Simulator, umockdev_missing
-from tests.fakenvml import build_library
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
 IN_CI = os.environ.get("CI") == "true"
@@ -129,7 +129,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 @pytest.fixture(scope="session")
 def nvml_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The stand-in libnvidia-ml.so.1, built once per session (tests/fakenvml)."""
+    """The stand-in libnvidia-ml.so.1, built once per session (monitor/nvmlsim.py)."""
     return build_library(tmp_path_factory.mktemp("fakenvml-lib"))
 
 

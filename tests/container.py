@@ -380,3 +380,28 @@ def run_with_cdi(
         timeout=timeout,
         check=False,
     )
+
+
+# busybox "ls -l": type and mode, links, owner, group, "major, minor", date, name.
+LS_NODE_RE = re.compile(
+    r"(?P<type>\S)\S*\s+\d+\s+\S+\s+\S+\s+(?P<major>\d+),\s*(?P<minor>\d+)\s.*\s(?P<name>\S+)"
+)
+
+
+def char_devices(listing: str) -> dict[str, tuple[int, int]]:
+    """The character devices a busybox ``ls -l`` listed: name -> (major, minor)."""
+    found = {}
+    for line in listing.splitlines():
+        match = LS_NODE_RE.fullmatch(line)
+        if match and match["type"] == "c":
+            found[match["name"]] = (int(match["major"]), int(match["minor"]))
+    return found
+
+
+def host_dev_snapshot() -> tuple[list[tuple[str, int, int]], str]:
+    """The host's /dev entries (name, file type, rdev) and this process's mount table."""
+    entries = []
+    for name in sorted(os.listdir("/dev")):
+        info = os.lstat(f"/dev/{name}")
+        entries.append((name, info.st_mode & 0o170000, info.st_rdev))
+    return entries, Path("/proc/self/mountinfo").read_text(encoding="utf-8")

@@ -16,8 +16,15 @@ from typing import Any
 import pytest
 
 from monitor.sim import Simulator
-from tests.conftest import Daemon
-from tests.container import validate_cdi_spec
+from tests.conftest import Daemon, need
+from tests.container import (
+    char_devices,
+    fake_dev_missing,
+    host_dev_snapshot,
+    podman_missing,
+    run_with_cdi,
+    validate_cdi_spec,
+)
 
 pytestmark = pytest.mark.umockdev
 
@@ -87,6 +94,63 @@ def test_the_cdi_spec_is_valid_matches_reserve_and_follows_hotplug(
     assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0", "0000:bb:00.0"]
     assert daemon.stop() == 0
     assert not path.exists()  # removed on a clean stop: no device names that nobody keeps
+
+
+def node_numbers(path: str) -> tuple[int, int]:
+    """Plausible (major, minor) for a node the simulated host names but this host lacks."""
+    name = Path(path).name
+    fixed = {"nvidiactl": (195, 255), "nvidia-uvm": (510, 0), "nvidia-uvm-tools": (510, 1)}
+    if name in fixed:
+        return fixed[name]
+    if name == "kfd":
+        return (511, 0)
+    for prefix, major in (("nvidia", 195), ("card", 226), ("renderD", 226)):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return (major, int(name[len(prefix) :]))
+    raise AssertionError(f"no numbers for {path}")
+
+
+def test_a_real_container_gets_exactly_what_the_spec_names(
+    gpus: Simulator, start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """podman reads the daemon's spec; the nodes of the simulated host are made for the run,
+    in podman's private mount namespace only (tests/container.py)."""
+    need(podman_missing())
+    need(fake_dev_missing())
+    cdi_dir = tmp_path / "cdi"
+    start_daemon("--udev-source", "udev", "--cdi-dir", str(cdi_dir), env=gpus.daemon_env())
+    spec = read_spec(cdi_dir / "hotplug-monitor.json", lambda s: len(s["devices"]) == 3)
+    edits = {device["name"]: device["containerEdits"] for device in spec["devices"]}
+    every_node = {n["hostPath"] for e in edits.values() for n in e["deviceNodes"]}
+    links = {}
+    for device_edits in edits.values():
+        card = next(n["path"] for n in device_edits["deviceNodes"] if "/card" in n["path"])
+        render = next(n["path"] for n in device_edits["deviceNodes"] if "renderD" in n["path"])
+        for mount in device_edits.get("mounts", []):
+            target = card if mount["hostPath"].endswith("-card") else render
+            links[mount["hostPath"]] = f"../{Path(target).name}"
+    wanted = ["0000:3b:00.0", "0000:5b:00.0"]  # the NVIDIA and the AMD GPU, not the Intel one
+    paths = sorted({n["path"] for name in wanted for n in edits[name]["deviceNodes"]})
+    before = host_dev_snapshot()
+    result = run_with_cdi(
+        cdi_dir,
+        wanted,
+        ["sh", "-c", f"ls -ln {' '.join(paths)}; ls -ln /dev/dri/by-path; ls -ln /dev/dri"],
+        fake_nodes={path: node_numbers(path) for path in every_node},
+        fake_links=links,
+    )
+    assert result.returncode == 0, result.stderr
+    assert host_dev_snapshot() == before  # nothing was made on this host
+    seen = char_devices(result.stdout)
+    expected = {path: node_numbers(path) for path in paths}
+    expected |= {Path(path).name: node_numbers(path) for path in paths if "/dri/" in path}
+    # the by-path links arrive as read-only binds of the nodes they point to
+    for link, target in links.items():
+        if any(f"pci-{name}-" in link for name in wanted):
+            expected[Path(link).name] = node_numbers(target)
+    assert seen == expected
+    assert "/dev/kfd" in seen and "/dev/nvidia0" in seen and "/dev/nvidiactl" in seen
+    assert not any(name in ("card2", "renderD130") for name in seen)  # the Intel GPU's
 
 
 def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

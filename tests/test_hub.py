@@ -25,6 +25,7 @@ def server(hub: Hub, max_clients: int = 1024) -> Server:
     inbox, _ = trio.open_memory_channel[Any](1)
     return Server(hub, inbox, max_clients=max_clients)
 
+
 GPU = PciFacts(
     address="0000:3b:00.0", vendor_id=0x10DE, device_id=0x2330, pci_class=0x030200, driver="nvidia"
 )

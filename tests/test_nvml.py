@@ -1,5 +1,5 @@
 """NVIDIA health end to end: the daemon on simulated GPUs (umockdev) with the real nvidia-ml-py
-bindings loading the stand-in libnvidia-ml.so.1 (tests/fakenvml), driven by XIDs, lost GPUs and
+bindings loading the stand-in libnvidia-ml.so.1 (monitor/nvmlsim.py), driven by XIDs, lost GPUs and
 hanging calls."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from monitor.client import Mirror, RpcFailure
+from monitor.nvmlsim import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
 from monitor.sim import Simulator
 from tests.conftest import Daemon, Subscription
-from tests.fakenvml import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
 
 pytestmark = pytest.mark.umockdev
 

@@ -299,16 +299,22 @@ def test_demo_tells_the_whole_story_in_under_30_seconds() -> None:
     assert demo.returncode == 0, demo.stderr
     assert elapsed < 30, f"the demo took {elapsed:.1f} s"
     out = demo.stdout
+    nvidia = "nvidia/gpu/NVIDIA H100 80GB HBM3"  # NVML's name, through the stand-in
     for expected in (
-        "0000:1b:00.0  nvidia/gpu/H100 SXM5 80GB",  # the devices table
-        "+ 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB healthy",  # hot-added
-        "! 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB UNHEALTHY: PCI error: recovery in progress",
-        "* 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB healthy",  # recovered
+        f"0000:1b:00.0  {nvidia}",  # the devices table
+        "+ 0000:bb:00.0 nvidia/gpu/H100 SXM5 80GB healthy",  # hot-added, named by udev's hwdb
+        f"~ 0000:bb:00.0 {nvidia} bar1=131072",  # ...then by NVML, with its attributes
+        f"! 0000:bb:00.0 {nvidia} UNHEALTHY: PCI error: recovery in progress",
+        f"* 0000:bb:00.0 {nvidia} healthy",  # recovered
         "! 0000:9a:00.0 intel/gpu/Arc A770 UNHEALTHY: DRM device card3 is wedged",
         "* 0000:9a:00.0 intel/gpu/Arc A770 healthy",  # rebound
         "- 0000:5b:00.0 amd/gpu/Instinct MI300X removed",
         "+ 0000:5b:00.0 amd/gpu/Instinct MI300X healthy",  # replugged
-        "  env    NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0",
+        f"! 0000:3b:00.0 {nvidia} UNHEALTHY: XID 79: GPU has fallen off the bus; "
+        "recovery: reboot the node",
+        f"* 0000:3b:00.0 {nvidia} healthy",  # reset and reloaded
+        "  env    NVIDIA_VISIBLE_DEVICES=GPU-5d1e3a4b-0000-4000-8000-00000001b000,"
+        "GPU-5d1e3a4b-0000-4000-8000-00000003b000",
         "demo: done",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"

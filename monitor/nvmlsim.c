@@ -1,7 +1,7 @@
 /*
- * fakenvml.c - a scripted stand-in for libnvidia-ml.so.1, for tests.
+ * nvmlsim.c - a scripted stand-in for libnvidia-ml.so.1, for tests and the demo.
  *
- * Built by tests/fakenvml/__init__.py and loaded by the real nvidia-ml-py
+ * Built by monitor/nvmlsim.py and loaded by the real nvidia-ml-py
  * bindings through LD_LIBRARY_PATH.  Every answer comes from files in the
  * directory named by $FAKE_NVML_DIR, so a test can script GPUs, XID events,
  * lost GPUs, failing initialisation and hanging calls while a daemon runs:

@@ -1,6 +1,6 @@
 """Scripted stand-in for libnvidia-ml.so.1, driven through files in a scenario directory.
 
-``build_library`` compiles ``fakenvml.c`` against NVIDIA's own ``nvml.h`` (from the
+``build_library`` compiles ``nvmlsim.c`` against NVIDIA's own ``nvml.h`` (from the
 ``nvidia-nvml-dev`` wheel).  A process started with ``FakeNvml.env()`` in its environment
 loads it in place of the driver's NVML, so the real ``pynvml`` bindings talk to GPUs,
 XID events, lost GPUs and hanging calls that a test scripts with ``FakeNvml``.
@@ -30,7 +30,7 @@ __all__ = [
     "find_nvml_include",
 ]
 
-SOURCE = Path(__file__).with_name("fakenvml.c")
+SOURCE = Path(__file__).with_name("nvmlsim.c")
 LIBRARY_NAME = "libnvidia-ml.so.1"
 
 # Event type bits, as nvml.h (NVML API 13, nvidia-nvml-dev 13.x) defines them.
