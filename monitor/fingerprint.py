@@ -6,7 +6,7 @@ reducer's business (``monitor.reducer``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, Protocol
 
 import json_merge_patch
@@ -20,6 +20,7 @@ from monitor.model import (
     DeviceGroup,
     DeviceLocality,
     Fingerprint,
+    attributes_json,
     common_attributes,
     group_key,
 )
@@ -140,7 +141,12 @@ def departed_device(address: str, lease_id: str) -> Device:
     )
 
 
-def build_fingerprint(state: Facts) -> Fingerprint:
+def build_fingerprint(
+    state: Facts, previous: Fingerprint | None = None, dirty: Set[str] | None = None
+) -> Fingerprint:
+    """The fingerprint of ``state``. Given the ``previous`` fingerprint and the devices changed
+    since (``dirty``), the other devices and untouched groups are taken over as they are."""
+    reuse = previous.devices() if previous is not None and dirty is not None else {}
     nodes_by_parent: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
         nodes_by_parent.setdefault(node.parent, []).append(node)
@@ -149,12 +155,16 @@ def build_fingerprint(state: Facts) -> Fingerprint:
     for address, facts in state.devices.items():
         if not class_matches(facts.pci_class, state.match_classes):
             continue
-        device = build_device(
-            facts, state, nodes_by_parent.get(address, []), reserved_by.get(address)
-        )
+        kept = reuse.get(address)
+        if kept is not None and dirty is not None and address not in dirty:
+            device = kept[1]
+        else:
+            device = build_device(
+                facts, state, nodes_by_parent.get(address, []), reserved_by.get(address)
+            )
         name = device_name(facts, state.nvml.get(address))
-        key = (vendor_name(facts.vendor_id), device_type(facts.pci_class), name)
-        members.setdefault(key, {})[address] = device
+        triple = (vendor_name(facts.vendor_id), device_type(facts.pci_class), name)
+        members.setdefault(triple, {})[address] = device
     present = {address for group in members.values() for address in group}
     departed: dict[tuple[str, str, str], dict[str, Device]] = {}
     for lease in state.leases.values():
@@ -164,28 +174,56 @@ def build_fingerprint(state: Facts) -> Fingerprint:
                 departed.setdefault((vendor, type_, name), {})[address] = departed_device(
                     address, lease.id
                 )
-    groups = {}
+    before = previous.groups if previous is not None else {}
+    groups: dict[str, DeviceGroup] = {}
     for triple in members.keys() | departed.keys():
         vendor, type_, name = triple
+        key = group_key(vendor, type_, name)
+        devices = {**members.get(triple, {}), **departed.get(triple, {})}
+        old = before.get(key)
+        if (
+            old is not None
+            and old.devices.keys() == devices.keys()
+            and all(old.devices[i] is d for i, d in devices.items())
+        ):
+            groups[key] = old  # nothing in it changed
+            continue
         # a departed device has no attributes left: it does not take the group's away
         shared = common_attributes([d.attributes for d in members.get(triple, {}).values()])
-        groups[group_key(vendor, type_, name)] = DeviceGroup(
-            vendor=vendor,
-            type=type_,
-            name=name,
-            devices={**members.get(triple, {}), **departed.get(triple, {})},
-            attributes=shared,
+        groups[key] = DeviceGroup(
+            vendor=vendor, type=type_, name=name, devices=devices, attributes=shared
         )
     return Fingerprint(groups=groups)
 
 
 def fingerprint_patch(old: Fingerprint, new: Fingerprint) -> Patch | None:
-    """The merge patch from ``old``'s JSON to ``new``'s, converting only the groups that differ."""
+    """The merge patch from ``old``'s JSON to ``new``'s, converting only what differs."""
     groups: dict[str, Any] = {key: None for key in old.groups if key not in new.groups}
     for key, group in new.groups.items():
         before = old.groups.get(key)
         if before is None:
             groups[key] = group.to_json()
-        elif before != group:
-            groups[key] = json_merge_patch.create_patch(before.to_json(), group.to_json())
+        elif before is not group:
+            patch = group_patch(before, group)
+            if patch:
+                groups[key] = patch
     return {"groups": groups} if groups else None
+
+
+def group_patch(before: DeviceGroup, after: DeviceGroup) -> Patch:
+    """The merge patch between two versions of one group (same key: same vendor, type, name)."""
+    patch: Patch = {}
+    if before.attributes != after.attributes:
+        patch["attributes"] = json_merge_patch.create_patch(
+            attributes_json(before.attributes), attributes_json(after.attributes)
+        )
+    devices: dict[str, Any] = {i: None for i in before.devices if i not in after.devices}
+    for device_id, device in after.devices.items():
+        old = before.devices.get(device_id)
+        if old is None:
+            devices[device_id] = device.to_json()
+        elif old is not device and old != device:
+            devices[device_id] = json_merge_patch.create_patch(old.to_json(), device.to_json())
+    if devices:
+        patch["devices"] = devices
+    return patch

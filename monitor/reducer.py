@@ -158,22 +158,25 @@ class _Scratch:
         self.xid_policy = state.xid_policy
         self.recoveries: dict[str, str] = {}
         self.answers: dict[str | int, Answer] = {}
-        self._changed = False
+        self.changed = False
+        self._base = state.fingerprint
         self._built: Fingerprint | None = state.fingerprint
+        self._dirty: set[str] | None = set()  # devices changed since the base; None: any
 
-    @property
-    def changed(self) -> bool:
-        return self._changed
-
-    @changed.setter
-    def changed(self, value: bool) -> None:
-        self._changed = value
+    def _touch(self, *addresses: str) -> None:
+        """Something changed: for these devices only, or (none named) for any."""
+        self.changed = True
         self._built = None
+        if not addresses:
+            self._dirty = None
+        elif self._dirty is not None:
+            self._dirty.update(addresses)
 
     def fingerprint(self) -> Fingerprint:
-        """The fingerprint of the facts as they are now, built at most once per change."""
+        """The fingerprint of the facts as they are now, built at most once per change, from
+        the devices that changed and the unchanged rest of the fold's first fingerprint."""
         if self._built is None:
-            self._built = build_fingerprint(self)
+            self._built = build_fingerprint(self, self._base, self._dirty)
         return self._built
 
     def apply(self, event: Event) -> None:
@@ -183,12 +186,14 @@ class _Scratch:
             case DeviceGone(address):
                 self._gone(address)
             case DrmNodeSeen(node):
-                if self.drm_nodes.get(node.name) != node:
+                old = self.drm_nodes.get(node.name)
+                if old != node:
                     self.drm_nodes[node.name] = node
-                    self.changed = True
+                    self._touch(node.parent, *([old.parent] if old else []))
             case DrmNodeGone(name):
-                if self.drm_nodes.pop(name, None) is not None:
-                    self.changed = True
+                gone = self.drm_nodes.pop(name, None)
+                if gone is not None:
+                    self._touch(gone.parent)
             case PciErrorReported(address, error_event, online):
                 if address in self.devices:
                     self._pci_error(address, error_event, online)
@@ -211,15 +216,15 @@ class _Scratch:
                 nodes = {n.name: n for n in drm_nodes}
                 if nodes != self.drm_nodes:
                     self.drm_nodes = nodes
-                    self.changed = True
+                    self._touch()
             case ClassFilterChanged(match_classes):
                 if match_classes != self.match_classes:
                     self.match_classes = match_classes
-                    self.changed = True
+                    self._touch()
             case NvmlGpuSeen(gpu):
                 if gpu.address in self.devices and self.nvml.get(gpu.address) != gpu:
                     self.nvml[gpu.address] = gpu
-                    self.changed = True
+                    self._touch(gpu.address)
             case XidReported(address, xid):
                 if address in self.devices:
                     self._xid(address, xid)
@@ -245,12 +250,13 @@ class _Scratch:
                 except RpcError as refusal:
                     self.answers[token] = refusal
             case LeaseEnded(lease_id):
-                if self.leases.pop(lease_id, None) is not None:
-                    self.changed = True
+                ended = self.leases.pop(lease_id, None)
+                if ended is not None:
+                    self._touch(*ended.devices)
             case ConnectionClosed(connection):
                 for lease in [le for le in self.leases.values() if le.connection == connection]:
                     del self.leases[lease.id]
-                    self.changed = True
+                    self._touch(*lease.devices)
 
     def _reserve(self, device_ids: tuple[str, ...], lease: Lease) -> Lease:
         """All the devices or none: each known, healthy and held by no other lease."""
@@ -271,7 +277,7 @@ class _Scratch:
             )
         granted = attrs.evolve(lease, devices={d.id: g.key for g, d in wanted})
         self.leases[granted.id] = granted
-        self.changed = True
+        self._touch(*granted.devices)
         return granted
 
     def _release(self, uid: int, lease_id: str | None, device_ids: tuple[str, ...]) -> list[str]:
@@ -311,7 +317,7 @@ class _Scratch:
                 self.leases[held_id] = attrs.evolve(lease, devices=kept)
             else:
                 del self.leases[held_id]
-            self.changed = True
+            self._touch(*lease.devices)
         return released
 
     def _seen(self, facts: PciFacts) -> None:
@@ -319,7 +325,7 @@ class _Scratch:
         if old == facts:
             return
         self.devices[facts.address] = facts
-        self.changed = True
+        self._touch(facts.address)
         if old is not None and old.driver != facts.driver and facts.driver is not None:
             causes = (CAUSE_DRM_WEDGED, *NVIDIA_CAUSES)
             self._clear(facts.address, causes, "its driver was rebound")
@@ -327,7 +333,7 @@ class _Scratch:
     def _gone(self, address: str) -> None:
         if self.devices.pop(address, None) is None:
             return
-        self.changed = True
+        self._touch(address)
         self.problems.pop(address, None)
         self.nvml.pop(address, None)
         self.xids.pop(address, None)
@@ -353,7 +359,7 @@ class _Scratch:
     def _xid(self, address: str, xid: int) -> None:
         _, count = self.xids.get(address, (0, 0))
         self.xids[address] = (xid, count + 1)
-        self.changed = True
+        self._touch(address)
         verdict = judge(xid, self.xid_policy)
         if verdict.fatal:
             problem = Problem(verdict.desc, verdict.lost, verdict.recovery_action, xid)
@@ -394,12 +400,12 @@ class _Scratch:
         causes = self.problems.setdefault(address, {})
         if causes.get(cause) != problem:
             causes[cause] = problem
-            self.changed = True
+            self._touch(address)
 
     def _clear(self, address: str, causes: Iterable[str], reason: str) -> None:
         """Clear these causes; ``reason`` is the evidence, which the journal will name."""
         found = self.problems.get(address)
         cleared = [c for c in causes if found and found.pop(c, None) is not None]
         if cleared:
-            self.changed = True
+            self._touch(address)
             self.recoveries[address] = reason

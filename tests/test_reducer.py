@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from monitor.events import (
     ClassFilterChanged,
+    ConnectionClosed,
     DeviceGone,
     DeviceSeen,
     DrmNode,
@@ -20,11 +21,25 @@ from monitor.events import (
     DrmNodeSeen,
     DrmWedged,
     Event,
+    LeaseEnded,
+    NvmlEventReported,
+    NvmlGpu,
+    NvmlGpuSeen,
+    NvmlReachable,
+    NvmlUnreachable,
     PciErrorReported,
     PciFacts,
+    ReleaseRequested,
+    ReserveRequested,
     Resync,
+    XidPolicyChanged,
+    XidReported,
 )
+from monitor.fingerprint import build_fingerprint
+from monitor.leases import Lease
+from monitor.model import Attribute
 from monitor.reducer import State, reduce, reduce_all
+from monitor.xids import XidPolicy
 
 H100 = PciFacts(
     address="0000:3b:00.0",
@@ -191,7 +206,7 @@ def test_health_causes_are_independent() -> None:
     assert device["healthy"] is False and "wedged" in device["health_desc"]
 
 
-def test_rebinding_the_driver_clears_a_wedge_and_unbound_is_unhealthy() -> None:
+def test_binding_a_driver_again_clears_a_wedge_and_unbound_is_unhealthy() -> None:
     unbound = attrs.evolve(H100, driver=None)
     state, [*_, unbind, bind] = run(
         DeviceSeen(H100),
@@ -201,11 +216,13 @@ def test_rebinding_the_driver_clears_a_wedge_and_unbound_is_unhealthy() -> None:
         DeviceSeen(H100),
     )
     assert unbind is not None
-    assert (
-        unbind["groups"][GROUP]["devices"][H100.address]["health_desc"] == "no kernel driver bound"
+    # unbinding is half of a rebind: the wedge is cleared by the driver being bound again
+    assert unbind["groups"][GROUP]["devices"][H100.address]["health_desc"] == (
+        "no kernel driver bound; DRM device card1 is wedged; recovery needs: rebind"
     )
     assert device_json(state, H100.address)["healthy"] is True
     assert bind is not None
+    assert state.recoveries == {H100.address: "its driver was rebound"}
 
 
 def test_removal_forgets_health_so_a_replugged_device_starts_healthy() -> None:
@@ -258,6 +275,7 @@ def test_resync_replaces_the_inventory_and_keeps_health_of_devices_that_stayed()
 
 ADDRESSES = ["0000:3b:00.0", "0000:5e:00.0", "0000:af:00.0", "0000:01:00.0"]
 DRM_NAMES = ["card0", "card1", "renderD128", "renderD129", "card0-DP-1"]
+LEASE_IDS = ["lease-1", "lease-2", "lease-3"]
 
 facts_st = st.builds(
     PciFacts,
@@ -300,6 +318,52 @@ event_st: st.SearchStrategy[Event] = st.one_of(
     ),
     truth_st,
     st.builds(ClassFilterChanged, st.sampled_from([("03", "12"), ("03",), ("02", "0302"), ()])),
+    st.builds(
+        ReserveRequested,
+        st.lists(st.sampled_from([*ADDRESSES, "GPU-a", "0000:ee:00.0"]), min_size=1, max_size=3),
+        st.builds(
+            Lease,
+            id=st.sampled_from(LEASE_IDS),
+            devices=st.just({}),
+            uid=st.sampled_from([0, 1000]),
+            gid=st.just(0),
+            pid=st.just(1),
+            created=st.just(0.0),
+            connection=st.sampled_from([None, 7]),
+        ),
+    ),
+    st.builds(
+        ReleaseRequested,
+        st.integers(0, 3),
+        st.sampled_from([0, 1000, 1001]),
+        st.sampled_from([None, *LEASE_IDS]),
+        st.lists(st.sampled_from(ADDRESSES), max_size=2),
+    ),
+    st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
+    st.builds(ConnectionClosed, st.just(7)),
+    st.builds(
+        NvmlGpuSeen,
+        st.builds(
+            NvmlGpu,
+            address=st.sampled_from(ADDRESSES),
+            uuid=st.sampled_from(["GPU-a", "GPU-b"]),
+            name=st.sampled_from(["NVIDIA H100 80GB HBM3", "NVIDIA A100"]),
+            attributes=st.sampled_from([{}, {"memory": Attribute(81559, "MiB")}]),
+        ),
+    ),
+    st.builds(XidReported, st.sampled_from(ADDRESSES), st.sampled_from([13, 48, 79, 999])),
+    st.builds(
+        NvmlEventReported,
+        st.sampled_from(ADDRESSES),
+        st.sampled_from(["double_bit_ecc", "gpu_unavailable", "recovery_action"]),
+        st.sampled_from([None, 0, 1, 2]),
+    ),
+    st.builds(NvmlUnreachable, st.sampled_from(ADDRESSES), st.just("NVML not responding")),
+    st.builds(NvmlReachable, st.sampled_from(ADDRESSES)),
+    st.builds(
+        XidPolicyChanged,
+        st.sampled_from([XidPolicy(), XidPolicy(ignore=frozenset({48, 79})), XidPolicy(False)]),
+    ),
 )
 
 
@@ -319,6 +383,10 @@ def test_patches_applied_in_order_rebuild_the_final_snapshot(events: list[Event]
             assert after != before and state.generation == state_generation + 1
             mirror = json_merge_patch.merge(copy.deepcopy(mirror), patch)
         assert mirror == after
+        # built from the changed devices and the rest of the last one: as if built from scratch
+        assert state.fingerprint == build_fingerprint(state)
+        held = [d for lease in state.leases.values() for d in lease.devices]
+        assert len(held) == len(set(held))  # no device in two leases
 
 
 @settings(max_examples=300, deadline=None)

@@ -209,7 +209,8 @@ class Daemon:
             env = {**(os.environ if env is None else env), "HOTPLUG_BENCH_TUNE": tune}
         self.command = [
             sys.executable, "-m", module, "serve", "--socket", str(self.socket),
-            "--state-dir", str(workdir / "state"), "--no-nvml", "--log-level", log_level,
+            "--state-dir", str(workdir / "state"), "--no-nvml", "--no-cdi",
+            "--log-level", log_level,
             *log_to_stderr(), *args,
         ]  # fmt: skip
         self._log = self.log_path.open("wb")

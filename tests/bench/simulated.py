@@ -208,7 +208,7 @@ def start_once(workdir: Path, sim: Simulator, index: int) -> tuple[int, int]:
     path = workdir / f"start-{index}.sock"  # a fresh path: no stale socket to probe
     command = [
         sys.executable, "-m", "monitor", "serve", "--socket", str(path), "--udev-source", "udev",
-        "--no-nvml", "--state-dir", str(workdir / "state"), "--log-level", "warning",
+        "--no-nvml", "--no-cdi", "--state-dir", str(workdir / "state"), "--log-level", "warning",
         *log_to_stderr(),
     ]  # fmt: skip
     start = now_ns()
