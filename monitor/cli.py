@@ -260,11 +260,19 @@ def _health(device: dict[str, Any]) -> str:
     return "healthy" if device["healthy"] else f"UNHEALTHY: {device['health_desc']}"
 
 
-def cmd_devices(args: argparse.Namespace) -> None:
+def _ask(args: argparse.Namespace, method: str) -> Any:
+    """The method's result; with ``--json``, printed as it came and None returned."""
     with _connect(args) as client:
-        result = client.call("fingerprint")
+        result = client.call(method)
     if args.json:
         print(json.dumps(result, indent=2))
+        return None
+    return result
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    result = _ask(args, "fingerprint")
+    if result is None:
         return
     devices = Mirror(result).devices()
     if not devices:
@@ -364,10 +372,8 @@ def cmd_reserve(args: argparse.Namespace) -> None:
 
 
 def cmd_leases(args: argparse.Namespace) -> None:
-    with _connect(args) as client:
-        result = client.call("leases")
-    if args.json:
-        print(json.dumps(result, indent=2))
+    result = _ask(args, "leases")
+    if result is None:
         return
     if not result["leases"]:
         print("no reservations")

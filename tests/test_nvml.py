@@ -235,16 +235,10 @@ def test_without_nvml_the_daemon_runs_on_udev_alone(
 
 
 def test_a_lost_gpu_goes_unhealthy_alone(
-    hosts: Simulator,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-    subscribe: Callable[[Daemon], Subscription],
+    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
 ) -> None:
-    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, gpus(lost=True))
-    env = {**hosts.daemon_env(), **nvml.env()}
-    daemon = start_daemon("--udev-source", "udev", env=env, nvml=True)
-    sub = subscribe(daemon)
+    nvml.set_gpus(gpus(lost=True))
+    sub = subscribe(launch())
     mirror = sub.until(lambda m: healthy(m, A) is False and value(m, B, "uuid") == UUID_B)
     assert device(mirror, A)["health_desc"] == "GPU has fallen off the bus (NVML: GPU is lost)"
     assert healthy(mirror, B) is True
@@ -255,15 +249,10 @@ def test_a_lost_gpu_goes_unhealthy_alone(
 
 
 def test_a_gpu_whose_events_cannot_be_watched_is_unhealthy_and_the_other_is_watched(
-    hosts: Simulator,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-    subscribe: Callable[[Daemon], Subscription],
+    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
 ) -> None:
-    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, gpus(register_error=3))
-    env = {**hosts.daemon_env(), **nvml.env()}
-    sub = subscribe(start_daemon("--udev-source", "udev", env=env, nvml=True))
+    nvml.set_gpus(gpus(register_error=3))
+    sub = subscribe(launch())
     mirror = sub.until(lambda m: healthy(m, A) is False and value(m, B, "uuid") == UUID_B)
     assert device(mirror, A)["health_desc"].startswith("NVML cannot watch this GPU: ")
     nvml.xid(B, 79)
