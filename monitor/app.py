@@ -31,7 +31,7 @@ from monitor.reducer import State
 from monitor.server import Pending, Server, bind_unix_socket
 from monitor.sources.nvml import run_nvml_source
 from monitor.sources.udev import run_udev_source
-from monitor.store import LeaseStore
+from monitor.store import LeaseStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,10 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     _tune_gc()
     store = LeaseStore(settings.state_dir)
     leases = restore_leases(store)
-    store.save(leases)  # fails now, loudly, if the state directory cannot be written
+    try:
+        store.save(leases)  # tells at once if the state directory cannot be written
+    except StoreError as exc:
+        log.error("%s: reserve and release will be refused until it can be written", exc)
     if leases:
         log.info("restored %d reservations from %s", len(leases), store.path)
     hub = Hub()

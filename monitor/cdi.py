@@ -75,10 +75,18 @@ async def keep_spec(hub: Hub, directory: Path) -> None:
     """Rewrite ``directory/hotplug-monitor.json`` on every change; remove it when we stop."""
     path = directory / FILE_NAME
     written: bytes | None = None
+    seen: tuple[Any, ...] | None = None
     try:
         while True:
             published = hub.published
-            content = dumps(build_spec(hub.state)) + b"\n"
+            state = hub.state
+            # What the spec is made of; leases and health, which change far more often, are not.
+            inputs = (state.match_classes, state.devices, state.drm_nodes, state.nvml)
+            if inputs == seen:
+                await published.wait()
+                continue
+            seen = inputs
+            content = dumps(build_spec(state)) + b"\n"
             if content != written:
                 try:
                     await trio.to_thread.run_sync(_write, path, content)

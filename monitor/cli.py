@@ -29,7 +29,6 @@ from monitor.config import (
     load_settings,
 )
 from monitor.server import SocketInUse
-from monitor.store import StoreError
 from monitor.systemd import ActivationError
 
 PROG = "hotplug-monitor"
@@ -239,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(group.exceptions[0])) from None
     except* PermissionError as group:
         raise CliError(f"permission denied: {group.exceptions[0]}") from None
-    except* (ActivationError, UnknownGroup, StoreError) as group:
+    except* (ActivationError, UnknownGroup) as group:
         raise CliError(str(group.exceptions[0])) from None
 
 

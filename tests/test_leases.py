@@ -217,6 +217,27 @@ def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
     assert json.loads(lease_file.read_text()) == {"version": 1, "leases": []}
 
 
+def test_an_unwritable_state_directory_refuses_leases_and_nothing_else(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    devices, flags = reservable()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    daemon = start_daemon(*flags, "--state-dir", str(blocker / "state"))
+    assert daemon.fingerprint()["snapshot"]["groups"]  # it serves
+    with daemon.client() as client:
+        with pytest.raises(RpcFailure) as refused:
+            client.call("reserve", {"device_ids": [devices[0]]})
+        assert refused.value.code == -32603
+        assert refused.value.message.startswith(
+            "The daemon could not record the change on disk, so it did not make it: cannot write"
+        )
+        assert client.call("leases") == {"leases": []}
+        bound = client.call("reserve", {"device_ids": [devices[0]], "bind": "connection"})
+        assert bound["device_ids"] == [devices[0]]  # not written, so still granted
+    assert "reserve and release will be refused until it can be written" in daemon.log()
+
+
 # --- who may ask: clients forked into other users ---------------------------------------------
 
 GROUP = 4242  # a gid no account has: membership only by what a client process carries
