@@ -57,12 +57,9 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
     """One CDI device per present device, named by PCI address, and again by GPU UUID."""
     devices = []
     for address, (group, device) in sorted(state.fingerprint.devices().items()):
-        facts = state.devices.get(address)
-        if facts is None:
+        if address not in state.devices:
             continue  # departed, shown only for its lease
-        edits = reservations.plan(
-            [(group, device)], minor_of={address: facts.nvidia_minor}.get, exists=exists
-        )
+        edits = reservations.plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
         entry = container_edits(edits)
         devices.append({"name": address, "containerEdits": entry})
         uuid = device.attributes.get("uuid")

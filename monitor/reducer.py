@@ -92,6 +92,14 @@ class State:
     recoveries: Mapping[str, str] = attrs.field(converter=frozen_mapping, factory=dict)
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 
+    def nvidia_minor(self, address: str) -> int | None:
+        """N of the GPU's /dev/nvidiaN: the driver's proc file says, else NVML, else unknown."""
+        facts = self.devices.get(address)
+        if facts is not None and facts.nvidia_minor is not None:
+            return facts.nvidia_minor
+        gpu = self.nvml.get(address)
+        return gpu.minor if gpu is not None else None
+
 
 Answer = Lease | list[str] | RpcError  # a granted lease, the devices released, or a refusal
 

@@ -294,9 +294,7 @@ class Server:
         index = state.fingerprint.devices()
         edits = reservations.plan(
             [index[d] for d in answer.devices if d in index],
-            minor_of=lambda address: (
-                state.devices[address].nvidia_minor if address in state.devices else None
-            ),
+            minor_of=state.nvidia_minor,
             exists=self.node_exists,
         )
         return {"reservation_id": answer.id, "device_ids": list(answer.devices), **edits.to_json()}

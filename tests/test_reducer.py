@@ -225,6 +225,15 @@ def test_binding_a_driver_again_clears_a_wedge_and_unbound_is_unhealthy() -> Non
     assert state.recoveries == {H100.address: "its driver was rebound"}
 
 
+def test_the_nvidia_minor_comes_from_the_driver_else_from_nvml() -> None:
+    gpu = NvmlGpu(address=H100.address, uuid="GPU-a", name="NVIDIA H100 80GB HBM3", minor=5)
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(gpu))
+    assert state.nvidia_minor(H100.address) == 5  # no proc file read: NVML's
+    state, _ = reduce(state, DeviceSeen(attrs.evolve(H100, nvidia_minor=2)))
+    assert state.nvidia_minor(H100.address) == 2  # the driver's own file wins
+    assert state.nvidia_minor("0000:ee:00.0") is None
+
+
 def test_removal_forgets_health_so_a_replugged_device_starts_healthy() -> None:
     state, _ = run(
         DeviceSeen(H100),
