@@ -111,16 +111,19 @@ static int control_path(const char *file, char *out, size_t size)
     return (n < 0 || (size_t)n >= size) ? -1 : 0;
 }
 
-/* Read a whole small control file; -1 if it does not exist.  The test writes
- * these atomically, so one read sees either the old or the new contents. */
-static ssize_t read_control(const char *file, char *buf, size_t size)
+/* Open a control file (close-on-exec); -1 if $FAKE_NVML_DIR is unset or open() fails. */
+static int open_control(const char *file, int flags)
 {
     char path[4096];
     if (control_path(file, path, sizeof path) != 0)
         return -1;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
+    return open(path, flags | O_CLOEXEC);
+}
+
+/* Read from fd until EOF, an error or size - 1 bytes, restarting after signals, and
+ * NUL-terminate; returns the length read. */
+static size_t read_all(int fd, char *buf, size_t size)
+{
     size_t len = 0;
     while (len + 1 < size) {
         ssize_t n = read(fd, buf + len, size - 1 - len);
@@ -130,8 +133,19 @@ static ssize_t read_control(const char *file, char *buf, size_t size)
             break;
         len += (size_t)n;
     }
-    close(fd);
     buf[len] = '\0';
+    return len;
+}
+
+/* Read a whole small control file; -1 if it does not exist.  The test writes
+ * these atomically, so one read sees either the old or the new contents. */
+static ssize_t read_control(const char *file, char *buf, size_t size)
+{
+    int fd = open_control(file, O_RDONLY);
+    if (fd < 0)
+        return -1;
+    size_t len = read_all(fd, buf, size);
+    close(fd);
     return (ssize_t)len;
 }
 
@@ -359,12 +373,9 @@ static void parse_gpus(char *text)
  * on the next call.  Called with the lock held at the start of every API call. */
 static void refresh_gpus(void)
 {
-    char path[4096];
     struct stat st;
     memset(&st, 0, sizeof st);
-    int fd = -1;
-    if (control_path("gpus", path, sizeof path) == 0)
-        fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open_control("gpus", O_RDONLY);
     if (fd >= 0 && fstat(fd, &st) != 0)
         memset(&st, 0, sizeof st);
     if (g_gpus_loaded && st.st_ino == g_gpus_stat.st_ino && st.st_size == g_gpus_stat.st_size &&
@@ -374,24 +385,18 @@ static void refresh_gpus(void)
             close(fd);
         return;
     }
-    size_t cap = (size_t)st.st_size + 4096, len = 0;
+    size_t cap = (size_t)st.st_size + 4096;
     char *text = malloc(cap);
     if (text == NULL) {
         if (fd >= 0)
             close(fd);
         return;
     }
-    while (fd >= 0 && len + 1 < cap) {
-        ssize_t n = read(fd, text + len, cap - 1 - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-    }
-    text[len] = '\0';
-    if (fd >= 0)
+    text[0] = '\0'; /* no gpus file: parse it as empty */
+    if (fd >= 0) {
+        read_all(fd, text, cap);
         close(fd);
+    }
     parse_gpus(text);
     free(text);
     g_gpus_stat = st;
@@ -406,10 +411,8 @@ static void refresh_gpus(void)
  * One O_APPEND write per line keeps lines whole across threads and processes. */
 static void record_call(const char *fn)
 {
-    char path[4096], line[256];
-    if (control_path("calls", path, sizeof path) != 0)
-        return;
-    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    char line[256];
+    int fd = open_control("calls", O_WRONLY | O_APPEND);
     if (fd < 0)
         return;
     int n = snprintf(line, sizeof line, "%s\n", fn);
@@ -468,11 +471,12 @@ static nvmlReturn_t unlock_with(nvmlReturn_t rc)
     return rc;
 }
 
-/* Common start of a call without a device: prologue, lock, init check, gpus refresh.
+/* Common start of every call: prologue (dev picks which crash/hang lines match; NULL
+ * for calls without a device), lock, init check, gpus refresh.
  * Returns with the lock held on success, released on failure. */
-static nvmlReturn_t begin(const char *fn)
+static nvmlReturn_t begin(const char *fn, nvmlDevice_t dev)
 {
-    enter(fn, NULL);
+    enter(fn, dev);
     pthread_mutex_lock(&g_lock);
     if (g_init_count == 0)
         return unlock_with(NVML_ERROR_UNINITIALIZED);
@@ -484,11 +488,9 @@ static nvmlReturn_t begin(const char *fn)
  * lost/removed check.  Returns with the lock held on success. */
 static nvmlReturn_t dev_begin(const char *fn, nvmlDevice_t dev, struct nvmlDevice_st **out)
 {
-    enter(fn, dev);
-    pthread_mutex_lock(&g_lock);
-    if (g_init_count == 0)
-        return unlock_with(NVML_ERROR_UNINITIALIZED);
-    refresh_gpus();
+    nvmlReturn_t rc = begin(fn, dev);
+    if (rc != NVML_SUCCESS)
+        return rc;
     if (!valid_slot(dev) || !dev->used)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     if (!dev->present || dev->lost)
@@ -496,6 +498,29 @@ static nvmlReturn_t dev_begin(const char *fn, nvmlDevice_t dev, struct nvmlDevic
     *out = dev;
     return NVML_SUCCESS;
 }
+
+/* The usual prologue of an exported function: begin(fn, NULL), then INVALID_ARGUMENT
+ * if the output pointer ptr is NULL.  Macros rather than functions because they return
+ * from the caller; fn is the caller's __func__, or the exported name a shared body got. */
+#define CALL(fn, ptr)                                        \
+    do {                                                     \
+        nvmlReturn_t call_rc_ = begin(fn, NULL);             \
+        if (call_rc_ != NVML_SUCCESS)                        \
+            return call_rc_;                                 \
+        if ((ptr) == NULL)                                   \
+            return unlock_with(NVML_ERROR_INVALID_ARGUMENT); \
+    } while (0)
+
+/* As CALL(), for a per-device call: also declares d, the validated device. */
+#define DEVICE_CALL(fn, device, d, ptr)                      \
+    struct nvmlDevice_st *d;                                 \
+    do {                                                     \
+        nvmlReturn_t call_rc_ = dev_begin(fn, device, &d);   \
+        if (call_rc_ != NVML_SUCCESS)                        \
+            return call_rc_;                                 \
+        if ((ptr) == NULL)                                   \
+            return unlock_with(NVML_ERROR_INVALID_ARGUMENT); \
+    } while (0)
 
 /* ------------------------------------------------------------------------ */
 /* Initialisation and system queries                                         */
@@ -599,9 +624,7 @@ static void driver_version(char *out, size_t size)
 nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 {
     char buf[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE];
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    CALL(__func__, version); /* copy_out() would reject NULL the same way */
     driver_version(buf, sizeof buf);
     return unlock_with(copy_out(version, length, buf));
 }
@@ -610,36 +633,31 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length)
 {
     char drv[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE], buf[NVML_SYSTEM_NVML_VERSION_BUFFER_SIZE + 8];
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    CALL(__func__, version);
     driver_version(drv, sizeof drv);
     snprintf(buf, sizeof buf, "12.%s", drv);
     return unlock_with(copy_out(version, length, buf));
 }
 
-/* CUDA driver API version (12.4), the only version this stand-in claims. */
-nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *cudaDriverVersion)
+/* Shared body of the CUDA driver API version symbols: 12.4, the only version this
+ * stand-in claims. */
+static nvmlReturn_t cuda_driver_version(const char *fn, int *cudaDriverVersion)
 {
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (cudaDriverVersion == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    CALL(fn, cudaDriverVersion);
     *cudaDriverVersion = CUDA_DRIVER_VERSION;
     return unlock_with(NVML_SUCCESS);
+}
+
+/* CUDA driver API version (12.4). */
+nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *cudaDriverVersion)
+{
+    return cuda_driver_version(__func__, cudaDriverVersion);
 }
 
 /* Same as nvmlSystemGetCudaDriverVersion; the _v2 symbol exists in real NVML too. */
 nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *cudaDriverVersion)
 {
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (cudaDriverVersion == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
-    *cudaDriverVersion = CUDA_DRIVER_VERSION;
-    return unlock_with(NVML_SUCCESS);
+    return cuda_driver_version(__func__, cudaDriverVersion);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -649,11 +667,7 @@ nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *cudaDriverVersion)
 /* Shared body of the device-count symbols: lines in the gpus file, lost ones included. */
 static nvmlReturn_t get_count(const char *fn, unsigned int *count)
 {
-    nvmlReturn_t rc = begin(fn);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (count == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    CALL(fn, count);
     *count = g_count;
     return unlock_with(NVML_SUCCESS);
 }
@@ -683,10 +697,8 @@ static nvmlReturn_t hand_out(struct nvmlDevice_st *d, nvmlDevice_t *device)
 /* Shared body of the by-index lookups: index = line number in the gpus file. */
 static nvmlReturn_t by_index(const char *fn, unsigned int index, nvmlDevice_t *device)
 {
-    nvmlReturn_t rc = begin(fn);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (device == NULL || index >= g_count)
+    CALL(fn, device);
+    if (index >= g_count)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     return unlock_with(hand_out(g_order[index], device));
 }
@@ -706,11 +718,9 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
 /* Shared body of the by-bus-id lookups; accepts NVML's and the kernel's spelling. */
 static nvmlReturn_t by_pci(const char *fn, const char *pciBusId, nvmlDevice_t *device)
 {
-    nvmlReturn_t rc = begin(fn);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    CALL(fn, device);
     pci_addr_t addr;
-    if (pciBusId == NULL || device == NULL || parse_pci(pciBusId, &addr) != 0)
+    if (pciBusId == NULL || parse_pci(pciBusId, &addr) != 0)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     struct nvmlDevice_st *d = slot_for(&addr, 0);
     if (d == NULL || !d->present)
@@ -733,10 +743,8 @@ nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlDevice_t
 /* Look a GPU up by its UUID string. */
 nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
 {
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (uuid == NULL || device == NULL)
+    CALL(__func__, device);
+    if (uuid == NULL)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     for (unsigned int i = 0; i < g_count; i++)
         if (strcmp(g_order[i]->uuid, uuid) == 0)
@@ -747,12 +755,7 @@ nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
 /* NVML index of a handle: its current line in the gpus file. */
 nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (index == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, index);
     *index = d->index;
     return unlock_with(NVML_SUCCESS);
 }
@@ -761,30 +764,32 @@ nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
 /* Identity                                                                  */
 /* ------------------------------------------------------------------------ */
 
+/* Set the fields nvmlPciInfo_t and nvmlPciInfoExt_t share (8-digit uppercase busId).
+ * A macro because the two are distinct struct types with these fields at different offsets. */
+#define SET_PCI_IDS(pci, d)                                                                   \
+    do {                                                                                      \
+        (pci)->domain = (d)->addr.domain;                                                     \
+        (pci)->bus = (d)->addr.bus;                                                           \
+        (pci)->device = (d)->addr.device;                                                     \
+        (pci)->pciDeviceId = (d)->pci_device_id;                                              \
+        (pci)->pciSubSystemId = (d)->pci_subsystem_id;                                        \
+        snprintf((pci)->busId, sizeof (pci)->busId, NVML_DEVICE_PCI_BUS_ID_FMT,               \
+                 (d)->addr.domain, (d)->addr.bus & 0xFF, (d)->addr.device & 0xFF);            \
+    } while (0)
+
 /* Fill nvmlPciInfo_t the way NVML does: 8-digit uppercase busId, 4-digit busIdLegacy. */
 static void fill_pci(const struct nvmlDevice_st *d, nvmlPciInfo_t *pci)
 {
     memset(pci, 0, sizeof *pci);
-    pci->domain = d->addr.domain;
-    pci->bus = d->addr.bus;
-    pci->device = d->addr.device;
-    pci->pciDeviceId = d->pci_device_id;
-    pci->pciSubSystemId = d->pci_subsystem_id;
+    SET_PCI_IDS(pci, d);
     snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, NVML_DEVICE_PCI_BUS_ID_LEGACY_FMT,
              d->addr.domain & 0xFFFF, d->addr.bus & 0xFF, d->addr.device & 0xFF);
-    snprintf(pci->busId, sizeof pci->busId, NVML_DEVICE_PCI_BUS_ID_FMT, d->addr.domain,
-             d->addr.bus & 0xFF, d->addr.device & 0xFF);
 }
 
 /* Shared body of every nvmlPciInfo_t symbol (they share one struct layout in this header). */
 static nvmlReturn_t get_pci(const char *fn, nvmlDevice_t device, nvmlPciInfo_t *pci)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(fn, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (pci == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(fn, device, d, pci);
     fill_pci(d, pci);
     return unlock_with(NVML_SUCCESS);
 }
@@ -810,55 +815,33 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci)
 /* Versioned PCI info with class codes (a 3D controller, like data-centre GPUs). */
 nvmlReturn_t nvmlDeviceGetPciInfoExt(nvmlDevice_t device, nvmlPciInfoExt_t *pci)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (pci == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, pci);
     if (pci->version != nvmlPciInfoExt_v1)
         return unlock_with(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
-    pci->domain = d->addr.domain;
-    pci->bus = d->addr.bus;
-    pci->device = d->addr.device;
-    pci->pciDeviceId = d->pci_device_id;
-    pci->pciSubSystemId = d->pci_subsystem_id;
+    SET_PCI_IDS(pci, d);
     pci->baseClass = 0x03;
     pci->subClass = 0x02;
-    snprintf(pci->busId, sizeof pci->busId, NVML_DEVICE_PCI_BUS_ID_FMT, d->addr.domain,
-             d->addr.bus & 0xFF, d->addr.device & 0xFF);
     return unlock_with(NVML_SUCCESS);
 }
 
 /* GPU UUID string ("GPU-...") from the gpus file. */
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    DEVICE_CALL(__func__, device, d, uuid);
     return unlock_with(copy_out(uuid, length, d->uuid));
 }
 
 /* Marketing name from the gpus file. */
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    DEVICE_CALL(__func__, device, d, name);
     return unlock_with(copy_out(name, length, d->name));
 }
 
 /* The N of /dev/nvidiaN. */
 nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (minorNumber == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, minorNumber);
     *minorNumber = d->minor;
     return unlock_with(NVML_SUCCESS);
 }
@@ -870,12 +853,7 @@ nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNu
 /* Framebuffer size in bytes; an idle GPU, so all of it is free. */
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (memory == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, memory);
     memory->total = d->memory_mib << 20;
     memory->used = 0;
     memory->free = memory->total;
@@ -885,12 +863,7 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 /* Versioned framebuffer info (pynvml uses it when given version=nvmlMemory_v2). */
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (memory == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, memory);
     if (memory->version != nvmlMemory_v2)
         return unlock_with(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
     memory->total = d->memory_mib << 20;
@@ -903,12 +876,7 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
 /* BAR1 aperture size in bytes, all free. */
 nvmlReturn_t nvmlDeviceGetBAR1MemoryInfo(nvmlDevice_t device, nvmlBAR1Memory_t *bar1Memory)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (bar1Memory == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, bar1Memory);
     bar1Memory->bar1Total = d->bar1_mib << 20;
     bar1Memory->bar1Used = 0;
     bar1Memory->bar1Free = bar1Memory->bar1Total;
@@ -918,12 +886,7 @@ nvmlReturn_t nvmlDeviceGetBAR1MemoryInfo(nvmlDevice_t device, nvmlBAR1Memory_t *
 /* Shared body of the two power-limit queries (milliwatts); the fake enforces what it sets. */
 static nvmlReturn_t power_limit(const char *fn, nvmlDevice_t device, unsigned int *limit)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(fn, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (limit == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(fn, device, d, limit);
     *limit = d->power_limit_mw;
     return unlock_with(NVML_SUCCESS);
 }
@@ -944,12 +907,7 @@ nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *
 nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, nvmlClockType_t type,
                                        unsigned int *clock)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (clock == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, clock);
     switch (type) {
     case NVML_CLOCK_GRAPHICS:
     case NVML_CLOCK_SM:
@@ -969,12 +927,7 @@ nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, nvmlClockType_t type
 /* Highest PCIe generation the GPU and slot support. */
 nvmlReturn_t nvmlDeviceGetMaxPcieLinkGeneration(nvmlDevice_t device, unsigned int *maxLinkGen)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (maxLinkGen == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, maxLinkGen);
     *maxLinkGen = d->pcie_max_gen;
     return unlock_with(NVML_SUCCESS);
 }
@@ -982,12 +935,7 @@ nvmlReturn_t nvmlDeviceGetMaxPcieLinkGeneration(nvmlDevice_t device, unsigned in
 /* Widest PCIe link (lanes). */
 nvmlReturn_t nvmlDeviceGetMaxPcieLinkWidth(nvmlDevice_t device, unsigned int *maxLinkWidth)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (maxLinkWidth == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, maxLinkWidth);
     *maxLinkWidth = d->pcie_max_width;
     return unlock_with(NVML_SUCCESS);
 }
@@ -997,12 +945,7 @@ nvmlReturn_t nvmlDeviceGetMaxPcieLinkWidth(nvmlDevice_t device, unsigned int *ma
 nvmlReturn_t nvmlDeviceGetPcieLinkMaxSpeed(nvmlDevice_t device, unsigned int *maxSpeed)
 {
     static const unsigned int speeds[] = {0, 2500, 5000, 8000, 16000, 32000, 64000};
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (maxSpeed == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, maxSpeed);
     if (d->pcie_max_gen == 0 || d->pcie_max_gen >= sizeof speeds / sizeof speeds[0])
         return unlock_with(NVML_ERROR_NOT_SUPPORTED);
     *maxSpeed = speeds[d->pcie_max_gen];
@@ -1012,11 +955,8 @@ nvmlReturn_t nvmlDeviceGetPcieLinkMaxSpeed(nvmlDevice_t device, unsigned int *ma
 /* CUDA compute capability (9.0 for an H100). */
 nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int *major, int *minor)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (major == NULL || minor == NULL)
+    DEVICE_CALL(__func__, device, d, major);
+    if (minor == NULL)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     *major = d->cc_major;
     *minor = d->cc_minor;
@@ -1027,12 +967,7 @@ nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int *major,
 static nvmlReturn_t enable_state(const char *fn, nvmlDevice_t device, size_t field_offset,
                                  nvmlEnableState_t *mode)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(fn, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (mode == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(fn, device, d, mode);
     unsigned int value = *(const unsigned int *)((const char *)d + field_offset);
     *mode = value ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
     return unlock_with(NVML_SUCCESS);
@@ -1060,11 +995,8 @@ nvmlReturn_t nvmlDeviceGetDisplayActive(nvmlDevice_t device, nvmlEnableState_t *
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode,
                                   unsigned int *pendingMode)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (currentMode == NULL || pendingMode == NULL)
+    DEVICE_CALL(__func__, device, d, currentMode);
+    if (pendingMode == NULL)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     *currentMode = d->mig_mode;
     *pendingMode = d->mig_mode;
@@ -1076,11 +1008,8 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode
 nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount,
                                       nvmlFieldValue_t *values)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (values == NULL || valuesCount < 0)
+    DEVICE_CALL(__func__, device, d, values);
+    if (valuesCount < 0)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     struct timeval tv;
     gettimeofday(&tv, NULL);
@@ -1106,12 +1035,7 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount,
 /* Event types this GPU can report, from its supported_events mask. */
 nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *eventTypes)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (eventTypes == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    DEVICE_CALL(__func__, device, d, eventTypes);
     *eventTypes = d->supported_events;
     return unlock_with(NVML_SUCCESS);
 }
@@ -1128,11 +1052,7 @@ static int valid_set(nvmlEventSet_t set)
 /* New empty event set that will read the events file from its current end. */
 nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
 {
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (set == NULL)
-        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    CALL(__func__, set);
     struct nvmlEventSet_st *s = calloc(1, sizeof *s);
     if (s == NULL)
         return unlock_with(NVML_ERROR_MEMORY);
@@ -1149,10 +1069,7 @@ nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
 nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes,
                                       nvmlEventSet_t set)
 {
-    struct nvmlDevice_st *d;
-    nvmlReturn_t rc = dev_begin(__func__, device, &d);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    DEVICE_CALL(__func__, device, d, set); /* valid_set() rejects NULL anyway */
     if (!valid_set(set))
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     if (d->register_error != 0)
@@ -1231,10 +1148,8 @@ static int next_event(struct nvmlEventSet_st *set, nvmlEventData_t *data)
 static nvmlReturn_t event_wait(const char *fn, nvmlEventSet_t set, nvmlEventData_t *data,
                                unsigned int timeoutms)
 {
-    nvmlReturn_t rc = begin(fn);
-    if (rc != NVML_SUCCESS)
-        return rc;
-    if (data == NULL || !valid_set(set))
+    CALL(fn, data);
+    if (!valid_set(set))
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     pthread_mutex_unlock(&g_lock);
     long long deadline = now_ms() + timeoutms;
@@ -1269,9 +1184,7 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data,
 /* Destroy an event set; waiters on it notice and return INVALID_ARGUMENT. */
 nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
 {
-    nvmlReturn_t rc = begin(__func__);
-    if (rc != NVML_SUCCESS)
-        return rc;
+    CALL(__func__, set); /* NULL is never in the list, so it fails the same way below */
     for (struct nvmlEventSet_st **p = &g_sets; *p != NULL; p = &(*p)->next) {
         if (*p == set) {
             *p = set->next;
