@@ -121,7 +121,9 @@ def test_a_lease_ends_within_a_second_of_its_holder_process(
         holder.wait()
     ended = time.monotonic()
     sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=5)
-    assert time.monotonic() - ended < 1.0
+    took = time.monotonic() - ended
+    print(f"lease ended {took * 1000:.1f} ms after its holder was killed")
+    assert took < 1.0
     assert daemon.client().call("leases") == {"leases": []}
 
 
@@ -197,6 +199,7 @@ def test_leases_survive_sigkill_at_random_moments(
         assert churn.failure is None, churn.failure
         granted += churn.granted
         leases = {i: d for i, d in churn.answered.items() if i != churn.releasing}
+    print(f"{granted} leases granted across 50 SIGKILLs; every answered one came back")
     assert granted >= 50, f"only {granted} leases granted in 50 rounds: too few to mean much"
 
 
