@@ -171,6 +171,8 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
         raise ConfigError("max_clients must be at least 1")
     if not settings.nvml_timeout > 0:
         raise ConfigError("nvml_timeout must be a positive number of seconds")
+    for xid in settings.xid_ignore + settings.xid_fatal:
+        _xid(xid)  # flags come here unchecked
     both = set(settings.xid_ignore) & set(settings.xid_fatal)
     if both:
         raise ConfigError(f"XIDs both ignored and fatal: {', '.join(map(str, sorted(both)))}")

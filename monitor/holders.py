@@ -27,9 +27,7 @@ def start_time(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), or None if there is none."""
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
-        return None
-    except psutil.AccessDenied:
+    except (psutil.Error, ValueError):  # gone, a zombie, or hidden from us
         return None
 
 

@@ -120,6 +120,11 @@ def test_help_explains_every_command() -> None:
         ('match_class = ["0xZZ"]', "invalid PCI class '0xZZ'"),
         ('udev_source = "carrier-pigeon"', "udev_source must be one of auto, udev, kernel"),
         ("netlink_buffer = 10", "netlink_buffer must be at least 65536"),
+        ('xid_ignore = ["79"]', "an XID is a positive number, not '79'"),
+        ("xid_ignore = [79]\nxid_fatal = [79, 13]", "XIDs both ignored and fatal: 79"),
+        ("nvml_timeout = 0", "nvml_timeout must be a positive number of seconds"),
+        ('group = "no-such-group-here"', "no group named 'no-such-group-here' on this host"),
+        ("cdi_dir = 3", "cdi_dir has the wrong type"),
     ],
 )
 def test_bad_config_files_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -135,6 +140,9 @@ def test_missing_config_file_and_bad_flags(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "cannot read config file" in missing.stderr
     bad_class = hotplug_monitor("serve", "--match-class", "display")
     assert bad_class.returncode == 2 and "invalid PCI class 'display'" in bad_class.stderr
+    bad_xid = hotplug_monitor("serve", "--xid-fatal", "-3", "--socket", str(tmp_path / "s.sock"))
+    assert bad_xid.returncode == 1
+    assert bad_xid.stderr == "hotplug-monitor: error: an XID is a positive number, not -3\n"
 
 
 def test_config_file_applies_and_flags_win(
