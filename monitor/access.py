@@ -57,14 +57,11 @@ def _peer_groups(sock: socket.socket) -> frozenset[int]:
 
 def resolve_group(name: str | None) -> int | None:
     """The gid of ``name``; with no name, that of ``hotplug-monitor`` if it exists, else None."""
-    if name is None:
-        try:
-            return grp.getgrnam(DEFAULT_GROUP).gr_gid
-        except KeyError:
-            return None
     try:
-        return grp.getgrnam(name).gr_gid
+        return grp.getgrnam(name or DEFAULT_GROUP).gr_gid
     except KeyError:
+        if name is None:
+            return None
         if name.isdigit():
             return int(name)
         raise UnknownGroup(f"no group named {name!r} on this host") from None

@@ -23,12 +23,12 @@ from monitor.access import Access, resolve_group
 from monitor.cdi import keep_spec
 from monitor.config import ConfigError, Settings
 from monitor.engine import run_engine
-from monitor.events import ClassFilterChanged, Event, LeaseEnded, XidPolicyChanged
+from monitor.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
 from monitor.holders import HolderWatch
 from monitor.hub import Hub
 from monitor.leases import Lease
 from monitor.reducer import State
-from monitor.server import Pending, Server, bind_unix_socket
+from monitor.server import Inbox, Item, Server, bind_unix_socket
 from monitor.sources.nvml import run_nvml_source
 from monitor.sources.udev import run_udev_source
 from monitor.store import LeaseStore, StoreError
@@ -88,7 +88,7 @@ def _raise_fd_limit() -> None:
 async def _reload(
     current: Settings,
     load: Callable[[], Settings],
-    events: trio.MemorySendChannel[tuple[Event, ...] | Pending],
+    events: Inbox,
 ) -> Settings:
     """Re-read the config; apply what can change live, keep the old settings on any error."""
     systemd.notify(RELOADING=1)
@@ -169,9 +169,10 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     _raise_fd_limit()
     _tune_gc()
     store = LeaseStore(settings.state_dir)
-    leases = restore_leases(store)
+    leases = await trio.to_thread.run_sync(restore_leases, store)
     try:
-        store.save(leases)  # tells at once if the state directory cannot be written
+        # tells at once if the state directory cannot be written
+        await trio.to_thread.run_sync(store.save, leases)
     except StoreError as exc:
         log.error("%s: reserve and release will be refused until it can be written", exc)
     if leases:
@@ -182,7 +183,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         leases={lease.id: lease for lease in leases},
         xid_policy=settings.xid_policy,
     )
-    send, receive = trio.open_memory_channel[tuple[Event, ...] | Pending](EVENT_BUFFER)
+    send, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
     gid = resolve_group(settings.group)
     server = Server(hub, send.clone(), access=Access(gid), max_clients=settings.max_clients)
     sock, bound = _open_socket(settings, gid)

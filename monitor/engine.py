@@ -21,14 +21,14 @@ from monitor.hub import Hub
 from monitor.leases import Lease
 from monitor.protocol import INTERNAL_ERROR, RpcError
 from monitor.reducer import Reduction, State, fold
-from monitor.server import Pending
+from monitor.server import Item, Pending
 from monitor.store import LeaseStore, StoreError
 
 log = logging.getLogger(__name__)
 
 MAX_COALESCED = 4096  # events folded into one patch when they are already waiting
 
-Inbox = trio.MemoryReceiveChannel[tuple[Event, ...] | Pending]
+Incoming = trio.MemoryReceiveChannel[Item]
 
 
 def durable(state: State) -> dict[str, Lease]:
@@ -36,7 +36,7 @@ def durable(state: State) -> dict[str, Lease]:
 
 
 async def run_engine(
-    hub: Hub, receive: Inbox, store: LeaseStore, watch: HolderWatch | None = None
+    hub: Hub, receive: Incoming, store: LeaseStore, watch: HolderWatch | None = None
 ) -> None:
     async with receive:  # closed on exit, so that nobody waits on a task that is gone
         async for first in receive:

@@ -155,7 +155,9 @@ class Pending:
         self.done = trio.Event()
 
 
-Inbox = trio.MemorySendChannel[tuple[Event, ...] | Pending]
+# What the reducer task takes in: a batch of events from a source, or a client's request.
+Item = tuple[Event, ...] | Pending
+Inbox = trio.MemorySendChannel[Item]
 
 
 class Server:

@@ -14,7 +14,7 @@ A GPU is read again when udev reports it added or rebound, and after the evidenc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pynvml
@@ -33,6 +33,7 @@ from monitor.health import CAUSE_PCI_ERROR
 from monitor.hub import Hub
 from monitor.logs import MESSAGE_IDS
 from monitor.model import Attribute
+from monitor.reducer import State
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class NvmlSource:
         self.hub = hub
         self.deadline = deadline
         self.limiter = limiter
-        self.watching: dict[str, tuple[str | None, trio.CancelScope]] = {}
+        self.watching: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None  # the GPU tasks' and their call watchers'
 
     async def call(
@@ -210,41 +211,42 @@ class NvmlSource:
         await self.send.send((NvmlUnreachable(address, reason),))
 
     async def follow(self) -> None:
-        """Keep one watch task per NVIDIA GPU that udev shows bound to the nvidia driver; start
-        it again when its driver changes or a PCI error recovery reset it."""
+        """Keep one watch task per NVIDIA GPU that udev shows bound to the nvidia driver (an
+        unbind ends it, a bind starts a new one); start it again when a PCI error recovery
+        reset the GPU."""
         pci_errors: set[str] = set()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while True:
                 published = self.hub.published
                 state = self.hub.state
-                present = self._nvidia_gpus(state.devices)
+                present = self._nvidia_gpus(state)
                 before, pci_errors = (
                     pci_errors,
                     {a for a, causes in state.problems.items() if CAUSE_PCI_ERROR in causes},
                 )
                 for address in [a for a in self.watching if a not in present]:
-                    self.watching.pop(address)[1].cancel()
-                for address, driver in present.items():
+                    self.watching.pop(address).cancel()
+                for address in present:
                     known = self.watching.get(address)
                     reset = address in before and address not in pci_errors
-                    if known is not None and known[0] == driver and not reset:
+                    if known is not None and not reset:
                         continue
                     if known is not None:
-                        known[1].cancel()
+                        known.cancel()
                     scope = trio.CancelScope()
-                    self.watching[address] = (driver, scope)
+                    self.watching[address] = scope
                     nursery.start_soon(self.watch, address, scope)
                 await published.wait()
 
-    def _nvidia_gpus(self, devices: Mapping[str, Any]) -> dict[str, str | None]:
-        fingerprint = self.hub.state.fingerprint.devices()
+    @staticmethod
+    def _nvidia_gpus(state: State) -> set[str]:
+        """The NVIDIA devices we show, bound to the nvidia driver."""
+        shown = state.fingerprint.devices()
         return {
-            address: facts.driver
-            for address, facts in devices.items()
-            if facts.vendor_id == NVIDIA_VENDOR_ID
-            and facts.driver == "nvidia"
-            and address in fingerprint
+            address
+            for address, facts in state.devices.items()
+            if facts.vendor_id == NVIDIA_VENDOR_ID and facts.driver == "nvidia" and address in shown
         }
 
     async def watch(self, address: str, scope: trio.CancelScope) -> None:
