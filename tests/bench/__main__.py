@@ -113,27 +113,22 @@ def main(argv: list[str] | None = None) -> int:
 
         def simulated_reservations(sim: simulated.TimedSimulator) -> None:
             devices = [address for _, address in simulated.EIGHT_GPUS]
-            # The node-check fix, compared where no disk write hides it: connection-bound leases.
-            with Daemon(work / "s5-before", ["--udev-source", "udev"], env=sim.daemon_env(),
-                        log_level="warning", tune="nodes-uncached") as daemon:  # fmt: skip
-                before = reserve.reservations(
-                    results, daemon, devices, pairs, quick,
-                    "8 simulated GPUs, connection-bound, before: a stat per node per request",
-                    target=False, bind=True,
-                )  # fmt: skip
-            with Daemon(work / "s5-bound", ["--udev-source", "udev"], env=sim.daemon_env(),
-                        log_level="warning") as daemon:  # fmt: skip
-                after = reserve.reservations(
-                    results, daemon, devices, pairs, quick,
-                    "8 simulated GPUs, connection-bound leases (not written)",
-                    target=False, bind=True,
-                )  # fmt: skip
-            with Daemon(work / "s5", ["--udev-source", "udev"], env=sim.daemon_env(),
-                        log_level="warning") as daemon:  # fmt: skip
-                reserve.reservations(
-                    results, daemon, devices, pairs, quick,
-                    "8 simulated GPUs, durable leases (fsync before each answer)", profiles,
-                )  # fmt: skip
+            rates = {}
+            # (folder, tune, label, connection-bound): the node-check fix is compared where no
+            # disk write hides it, with connection-bound leases; then the default, durable ones.
+            for folder, tune, label, bind in (
+                ("s5-before", "nodes-uncached",
+                 "8 simulated GPUs, connection-bound, before: a stat per node per request", True),
+                ("s5-bound", None, "8 simulated GPUs, connection-bound leases (not written)", True),
+                ("s5", None, "8 simulated GPUs, durable leases (fsync before each answer)", False),
+            ):  # fmt: skip
+                with Daemon(work / folder, ["--udev-source", "udev"], env=sim.daemon_env(),
+                            log_level="warning", tune=tune) as daemon:  # fmt: skip
+                    rates[folder] = reserve.reservations(
+                        results, daemon, devices, pairs, quick, label,
+                        None if bind else profiles, target=not bind, bind=bind,
+                    )  # fmt: skip
+            before, after = rates["s5-before"], rates["s5-bound"]
             for connections in after:
                 ratio = after[connections] / before[connections]
                 results.add(

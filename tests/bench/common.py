@@ -11,6 +11,7 @@ import os
 import platform
 import queue
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -131,6 +132,17 @@ class Results:
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"  note: {text}")
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One whole answer line from a blocking socket."""
+    data = b""
+    while not data.endswith(b"\n"):
+        part = sock.recv(1 << 20)
+        if not part:
+            raise RuntimeError("the daemon closed the connection")
+        data += part
+    return data
 
 
 def now_ns() -> int:

@@ -23,6 +23,7 @@ from tests.bench.common import (
     emit,
     now_ns,
     raise_fd_limit,
+    read_line,
     uevent_file,
 )
 from tests.bench.profile import PySpy
@@ -49,12 +50,7 @@ class Subscribers:
                 chunk.append(sock)
             for sock in chunk:  # each answer is the snapshot: one line
                 sock.settimeout(30)
-                data = b""
-                while not data.endswith(b"\n"):
-                    part = sock.recv(1 << 20)
-                    if not part:
-                        raise RuntimeError("daemon closed a subscriber while subscribing")
-                    data += part
+                data = read_line(sock)
                 if b'"result"' not in data:
                     raise RuntimeError(f"subscribe refused: {data[:200]!r}")
                 sock.setblocking(False)

@@ -24,6 +24,7 @@ from tests.bench.common import (
     SubscriberProcess,
     log_to_stderr,
     now_ns,
+    read_line,
     stop_process,
 )
 
@@ -195,13 +196,7 @@ def _first_fingerprint(path: Path, process: subprocess.Popen[bytes]) -> bytes:
             continue
         with sock:
             sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"fingerprint"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                part = sock.recv(1 << 20)
-                if not part:
-                    raise RuntimeError("the daemon closed the connection")
-                data += part
-            return data
+            return read_line(sock)
 
 
 def start_once(workdir: Path, sim: Simulator, index: int) -> tuple[int, int]:
