@@ -59,6 +59,14 @@ class LineBuffer:
         self._limit = limit
         self._pending = bytearray()
 
+    @property
+    def pending(self) -> int:
+        """Bytes of a line begun and not yet finished."""
+        return len(self._pending)
+
+    def clear(self) -> None:
+        self._pending = bytearray()
+
     def feed(self, data: bytes) -> list[bytes]:
         self._pending += data
         if b"\n" not in data:
@@ -72,11 +80,15 @@ class LineBuffer:
         return [bytes(line) for line in lines]
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_request(line: bytes) -> Request:
     """One line to a ``Request``; raises ``RpcError`` with the right code when it is not one."""
     try:
         # Decoded here, not by json.loads: the wire is UTF-8 only, never UTF-16 or UTF-32.
-        message = json.loads(line.decode("utf-8"))
+        message = json.loads(line.decode("utf-8"), parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise RpcError(PARSE_ERROR, f"The request is not valid UTF-8 JSON: {exc}.") from None
     if isinstance(message, list):
@@ -85,7 +97,7 @@ def parse_request(line: bytes) -> Request:
         raise RpcError(INVALID_REQUEST, "A request must be a JSON object.")
     request_id = message.get("id")
     if not isinstance(request_id, str | int | None) or isinstance(request_id, bool):
-        raise RpcError(INVALID_REQUEST, "The request id must be a string, a number or null.")
+        raise RpcError(INVALID_REQUEST, "The request id must be a string, an integer or null.")
     if message.get("jsonrpc") != "2.0":
         raise RpcError(
             INVALID_REQUEST, 'The request must carry "jsonrpc": "2.0".', None, request_id

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
 LISTEN_BACKLOG = 4096
+LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close on it
+# Unfinished lines across all connections. Each may be up to 1 MiB, but a thousand clients each
+# sending most of one and stopping would hold a gigabyte (tests/test_abuse.py).
+UNFINISHED_INPUT_BUDGET = 64 * 1024 * 1024
 # Per connection. Every request is a checkpoint, so busy connections already share the loop in
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),
 # so a client stuck in a loop cannot keep the daemon busy alone.
@@ -176,6 +180,7 @@ class Server:
         self.max_clients = max_clients
         self.requests_per_second = requests_per_second
         self.clients = 0
+        self.unfinished_input = 0  # bytes of unfinished lines held, all connections together
         self.node_exists = reservations.RecentNodeCheck()
         # Reservation IDs unique across restarts without a random read per reservation.
         self._lease_prefix = secrets.token_hex(6)
@@ -356,29 +361,69 @@ class _Connection:
         error = RpcError(SERVER_BUSY, f"Too many clients (limit {limit}); try again later.")
         with trio.move_on_after(1):
             await self.send(encode_error(error))
+        await self._linger()
 
     async def run(self) -> None:
         buffer = LineBuffer()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             try:
-                while data := await self.stream.receive_some(RECEIVE_SIZE):
-                    try:
-                        lines = buffer.feed(data)
-                    except LineTooLong:
-                        error = RpcError(INVALID_REQUEST, "Request line exceeds 1 MiB; closing.")
-                        await self.send(encode_error(error))
-                        return
-                    for line in lines:
-                        if line.strip():
-                            wait = self.budget.wait_before_next(trio.current_time())
-                            if wait > 0:
-                                await trio.sleep(wait)
-                            await self.answer(line)
+                refusal = await self._answer_lines(buffer)
+                if refusal is not None:
+                    await self.send(encode_error(refusal))
+                    await self._linger()
             finally:
+                self.server.unfinished_input -= buffer.pending
                 nursery.cancel_scope.cancel()
                 if self.subscriber is not None:
                     self.server.hub.unsubscribe(self.subscriber)
+
+    async def _answer_lines(self, buffer: LineBuffer) -> RpcError | None:
+        """Answer each request line until EOF; the error to close with, if the client is refused.
+
+        Returns before the refusal is sent, so that no received data is held while we linger."""
+        while data := await self.stream.receive_some(RECEIVE_SIZE):
+            try:
+                lines = self._take_lines(buffer, data)
+            except RpcError as refusal:
+                return refusal.with_traceback(None)  # its frames would keep ``data`` alive
+            for line in lines:
+                if line.strip():
+                    wait = self.budget.wait_before_next(trio.current_time())
+                    if wait > 0:
+                        await trio.sleep(wait)
+                    await self.answer(line)
+        return None
+
+    def _take_lines(self, buffer: LineBuffer, data: bytes) -> list[bytes]:
+        """The lines ``data`` completes; RpcError, and the unfinished line dropped, when the
+        connection is to be refused for the length of its line or for the daemon's memory."""
+        server = self.server
+        server.unfinished_input -= buffer.pending
+        try:
+            lines = buffer.feed(data)
+        except LineTooLong:
+            buffer.clear()
+            raise RpcError(INVALID_REQUEST, "Request line exceeds 1 MiB; closing.") from None
+        if buffer.pending and server.unfinished_input + buffer.pending > UNFINISHED_INPUT_BUDGET:
+            buffer.clear()
+            raise RpcError(
+                SERVER_BUSY,
+                "The daemon holds too much unfinished input from clients; send whole lines. "
+                "Closing.",
+            )
+        server.unfinished_input += buffer.pending
+        return lines
+
+    async def _linger(self) -> None:
+        """Close our side, then read and drop what the client still sends, for a while.
+
+        Closing a socket that has unread data resets it, and the client would lose the error
+        line we just wrote; once the client has read it and closed, EOF ends this."""
+        await self.stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            while await self.stream.receive_some(RECEIVE_SIZE):
+                pass
 
     async def answer(self, line: bytes) -> None:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -15,9 +17,27 @@ import pytest
 from monitor.client import Client, DaemonUnavailable, Mirror
 from monitor.nvmlsim import build_library
 from monitor.sim import Simulator, umockdev_missing
+from tests import reliability
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
 IN_CI = os.environ.get("CI") == "true"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Keep what the reliability tests measured (tests/reliability.py)."""
+    if not reliability.rows:
+        return
+    command = " ".join(["python -m pytest", *session.config.invocation_params.args])
+    host = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.release()}"
+    header = {"command": command.strip(), "date": datetime.date.today().isoformat(), "host": host}
+    reliability.write(reliability.report_path(), header)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if reliability.rows:
+        terminalreporter.section("reliability (README table: python -m tests.reliability)")
+        for row in reliability.rows:
+            terminalreporter.write_line(" | ".join(row.values()))
 
 
 def need(reason: str | None) -> None:

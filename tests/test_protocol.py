@@ -64,6 +64,8 @@ def error_code(message: dict[str, Any]) -> int:
         (b"{not json\n", -32700, False),
         (b"\xff\xfe garbage\n", -32700, False),
         (b'"just a string"\n', -32600, False),
+        (b'{"jsonrpc": "2.0", "id": 7, "method": "fingerprint", "x": NaN}\n', -32700, False),
+        (b'{"jsonrpc": "2.0", "id": 7.5, "method": "fingerprint"}\n', -32600, False),
         (b'[{"jsonrpc": "2.0", "id": 1, "method": "fingerprint"}]\n', -32600, False),
         (b'{"id": 7, "method": "fingerprint"}\n', -32600, True),
         (b'{"jsonrpc": "2.0", "id": 7, "method": 42}\n', -32600, True),
