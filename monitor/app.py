@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import resource
 import signal
 import socket
@@ -28,7 +27,8 @@ from monitor.holders import HolderWatch
 from monitor.hub import Hub
 from monitor.leases import Lease
 from monitor.reducer import State
-from monitor.server import Inbox, Item, Server, bind_unix_socket
+from monitor.server import Inbox, Item, Server
+from monitor.socketfile import SocketFile
 from monitor.sources.nvml import run_nvml_source
 from monitor.sources.udev import run_udev_source
 from monitor.store import LeaseStore, StoreError
@@ -127,24 +127,14 @@ async def _reload(
         systemd.notify(READY=1)
 
 
-def _open_socket(
-    settings: Settings, gid: int | None
-) -> tuple[socket.socket, os.stat_result | None]:
-    """systemd's socket if we were activated, else our own; with what to unlink on exit.
-
-    Ours is 0660, owned by our user and the configured group: the group may connect."""
+def _open_socket(settings: Settings, gid: int | None) -> tuple[socket.socket, SocketFile | None]:
+    """systemd's socket if we were activated, else our own, with the file we keep for it."""
     passed = systemd.listen_socket()
     if passed is not None:
         log.info("serving on the socket systemd passed us")
         return passed, None
-    sock = bind_unix_socket(settings.socket, 0o660 if gid is not None else 0o600)
-    if gid is not None:
-        try:
-            os.chown(settings.socket, -1, gid)
-        except OSError as exc:
-            sock.close()
-            raise PermissionError(f"cannot give {settings.socket} to group {gid}: {exc}") from None
-    return sock, os.stat(settings.socket)
+    socket_file = SocketFile(settings.socket, gid)
+    return socket_file.bind(), socket_file
 
 
 def restore_leases(store: LeaseStore) -> list[Lease]:
@@ -186,13 +176,14 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     send, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
     gid = resolve_group(settings.group)
     server = Server(hub, send.clone(), access=Access(gid), max_clients=settings.max_clients)
-    sock, bound = _open_socket(settings, gid)
-    socket_path = settings.socket
+    sock, socket_file = _open_socket(settings, gid)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
         with trio.open_signal_receiver(*handled) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, sock)
+                if socket_file is not None:
+                    nursery.start_soon(socket_file.keep, server.listen_on)
 
                 async def holder_exited(lease_id: str) -> None:
                     await send.send((LeaseEnded(lease_id),))
@@ -232,14 +223,5 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                     break
     finally:
         sock.close()
-        if bound is not None:
-            _unlink_if_ours(socket_path, bound)
-
-
-def _unlink_if_ours(path: os.PathLike[str], bound: os.stat_result) -> None:
-    try:
-        now = os.stat(path)
-    except OSError:
-        return
-    if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-        os.unlink(path)
+        if socket_file is not None:
+            socket_file.unlink_if_ours()

@@ -28,7 +28,7 @@ from monitor.config import (
     client_socket,
     load_settings,
 )
-from monitor.server import SocketInUse
+from monitor.socketfile import SocketInUse
 from monitor.systemd import ActivationError
 
 PROG = "hotplug-monitor"

@@ -9,15 +9,11 @@ daemon or another client.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
-import os
 import secrets
 import socket
-import stat
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -48,7 +44,6 @@ from monitor.reducer import Answer
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
-LISTEN_BACKLOG = 4096
 LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close on it
 # Unfinished lines across all connections. Each may be up to 1 MiB, but a thousand clients each
 # sending most of one and stopping would hold a gigabyte (tests/test_abuse.py).
@@ -74,44 +69,6 @@ class RequestBudget:
         self.last = now
         self.tokens -= 1
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-class SocketInUse(Exception):
-    """Another daemon answers on the socket path."""
-
-
-def bind_unix_socket(path: Path, mode: int) -> socket.socket:
-    """Listen on ``path``, replacing a stale socket file but never a live one."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    try:
-        existing = path.lstat()
-    except FileNotFoundError:
-        existing = None
-    if existing is not None:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket; remove it or choose --socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            log.info("replacing stale socket %s", path)
-            path.unlink(missing_ok=True)
-        else:
-            raise SocketInUse(f"another hotplug-monitor is already serving on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _device_ids(params: dict[str, Any]) -> list[str]:
@@ -180,6 +137,8 @@ class Server:
         self.max_clients = max_clients
         self.requests_per_second = requests_per_second
         self.clients = 0
+        self._connections: trio.Nursery  # set by serve()
+        self._accepting: trio.CancelScope | None = None  # the listener now accepting
         self.unfinished_input = 0  # bytes of unfinished lines held, all connections together
         self.node_exists = reservations.RecentNodeCheck()
         # Reservation IDs unique across restarts without a random read per reservation.
@@ -192,10 +151,31 @@ class Server:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        async with trio.open_nursery() as nursery:
+        """Accept clients on ``sock`` (and later on what ``listen_on`` is given) until cancelled."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            await connections.start(self._accept, sock)
             task_status.started()
-            await trio.serve_listeners(self.handle, [listener], handler_nursery=nursery)
+
+    async def listen_on(self, sock: socket.socket) -> None:
+        """Accept new clients on ``sock`` instead; connected clients are not touched."""
+        await self._connections.start(self._accept, sock)
+
+    async def _accept(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        with trio.CancelScope() as scope:
+            if self._accepting is not None:
+                self._accepting.cancel()
+            self._accepting = scope
+            try:
+                task_status.started()
+                await trio.serve_listeners(
+                    self.handle, [listener], handler_nursery=self._connections
+                )
+            finally:
+                await trio.aclose_forcefully(listener)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         connection = _Connection(self, stream, next(self._serial))

@@ -17,7 +17,8 @@ import trio
 from monitor.events import DeviceSeen, PciErrorReported, PciFacts
 from monitor.hub import Hub
 from monitor.reducer import State, reduce
-from monitor.server import Server, bind_unix_socket
+from monitor.server import Server
+from monitor.socketfile import bind_unix_socket
 
 
 def server(hub: Hub, max_clients: int = 1024) -> Server:
