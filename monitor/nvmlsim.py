@@ -255,6 +255,10 @@ class FakeNvml:
         """Make calls of ``function`` abort() the calling process."""
         _write_atomic(self.directory / "crash", function + (f"\t{bus_id}" if bus_id else "") + "\n")
 
+    def uncrash(self) -> None:
+        """Let calls named by crash() run again."""
+        (self.directory / "crash").unlink(missing_ok=True)
+
     def calls(self) -> list[str]:
         """NVML functions called so far, in order (needs ``record_calls=True``)."""
         path = self.directory / "calls"

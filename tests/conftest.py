@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -145,6 +146,16 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture
+def many_fds() -> Iterator[None]:
+    """This test process opens thousands of sockets: raise its own limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need(None if hard >= 12_000 else f"needs RLIMIT_NOFILE hard limit >= 12000 (is {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture(scope="session")

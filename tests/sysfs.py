@@ -10,11 +10,11 @@ from typing import Any
 PCI = Path("/sys/bus/pci/devices")
 
 
-def sysfs_truth(pci_class: str) -> dict[str, str | None]:
-    """Every PCI device of the class (6 hex digits), with its bound driver."""
+def sysfs_truth(*pci_classes: str) -> dict[str, str | None]:
+    """Every PCI device whose class (6 hex digits) starts with one given, with its bound driver."""
     truth = {}
     for path in PCI.iterdir():
-        if (path / "class").read_text().strip().removeprefix("0x") == pci_class:
+        if (path / "class").read_text().strip().removeprefix("0x").startswith(pci_classes):
             driver = path / "driver"
             truth[path.name] = os.path.basename(os.readlink(driver)) if driver.exists() else None
     return truth

@@ -7,18 +7,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 import pytest
 
 from monitor.protocol import MAX_LINE
-from tests.conftest import Daemon, Subscription, need
+from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 from tests.test_leases import reservable
 
@@ -39,16 +38,6 @@ def settle_fds(daemon: Daemon, baseline: int, timeout: float = 5.0) -> int:
     while fd_count(daemon) > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     return fd_count(daemon)
-
-
-@pytest.fixture
-def many_fds() -> Iterator[None]:
-    """This test process opens thousands of sockets: raise its own limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need(None if hard >= 12_000 else f"needs RLIMIT_NOFILE hard limit >= 12000 (is {hard})")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture

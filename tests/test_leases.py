@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
-from monitor.client import Client, DaemonUnavailable, RpcFailure
+from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from tests.conftest import Daemon, Subscription
+from tests.reliability import record
+from tests.sysfs import snapshot_view, sysfs_truth
 
 PCI = Path("/sys/bus/pci/devices")
 
@@ -179,8 +181,9 @@ def test_leases_survive_sigkill_at_random_moments(
 ) -> None:
     devices, flags = reservable()
     rng = random.Random(7)
+    truth = sysfs_truth(*flags[1::2])
     leases: dict[str, list[str]] = {}
-    granted = 0
+    granted = restarts = 0
     for _ in range(50):
         daemon = start_daemon(*flags)
         restored = {e["reservation_id"]: e for e in daemon.client().call("leases")["leases"]}
@@ -189,6 +192,11 @@ def test_leases_survive_sigkill_at_random_moments(
         # every lease answered before the kill is back, with its devices
         assert set(leases) <= set(restored), (leases, restored, daemon.log())
         assert all(sorted(restored[i]["devices"]) == sorted(leases[i]) for i in leases)
+        # and the snapshot is right: the host's devices, each marked with the lease holding it
+        snapshot = Mirror(daemon.fingerprint())
+        assert snapshot_view(snapshot.snapshot) == truth
+        holder = {d: i for i, entry in restored.items() for d in entry["devices"]}
+        assert all(reserved_by(snapshot, d) == holder.get(d) for d in truth)
         client = daemon.client(timeout=5)
         churn = Churn(client, devices, {i: list(e["devices"]) for i, e in restored.items()})
         churn.start()
@@ -199,8 +207,15 @@ def test_leases_survive_sigkill_at_random_moments(
         assert churn.failure is None, churn.failure
         granted += churn.granted
         leases = {i: d for i, d in churn.answered.items() if i != churn.releasing}
-    print(f"{granted} leases granted across 50 SIGKILLs; every answered one came back")
+        restarts += 1
     assert granted >= 50, f"only {granted} leases granted in 50 rounds: too few to mean much"
+    record(
+        "Faults",
+        "SIGKILL at a random moment of reserve/release churn, then a restart",
+        f"{restarts} kills, {granted:,} leases granted in all",
+        "every answered lease back after each restart, none duplicated, no device in two "
+        "leases; snapshot equal to sysfs with reserved_by matching the leases",
+    )
 
 
 def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
