@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,8 +60,18 @@ def umockdev_missing() -> str | None:
     return None
 
 
-def _strv(pairs: dict[str, str]) -> Any:
-    flat = [s.encode() for kv in pairs.items() for s in kv]
+def _to_bytes(text: str) -> bytes:
+    """Text to bytes; surrogate escapes (``_to_text``) become the bytes that are not UTF-8."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _to_text(value: str | bytes) -> str:
+    """Any bytes as text that survives JSON: what is not UTF-8 as surrogate escapes."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _strv(pairs: Mapping[str, str]) -> Any:
+    flat = [_to_bytes(s) for kv in pairs.items() for s in kv]
     return (ctypes.c_char_p * (len(flat) + 1))(*flat, None)
 
 
@@ -77,6 +88,7 @@ class _Testbed:
         lib.umockdev_testbed_add_devicev.argtypes = [vp, cp, cp, cp, vp, vp]
         lib.umockdev_testbed_uevent.argtypes = [vp, cp, cp]
         lib.umockdev_testbed_set_property.argtypes = [vp, cp, cp, cp]
+        lib.umockdev_testbed_set_attribute.argtypes = [vp, cp, cp, cp]
         lib.umockdev_testbed_remove_device.argtypes = [vp, cp]
         self._lib = lib
         self._bed = lib.umockdev_testbed_new()
@@ -87,37 +99,40 @@ class _Testbed:
         subsystem: str,
         name: str,
         parent: str | None,
-        attrs_: dict[str, str],
-        props: dict[str, str],
+        attrs_: Mapping[str, str],
+        props: Mapping[str, str],
     ) -> str:
         path = self._lib.umockdev_testbed_add_devicev(
             self._bed,
-            subsystem.encode(),
-            name.encode(),
-            parent.encode() if parent else None,
+            _to_bytes(subsystem),
+            _to_bytes(name),
+            _to_bytes(parent) if parent else None,
             _strv(attrs_),
             _strv(props),
         )
         if not path:
-            raise RuntimeError(f"umockdev could not add {subsystem} device {name}")
-        return str(path.decode())
+            raise RuntimeError(f"umockdev could not add {subsystem} device {name!r}")
+        return _to_text(path)
 
     def uevent(self, syspath: str, action: str, **props: str) -> None:
         for key, value in props.items():
-            self._lib.umockdev_testbed_set_property(
-                self._bed, syspath.encode(), key.encode(), value.encode()
-            )
-        self._lib.umockdev_testbed_uevent(self._bed, syspath.encode(), action.encode())
+            self.set_property(syspath, key, value)
+        self._lib.umockdev_testbed_uevent(self._bed, _to_bytes(syspath), _to_bytes(action))
         for key in props:  # the properties belong to this one event, not to the device
-            self._lib.umockdev_testbed_set_property(self._bed, syspath.encode(), key.encode(), b"")
+            self.set_property(syspath, key, "")
 
     def set_property(self, syspath: str, key: str, value: str) -> None:
         self._lib.umockdev_testbed_set_property(
-            self._bed, syspath.encode(), key.encode(), value.encode()
+            self._bed, _to_bytes(syspath), _to_bytes(key), _to_bytes(value)
+        )
+
+    def set_attribute(self, syspath: str, name: str, value: str) -> None:
+        self._lib.umockdev_testbed_set_attribute(
+            self._bed, _to_bytes(syspath), _to_bytes(name), _to_bytes(value)
         )
 
     def remove(self, syspath: str) -> None:
-        self._lib.umockdev_testbed_remove_device(self._bed, syspath.encode())
+        self._lib.umockdev_testbed_remove_device(self._bed, _to_bytes(syspath))
 
 
 class _Helper:
@@ -239,6 +254,35 @@ class _Helper:
     def change(self, address: str) -> None:
         self.bed.uevent(self.gpus[address][0], "change")
 
+    def add_raw(
+        self,
+        subsystem: str,
+        name: str,
+        parent: str | None,
+        attributes: dict[str, str],
+        properties: dict[str, str],
+    ) -> str:
+        """Add any device with exactly these attributes and properties (umockdev sends "add")."""
+        return self.bed.add(subsystem, name, parent, attributes, properties)
+
+    def uevent_raw(self, syspath: str, action: str, properties: dict[str, str]) -> None:
+        """Send ``action`` for any device, ``properties`` set for this one event."""
+        self.bed.uevent(syspath, action, **properties)
+
+    def set_raw(self, syspath: str, attributes: dict[str, str], properties: dict[str, str]) -> None:
+        """Change any device's attributes and properties, sending no uevent."""
+        # umockdev's uevents carry at most 16 KiB of properties (the kernel's 2 KiB) and abort
+        # beyond that: bigger values can only ever be read, at enumeration.
+        for name, value in attributes.items():
+            self.bed.set_attribute(syspath, name, value)
+        for key, value in properties.items():
+            self.bed.set_property(syspath, key, value)
+
+    def remove_raw(self, syspath: str) -> None:
+        """A "remove" uevent for any device, then its removal from sysfs."""
+        self.bed.uevent(syspath, "remove")
+        self.bed.remove(syspath)
+
 
 def _helper_main() -> None:
     helper = _Helper()
@@ -246,8 +290,8 @@ def _helper_main() -> None:
     for line in sys.stdin:
         command = json.loads(line)
         try:
-            getattr(helper, command.pop("op"))(**command)
-            reply: dict[str, Any] = {"ok": True}
+            result = getattr(helper, command.pop("op"))(**command)
+            reply: dict[str, Any] = {"ok": True, "result": result}
         except Exception as exc:  # reported to the driving process, which raises it
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(reply), flush=True)
@@ -312,6 +356,50 @@ class Simulator:
 
     def change(self, address: str) -> None:
         self._do("change", address=address)
+
+    def add_raw(
+        self,
+        subsystem: str,
+        name: str | bytes,
+        parent: str | None = None,
+        attributes: Mapping[str, str | bytes] | None = None,
+        properties: Mapping[str, str | bytes] | None = None,
+    ) -> str:
+        """Add a device with arbitrary (even malformed, non-UTF-8) data; its sys path."""
+        path: str = self._do(
+            "add_raw",
+            subsystem=subsystem,
+            name=_to_text(name),
+            parent=parent,
+            attributes={k: _to_text(v) for k, v in (attributes or {}).items()},
+            properties={k: _to_text(v) for k, v in (properties or {}).items()},
+        )["result"]
+        return path
+
+    def uevent_raw(
+        self, syspath: str, action: str, properties: Mapping[str, str | bytes] | None = None
+    ) -> None:
+        """Send ``action`` for the device at ``syspath`` with these one-off properties."""
+        props = {k: _to_text(v) for k, v in (properties or {}).items()}
+        self._do("uevent_raw", syspath=syspath, action=action, properties=props)
+
+    def set_raw(
+        self,
+        syspath: str,
+        attributes: Mapping[str, str | bytes] | None = None,
+        properties: Mapping[str, str | bytes] | None = None,
+    ) -> None:
+        """Change a device's attributes and properties without a uevent (for huge values)."""
+        self._do(
+            "set_raw",
+            syspath=syspath,
+            attributes={k: _to_text(v) for k, v in (attributes or {}).items()},
+            properties={k: _to_text(v) for k, v in (properties or {}).items()},
+        )
+
+    def remove_raw(self, syspath: str) -> None:
+        """Remove a device added with ``add_raw`` (and send its "remove" uevent)."""
+        self._do("remove_raw", syspath=syspath)
 
     def daemon_env(self) -> dict[str, str]:
         return {**os.environ, "LD_PRELOAD": PRELOAD, "UMOCKDEV_DIR": self.root}

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pyudev
@@ -35,10 +36,20 @@ from monitor.sources.hwdb import pci_model_name
 
 log = logging.getLogger(__name__)
 
-PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-_PCI_IN_PATH = re.compile(r"/([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])/")
-DRM_MINOR = re.compile(r"^(card|renderD)[0-9]+$")
+# Identities are matched on the raw text (ASCII only, whole value), never on sanitised text:
+# "0000:1b:00.0\a" or "card\x1b0" must not become another device's "0000:1b:00.0" or "card0".
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+DRM_MINOR = re.compile(r"(card|renderD)[0-9]{1,7}")  # minors are 20 bits
+# int(x, 16) would also take "1_0de", " +10de" and non-ASCII digits.
+_HEX_NUMBER = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,8})")
+_DECIMAL = re.compile(r"-?[0-9]{1,6}")  # NUMA nodes, link widths: small, so JSON-safe
 MAX_TEXT = 256
+# What of a value is looked at: enough for MAX_TEXT printable characters in all sane cases,
+# and a 2 MiB attribute costs no more than a short one.
+_READ_LIMIT = 16 * MAX_TEXT
+# ERROR_EVENT and WEDGED are short words in the kernel; bounded so that health_desc, which
+# quotes them, stays within MAX_TEXT.
+MAX_TOKEN = 64
 # Events translated per batch before we let the loop run other tasks.
 BATCH_LIMIT = 512
 UDEV_CONTROL = "/run/udev/control"
@@ -59,19 +70,61 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    text = "".join(ch for ch in str(value) if ch.isprintable()).strip()
+        value = value[:_READ_LIMIT].decode("utf-8", errors="replace")
+    text = "".join(ch for ch in str(value)[:_READ_LIMIT] if ch.isprintable()).strip()
     return text[:MAX_TEXT] or None
 
 
-def _hex(value: str | None, bits: int) -> int | None:
-    if value is None:
-        return None
+def _shown(text: str) -> str:
+    """Device text for a log line: control characters escaped, bounded."""
+    escaped = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:MAX_TEXT])
+    return escaped if len(text) <= MAX_TEXT else f"{escaped}..."
+
+
+def _decoded(read: Callable[[], Any]) -> Any:
+    """What ``read`` returns; text that is not UTF-8 (pyudev decodes strictly) with U+FFFD."""
     try:
-        number = int(value, 16)
-    except ValueError:
+        return read()
+    except UnicodeDecodeError as exc:
+        return exc.object.decode("utf-8", errors="replace")
+
+
+def _property(device: pyudev.Device, key: str) -> str | None:
+    """A udev property as it is (not sanitised), or None."""
+    value: str | None = _decoded(lambda: device.properties.get(key))
+    return value
+
+
+def _sys_name(device: pyudev.Device) -> str:
+    name: str = _decoded(lambda: device.sys_name)
+    return name
+
+
+def _sys_path(device: pyudev.Device) -> str:
+    path: str = _decoded(lambda: device.sys_path)
+    return path
+
+
+def _raw_attribute(device: pyudev.Device, name: str) -> str | None:
+    """A sysfs attribute as it is (not sanitised, but at most _READ_LIMIT bytes), or None."""
+    try:
+        value = device.attributes.get(name)
+    except (OSError, UnicodeError, KeyError):
         return None
-    return number if 0 <= number < (1 << bits) else None
+    return value[:_READ_LIMIT].decode("utf-8", errors="replace") if value is not None else None
+
+
+def _attribute(device: pyudev.Device, name: str) -> str | None:
+    return _text(_raw_attribute(device, name))
+
+
+def _hex(value: str | None, bits: int) -> int | None:
+    """A hex number as sysfs and udev write it ("0x10de", "10DE"), else None."""
+    found = _HEX_NUMBER.fullmatch(value.strip()) if value is not None else None
+    if found is None:
+        return None
+    number = int(found.group(1), 16)
+    return number if number < (1 << bits) else None
 
 
 def _id_pair(value: str | None) -> tuple[int | None, int | None]:
@@ -81,18 +134,9 @@ def _id_pair(value: str | None) -> tuple[int | None, int | None]:
     return _hex(first, 16), _hex(second, 16)
 
 
-def _attribute(device: pyudev.Device, name: str) -> str | None:
-    try:
-        return _text(device.attributes.get(name))
-    except (OSError, UnicodeError, KeyError):
-        return None
-
-
 def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+    found = _DECIMAL.fullmatch(value.strip()) if value is not None else None
+    return int(found.group()) if found else None
 
 
 def nvidia_minor(address: str) -> int | None:
@@ -106,25 +150,34 @@ def nvidia_minor(address: str) -> int | None:
 
 
 def pci_address(device: pyudev.Device) -> str | None:
-    address = _text(device.properties.get("PCI_SLOT_NAME")) or _text(device.sys_name)
-    address = address.lower() if address else None
-    return address if address and PCI_ADDRESS.match(address) else None
+    """The device's PCI address: its name, which PCI_SLOT_NAME (if given) must repeat."""
+    # Exactly as the kernel writes it: stripping or lower-casing would let "0000:1b:00.0\t"
+    # or "0000:1B:00.0" stand for another device's "0000:1b:00.0".
+    name = _sys_name(device)
+    slot = _property(device, "PCI_SLOT_NAME")
+    return name if PCI_ADDRESS.fullmatch(name) and slot in (None, name) else None
 
 
 def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | None:
     """Copy a PCI device into ``PciFacts``; None (and a log line) when it is not a sane one."""
-    props = device.properties
     address = pci_address(device)
-    vendor_id, device_id = _id_pair(_text(props.get("PCI_ID")))
+    vendor_id, device_id = _id_pair(_property(device, "PCI_ID"))
     if vendor_id is None or device_id is None:
-        vendor_id = _hex(_attribute(device, "vendor"), 16)
-        device_id = _hex(_attribute(device, "device"), 16)
-    pci_class = _hex(_text(props.get("PCI_CLASS")) or _attribute(device, "class"), 24)
+        vendor_id = _hex(_raw_attribute(device, "vendor"), 16)
+        device_id = _hex(_raw_attribute(device, "device"), 16)
+    pci_class = _hex(
+        (_property(device, "PCI_CLASS") or "").strip() or _raw_attribute(device, "class"), 24
+    )
     if address is None or vendor_id is None or device_id is None or pci_class is None:
-        log.warning("skipping PCI device %s: missing or malformed identity", device.sys_path)
+        log.warning(
+            "skipping PCI device %s: missing or malformed identity",
+            _shown(_sys_path(device)),
+        )
         return None
-    sub_vendor, sub_device = _id_pair(_text(props.get("PCI_SUBSYS_ID")))
-    driver = None if unbound else _text(props.get("DRIVER")) or _text(device.driver)
+    sub_vendor, sub_device = _id_pair(_property(device, "PCI_SUBSYS_ID"))
+    driver = None
+    if not unbound:
+        driver = _text(_property(device, "DRIVER")) or _text(_decoded(lambda: device.driver))
     return PciFacts(
         address=address,
         vendor_id=vendor_id,
@@ -134,25 +187,46 @@ def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | Non
         subsystem_device_id=sub_device,
         driver=driver,
         model=_text(pci_model_name(vendor_id, device_id)),
-        numa_node=_int(_attribute(device, "numa_node")),
+        numa_node=_int(_raw_attribute(device, "numa_node")),
         link_speed=_attribute(device, "current_link_speed"),
-        link_width=_int(_attribute(device, "current_link_width")),
+        link_width=_int(_raw_attribute(device, "current_link_width")),
         nvidia_minor=nvidia_minor(address) if driver == "nvidia" else None,
     )
 
 
+def drm_minor_name(device: pyudev.Device) -> str | None:
+    """The name of a DRM minor (``card1``, ``renderD129``); None (logged) for anything else."""
+    name = _sys_name(device)
+    if DRM_MINOR.fullmatch(name):
+        return name
+    # connectors (card0-DP-1) are DRM devices too: not worth more than a debug line
+    log.debug("ignoring DRM device %s: not a card or render minor", _shown(_sys_path(device)))
+    return None
+
+
 def drm_node(device: pyudev.Device) -> DrmNode | None:
     """A DRM minor with a PCI parent, or None (connectors, virtual and platform devices)."""
-    name = _text(device.sys_name)
-    if name is None or not DRM_MINOR.match(name):
+    name = drm_minor_name(device)
+    if name is None:
         return None
-    parents = _PCI_IN_PATH.findall(device.sys_path + "/")
-    if not parents:
-        log.debug("skipping DRM node %s: no PCI parent", device.sys_path)
+    # The nearest PCI device above it: a malformed one is not skipped over for a grandparent.
+    pci = device.find_parent("pci")
+    parent = pci_address(pci) if pci is not None else None
+    if parent is None:
+        log.debug("skipping DRM node %s: no sane PCI parent", _shown(_sys_path(device)))
         return None
-    devname = _text(device.properties.get("DEVNAME")) or f"dri/{name}"
-    devnode = devname if devname.startswith("/") else f"/dev/{devname}"
-    return DrmNode(name=name, parent=parents[-1].lower(), devnode=devnode)
+    # The kernel names every DRM minor's node dri/NAME (drm_devnode); udev cannot rename it.
+    # A DEVNAME saying otherwise is not followed: reservations hand this path to containers.
+    devnode = f"/dev/dri/{name}"
+    devname = (_property(device, "DEVNAME") or devnode).strip()
+    if devname not in (devnode, devnode.removeprefix("/dev/")):
+        log.warning("DRM node %s: ignoring DEVNAME %s, using %s", name, _shown(devname), devnode)
+    return DrmNode(name=name, parent=parent, devnode=devnode)
+
+
+def _token(value: str | None) -> str | None:
+    text = _text(value)
+    return text[:MAX_TOKEN] if text else None
 
 
 def _online(value: str | None) -> bool | None:
@@ -162,7 +236,6 @@ def _online(value: str | None) -> bool | None:
 def translate(device: pyudev.Device) -> list[Event]:
     """The events one uevent means; malformed or foreign devices mean none."""
     action = device.action
-    props = device.properties
     if device.subsystem == "pci":
         if action == "remove":
             address = pci_address(device)
@@ -171,21 +244,21 @@ def translate(device: pyudev.Device) -> list[Event]:
         if facts is None:
             return []
         events: list[Event] = [DeviceSeen(facts)]
-        error_event = _text(props.get("ERROR_EVENT"))
-        online = _online(_text(props.get("DEVICE_ONLINE")))
+        error_event = _token(_property(device, "ERROR_EVENT"))
+        online = _online(_text(_property(device, "DEVICE_ONLINE")))
         if action == "change" and (error_event is not None or online is not None):
             events.append(PciErrorReported(facts.address, error_event, online))
         return events
     if device.subsystem == "drm":
-        name = _text(device.sys_name)
-        if name is None or not DRM_MINOR.match(name):
+        name = drm_minor_name(device)
+        if name is None:
             return []
         if action == "remove":
             return [DrmNodeGone(name)]
         node = drm_node(device)
         if node is None:
             return []
-        wedged = _text(props.get("WEDGED"))
+        wedged = _token(_property(device, "WEDGED"))
         if action == "change" and wedged is not None:
             return [DrmNodeSeen(node), DrmWedged(name, wedged)]
         return [DrmNodeSeen(node)]
