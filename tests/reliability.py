@@ -20,11 +20,15 @@ DEFAULT_REPORT = ROOT / "build" / "reliability.json"
 START = "<!-- reliability table: python -m tests.reliability -->"
 END = "<!-- end of reliability table -->"
 
+AREAS = ["Protocol", "Resources", "Faults", "Device data"]  # the table's order
+
 rows: list[dict[str, str]] = []
 
 
 def record(area: str, what: str, tried: str, outcome: str) -> None:
-    """One row: in ``area``, ``what`` was done ``tried`` (how many, how hard), and ``outcome``."""
+    """One row: in ``area`` (one of AREAS), ``what`` was done, ``tried`` (how many, how hard),
+    and the ``outcome`` that held."""
+    assert area in AREAS, area
     rows.append({"area": area, "what": what, "tried": tried, "outcome": outcome})
 
 
@@ -50,7 +54,7 @@ def table(report: dict[str, Any]) -> str:
     ]
     lines += [
         f"| {_cell(r['area'])} | {_cell(r['what'])} | {_cell(r['tried'])} | {_cell(r['outcome'])} |"
-        for r in report["rows"]
+        for r in sorted(report["rows"], key=lambda r: AREAS.index(r["area"]))
     ]
     return "\n".join(lines)
 

@@ -204,7 +204,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_fuzzed_requests_get_one_right_answer_each(fuzzed: Fuzzed) -> None:
     @FUZZ
     @given(
-        messages=st.lists(requests(fuzzed.devices), min_size=1, max_size=4),
+        messages=st.lists(requests(fuzzed.devices), min_size=2, max_size=4),
         cuts=st.lists(st.integers(0, 10_000), max_size=4),
         subscribed=st.booleans(),
     )
@@ -215,6 +215,7 @@ def test_fuzzed_requests_get_one_right_answer_each(fuzzed: Fuzzed) -> None:
         fuzzed.exchange(split(data, cuts), expected, subscribed)
 
     exchange()
+    assert fuzzed.inputs >= 2 * EXAMPLES  # two at least in each example: 10,000 in CI
     record(
         "Protocol",
         "Generated requests: wrong types in every field, unknown methods and params, "
@@ -240,7 +241,7 @@ def test_fuzzed_bytes_get_well_formed_answers(fuzzed: Fuzzed) -> None:
 
     @FUZZ
     @given(
-        payload=st.lists(lines, min_size=1, max_size=4),
+        payload=st.lists(lines, min_size=2, max_size=4),
         subscribed=st.booleans(),
         truncate=st.booleans(),
     )
@@ -255,6 +256,7 @@ def test_fuzzed_bytes_get_well_formed_answers(fuzzed: Fuzzed) -> None:
         fuzzed.exchange([b"\n".join(payload)], None, subscribed)
 
     exchange()
+    assert fuzzed.inputs >= 2 * EXAMPLES
     record(
         "Protocol",
         "Random bytes, invalid UTF-8 and lone surrogates, arbitrary JSON, nesting 200,000 deep, "
