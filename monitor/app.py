@@ -202,7 +202,12 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 if settings.cdi_dir is not None:
                     nursery.start_soon(keep_spec, hub, settings.cdi_dir)
                 if settings.nvml:
-                    nvml = partial(run_nvml_source, deadline=settings.nvml_timeout)
+                    nvml = partial(
+                        run_nvml_source,
+                        deadline=settings.nvml_timeout,
+                        log_level=settings.log_level,
+                        log_target=settings.log_target,
+                    )
                     nursery.start_soon(nvml, send.clone(), hub)
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 interval = systemd.watchdog_interval()

@@ -67,7 +67,7 @@ class LineBuffer:
     def clear(self) -> None:
         self._pending = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         self._pending += data
         if b"\n" not in data:
             if len(self._pending) > self._limit:

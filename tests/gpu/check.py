@@ -48,8 +48,11 @@ def call(sock: Path, method: str) -> Any:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the daemon and its children (the NVML worker)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def main(work: Path) -> int:
@@ -115,7 +118,7 @@ def main(work: Path) -> int:
         if daemon.poll() is not None:
             failures.append(f"the daemon exited with status {daemon.returncode}")
         call(sock, "fingerprint")  # the loop still answers
-        print(f"check: daemon CPU time over {IDLE_SECONDS} s idle: {idle:.2f} s")
+        print(f"check: daemon and NVML worker CPU time over {IDLE_SECONDS} s idle: {idle:.2f} s")
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
