@@ -409,33 +409,22 @@ def no_identity(tag: int) -> list[Garbage]:
             properties={"PCI_ID": "1_0DE:\u0662\u0663\u0663\u0660", "PCI_CLASS": "3_0200"},
             logged=at(0x35),
         ),
-        Garbage(
-            "class code 0xffffffff",
-            at(0x36),
-            attributes={**H100_IDS, "class": "0xffffffff"},
-            properties={**H100_PROPS, "PCI_CLASS": "FFFFFFFF"},
-            logged=at(0x36),
-        ),
-        Garbage(
-            "class code zz",
-            at(0x37),
-            attributes={**H100_IDS, "class": "zz"},
-            properties={**H100_PROPS, "PCI_CLASS": "zz"},
-            logged=at(0x37),
-        ),
-        Garbage(
-            "empty class code",
-            at(0x38),
-            attributes={**H100_IDS, "class": ""},
-            properties={**H100_PROPS, "PCI_CLASS": ""},
-            logged=at(0x38),
-        ),
-        Garbage(
-            "negative class code",
-            at(0x39),
-            attributes={**H100_IDS, "class": "-0x030000"},
-            properties={**H100_PROPS, "PCI_CLASS": "-30000"},
-            logged=at(0x39),
+        *(
+            Garbage(
+                f"class code {shown}",
+                at(0x36 + i),
+                attributes={**H100_IDS, "class": attribute},
+                properties={**H100_PROPS, "PCI_CLASS": property_},
+                logged=at(0x36 + i),
+            )
+            for i, (shown, attribute, property_) in enumerate(
+                [
+                    ("0xffffffff", "0xffffffff", "FFFFFFFF"),
+                    ("zz", "zz", "zz"),
+                    ("empty", "", ""),
+                    ("negative", "-0x030000", "-30000"),
+                ]
+            )
         ),
     ]
 
