@@ -310,7 +310,7 @@ _EVENT_TYPES: dict[str, type[NvmlEvent]] = {
 
 
 def _plain(value: Any) -> Any:
-    """What json cannot write of an event as it can: frozen mappings, attributes."""
+    """For json.dumps: a frozen mapping as a dict, an attribute as its JSON."""
     if isinstance(value, Attribute):
         return value.to_json()
     return dict(value)
