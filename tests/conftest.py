@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from monitor.client import Client, DaemonUnavailable, Mirror
@@ -108,6 +109,20 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def settle_fds(self, baseline: int, timeout: float = 5.0) -> int:
+        """The fd count once it is back to ``baseline`` (closes finish after the client's), or
+        what it is at the deadline."""
+        deadline = time.monotonic() + timeout
+        while self.fd_count() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.fd_count()
+
+    def rss_mib(self) -> float:
+        return float(psutil.Process(self.process.pid).memory_info().rss / (1 << 20))
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind, as in a crash."""

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
 import pytest
 
 from monitor.protocol import MAX_LINE
@@ -22,22 +20,6 @@ from tests.reliability import record
 from tests.test_leases import reservable
 
 FINGERPRINT = b'{"jsonrpc":"2.0","id":1,"method":"fingerprint"}\n'
-
-
-def rss_mib(daemon: Daemon) -> float:
-    return psutil.Process(daemon.process.pid).memory_info().rss / (1 << 20)
-
-
-def fd_count(daemon: Daemon) -> int:
-    return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
-
-
-def settle_fds(daemon: Daemon, baseline: int, timeout: float = 5.0) -> int:
-    """The daemon's fd count once it is back to ``baseline``, or what it is at the deadline."""
-    deadline = time.monotonic() + timeout
-    while fd_count(daemon) > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return fd_count(daemon)
 
 
 @pytest.fixture
@@ -68,9 +50,9 @@ def test_five_thousand_connections_at_once_are_served_or_refused_cleanly(
 ) -> None:
     daemon, _ = host
     bystander = subscribe(daemon)
-    fds, rss = fd_count(daemon), rss_mib(daemon)
+    fds, rss = daemon.fd_count(), daemon.rss_mib()
     sockets = [connect(daemon) for _ in range(5_000)]
-    peak_rss = rss_mib(daemon)
+    peak_rss = daemon.rss_mib()
     for sock in sockets:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(FINGERPRINT)
@@ -88,7 +70,7 @@ def test_five_thousand_connections_at_once_are_served_or_refused_cleanly(
     assert refused == 5_000 - served
     for sock in sockets:
         sock.close()
-    after = settle_fds(daemon, fds)
+    after = daemon.settle_fds(fds)
     assert after <= fds, f"{after} fds after, {fds} before"
     assert daemon.fingerprint()["snapshot"] == bystander.mirror.snapshot
     record(
@@ -105,7 +87,7 @@ def test_unfinished_lines_cost_bounded_memory(
 ) -> None:
     daemon, _ = host
     bystander = subscribe(daemon)
-    rss = rss_mib(daemon)
+    rss = daemon.rss_mib()
     half = b'{"jsonrpc":"2.0","id":1,"method":"fingerprint","pad":"' + b"x" * (MAX_LINE - 100)
     sockets = []
     for _ in range(1_000):  # most of a 1 MiB line each, never finished
@@ -114,7 +96,7 @@ def test_unfinished_lines_cost_bounded_memory(
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused already
             sock.sendall(half)
     time.sleep(0.5)
-    peak_rss = rss_mib(daemon)
+    peak_rss = daemon.rss_mib()
     # others are served while the unfinished lines wait
     assert daemon.fingerprint()["snapshot"] == bystander.mirror.snapshot
     answers = []
@@ -143,21 +125,21 @@ def test_subscribers_that_never_read_cost_bounded_memory(
 ) -> None:
     daemon, devices = host
     reader = subscribe(daemon)
-    rss = rss_mib(daemon)
+    rss = daemon.rss_mib()
     stalled = []
     for _ in range(1_000):
         sock = connect(daemon)
         sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"subscribe"}\n')
         assert b'"snapshot"' in read_line(sock)
         stalled.append(sock)  # never read again
-    subscribed_rss = rss_mib(daemon)
+    subscribed_rss = daemon.rss_mib()
     pairs = 2_000
     with daemon.client() as client:
         for _ in range(pairs):  # each reserve and release is a patch to every subscriber
             lease = client.call("reserve", {"device_ids": [devices[0]], "bind": "connection"})
             client.call("release", {"reservation_id": lease["reservation_id"]})
         final = client.call("fingerprint")
-    churned_rss = rss_mib(daemon)
+    churned_rss = daemon.rss_mib()
     reader.until(lambda m: m.generation == final["generation"])
     assert reader.mirror.snapshot == final["snapshot"]
     # a stalled subscriber that reads at last gets whole lines and ends in step
@@ -192,7 +174,7 @@ def test_reserving_and_going_away_in_a_loop_leaves_nothing_behind(
 ) -> None:
     daemon, devices = host
     empty_size = lease_file_size(daemon)
-    fds, rss = fd_count(daemon), rss_mib(daemon)
+    fds, rss = daemon.fd_count(), daemon.rss_mib()
     rounds = 1_000
     slowest = 0.0
     for _ in range(rounds):  # bound to the connection, then the connection drops
@@ -220,7 +202,7 @@ def test_reserving_and_going_away_in_a_loop_leaves_nothing_behind(
         time.sleep(0.05)
     assert daemon.client().call("leases") == {"leases": []}
     assert lease_file_size(daemon) == empty_size
-    after_fds, after_rss = settle_fds(daemon, fds), rss_mib(daemon)
+    after_fds, after_rss = daemon.settle_fds(fds), daemon.rss_mib()
     assert after_fds <= fds
     assert after_rss - rss < 16, f"RSS {rss:.0f} → {after_rss:.0f} MiB"
     record(

@@ -20,7 +20,7 @@ from monitor.client import Client, RpcFailure
 from tests.conftest import Daemon, Subscription, need
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth
-from tests.test_abuse import connect, fd_count, read_line, settle_fds
+from tests.test_abuse import connect, read_line
 from tests.test_kernel import emit, pick_device, settle
 from tests.test_leases import reservable, reserved_by
 
@@ -34,7 +34,7 @@ def test_a_deleted_socket_directory_is_made_again_and_clients_carry_on(
     run_dir = tmp_path / "run"
     daemon = start_daemon(*flags, socket=run_dir / "monitor.sock")
     sub = subscribe(daemon)
-    fds = fd_count(daemon)
+    fds = daemon.fd_count()
     delays = []
     for _ in range(2):  # the second replaces a socket made by the first
         shutil.rmtree(run_dir)
@@ -52,7 +52,7 @@ def test_a_deleted_socket_directory_is_made_again_and_clients_carry_on(
         sub.until(lambda m: reserved_by(m, devices[0]) is None)
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o600"  # no daemon group on this host
     assert daemon.log().count("was deleted; listening there again") == 2
-    assert settle_fds(daemon, fds) == fds, "each old listening socket is closed"
+    assert daemon.settle_fds(fds) == fds, "each old listening socket is closed"
     daemon.stop()
     assert not daemon.socket.exists()
     record(

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,7 +52,7 @@ class Fuzzed:
         self.daemon = daemon
         self.bystander = bystander
         self.devices = devices
-        self.fds = fd_count(daemon)
+        self.fds = daemon.fd_count()
         self.inputs = 0
         self.replies = 0
 
@@ -88,10 +87,6 @@ class Fuzzed:
         return replies
 
 
-def fd_count(daemon: Daemon) -> int:
-    return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
-
-
 def well_formed(message: Any) -> dict[str, Any]:
     assert isinstance(message, dict) and message.get("jsonrpc") == "2.0", message
     if "method" in message:
@@ -115,10 +110,8 @@ def fuzzed(
     yield target
     # the daemon lives, every connection it had for us is closed, and the bystander is in step
     assert daemon.process.poll() is None, daemon.log()
-    deadline = time.monotonic() + 5
-    while fd_count(daemon) > target.fds and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fd_count(daemon) <= target.fds, f"{fd_count(daemon)} fds, {target.fds} before"
+    after = daemon.settle_fds(target.fds)
+    assert after <= target.fds, f"{after} fds, {target.fds} before"
     with daemon.client() as client:
         for lease in client.call("leases")["leases"]:
             client.call("release", {"reservation_id": lease["reservation_id"]})
