@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import resource
 import signal
 import socket
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
 
 from monitor import holders, logs, systemd
-from monitor.access import Access, resolve_group
+from monitor.access import Access, ConnectionLimits, resolve_group
 from monitor.cdi import keep_spec
 from monitor.config import ConfigError, Settings
 from monitor.engine import run_engine
 from monitor.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
+from monitor.files import lock_directory, secure_directory
 from monitor.holders import HolderWatch
 from monitor.hub import Hub
 from monitor.leases import Lease
@@ -98,6 +101,9 @@ async def _reload(
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return current
+        except Exception as exc:  # whatever the file holds, the running daemon carries on
+            log.error("reload failed, keeping the running configuration: %r", exc)
+            return current
         restart_only = [
             name
             for name in (
@@ -106,6 +112,8 @@ async def _reload(
                 "udev_source",
                 "netlink_buffer",
                 "max_clients",
+                "max_clients_per_uid",
+                "client_timeout",
                 "group",
                 "cdi_dir",
                 "nvml",
@@ -141,9 +149,12 @@ def restore_leases(store: LeaseStore) -> list[Lease]:
     """The leases on disk whose holder, if they name one, still runs."""
     kept = []
     for lease in store.load():
-        if lease.holder_pid is not None and not holders.is_same_process(
-            lease.holder_pid, lease.holder_start or 0.0
-        ):
+        try:
+            running = lease.holder is None or holders.is_running(lease.holder)
+        except OSError as exc:  # cannot tell: the holder watch will look again
+            log.error("cannot look at the holder of reservation %s: %s", lease.id, exc)
+            running = True
+        if not running:
             log.info(
                 "reservation %s ends: its holder process %d exited while the daemon was down",
                 lease.id,
@@ -154,11 +165,34 @@ def restore_leases(store: LeaseStore) -> list[Lease]:
     return kept
 
 
+def claim_directory(path: Path, what: str, create_mode: int) -> tuple[Path, int | None]:
+    """A directory of ours, checked and locked: its real path, and the lock's fd (None when it
+    cannot be made or opened, which the caller's writes will then report)."""
+    try:
+        real, created = secure_directory(path, create_mode)
+        lock = lock_directory(real)
+    except OSError as exc:
+        log.error("cannot use the %s %s: %s", what, path, exc.strerror or exc)
+        return path, None
+    if created:
+        log.info("created the %s %s", what, real)
+    return real, lock
+
+
 async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP re-reads the config through ``load``."""
     _raise_fd_limit()
     _tune_gc()
-    store = LeaseStore(settings.state_dir)
+    gid = resolve_group(settings.group)
+    # Each held for as long as we run: a second daemon on the same state or CDI directory would
+    # grant devices this one has granted, and remove the spec this one serves.
+    state_dir, state_lock = claim_directory(settings.state_dir, "state directory", 0o700)
+    locks = [state_lock]
+    cdi_dir = None
+    if settings.cdi_dir is not None:
+        cdi_dir, cdi_lock = claim_directory(settings.cdi_dir, "CDI directory", 0o755)
+        locks.append(cdi_lock)
+    store = LeaseStore(state_dir)
     leases = await trio.to_thread.run_sync(restore_leases, store)
     try:
         # tells at once if the state directory cannot be written
@@ -174,8 +208,10 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         xid_policy=settings.xid_policy,
     )
     send, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
-    gid = resolve_group(settings.group)
-    server = Server(hub, send.clone(), access=Access(gid), max_clients=settings.max_clients)
+    limits = ConnectionLimits(
+        settings.max_clients, settings.max_clients_per_uid, settings.client_timeout
+    )
+    server = Server(hub, send.clone(), access=Access(gid), limits=limits)
     sock, socket_file = _open_socket(settings, gid)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
@@ -199,8 +235,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 )
                 await nursery.start(udev)
                 await hub.ready.wait()
-                if settings.cdi_dir is not None:
-                    nursery.start_soon(keep_spec, hub, settings.cdi_dir)
+                if cdi_dir is not None:
+                    nursery.start_soon(keep_spec, hub, cdi_dir)
                 if settings.nvml:
                     nvml = partial(
                         run_nvml_source,
@@ -230,3 +266,6 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         sock.close()
         if socket_file is not None:
             socket_file.unlink_if_ours()
+        for lock in locks:
+            if lock is not None:
+                os.close(lock)

@@ -17,11 +17,11 @@ from typing import Any
 import trio
 
 from monitor import reservations
+from monitor.files import write_atomically
 from monitor.hub import Hub
 from monitor.model import ContainerReservation
 from monitor.protocol import dumps
 from monitor.reducer import State
-from monitor.store import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +97,4 @@ async def keep_spec(hub: Hub, directory: Path) -> None:
 
 
 def _write(path: Path, content: bytes) -> None:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_atomically(path, content, mode=0o644)

@@ -17,7 +17,14 @@ import trio
 from monitor import logs
 from monitor.access import UnknownGroup
 from monitor.cdi import KIND as CDI_KIND
-from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
+from monitor.client import (
+    BadAnswer,
+    Client,
+    DaemonUnavailable,
+    Mirror,
+    RpcFailure,
+    check_reservation,
+)
 from monitor.config import (
     LOG_LEVELS,
     LOG_TARGETS,
@@ -28,7 +35,8 @@ from monitor.config import (
     client_socket,
     load_settings,
 )
-from monitor.socketfile import SocketInUse
+from monitor.files import InUse, UnsafePath
+from monitor.socketfile import SocketInUse, SocketPathError
 from monitor.systemd import ActivationError
 
 PROG = "hotplug-monitor"
@@ -136,7 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="uevent socket receive buffer (default: 8 MiB)",
     )
-    serve.add_argument("--max-clients", type=int, help="concurrent connections (default: 1024)")
+    serve.add_argument(
+        "--max-clients",
+        type=int,
+        help="connections of users other than root and the daemon's, together; root and the "
+        "daemon's user have as many of their own (default: 1024)",
+    )
+    serve.add_argument(
+        "--max-clients-per-uid",
+        type=int,
+        metavar="N",
+        help="connections of any one such user (default: 64)",
+    )
+    serve.add_argument(
+        "--client-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection that leaves a request line unfinished, or sends nothing, for "
+        "this long; subscribers that read and holders of connection-bound leases may stay "
+        "quiet (default: 60)",
+    )
     serve.add_argument(
         "--group",
         help="group that may connect to the socket and reserve devices "
@@ -224,6 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "xid_health": args.xid_health,
         "netlink_buffer": args.netlink_buffer,
         "max_clients": args.max_clients,
+        "max_clients_per_uid": args.max_clients_per_uid,
+        "client_timeout": args.client_timeout,
         "group": args.group,
         "cdi_dir": args.cdi_dir,  # False: --no-cdi
         "log_level": args.log_level,
@@ -236,9 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trio.run(app.serve, settings, load)
     except* SocketInUse as group:
         raise CliError(str(group.exceptions[0])) from None
-    except* PermissionError as group:
-        raise CliError(f"permission denied: {group.exceptions[0]}") from None
-    except* (ActivationError, UnknownGroup) as group:
+    except* (ActivationError, UnknownGroup, SocketPathError, UnsafePath, InUse) as group:
         raise CliError(str(group.exceptions[0])) from None
 
 
@@ -339,7 +366,7 @@ def cmd_reserve(args: argparse.Namespace) -> None:
     if args.holder_pid is not None:
         params["holder_pid"] = args.holder_pid
     with _connect(args) as client:
-        result = client.call("reserve", params)
+        result = check_reservation(client.call("reserve", params))
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.env:
@@ -444,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (CliError, ConfigError, DaemonUnavailable) as exc:
+    except (CliError, ConfigError, DaemonUnavailable, BadAnswer) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except RpcFailure as exc:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,21 @@ from typing import Any
 
 import json_merge_patch
 
-from monitor.protocol import encode_request
+from monitor.protocol import (
+    CGROUP_PERMS,
+    DEVICE_LINK,
+    DEVICE_NODE,
+    ENV_NAME,
+    encode_request,
+)
 
 
 class DaemonUnavailable(Exception):
     """Nobody answers on the socket."""
+
+
+class BadAnswer(Exception):
+    """The daemon answered with something no client should use; the message says what."""
 
 
 class RpcFailure(Exception):
@@ -114,3 +125,48 @@ class Mirror:
             for key, group in self.snapshot["groups"].items()
             for device_id, device in group["devices"].items()
         }
+
+
+_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # reservation and device IDs: safe to print anywhere
+
+
+def check_reservation(result: Any) -> dict[str, Any]:
+    """A ``reserve`` result whose every part has a shape the daemon plans (``monitor.protocol``);
+    ``BadAnswer`` naming the first that does not."""
+
+    def bad(what: str, value: Any) -> BadAnswer:
+        return BadAnswer(f"refusing the daemon's reservation: {what} {str(value)[:80]!r}")
+
+    if not isinstance(result, dict):
+        raise bad("not an object:", result)
+    for text in [result.get("reservation_id"), *(result.get("device_ids") or [None])]:
+        if not isinstance(text, str) or not _ID.fullmatch(text):
+            raise bad("an unexpected ID", text)
+    envs = result.get("envs")
+    if not isinstance(envs, dict):
+        raise bad("envs is not an object:", envs)
+    for name, value in envs.items():
+        if not ENV_NAME.fullmatch(name):
+            raise bad("an environment variable name", name)
+        if not isinstance(value, str) or not value.isprintable():
+            raise bad(f"the value of {name}", value)
+    for device in _list(result, "devices", bad):
+        host, task, perms = (device.get(k) for k in ("host_path", "task_path", "cgroup_perms"))
+        if not isinstance(host, str) or host != task or not DEVICE_NODE.fullmatch(host):
+            raise bad("a device node", host)
+        if not isinstance(perms, str) or not perms or not CGROUP_PERMS.fullmatch(perms):
+            raise bad("cgroup permissions", perms)
+    for mount in _list(result, "mounts", bad):
+        host, task = mount.get("host_path"), mount.get("task_path")
+        if not isinstance(host, str) or host != task or not DEVICE_LINK.fullmatch(host):
+            raise bad("a mount", host)
+        if mount.get("read_only") is not True:
+            raise bad("a writable mount of", host)
+    return result
+
+
+def _list(result: dict[str, Any], key: str, bad: Any) -> list[dict[str, Any]]:
+    items = result.get(key)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise bad(f"{key} is not a list of objects:", items)
+    return items

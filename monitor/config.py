@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from monitor.files import UnsafePath, read_regular_file
 from monitor.fingerprint import DEFAULT_MATCH_CLASSES
 from monitor.xids import XidPolicy
 
@@ -40,10 +42,25 @@ def default_socket() -> Path:
     return Path(f"/tmp/hotplug-monitor-{os.getuid()}/hotplug-monitor.sock")
 
 
+def _private(directory: Path) -> bool:
+    """Whether ``directory`` is the user's own and closed to everyone else (mode 0700)."""
+    try:
+        st = directory.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
 def client_socket() -> Path:
-    """Where clients connect by default: the user's own daemon if one runs, else the system's."""
+    """Where clients connect by default: the user's own daemon if one runs, else the system's.
+
+    The fallback below /tmp is anyone's to create: it counts only when it is the user's own
+    private directory, or another user could pose as the daemon there."""
     own = default_socket()
-    return own if own.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
+    trusted = _is_root() or os.environ.get("XDG_RUNTIME_DIR") or _private(own.parent)
+    if trusted and (own.exists() or not SYSTEM_SOCKET.exists()):
+        return own
+    return SYSTEM_SOCKET
 
 
 def default_state_dir() -> Path:
@@ -101,7 +118,9 @@ class Settings:
     # Room for about 13,000 queued uevents: a driver reload on a full host fits, and a storm
     # beyond it overflows into a resync (milliseconds) instead of a backlog that takes seconds.
     netlink_buffer: int = 8 * 1024 * 1024
-    max_clients: int = 1024
+    max_clients: int = 1024  # of users other than root and the daemon's; those have as many
+    max_clients_per_uid: int = 64
+    client_timeout: float = 60.0  # to finish a request line, or to send anything at all
     group: str | None = None  # None: hotplug-monitor if that group exists
     cdi_dir: Path | None = attrs.field(factory=default_cdi_dir)  # None: write no CDI spec
     log_level: str = "info"
@@ -125,6 +144,8 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "xid_health": (bool, bool),
     "netlink_buffer": (int, int),
     "max_clients": (int, int),
+    "max_clients_per_uid": (int, int),
+    "client_timeout": ((int, float), float),
     "group": (str, str),
     "cdi_dir": (str, lambda v: Path(v) if v else None),
     "log_level": (str, lambda v: _choice("log_level", v, LOG_LEVELS)),
@@ -133,15 +154,27 @@ _FILE_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
 _SETTING_OF = {"match_class": "match_classes"}
 
 
+MAX_CONFIG_FILE = 1 << 20
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """The settings a TOML file gives, checked; unknown keys are errors, not silently ignored."""
+    """The settings a TOML file gives, checked; unknown keys are errors, not silently ignored.
+
+    The file is read as hostile input: a regular file of at most a MiB, owned by root or us and
+    writable by nobody else, opened without blocking, parsed without recursing without end."""
     try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        text = read_regular_file(path, MAX_CONFIG_FILE).decode("utf-8")
+        raw = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read config file {path}: it does not exist") from None
+    except UnsafePath as exc:
+        raise ConfigError(f"config file: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests tables or arrays too deeply") from None
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _FILE_KEYS:
@@ -159,16 +192,26 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     values: dict[str, Any] = {}
     if config is not None:
         values.update(read_config(config))
-    elif default_config().is_file():
-        values.update(read_config(default_config()))
+    else:
+        default = default_config()
+        try:
+            exists = default.is_file()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot look for the config file {default}: {exc.strerror}; give --config FILE"
+            ) from None
+        if exists:
+            values.update(read_config(default))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("cdi_dir") is False:
         values["cdi_dir"] = None
     settings = Settings(**values)
     if settings.netlink_buffer < 64 * 1024:
         raise ConfigError("netlink_buffer must be at least 65536 bytes")
-    if settings.max_clients < 1:
-        raise ConfigError("max_clients must be at least 1")
+    if settings.max_clients < 1 or settings.max_clients_per_uid < 1:
+        raise ConfigError("max_clients and max_clients_per_uid must be at least 1")
+    if not settings.client_timeout > 0:
+        raise ConfigError("client_timeout must be a positive number of seconds")
     if not settings.nvml_timeout > 0:
         raise ConfigError("nvml_timeout must be a positive number of seconds")
     for xid in settings.xid_ignore + settings.xid_fatal:

@@ -1,51 +1,135 @@
 """Holder processes: a lease with one ends when that process ends, and only that process.
 
-A PID alone is not a process: PIDs are reused. A holder is its PID plus its start time (psutil),
-checked after a pidfd is open, so the pidfd is known to refer to the very process the lease
-names. The pidfd turns readable when that process exits, which wakes us at once without polling
-the host's process table.
+A PID alone is not a process: PIDs are reused. A holder is its PID, its start time in clock ticks
+after boot (``/proc/PID/stat``) and the boot it started in: a reused PID has another start time, a
+reboot another boot ID, and stepping the wall clock changes neither (a start time in epoch
+seconds, as psutil gives it, moves with the clock). A pidfd turns readable when the process exits,
+which wakes us at once without polling the host's process table.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
-import math
 import os
+import select
 from collections.abc import Awaitable, Callable, Mapping
 
-import psutil
 import trio
 
-from monitor.leases import Lease
+from monitor.leases import Holder, Lease
 
 log = logging.getLogger(__name__)
 
-START_TIME_TOLERANCE = 0.01  # psutil derives start times from clock ticks: equal within this
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+SELF_PID_NAMESPACE = "/proc/self/ns/pid"
+RETRY_SECONDS = (1.0, 60.0)  # when the holder cannot be looked at (no fds left, say)
 
 
-def start_time(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), or None if there is none."""
+class HolderRefused(Exception):
+    """A holder PID that cannot be one; the message says why, for the client."""
+
+
+@functools.cache
+def boot_id() -> str:
+    with open(BOOT_ID) as handle:
+        return handle.read().strip()
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The state letter and start time (clock ticks after boot) of ``pid``, or None if no such
+    process. The name in the file may hold spaces and parentheses: fields are counted from the
+    last ``)``."""
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError):  # gone, a zombie, or hidden from us
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])  # state is field 3, starttime field 22
 
 
-def is_same_process(pid: int, started: float) -> bool:
-    now = start_time(pid)
-    return now is not None and math.isclose(now, started, abs_tol=START_TIME_TOLERANCE)
-
-
-def open_holder(pid: int, started: float) -> int | None:
-    """A pidfd for the holder if it still runs, else None."""
+def _thread_group(pid: int) -> int | None:
     try:
-        fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
         return None
-    if not is_same_process(pid, started):
-        os.close(fd)
+    return None
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def identify(pid: int) -> Holder:
+    """The process a client names as a holder; ``HolderRefused`` saying why it cannot be one."""
+    tgid = _thread_group(pid)
+    if tgid is None:
+        raise HolderRefused(f"No process {pid} runs on this host.")
+    if tgid != pid:
+        raise HolderRefused(f"{pid} is a thread of process {tgid}, not a process.")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise HolderRefused(f"No process {pid} runs on this host.") from None
+    try:
+        found = _stat(pid)
+        if found is not None and found[0] in ("Z", "X"):
+            raise HolderRefused(f"Process {pid} has exited (it is a zombie).")
+        # The pidfd pins the PID: if it has not exited now, the stat we read was that process's.
+        if found is None or _exited(pidfd):
+            raise HolderRefused(f"Process {pid} has exited.")
+        return Holder(pid, found[1], boot_id())
+    finally:
+        os.close(pidfd)
+
+
+def in_our_pid_namespace(pid: int) -> bool:
+    """Whether ``pid`` (as the kernel reported it to us) lives in the daemon's PID namespace, so
+    that the PIDs it speaks of are ours. A peer the kernel could not map has PID 0."""
+    if pid <= 0:
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(SELF_PID_NAMESPACE)
+    except OSError:
+        return False
+
+
+def open_holder(holder: Holder) -> int | None:
+    """A pidfd for the holder if that very process still runs, else None (it has exited).
+
+    Any error but "no such process" (no file descriptors left, say) is raised: it tells nothing
+    of the holder, so its lease must not end for it."""
+    if holder.boot_id != boot_id():
         return None
-    return fd
+    try:
+        pidfd = os.pidfd_open(holder.pid)
+    except ProcessLookupError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # no longer a process of its own: a thread now
+            return None
+        raise
+    found = _stat(holder.pid)
+    if found is None or found[1] != holder.start_ticks or found[0] in ("Z", "X"):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def is_running(holder: Holder) -> bool:
+    """Whether the holder still runs (``OSError`` when that cannot be told)."""
+    pidfd = open_holder(holder)
+    if pidfd is None:
+        return False
+    try:
+        return not _exited(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 class HolderWatch:
@@ -61,21 +145,45 @@ class HolderWatch:
         for lease_id in [i for i in self._watching if i not in leases]:
             self._watching.pop(lease_id).cancel()
         for lease in leases.values():
-            if lease.holder_pid is not None and lease.id not in self._watching:
+            if lease.holder is not None and lease.id not in self._watching:
                 scope = trio.CancelScope()
                 self._watching[lease.id] = scope
-                self._nursery.start_soon(self._watch, lease, scope)
+                self._nursery.start_soon(self._watch, lease.id, lease.holder, scope)
 
-    async def _watch(self, lease: Lease, scope: trio.CancelScope) -> None:
-        assert lease.holder_pid is not None and lease.holder_start is not None
+    async def _watch(self, lease_id: str, holder: Holder, scope: trio.CancelScope) -> None:
         with scope:
-            fd = open_holder(lease.holder_pid, lease.holder_start)
-            if fd is not None:
+            delay = RETRY_SECONDS[0]
+            while True:
                 try:
-                    await trio.lowlevel.wait_readable(fd)
+                    pidfd = open_holder(holder)
+                    break
+                except OSError as exc:
+                    log.error(
+                        "cannot watch holder process %d of reservation %s (%s); trying again",
+                        holder.pid,
+                        lease_id,
+                        exc.strerror,
+                    )
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_SECONDS[1])
+            if pidfd is not None:
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
                 finally:
-                    trio.lowlevel.notify_closing(fd)
-                    os.close(fd)
-            reason = f"its holder process {lease.holder_pid} exited"
-            log.info("reservation %s ends: %s", lease.id, reason)
-            await self._ended(lease.id)
+                    trio.lowlevel.notify_closing(pidfd)
+                    os.close(pidfd)
+            log.info("reservation %s ends: its holder process %d exited", lease_id, holder.pid)
+            await self._ended(lease_id)
+
+
+def from_legacy(pid: int, started: float) -> Holder | None:
+    """The holder a version 1 lease file named by PID and start time in epoch seconds (boot time
+    plus start ticks, as psutil computed it), if that process still runs."""
+    found = _stat(pid)
+    if found is None or found[0] in ("Z", "X"):
+        return None
+    with open("/proc/stat") as handle:
+        booted = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+    if abs(booted + found[1] / os.sysconf("SC_CLK_TCK") - started) >= 0.01:
+        return None
+    return Holder(pid, found[1], boot_id())

@@ -1,17 +1,37 @@
 """Leases: who holds which devices on this host, and the JSON form they are kept and shown in.
 
 A lease is plain data. The reducer decides who gets one (``monitor.reducer``); ``monitor.store``
-keeps them on disk; ``monitor.holders`` ends those whose holder process exits.
+keeps them on disk; ``monitor.holders`` ends those whose holder process exits. A lease read back
+from disk is checked field by field as hostile input: a file anyone could have edited must not
+crash the daemon, break exclusivity or put a non-number on the wire.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from monitor.model import JSON, frozen_mapping
+from monitor.model import JSON, PCI_ADDRESS, frozen_mapping
+
+LEASE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+BOOT_ID = re.compile(r"[0-9a-f-]{36}")
+MAX_ID = (1 << 32) - 1  # uids, gids
+MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
+MAX_DEVICES = 1024  # per lease, as per request
+MAX_GROUP_KEY = 800  # vendor/type/name, each part bounded where it is made
+
+
+@attrs.frozen
+class Holder:
+    """A process, told apart from any later one with the same PID (``monitor.holders``)."""
+
+    pid: int
+    start_ticks: int  # clock ticks after boot (/proc/PID/stat field 22)
+    boot_id: str
 
 
 @attrs.frozen
@@ -24,8 +44,7 @@ class Lease:
     gid: int
     pid: int
     created: float  # seconds since the epoch
-    holder_pid: int | None = None  # the lease ends when this process ends
-    holder_start: float | None = None  # its start time, so a reused PID does not count
+    holder: Holder | None = None  # the lease ends when this process ends
     connection: int | None = None  # the lease ends when this connection closes; never on disk
 
     @property
@@ -36,6 +55,10 @@ class Lease:
     def durable(self) -> bool:
         """Kept on disk: a connection-bound lease ends with the daemon's connections anyway."""
         return self.connection is None
+
+    @property
+    def holder_pid(self) -> int | None:
+        return self.holder.pid if self.holder is not None else None
 
     def holder_json(self) -> JSON:
         """Who holds it, as a refused client is told."""
@@ -48,6 +71,7 @@ class Lease:
 
     def to_json(self) -> JSON:
         """The lease as stored and as ``leases`` shows it (without the connection)."""
+        holder = self.holder
         return {
             "reservation_id": self.id,
             "devices": dict(self.devices),
@@ -55,8 +79,9 @@ class Lease:
             "gid": self.gid,
             "pid": self.pid,
             "created": self.created,
-            "holder_pid": self.holder_pid,
-            "holder_start": self.holder_start,
+            "holder_pid": holder.pid if holder else None,
+            "holder_start": holder.start_ticks if holder else None,
+            "holder_boot_id": holder.boot_id if holder else None,
         }
 
     @classmethod
@@ -64,36 +89,63 @@ class Lease:
         """A lease read back from disk; ``ValueError`` naming what is wrong with it."""
         if not isinstance(raw, dict):
             raise ValueError("a lease is not a JSON object")
-        devices = raw.get("devices")
-        if (
-            not isinstance(devices, dict)
-            or not devices
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in devices.items())
-        ):
-            raise ValueError("a lease's devices are not a map of device IDs to group keys")
         lease_id = raw.get("reservation_id")
-        if not isinstance(lease_id, str) or not lease_id:
-            raise ValueError("a lease has no reservation_id")
-        numbers = {}
-        for name in ("uid", "gid", "pid"):
-            value = raw.get(name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"lease {lease_id}: {name} is not an integer")
-            numbers[name] = value
-        created = raw.get("created")
-        holder_pid = raw.get("holder_pid")
-        holder_start = raw.get("holder_start")
-        if not isinstance(created, int | float) or isinstance(created, bool):
-            raise ValueError(f"lease {lease_id}: created is not a number")
-        if holder_pid is not None and (
-            not isinstance(holder_pid, int) or not isinstance(holder_start, int | float)
-        ):
-            raise ValueError(f"lease {lease_id}: holder_pid or holder_start is not a number")
+        if not isinstance(lease_id, str) or not LEASE_ID.fullmatch(lease_id):
+            raise ValueError(f"a lease has no valid reservation_id ({_shown(lease_id)})")
+        devices = raw.get("devices")
+        if not isinstance(devices, dict) or not 0 < len(devices) <= MAX_DEVICES:
+            raise ValueError(f"lease {lease_id}: devices is not a map of 1 to {MAX_DEVICES}")
+        for device_id, key in devices.items():
+            if not PCI_ADDRESS.fullmatch(device_id):
+                raise ValueError(f"lease {lease_id}: {_shown(device_id)} is not a PCI address")
+            if not is_group_key(key):
+                raise ValueError(f"lease {lease_id}: {_shown(key)} is not a vendor/type/name")
+        uid = _integer(raw, "uid", 0, MAX_ID, lease_id)
+        gid = _integer(raw, "gid", 0, MAX_ID, lease_id)
+        pid = _integer(raw, "pid", 0, MAX_PID, lease_id)
+        created: Any = raw.get("created")
+        if not _is_number(created) or not math.isfinite(created) or created < 0:
+            raise ValueError(f"lease {lease_id}: created is not a time ({_shown(created)})")
+        holder = None
+        if raw.get("holder_pid") is not None:
+            boot = raw.get("holder_boot_id")
+            if not isinstance(boot, str) or not BOOT_ID.fullmatch(boot):
+                raise ValueError(f"lease {lease_id}: holder_boot_id is not a boot ID")
+            holder = Holder(
+                _integer(raw, "holder_pid", 1, MAX_PID, lease_id),
+                _integer(raw, "holder_start", 0, 1 << 63, lease_id),
+                boot,
+            )
         return cls(
             id=lease_id,
             devices=devices,
+            uid=uid,
+            gid=gid,
+            pid=pid,
             created=float(created),
-            holder_pid=holder_pid,
-            holder_start=None if holder_start is None else float(holder_start),
-            **numbers,
+            holder=holder,
         )
+
+
+def is_group_key(key: Any) -> bool:
+    """``vendor/type/name``, each part non-empty and printable (the name may hold slashes)."""
+    if not isinstance(key, str) or len(key) > MAX_GROUP_KEY or not key.isprintable():
+        return False
+    parts = key.split("/", 2)
+    return len(parts) == 3 and all(parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(raw: dict[str, Any], name: str, low: int, high: int, lease_id: str) -> int:
+    value = raw.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"lease {lease_id}: {name} is not an integer from {low} to {high}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

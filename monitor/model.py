@@ -6,6 +6,7 @@ snapshot handed to the server cannot change under it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -14,6 +15,9 @@ import attrs
 
 AttributeValue = str | int | float | bool
 JSON = dict[str, Any]
+
+# A device's ID: its PCI address exactly as the kernel writes it (lower-case hex, 4-digit domain).
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 
 def frozen_mapping(items: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -7,6 +7,7 @@ writes what the ``encode_*`` functions return. Clients use the same encoders.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -25,6 +26,19 @@ DEVICE_RESERVED = -32003
 PERMISSION_DENIED = -32004
 
 RequestId = str | int | None
+
+# What a reservation may hand a container, in the shapes the daemon plans them: a client checks
+# what it got against these before printing it for a shell or passing it to a container engine,
+# so that a daemon it should not have trusted cannot run commands or expose host files.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+DEVICE_NODE = re.compile(
+    r"/dev/(nvidia[0-9]{1,3}|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|kfd"
+    r"|dri/(card|renderD)[0-9]{1,7})"
+)
+DEVICE_LINK = re.compile(
+    r"/dev/dri/by-path/pci-[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]-(card|render)"
+)
+CGROUP_PERMS = re.compile(r"r?w?m?")
 
 
 class RpcError(Exception):

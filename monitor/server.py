@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
+import os
 import secrets
 import socket
 import time
@@ -19,10 +21,10 @@ from typing import Any
 import trio
 
 from monitor import holders, reservations
-from monitor.access import Access, peer_of
+from monitor.access import Access, ConnectionCount, ConnectionLimits, Peer, peer_of
 from monitor.events import ConnectionClosed, Event, ReleaseRequested, ReserveRequested
 from monitor.hub import Hub, Subscriber
-from monitor.leases import Lease
+from monitor.leases import Holder, Lease
 from monitor.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -52,6 +54,7 @@ UNFINISHED_INPUT_BUDGET = 64 * 1024 * 1024
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),
 # so a client stuck in a loop cannot keep the daemon busy alone.
 REQUESTS_PER_SECOND = 10_000.0
+MAX_LINGERING = 256  # refused connections given time to read why, at once
 
 
 class RequestBudget:
@@ -93,17 +96,26 @@ def _expect_params(params: dict[str, Any], allowed: set[str]) -> None:
         raise RpcError(INVALID_PARAMS, f"Unknown params: {', '.join(unknown)}.")
 
 
-def _holder(params: dict[str, Any]) -> tuple[int | None, float | None]:
-    """The holder process a reservation names, with its start time; none if not named."""
+def _holder_pid(params: dict[str, Any]) -> int | None:
     pid = params.get("holder_pid")
-    if pid is None:
-        return None, None
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
         raise RpcError(INVALID_PARAMS, "holder_pid must be a positive process ID.")
-    started = holders.start_time(pid)
-    if started is None:
-        raise RpcError(INVALID_PARAMS, f"No process {pid} runs on this host.", {"holder_pid": pid})
-    return pid, started
+    return pid
+
+
+def _holder(pid: int, peer: Peer) -> Holder:
+    """The process a client names as its lease's holder, once the client may reserve at all."""
+    if not holders.in_our_pid_namespace(peer.pid):
+        raise RpcError(
+            INVALID_PARAMS,
+            "holder_pid is refused from a client in another PID namespace (a container): "
+            "its process IDs are not this host's.",
+            {"holder_pid": pid},
+        )
+    try:
+        return holders.identify(pid)
+    except holders.HolderRefused as refusal:
+        raise RpcError(INVALID_PARAMS, str(refusal), {"holder_pid": pid}) from None
 
 
 class Pending:
@@ -128,15 +140,16 @@ class Server:
         inbox: Inbox,
         *,
         access: Access | None = None,
-        max_clients: int = 1024,
+        limits: ConnectionLimits | None = None,
         requests_per_second: float = REQUESTS_PER_SECOND,
     ) -> None:
         self.hub = hub
         self.inbox = inbox
         self.access = access or Access(None)
-        self.max_clients = max_clients
+        self.limits = limits or ConnectionLimits()
         self.requests_per_second = requests_per_second
-        self.clients = 0
+        self.connections = ConnectionCount()
+        self.refusing = 0  # refused connections lingering so that they read why
         self._connections: trio.Nursery  # set by serve()
         self._accepting: trio.CancelScope | None = None  # the listener now accepting
         self.unfinished_input = 0  # bytes of unfinished lines held, all connections together
@@ -178,20 +191,39 @@ class Server:
                 await trio.aclose_forcefully(listener)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        connection = _Connection(self, stream, next(self._serial))
-        self.clients += 1
         try:
-            if self.clients > self.max_clients:
-                await connection.refuse_busy()
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        except OSError:  # gone before we could ask who it is
+            await trio.aclose_forcefully(stream)
+            return
+        connection = _Connection(self, stream, next(self._serial), peer)
+        privileged = self.access.privileged(peer)
+        refusal = self.limits.refusal(self.connections, peer.uid, privileged)
+        try:
+            if refusal is not None:
+                await self._refuse(connection, refusal)
             else:
-                await connection.run()
+                self.connections.add(peer.uid, privileged, +1)
+                try:
+                    await connection.run()
+                finally:
+                    self.connections.add(peer.uid, privileged, -1)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to tell anyone
         finally:
-            self.clients -= 1
             await trio.aclose_forcefully(stream)
             if connection.bound_leases:
                 await self._tell_reducer(ConnectionClosed(connection.number))
+
+    async def _refuse(self, connection: _Connection, refusal: str) -> None:
+        """Tell a client it is refused. Each lingering refusal holds a file descriptor, so past
+        MAX_LINGERING at once the next only drops what has arrived before it closes."""
+        linger = self.refusing < MAX_LINGERING
+        self.refusing += linger
+        try:
+            await connection.refuse(RpcError(SERVER_BUSY, refusal), linger)
+        finally:
+            self.refusing -= linger
 
     async def _tell_reducer(self, event: Event) -> None:
         """Send an event that must not be lost to a cancellation, unless we are shutting down."""
@@ -250,9 +282,10 @@ class Server:
         bind = params.get("bind")
         if bind not in (None, "connection"):
             raise RpcError(INVALID_PARAMS, 'bind must be "connection" when given.')
-        holder_pid, holder_start = _holder(params)
-        await self._authorize(connection, "reserve")
+        holder_pid = _holder_pid(params)
+        await self._authorize(connection, "reserve")  # before anything is looked up for it
         peer = connection.peer
+        holder = _holder(holder_pid, peer) if holder_pid is not None else None
         lease = Lease(
             id=f"{self._lease_prefix}-{next(self._serial)}",
             devices={},
@@ -260,8 +293,7 @@ class Server:
             gid=peer.gid,
             pid=peer.pid,
             created=time.time(),
-            holder_pid=holder_pid,
-            holder_start=holder_start,
+            holder=holder,
             connection=connection.number if bind else None,
         )
         answer = await self.ask(ReserveRequested(tuple(ids), lease), lease.id)
@@ -321,11 +353,11 @@ class Server:
 
 
 class _Connection:
-    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+    def __init__(self, server: Server, stream: trio.SocketStream, number: int, peer: Peer) -> None:
         self.server = server
         self.stream = stream
         self.number = number
-        self.peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        self.peer = peer
         self.bound_leases = False  # whether a lease ends when this connection closes
         self.budget = RequestBudget(server.requests_per_second)
         self.send_lock = trio.Lock()
@@ -336,12 +368,16 @@ class _Connection:
         async with self.send_lock:
             await self.stream.send_all(data)
 
-    async def refuse_busy(self) -> None:
-        limit = self.server.max_clients
-        error = RpcError(SERVER_BUSY, f"Too many clients (limit {limit}); try again later.")
+    async def refuse(self, error: RpcError, linger: bool = True) -> None:
         with trio.move_on_after(1):
             await self.send(encode_error(error))
-        await self._linger()
+        if linger:
+            await self._linger()
+        else:
+            await self.stream.send_eof()
+            with contextlib.suppress(OSError):  # unread data at close would reset the client
+                while os.read(self.stream.socket.fileno(), RECEIVE_SIZE):
+                    pass
 
     async def run(self) -> None:
         buffer = LineBuffer()
@@ -362,18 +398,36 @@ class _Connection:
         """Answer each request line until EOF; the error to close with, if the client is refused.
 
         Returns before the refusal is sent, so that no received data is held while we linger."""
-        while data := await self.stream.receive_some(RECEIVE_SIZE):
-            try:
-                lines = self._take_lines(buffer, data)
-            except RpcError as refusal:
-                return refusal.with_traceback(None)  # its frames would keep ``data`` alive
-            for line in lines:
-                if line.strip():
-                    wait = self.budget.wait_before_next(trio.current_time())
-                    if wait > 0:
-                        await trio.sleep(wait)
-                    await self.answer(line)
-        return None
+        timeout = self.server.limits.timeout
+        active = trio.current_time()  # when the connection last finished something
+        line_begun = active  # when its unfinished line began, if it has one
+        while True:
+            if buffer.pending:
+                deadline, why = line_begun + timeout, "finished no request line"
+            elif self.subscriber is not None or self.bound_leases:
+                deadline, why = math.inf, ""  # it has a reason to stay quiet
+            else:
+                deadline, why = active + timeout, "sent nothing"
+            with trio.move_on_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return None
+                had_pending = buffer.pending
+                try:
+                    lines = self._take_lines(buffer, data)
+                except RpcError as refusal:
+                    return refusal.with_traceback(None)  # its frames would keep ``data`` alive
+                for line in lines:
+                    if line.strip():
+                        wait = self.budget.wait_before_next(trio.current_time())
+                        if wait > 0:
+                            await trio.sleep(wait)
+                        await self.answer(line)
+                active = trio.current_time()
+                if buffer.pending and (lines or not had_pending):
+                    line_begun = active
+                continue
+            return RpcError(SERVER_BUSY, f"This connection {why} for {timeout:g} s; closing.")
 
     def _take_lines(self, buffer: LineBuffer, data: bytes) -> list[bytes]:
         """The lines ``data`` completes; RpcError, and the unfinished line dropped, when the
@@ -436,6 +490,14 @@ class _Connection:
         self.nursery.start_soon(self._pump, self.subscriber)
 
     async def _pump(self, subscriber: Subscriber) -> None:
+        """Write notifications; a subscriber that reads nothing for the timeout is closed."""
         while True:
             message = await subscriber.next_message(self.server.hub)
-            await self.send(message)
+            with trio.move_on_after(self.server.limits.timeout) as stuck:
+                await self.send(message)
+            if stuck.cancelled_caught:
+                uid, pid = self.peer.uid, self.peer.pid
+                log.info("closing a subscriber that stopped reading (uid %d, pid %d)", uid, pid)
+                assert self.nursery is not None
+                self.nursery.cancel_scope.cancel()
+                return

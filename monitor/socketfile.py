@@ -8,15 +8,19 @@ connected carry on. A path someone else has since taken is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
+
+from monitor.files import UnsafePath, secure_directory
 
 log = logging.getLogger(__name__)
 
@@ -32,38 +36,92 @@ class SocketInUse(Exception):
     """Another daemon answers on the socket path."""
 
 
-def bind_unix_socket(path: Path, mode: int) -> socket.socket:
-    """Listen on ``path``, replacing a stale socket file but never a live one."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+class SocketPathError(Exception):
+    """The socket cannot be made at that path; the message says why, in one line."""
+
+
+MAX_PATH = 107  # sun_path holds 108 bytes, the terminating NUL among them
+
+
+def _probe(path: Path) -> bool:
+    """Whether a daemon answers on the socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
-        existing = path.lstat()
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def bind_unix_socket(
+    path: Path, mode: int, gid: int | None
+) -> tuple[socket.socket, os.stat_result]:
+    """Listen on ``path`` with this mode and group, replacing a stale socket but never a live
+    one; the socket and the file's stat.
+
+    The socket is bound in a private directory, given its mode and group there, and renamed into
+    place: the name never exists with another mode, and no chmod or chown goes through a name
+    that someone could have swapped for a symlink."""
+    if len(os.fsencode(str(path))) > MAX_PATH:
+        raise SocketPathError(
+            f"{path} is longer than the {MAX_PATH} bytes a Unix socket path may have"
+        )
+    try:
+        # A non-root daemon's socket is its user's alone: so is the directory it makes for it.
+        create_mode = 0o755 if os.geteuid() == 0 else 0o700
+        directory, created = secure_directory(path.parent, create_mode)
+    except UnsafePath as exc:
+        raise SocketPathError(str(exc)) from None
+    except OSError as exc:
+        raise SocketPathError(
+            f"cannot make the socket directory {path.parent}: {exc.strerror}"
+        ) from None
+    if created:
+        log.info("created the socket directory %s", directory)
+    final = directory / path.name
+    try:
+        existing = final.lstat()
     except FileNotFoundError:
         existing = None
     if existing is not None:
         if not stat.S_ISSOCK(existing.st_mode):
             raise SocketInUse(f"{path} exists and is not a socket; remove it or choose --socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            log.info("replacing stale socket %s", path)
-            path.unlink(missing_ok=True)
-        else:
+        if _probe(final):
             raise SocketInUse(f"another hotplug-monitor is already serving on {path}")
-        finally:
-            probe.close()
+        log.info("replacing stale socket %s", path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
+        private = tempfile.mkdtemp(prefix=".bind-", dir=directory)  # 0700, ours alone
+        try:
+            fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.bind(f"/proc/self/fd/{fd}/s")  # short whatever the directory's path
+                os.chmod("s", mode, dir_fd=fd)
+                if gid is not None:
+                    os.chown("s", -1, gid, dir_fd=fd, follow_symlinks=False)
+                bound = os.stat("s", dir_fd=fd)
+                os.rename("s", path.name, src_dir_fd=fd, dst_dir_fd=parent)
+            finally:
+                os.close(fd)
+                os.close(parent)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(private, "s"))
+            os.rmdir(private)
         sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise SocketPathError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, bound
 
 
 class SocketFile:
@@ -76,14 +134,8 @@ class SocketFile:
 
     def bind(self) -> socket.socket:
         """A new listening socket at the path: 0660 and our group's if we have one, else 0600."""
-        sock = bind_unix_socket(self.path, 0o660 if self.gid is not None else 0o600)
-        try:
-            if self.gid is not None:
-                os.chown(self.path, -1, self.gid)
-            self.bound = os.stat(self.path)
-        except OSError as exc:
-            sock.close()
-            raise PermissionError(f"cannot give {self.path} to group {self.gid}: {exc}") from None
+        mode = 0o660 if self.gid is not None else 0o600
+        sock, self.bound = bind_unix_socket(self.path, mode, self.gid)
         return sock
 
     def _current(self) -> os.stat_result | None:
@@ -113,7 +165,7 @@ class SocketFile:
                 continue  # ours, or someone else's: either way not ours to replace
             try:
                 sock = self.bind()
-            except (OSError, SocketInUse) as exc:
+            except (SocketPathError, SocketInUse) as exc:
                 if not failing:  # once per outage, not every second
                     log.error("%s was deleted and cannot be created again: %s", self.path, exc)
                 failing = True

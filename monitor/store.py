@@ -1,8 +1,8 @@
 """The lease file: written so that a crash at any moment leaves the old file or the new one.
 
 Each save writes a temporary file, fsyncs it, renames it over ``leases.json`` and fsyncs the
-directory, so the rename itself survives a power cut. A file that cannot be read back is moved
-aside, never trusted and never fatal.
+directory, so the rename itself survives a power cut. A file that cannot be read back, or that
+holds anything but valid leases, is moved aside: never trusted and never fatal.
 """
 
 from __future__ import annotations
@@ -13,41 +13,30 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from monitor import holders
+from monitor.files import UnsafePath, read_regular_file, write_atomically
 from monitor.leases import Lease
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "leases.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: holders by start ticks and boot ID; 1: by start time in epoch seconds
+MAX_FILE = 16 << 20
 
 
 class StoreError(Exception):
     """The lease file could not be written; the message says why, for the client too."""
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: after a crash it holds either the old or the new bytes."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 class LeaseStore:
     def __init__(self, state_dir: Path) -> None:
+        """``state_dir``: a directory ``monitor.files.secure_directory`` has checked."""
         self.path = state_dir / FILE_NAME
 
     def save(self, leases: Iterable[Lease]) -> None:
@@ -57,7 +46,6 @@ class LeaseStore:
             "leases": [lease.to_json() for lease in leases if lease.durable],
         }
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomically(self.path, json.dumps(document, indent=1).encode())
         except OSError as exc:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
@@ -65,24 +53,26 @@ class LeaseStore:
     def load(self) -> list[Lease]:
         """The leases on disk; a file that is missing gives none, a bad one is moved aside."""
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular_file(self.path, MAX_FILE, follow_symlinks=False)
         except FileNotFoundError:
             return []
-        except OSError as exc:
-            return self._set_aside(f"cannot be read ({exc.strerror or exc})")
+        except UnsafePath as exc:
+            return self._set_aside(f"cannot be used ({exc})")
         try:
-            document = json.loads(raw)
-            if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
+            document = json.loads(raw, parse_constant=_not_json)
+            if not isinstance(document, dict) or document.get("version") not in (1, 2):
                 raise ValueError(f"it is not a version {FORMAT_VERSION} lease file")
             entries = document.get("leases")
             if not isinstance(entries, list):
                 raise ValueError("it has no list of leases")
+            if document["version"] == 1:
+                entries = [e for e in map(_from_version_1, entries) if e is not None]
             leases = [Lease.from_json(entry) for entry in entries]
             if len({lease.id for lease in leases}) != len(leases):
                 raise ValueError("a reservation ID appears twice")
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             return self._set_aside(f"is corrupt ({exc})")
-        return leases
+        return _exclusive(leases)
 
     def _set_aside(self, problem: str) -> list[Lease]:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -99,3 +89,39 @@ class LeaseStore:
             where,
         )
         return []
+
+
+def _from_version_1(entry: Any) -> Any:
+    """A version 1 lease as version 2; None when its holder process has exited."""
+    if not isinstance(entry, dict) or entry.get("holder_pid") is None:
+        return entry
+    pid, started = entry["holder_pid"], entry.get("holder_start")
+    if not isinstance(pid, int) or not isinstance(started, int | float) or pid <= 0:
+        raise ValueError("a lease's holder_pid or holder_start is not a number")
+    holder = holders.from_legacy(pid, float(started))
+    if holder is None:
+        lease_id = entry.get("reservation_id")
+        log.info("reservation %s ends: its holder process %d has exited", lease_id, pid)
+        return None
+    return {**entry, "holder_start": holder.start_ticks, "holder_boot_id": holder.boot_id}
+
+
+def _exclusive(leases: list[Lease]) -> list[Lease]:
+    """The leases with no device in two of them: a later one naming a held device is dropped."""
+    holding: dict[str, Lease] = {}
+    kept = []
+    for lease in leases:
+        clash = next((holding[d] for d in lease.devices if d in holding), None)
+        if clash is not None:
+            log.critical(
+                "lease file: reservations %s and %s both hold %s; keeping %s, dropping %s",
+                clash.id,
+                lease.id,
+                ", ".join(d for d in lease.devices if d in clash.devices),
+                clash.id,
+                lease.id,
+            )
+            continue
+        holding.update(dict.fromkeys(lease.devices, lease))
+        kept.append(lease)
+    return kept

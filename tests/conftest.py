@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import importlib
+import json
 import os
 import platform
 import resource
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +64,96 @@ def two_pci_classes() -> tuple[dict[str, str], str, str]:
     need(None if len(set(classes.values())) >= 2 else "needs PCI devices of two base classes")
     first, second = sorted(set(classes.values()))[:2]
     return classes, first, second
+
+
+# --- other users: forked children, since this interpreter may live where they cannot exec ----
+
+GROUP = 4242  # a gid no account has: membership only by what a client process carries
+ALICE, BOB, MALLORY = 60001, 60002, 60003  # uids no account has
+
+
+def as_user(uid: int, groups: list[int], work: Callable[[], Any]) -> Any:
+    """``work()`` in a forked child running as ``uid`` with ``groups`` (primary first); what it
+    returns (JSON), or ``{"child_error": repr(exception)}``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, work, report, and leave without cleanup
+        try:
+            os.close(read)
+            os.setgroups(groups[1:])
+            os.setgid(groups[0])
+            os.setuid(uid)
+            result = json.dumps(work())
+        except BaseException as exc:
+            result = json.dumps({"child_error": repr(exc)})
+        finally:
+            os.write(write, result.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        answer = json.loads(reader.read())
+    os.waitpid(pid, 0)
+    return answer
+
+
+def call_as(
+    uid: int, groups: list[int], path: Path, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """One request from a child process running as ``uid`` with ``groups`` (primary first)."""
+
+    def ask() -> Any:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            return json.loads(sock.makefile("rb").readline())
+
+    answer: dict[str, Any] = as_user(uid, groups, ask)
+    return answer
+
+
+def cli_as(
+    uid: int, groups: list[int], argv: list[str], env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """``hotplug-monitor ARGV`` run as ``uid`` in a forked child: exit status, stdout, stderr.
+
+    Everything the command may import is imported first: the child, as another user, may not
+    be able to read this interpreter's library."""
+    for module in ("monitor.app", "monitor.cli", "cysystemd.journal", "cysystemd.daemon"):
+        importlib.import_module(module)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+
+        def run() -> int:
+            os.environ.clear()
+            os.environ.update(env or {"PATH": "/usr/bin:/bin"})
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            from monitor.cli import main
+
+            # the child's own fds, not pytest's capture
+            with open(1, "w", closefd=False) as stdout, open(2, "w", closefd=False) as stderr:
+                sys.stdout, sys.stderr = stdout, stderr
+                return main(argv)
+
+        status = as_user(uid, groups, run)
+        out.seek(0)
+        err.seek(0)
+        return status, out.read().decode(), err.read().decode()
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory other users can reach (pytest's tmp_path is private to root)."""
+    directory = Path(tempfile.mkdtemp(prefix="hotplug-monitor-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def shared_socket(shared_tmp: Path) -> Path:
+    """A socket path other users can reach."""
+    return shared_tmp / "monitor.sock"
 
 
 class Daemon:

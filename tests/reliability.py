@@ -20,7 +20,7 @@ DEFAULT_REPORT = ROOT / "build" / "reliability.json"
 START = "<!-- reliability table: python -m tests.reliability -->"
 END = "<!-- end of reliability table -->"
 
-AREAS = ["Protocol", "Resources", "Faults", "Device data"]  # the table's order
+AREAS = ["Protocol", "Resources", "Faults", "Device data", "Security"]  # the table's order
 
 rows: list[dict[str, str]] = []
 

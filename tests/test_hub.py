@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import json_merge_patch
 import pytest
 import trio
 
+from monitor.access import ConnectionLimits
 from monitor.events import DeviceSeen, PciErrorReported, PciFacts
 from monitor.hub import Hub
 from monitor.reducer import State, reduce
@@ -24,7 +26,11 @@ from monitor.socketfile import bind_unix_socket
 def server(hub: Hub, max_clients: int = 1024) -> Server:
     """A server whose requests nobody decides: these tests only read."""
     inbox, _ = trio.open_memory_channel[Any](1)
-    return Server(hub, inbox, max_clients=max_clients)
+    return Server(hub, inbox, limits=ConnectionLimits(max_clients=max_clients))
+
+
+def listen(path: Path) -> socket.socket:
+    return bind_unix_socket(path, 0o600, None)[0]
 
 
 GPU = PciFacts(
@@ -76,7 +82,7 @@ async def harness(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harnes
     harness = Harness(hub, tmp_path / "hub.sock")
     harness.state, patch = reduce(harness.state, DeviceSeen(GPU))
     hub.publish(harness.state, patch)
-    await nursery.start(server(hub).serve, bind_unix_socket(harness.path, 0o600))
+    await nursery.start(server(hub).serve, listen(harness.path))
     yield harness
 
 
@@ -137,7 +143,7 @@ async def test_answers_wait_for_the_first_enumeration(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     hub = Hub()
-    await nursery.start(server(hub).serve, bind_unix_socket(tmp_path / "s.sock", 0o600))
+    await nursery.start(server(hub).serve, listen(tmp_path / "s.sock"))
     client = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))
     async with trio.open_nursery() as inner:
         answers: list[dict[str, Any]] = []
@@ -158,9 +164,7 @@ async def test_too_many_clients_are_refused_with_an_error(
 ) -> None:
     hub = Hub()
     hub.publish(State(), None)
-    await nursery.start(
-        server(hub, max_clients=2).serve, bind_unix_socket(tmp_path / "s.sock", 0o600)
-    )
+    await nursery.start(server(hub, max_clients=2).serve, listen(tmp_path / "s.sock"))
     first = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))
     second = Line(await trio.open_unix_socket(str(tmp_path / "s.sock")))
     assert "result" in await first.call("fingerprint")

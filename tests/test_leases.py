@@ -6,19 +6,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
-from tests.conftest import Daemon, Subscription
+from monitor.store import FORMAT_VERSION
+from tests.conftest import GROUP, Daemon, Subscription, call_as
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth
 
@@ -232,7 +231,7 @@ def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
     aside = list(daemon.state_dir.glob("leases.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1')
     assert "<2>CRITICAL monitor.store: lease file" in again.log()
-    assert json.loads(lease_file.read_text()) == {"version": 1, "leases": []}
+    assert json.loads(lease_file.read_text()) == {"version": FORMAT_VERSION, "leases": []}
 
 
 def test_an_unwritable_state_directory_refuses_leases_and_nothing_else(
@@ -257,47 +256,6 @@ def test_an_unwritable_state_directory_refuses_leases_and_nothing_else(
 
 
 # --- who may ask: clients forked into other users ---------------------------------------------
-
-GROUP = 4242  # a gid no account has: membership only by what a client process carries
-
-
-def call_as(
-    uid: int, groups: list[int], path: Path, method: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    """One request from a child process running as ``uid`` with ``groups`` (primary first)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to the user, ask, report, and leave without cleanup
-        try:
-            os.close(read)
-            os.setgroups(groups[1:])
-            os.setgid(groups[0])
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(path))
-                request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
-                sock.sendall(json.dumps(request).encode() + b"\n")
-                os.write(write, sock.makefile("rb").readline())
-        except BaseException as exc:
-            os.write(write, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as reader:
-        answer: dict[str, Any] = json.loads(reader.read())
-    os.waitpid(pid, 0)
-    return answer
-
-
-@pytest.fixture
-def shared_socket() -> Iterator[Path]:
-    """A socket path other users can reach (pytest's tmp_path is private to root)."""
-    directory = Path(tempfile.mkdtemp(prefix="hotplug-monitor-test-"))
-    directory.chmod(0o755)
-    yield directory / "monitor.sock"
-    for leftover in directory.iterdir():
-        leftover.unlink()
-    directory.rmdir()
 
 
 def test_only_the_group_may_reserve_and_only_the_owner_may_release(

@@ -32,13 +32,13 @@ from monitor.events import (
     Resync,
 )
 from monitor.logs import MESSAGE_IDS
+from monitor.model import PCI_ADDRESS
 from monitor.sources.hwdb import pci_model_name
 
 log = logging.getLogger(__name__)
 
 # Identities are matched on the raw text (ASCII only, whole value), never on sanitised text:
 # "0000:1b:00.0\a" or "card\x1b0" must not become another device's "0000:1b:00.0" or "card0".
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 DRM_MINOR = re.compile(r"(card|renderD)[0-9]{1,7}")  # minors are 20 bits
 # int(x, 16) would also take "1_0de", " +10de" and non-ASCII digits.
 _HEX_NUMBER = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,8})")
