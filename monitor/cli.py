@@ -14,18 +14,7 @@ from typing import Any
 
 import trio
 
-from monitor import logs
-from monitor.access import UnknownGroup
-from monitor.cdi import KIND as CDI_KIND
-from monitor.client import (
-    BadAnswer,
-    Client,
-    DaemonUnavailable,
-    Mirror,
-    RpcFailure,
-    check_reservation,
-)
-from monitor.config import (
+from monitor.daemon.config import (
     LOG_LEVELS,
     LOG_TARGETS,
     SYSTEM_SOCKET,
@@ -35,9 +24,20 @@ from monitor.config import (
     client_socket,
     load_settings,
 )
-from monitor.files import InUse, UnsafePath
-from monitor.socketfile import SocketInUse, SocketPathError
-from monitor.systemd import ActivationError
+from monitor.daemon.systemd import ActivationError
+from monitor.outputs import logs
+from monitor.outputs.cdi import KIND as CDI_KIND
+from monitor.outputs.files import InUse, UnsafePath
+from monitor.serving.access import UnknownGroup
+from monitor.serving.socketfile import SocketInUse, SocketPathError
+from monitor.wire.client import (
+    BadAnswer,
+    Client,
+    DaemonUnavailable,
+    Mirror,
+    RpcFailure,
+    check_reservation,
+)
 
 PROG = "hotplug-monitor"
 
@@ -237,7 +237,7 @@ def _connect(args: argparse.Namespace) -> Client:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from monitor import app
+    from monitor.daemon import app
 
     overrides = {
         "socket": args.socket,
@@ -445,7 +445,7 @@ def cmd_release(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from monitor import sim
+    from monitor.sim import umockdev as sim
 
     missing = sim.umockdev_missing()
     if missing:

@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
-from monitor.client import Client, DaemonUnavailable, Mirror
-from monitor.nvmlsim import build_library
-from monitor.sim import Simulator, umockdev_missing
+from monitor.sim.nvml import build_library
+from monitor.sim.umockdev import Simulator, umockdev_missing
+from monitor.wire.client import Client, DaemonUnavailable, Mirror
 from tests import reliability
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
@@ -119,7 +119,7 @@ def cli_as(
 
     Everything the command may import is imported first: the child, as another user, may not
     be able to read this interpreter's library."""
-    for module in ("monitor.app", "monitor.cli", "cysystemd.journal", "cysystemd.daemon"):
+    for module in ("monitor.daemon.app", "monitor.cli", "cysystemd.journal", "cysystemd.daemon"):
         importlib.import_module(module)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
 
@@ -270,7 +270,7 @@ def many_fds() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def nvml_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The stand-in libnvidia-ml.so.1, built once per session (monitor/nvmlsim.py)."""
+    """The stand-in libnvidia-ml.so.1, built once per session (monitor/sim/nvml.py)."""
     return build_library(tmp_path_factory.mktemp("fakenvml-lib"))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from monitor.sim import Simulator
+from monitor.sim.umockdev import Simulator
 from tests.conftest import Daemon, need
 from tests.container import (
     char_devices,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from monitor.client import Client, RpcFailure
+from monitor.wire.client import Client, RpcFailure
 from tests.conftest import Daemon, Subscription, need
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth

@@ -15,12 +15,12 @@ import json_merge_patch
 import pytest
 import trio
 
-from monitor.access import ConnectionLimits
-from monitor.events import DeviceSeen, PciErrorReported, PciFacts
-from monitor.hub import Hub
-from monitor.reducer import State, reduce
-from monitor.server import Server
-from monitor.socketfile import bind_unix_socket
+from monitor.core.events import DeviceSeen, PciErrorReported, PciFacts
+from monitor.core.reducer import State, reduce
+from monitor.engine.hub import Hub
+from monitor.serving.access import ConnectionLimits
+from monitor.serving.server import Server
+from monitor.serving.socketfile import bind_unix_socket
 
 
 def server(hub: Hub, max_clients: int = 1024) -> Server:

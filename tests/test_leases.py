@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from monitor.client import Client, DaemonUnavailable, Mirror, RpcFailure
-from monitor.store import FORMAT_VERSION
+from monitor.outputs.store import FORMAT_VERSION
+from monitor.wire.client import Client, DaemonUnavailable, Mirror, RpcFailure
 from tests.conftest import GROUP, Daemon, Subscription, call_as
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth
@@ -230,7 +230,7 @@ def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
     assert again.client().call("leases") == {"leases": []}
     aside = list(daemon.state_dir.glob("leases.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1')
-    assert "<2>CRITICAL monitor.store: lease file" in again.log()
+    assert "<2>CRITICAL monitor.outputs.store: lease file" in again.log()
     assert json.loads(lease_file.read_text()) == {"version": FORMAT_VERSION, "leases": []}
 
 

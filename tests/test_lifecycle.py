@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import config
+from monitor.daemon import config
 from tests.conftest import Daemon, need, two_pci_classes
 
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.protocol import encode_request
-from monitor.sim import Simulator
+from monitor.sim.umockdev import Simulator
+from monitor.wire.protocol import encode_request
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 

@@ -1,5 +1,5 @@
 """NVIDIA health end to end: the daemon on simulated GPUs (umockdev) with the real nvidia-ml-py
-bindings loading the stand-in libnvidia-ml.so.1 (monitor/nvmlsim.py), driven by XIDs, lost GPUs and
+bindings loading the stand-in libnvidia-ml.so.1 (monitor/sim/nvml.py), driven by XIDs, lost GPUs and
 hanging calls."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import psutil
 import pytest
 
-from monitor.client import Mirror, RpcFailure
-from monitor.nvmlsim import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
-from monitor.sim import Simulator
+from monitor.sim.nvml import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
+from monitor.sim.umockdev import Simulator
+from monitor.wire.client import Mirror, RpcFailure
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 
@@ -147,9 +147,8 @@ def test_each_xid_class_does_the_right_thing(
     log = daemon.log()
     assert f"{A} ({UUID_A}): XID {xid}" in log  # every XID is logged
     if xid == 79 and not stays_healthy:
-        assert (
-            "<2>CRITICAL monitor.engine: 0000:3b:00.0 (nvidia NVIDIA H100 80GB HBM3) is lost" in log
-        )
+        lost = "0000:3b:00.0 (nvidia NVIDIA H100 80GB HBM3) is lost"
+        assert f"<2>CRITICAL monitor.engine.reducer_task: {lost}" in log
 
 
 @pytest.mark.parametrize("evidence", ["rebind", "pci_recovery", "nvml_recovery_action", "replug"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from monitor.nvmlsim import EVENT_DOUBLE_BIT_ECC, FakeGpu, FakeNvml, build_library
+from monitor.sim.nvml import EVENT_DOUBLE_BIT_ECC, FakeGpu, FakeNvml, build_library
 
 BUS_A = "0000:3b:00.0"
 BUS_B = "0000:86:00.0"

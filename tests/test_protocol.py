@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from monitor.protocol import LineBuffer, LineTooLong, RpcError, parse_request
+from monitor.wire.protocol import LineBuffer, LineTooLong, RpcError, parse_request
 from tests.conftest import Daemon
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.events import (
+from monitor.core.events import (
     ClassFilterChanged,
     ConnectionClosed,
     DeviceGone,
@@ -35,11 +35,11 @@ from monitor.events import (
     XidPolicyChanged,
     XidReported,
 )
-from monitor.fingerprint import build_fingerprint
-from monitor.leases import Lease
-from monitor.model import Attribute
-from monitor.reducer import State, reduce, reduce_all
-from monitor.xids import XidPolicy
+from monitor.core.fingerprint import build_fingerprint
+from monitor.core.leases import Lease
+from monitor.core.model import Attribute
+from monitor.core.reducer import State, reduce, reduce_all
+from monitor.core.xids import XidPolicy
 
 H100 = PciFacts(
     address="0000:3b:00.0",

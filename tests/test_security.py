@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from monitor import socketfile
-from monitor.client import RpcFailure
+from monitor.serving import socketfile
+from monitor.wire.client import RpcFailure
 from tests.conftest import (
     ALICE,
     BOB,

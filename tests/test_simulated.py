@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from monitor.client import Mirror, RpcFailure
-from monitor.sim import Simulator
+from monitor.sim.umockdev import Simulator
+from monitor.wire.client import Mirror, RpcFailure
 from tests.conftest import Daemon, Subscription
 
 H100 = "nvidia/gpu/H100 SXM5 80GB"
@@ -324,7 +324,8 @@ def test_demo_tells_the_whole_story_in_under_30_seconds() -> None:
 def test_demo_says_what_to_install_without_umockdev(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from monitor import cli, sim
+    from monitor import cli
+    from monitor.sim import umockdev as sim
 
     monkeypatch.setattr(sim, "umockdev_missing", lambda: sim.INSTALL_HINT)
     assert cli.main(["demo"]) == 1

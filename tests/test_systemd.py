@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import trio
 
-from monitor import app, logs
-from monitor.client import Client, DaemonUnavailable
-from monitor.sim import Simulator
+from monitor.daemon import app
+from monitor.outputs import logs
+from monitor.sim.umockdev import Simulator
+from monitor.wire.client import Client, DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need, two_pci_classes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +208,9 @@ def test_without_journald_stderr_lines_carry_priority_prefixes(
         time.sleep(0.05)
     lines = daemon.log().splitlines()
     assert any(line.startswith("<6>INFO ") for line in lines)
-    assert any(line.startswith("<2>CRITICAL monitor.engine: 0000:3b:00.0") for line in lines)
+    assert any(
+        line.startswith("<2>CRITICAL monitor.engine.reducer_task: 0000:3b:00.0") for line in lines
+    )
 
 
 # --- socket activation ---------------------------------------------------------------------

@@ -21,12 +21,12 @@ import sys
 
 import trio
 
-from monitor.events import Event, NvmlUnreachable
-from monitor.health import CAUSE_PCI_ERROR
-from monitor.hub import Hub
-from monitor.protocol import LineBuffer
-from monitor.reducer import State
+from monitor.core.events import Event, NvmlUnreachable
+from monitor.core.health import CAUSE_PCI_ERROR
+from monitor.core.reducer import State
+from monitor.engine.hub import Hub
 from monitor.sources.nvml_worker import EXIT_NO_NVML, decode_event
+from monitor.wire.protocol import LineBuffer
 
 log = logging.getLogger(__name__)
 

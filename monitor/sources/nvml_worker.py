@@ -27,8 +27,7 @@ import attrs
 import pynvml
 import trio
 
-from monitor import logs
-from monitor.events import (
+from monitor.core.events import (
     NvmlEventReported,
     NvmlGpu,
     NvmlGpuSeen,
@@ -36,9 +35,10 @@ from monitor.events import (
     NvmlUnreachable,
     XidReported,
 )
-from monitor.logs import MESSAGE_IDS
-from monitor.model import Attribute
-from monitor.protocol import LineBuffer
+from monitor.core.model import Attribute
+from monitor.outputs import logs
+from monitor.outputs.logs import MESSAGE_IDS
+from monitor.wire.protocol import LineBuffer
 
 log = logging.getLogger("monitor.sources.nvml_worker")  # also when run as __main__
 

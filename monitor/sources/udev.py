@@ -19,7 +19,7 @@ from typing import Any
 import pyudev
 import trio
 
-from monitor.events import (
+from monitor.core.events import (
     DeviceGone,
     DeviceSeen,
     DrmNode,
@@ -31,8 +31,8 @@ from monitor.events import (
     PciFacts,
     Resync,
 )
-from monitor.logs import MESSAGE_IDS
-from monitor.model import PCI_ADDRESS
+from monitor.core.model import PCI_ADDRESS
+from monitor.outputs.logs import MESSAGE_IDS
 from monitor.sources.hwdb import pci_model_name
 
 log = logging.getLogger(__name__)

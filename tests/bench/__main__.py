@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from monitor.sim import umockdev_missing
+from monitor.sim.umockdev import umockdev_missing
 from tests.bench import fanout, kernel, reserve, simulated
 from tests.bench.common import (
     Daemon,

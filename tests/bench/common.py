@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import psutil
 
-from monitor.client import Client, DaemonUnavailable
+from monitor.wire.client import Client, DaemonUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 PCI = Path("/sys/bus/pci/devices")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from monitor.sim import Simulator
+from monitor.sim.umockdev import Simulator
 from tests.bench.common import (
     REPO,
     Daemon,

@@ -3,9 +3,9 @@ in the same run: ``python -m tests.bench.tuned serve ...`` with ``HOTPLUG_BENCH_
 what to change (comma-separated).
 
 - ``gc-default``: Python's default garbage collector settings, as the daemon had them before it
-  raised the thresholds and froze its start-up objects (monitor/app.py ``_tune_gc``).
+  raised the thresholds and froze its start-up objects (monitor/daemon/app.py ``_tune_gc``).
 - ``nodes-uncached``: a stat of every vendor device node on every reservation, as before the
-  daemon kept each answer for a second (monitor/reservations.py ``RecentNodeCheck``).
+  daemon kept each answer for a second (monitor/core/plan.py ``RecentNodeCheck``).
 - ``gclog`` changes nothing: it logs each long or full collection pause to stderr.
 """
 
@@ -35,14 +35,14 @@ def log_gc_pauses() -> None:
 
 
 def default_gc() -> None:
-    from monitor import app
+    from monitor.daemon import app
 
     app._tune_gc = lambda: None
     gc.freeze = lambda: None  # the module app calls freeze() on
 
 
 def uncached_nodes() -> None:
-    from monitor import server
+    from monitor.serving import server
 
     original_init = server.Server.__init__
 

@@ -1,4 +1,4 @@
-"""The umockdev helper of ``monitor.sim`` with one addition: each reply carries the
+"""The umockdev helper of ``monitor.sim.umockdev`` with one addition: each reply carries the
 CLOCK_MONOTONIC time at which the helper started the command (for pci_error: two property sets,
 then ``umockdev_testbed_uevent``), so latencies start at the emitter, not at our pipe to it.
 
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from monitor.sim import _Helper
+from monitor.sim.umockdev import _Helper
 
 
 def main() -> None:

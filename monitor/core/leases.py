@@ -1,9 +1,10 @@
 """Leases: who holds which devices on this host, and the JSON form they are kept and shown in.
 
-A lease is plain data. The reducer decides who gets one (``monitor.reducer``); ``monitor.store``
-keeps them on disk; ``monitor.holders`` ends those whose holder process exits. A lease read back
-from disk is checked field by field as hostile input: a file anyone could have edited must not
-crash the daemon, break exclusivity or put a non-number on the wire.
+A lease is plain data. The reducer decides who gets one (``monitor.core.reducer``);
+``monitor.outputs.store`` keeps them on disk; ``monitor.sources.holders`` ends those whose holder
+process exits. A lease read back from disk is checked field by field as hostile input: a file
+anyone could have edited must not crash the daemon, break exclusivity or put a non-number on the
+wire.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from monitor.model import JSON, PCI_ADDRESS, frozen_mapping
+from monitor.core.model import JSON, PCI_ADDRESS, frozen_mapping
 
 LEASE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BOOT_ID = re.compile(r"[0-9a-f-]{36}")
@@ -27,7 +28,7 @@ MAX_GROUP_KEY = 800  # vendor/type/name, each part bounded where it is made
 
 @attrs.frozen
 class Holder:
-    """A process, told apart from any later one with the same PID (``monitor.holders``)."""
+    """A process, told apart from any later one with the same PID (``monitor.sources.holders``)."""
 
     pid: int
     start_ticks: int  # clock ticks after boot (/proc/PID/stat field 22)

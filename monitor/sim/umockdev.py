@@ -3,7 +3,7 @@
 umockdev fakes sysfs, /dev and udev's netlink for any process run with its preload library, so
 the daemon's real pyudev/libudev code sees these devices and their events exactly as real ones.
 The testbed itself must be driven from a preloaded process too, so it lives in a small helper
-(``python -m monitor.sim``) that takes one JSON command per line; ``Simulator`` runs it.
+(``python -m monitor.sim.umockdev``) that takes one JSON command per line; ``Simulator`` runs it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import attrs
 
-from monitor.nvmlsim import FakeGpu, FakeNvml, build_library
+from monitor.sim.nvml import FakeGpu, FakeNvml, build_library
 
 PRELOAD = "libumockdev-preload.so.0"
 LIBRARY = "libumockdev.so.0"
@@ -300,7 +300,7 @@ def _helper_main() -> None:
 class Simulator:
     """Simulated GPUs; ``daemon_env()`` is the environment a daemon needs to see them."""
 
-    def __init__(self, helper: str = "monitor.sim") -> None:
+    def __init__(self, helper: str = "monitor.sim.umockdev") -> None:
         """``helper``: the module to run as the testbed's process (the benchmark has its own)."""
         missing = umockdev_missing()
         if missing:
@@ -515,7 +515,7 @@ def _wait_for_socket(
     sock: Path, daemon: subprocess.Popen[bytes], nvidia_gpus: int = 0, timeout: float = 15.0
 ) -> None:
     """Until the daemon answers, and NVML has told it of ``nvidia_gpus`` GPUs."""
-    from monitor.client import Client, DaemonUnavailable, Mirror
+    from monitor.wire.client import Client, DaemonUnavailable, Mirror
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

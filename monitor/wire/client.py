@@ -14,7 +14,7 @@ from typing import Any
 
 import json_merge_patch
 
-from monitor.protocol import (
+from monitor.wire.protocol import (
     CGROUP_PERMS,
     DEVICE_LINK,
     DEVICE_NODE,
@@ -131,8 +131,8 @@ _ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # reservation and device IDs: safe t
 
 
 def check_reservation(result: Any) -> dict[str, Any]:
-    """A ``reserve`` result whose every part has a shape the daemon plans (``monitor.protocol``);
-    ``BadAnswer`` naming the first that does not."""
+    """A ``reserve`` result whose every part has a shape the daemon plans
+    (``monitor.wire.protocol``); ``BadAnswer`` naming the first that does not."""
 
     def bad(what: str, value: Any) -> BadAnswer:
         return BadAnswer(f"refusing the daemon's reservation: {what} {str(value)[:80]!r}")

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from monitor.events import PciFacts
-from monitor.leases import Lease
-from monitor.model import frozen_mapping
+from monitor.core.events import PciFacts
+from monitor.core.leases import Lease
+from monitor.core.model import frozen_mapping
 
 if TYPE_CHECKING:
-    from monitor.reducer import State
+    from monitor.core.reducer import State
 
 # Causes of ill health; health_desc names them in sorted order.
 CAUSE_PCI_ERROR = "pci_error"

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from monitor import holders
-from monitor.files import UnsafePath, read_regular_file, write_atomically
-from monitor.leases import Lease
+from monitor.core.leases import Lease
+from monitor.outputs.files import UnsafePath, read_regular_file, write_atomically
+from monitor.sources import holders
 
 log = logging.getLogger(__name__)
 

@@ -19,22 +19,24 @@ from pathlib import Path
 import attrs
 import trio
 
-from monitor import holders, logs, systemd
-from monitor.access import Access, ConnectionLimits, resolve_group
-from monitor.cdi import keep_spec
-from monitor.config import ConfigError, Settings
-from monitor.engine import run_engine
-from monitor.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
-from monitor.files import lock_directory, secure_directory
-from monitor.holders import HolderWatch
-from monitor.hub import Hub
-from monitor.leases import Lease
-from monitor.reducer import State
-from monitor.server import Inbox, Item, Server
-from monitor.socketfile import SocketFile
+from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
+from monitor.core.leases import Lease
+from monitor.core.reducer import State
+from monitor.daemon import systemd
+from monitor.daemon.config import ConfigError, Settings
+from monitor.engine.hub import Hub
+from monitor.engine.reducer_task import run_engine
+from monitor.outputs import logs
+from monitor.outputs.cdi import keep_spec
+from monitor.outputs.files import lock_directory, secure_directory
+from monitor.outputs.store import LeaseStore, StoreError
+from monitor.serving.access import Access, ConnectionLimits, resolve_group
+from monitor.serving.server import Inbox, Item, Server
+from monitor.serving.socketfile import SocketFile
+from monitor.sources import holders
+from monitor.sources.holders import HolderWatch
 from monitor.sources.nvml import run_nvml_source
 from monitor.sources.udev import run_udev_source
-from monitor.store import LeaseStore, StoreError
 
 log = logging.getLogger(__name__)
 

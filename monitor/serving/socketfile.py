@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from monitor.files import UnsafePath, secure_directory
+from monitor.outputs.files import UnsafePath, secure_directory
 
 log = logging.getLogger(__name__)
 

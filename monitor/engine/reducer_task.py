@@ -13,16 +13,16 @@ import logging
 import attrs
 import trio
 
-from monitor import logs
-from monitor.events import Event, ReleaseRequested, ReserveRequested
-from monitor.health import health_transitions, lease_warnings
-from monitor.holders import HolderWatch
-from monitor.hub import Hub
-from monitor.leases import Lease
-from monitor.protocol import INTERNAL_ERROR, RpcError
-from monitor.reducer import Reduction, State, fold
-from monitor.server import Item, Pending
-from monitor.store import LeaseStore, StoreError
+from monitor.core.events import Event, ReleaseRequested, ReserveRequested
+from monitor.core.health import health_transitions, lease_warnings
+from monitor.core.leases import Lease
+from monitor.core.reducer import Reduction, State, fold
+from monitor.engine.hub import Hub
+from monitor.outputs import logs
+from monitor.outputs.store import LeaseStore, StoreError
+from monitor.serving.server import Item, Pending
+from monitor.sources.holders import HolderWatch
+from monitor.wire.protocol import INTERNAL_ERROR, RpcError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from monitor.health import HealthTransition, LeaseWarning
+from monitor.core.health import HealthTransition, LeaseWarning
 
 NOTICE = 25  # between INFO and WARNING, as syslog has it
 logging.addLevelName(NOTICE, "NOTICE")

@@ -11,9 +11,9 @@ from typing import Any
 
 import attrs
 
-from monitor.files import UnsafePath, read_regular_file
-from monitor.fingerprint import DEFAULT_MATCH_CLASSES
-from monitor.xids import XidPolicy
+from monitor.core.fingerprint import DEFAULT_MATCH_CLASSES
+from monitor.core.xids import XidPolicy
+from monitor.outputs.files import UnsafePath, read_regular_file
 
 UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")

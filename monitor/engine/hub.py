@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import trio
 
-from monitor.fingerprint import Patch
-from monitor.protocol import dumps, encode_raw_notification
-from monitor.reducer import State
+from monitor.core.fingerprint import Patch
+from monitor.core.reducer import State
+from monitor.wire.protocol import dumps, encode_raw_notification
 
 SUBSCRIBER_BUFFER = 16
 

@@ -1,7 +1,7 @@
 """From the facts the reducer keeps to the fingerprint clients see, and the patch between two.
 
 Pure derivation: the same facts always give the same fingerprint. Which facts there are is the
-reducer's business (``monitor.reducer``).
+reducer's business (``monitor.core.reducer``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 import json_merge_patch
 
-from monitor.events import DrmNode, NvmlGpu, PciFacts
-from monitor.health import Problems, device_problems
-from monitor.leases import Lease
-from monitor.model import (
+from monitor.core.events import DrmNode, NvmlGpu, PciFacts
+from monitor.core.health import Problems, device_problems
+from monitor.core.leases import Lease
+from monitor.core.model import (
     Attribute,
     Device,
     DeviceGroup,

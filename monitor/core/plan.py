@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from monitor.model import (
+from monitor.core.model import (
     ContainerReservation,
     Device,
     DeviceGroup,
@@ -18,7 +18,7 @@ from monitor.model import (
     Fingerprint,
     Mount,
 )
-from monitor.protocol import DEVICE_UNHEALTHY, UNKNOWN_DEVICE, RpcError
+from monitor.wire.protocol import DEVICE_UNHEALTHY, UNKNOWN_DEVICE, RpcError
 
 NVIDIA_CONTROL_NODES = (
     "/dev/nvidiactl",

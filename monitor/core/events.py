@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import attrs
 
-from monitor.leases import Lease
-from monitor.model import Attribute, frozen_mapping, frozen_tuple
-from monitor.xids import XidPolicy
+from monitor.core.leases import Lease
+from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
+from monitor.core.xids import XidPolicy
 
 
 @attrs.frozen

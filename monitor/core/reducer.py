@@ -3,12 +3,12 @@
 ``fold(state, events)`` is pure and synchronous: no I/O, no trio, no clock. The state keeps the
 raw facts (every PCI function, every DRM node, what NVML says of each NVIDIA GPU, the health
 problems per device and cause, the leases) and the fingerprint derived from them
-(``monitor.fingerprint``); the patch is the RFC 7386 merge patch that turns the old
+(``monitor.core.fingerprint``); the patch is the RFC 7386 merge patch that turns the old
 fingerprint's JSON into the new one, or ``None`` when nothing a client can see changed. The
 generation grows only with a patch.
 
 Recovery needs evidence, and each piece of evidence clears the causes it speaks for
-(``monitor.health``): a removed device takes its problems with it; a driver rebind clears a DRM
+(``monitor.core.health``): a removed device takes its problems with it; a driver rebind clears a DRM
 wedge and every NVIDIA cause; a PCI ``SUCCESSFUL_RECOVERY`` clears PCI and XID errors; NVML's
 recovery action "none" clears XID errors; NVML answering again clears "not responding".
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from monitor.events import (
+from monitor.core.events import (
     ClassFilterChanged,
     ConnectionClosed,
     DeviceGone,
@@ -43,13 +43,13 @@ from monitor.events import (
     XidPolicyChanged,
     XidReported,
 )
-from monitor.fingerprint import (
+from monitor.core.fingerprint import (
     DEFAULT_MATCH_CLASSES,
     Patch,
     build_fingerprint,
     fingerprint_patch,
 )
-from monitor.health import (
+from monitor.core.health import (
     CAUSE_DRM_WEDGED,
     CAUSE_NVML,
     CAUSE_PCI_ERROR,
@@ -60,11 +60,11 @@ from monitor.health import (
     Problems,
     frozen_problems,
 )
-from monitor.leases import Lease
-from monitor.model import Fingerprint, frozen_mapping
-from monitor.protocol import DEVICE_RESERVED, INVALID_PARAMS, PERMISSION_DENIED, RpcError
-from monitor.reservations import check_healthy, device_index, resolve
-from monitor.xids import REBOOT, RESET, XidPolicy, judge
+from monitor.core.leases import Lease
+from monitor.core.model import Fingerprint, frozen_mapping
+from monitor.core.plan import check_healthy, device_index, resolve
+from monitor.core.xids import REBOOT, RESET, XidPolicy, judge
+from monitor.wire.protocol import DEVICE_RESERVED, INVALID_PARAMS, PERMISSION_DENIED, RpcError
 
 # NVML's recovery actions (nvmlDeviceGpuRecoveryAction_t), as a person would say them.
 RECOVERY_ACTIONS = {

@@ -30,7 +30,7 @@ __all__ = [
     "find_nvml_include",
 ]
 
-SOURCE = Path(__file__).with_name("nvmlsim.c")
+SOURCE = Path(__file__).with_name("nvml.c")
 LIBRARY_NAME = "libnvidia-ml.so.1"
 
 # Event type bits, as nvml.h (NVML API 13, nvidia-nvml-dev 13.x) defines them.

@@ -16,12 +16,12 @@ from typing import Any
 
 import trio
 
-from monitor import reservations
-from monitor.files import write_atomically
-from monitor.hub import Hub
-from monitor.model import ContainerReservation
-from monitor.protocol import dumps
-from monitor.reducer import State
+from monitor.core import plan as reservations
+from monitor.core.model import ContainerReservation
+from monitor.core.reducer import State
+from monitor.engine.hub import Hub
+from monitor.outputs.files import write_atomically
+from monitor.wire.protocol import dumps
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,14 @@ from typing import Any
 
 import trio
 
-from monitor import holders, reservations
-from monitor.access import Access, ConnectionCount, ConnectionLimits, Peer, peer_of
-from monitor.events import ConnectionClosed, Event, ReleaseRequested, ReserveRequested
-from monitor.hub import Hub, Subscriber
-from monitor.leases import Holder, Lease
-from monitor.protocol import (
+from monitor.core import plan as reservations
+from monitor.core.events import ConnectionClosed, Event, ReleaseRequested, ReserveRequested
+from monitor.core.leases import Holder, Lease
+from monitor.core.reducer import Answer
+from monitor.engine.hub import Hub, Subscriber
+from monitor.serving.access import Access, ConnectionCount, ConnectionLimits, Peer, peer_of
+from monitor.sources import holders
+from monitor.wire.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -41,7 +43,6 @@ from monitor.protocol import (
     encode_result,
     parse_request,
 )
-from monitor.reducer import Answer
 
 log = logging.getLogger(__name__)
 

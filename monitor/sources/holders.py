@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from monitor.leases import Holder, Lease
+from monitor.core.leases import Holder, Lease
 
 log = logging.getLogger(__name__)
 
