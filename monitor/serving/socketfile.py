@@ -106,6 +106,7 @@ def bind_unix_socket(
                 if gid is not None:
                     os.chown("s", -1, gid, dir_fd=fd, follow_symlinks=False)
                 bound = os.stat("s", dir_fd=fd)
+                sock.listen(LISTEN_BACKLOG)  # before the name appears: no client is refused
                 os.rename("s", path.name, src_dir_fd=fd, dst_dir_fd=parent)
             finally:
                 os.close(fd)
@@ -114,7 +115,6 @@ def bind_unix_socket(
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(private, "s"))
             os.rmdir(private)
-        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise SocketPathError(f"cannot listen on {path}: {exc.strerror or exc}") from None
