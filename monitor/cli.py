@@ -15,20 +15,16 @@ from typing import Any
 import trio
 
 from monitor.daemon.config import (
-    LOG_LEVELS,
-    LOG_TARGETS,
-    SYSTEM_SOCKET,
-    UDEV_SOURCES,
     ConfigError,
-    class_prefix,
+    add_setting_flags,
     client_socket,
+    flag_values,
     load_settings,
 )
 from monitor.daemon.systemd import ActivationError
 from monitor.outputs import logs
 from monitor.outputs.cdi import KIND as CDI_KIND
 from monitor.outputs.files import InUse, UnsafePath
-from monitor.serving.access import UnknownGroup
 from monitor.serving.socketfile import SocketInUse, SocketPathError
 from monitor.wire.client import (
     BadAnswer,
@@ -44,13 +40,6 @@ PROG = "hotplug-monitor"
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
-
-
-def _class_arg(text: str) -> str:
-    try:
-        return class_prefix(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _socket_arg(parser: argparse.ArgumentParser, default: str) -> None:
@@ -77,115 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the daemon in the foreground until SIGTERM or SIGINT. "
         "Flags override the config file; without one, the defaults below apply.",
     )
-    _socket_arg(serve, f"{SYSTEM_SOCKET} as root, $XDG_RUNTIME_DIR/hotplug-monitor.sock otherwise")
-    serve.add_argument(
-        "--state-dir",
-        type=Path,
-        help="where reservations are kept across restarts (default: /var/lib/hotplug-monitor "
-        "as root, $XDG_STATE_HOME/hotplug-monitor otherwise)",
-    )
     serve.add_argument(
         "--config",
         type=Path,
+        metavar="FILE",
         help="TOML config file (default: /etc/hotplug-monitor/config.toml as root, "
         "$XDG_CONFIG_HOME/hotplug-monitor/config.toml otherwise, if it exists)",
     )
-    serve.add_argument(
-        "--udev-source",
-        choices=UDEV_SOURCES,
-        help="uevents from udevd, from the kernel directly, or auto: udevd when it runs "
-        "(default: auto)",
-    )
-    serve.add_argument(
-        "--match-class",
-        action="append",
-        type=_class_arg,
-        metavar="HEX",
-        help="PCI class prefix of the devices to follow, repeatable "
-        "(default: 0x03 display and 0x12 processing accelerators)",
-    )
-    serve.add_argument(
-        "--no-nvml",
-        dest="nvml",
-        action="store_const",
-        const=False,
-        help="do not use NVIDIA's NVML library (no XIDs, no NVML attributes)",
-    )
-    serve.add_argument(
-        "--nvml-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="an NVML call slower than this marks its GPU 'NVML not responding' (default: 5)",
-    )
-    serve.add_argument(
-        "--xid-ignore",
-        action="append",
-        type=int,
-        metavar="XID",
-        help="treat this XID as an application error (GPU stays healthy), repeatable",
-    )
-    serve.add_argument(
-        "--xid-fatal",
-        action="append",
-        type=int,
-        metavar="XID",
-        help="treat this XID as fatal (GPU unhealthy until reset), repeatable",
-    )
-    serve.add_argument(
-        "--no-xid-health",
-        dest="xid_health",
-        action="store_const",
-        const=False,
-        help="log and count XIDs but never change health on them",
-    )
-    serve.add_argument(
-        "--netlink-buffer",
-        type=int,
-        metavar="BYTES",
-        help="uevent socket receive buffer (default: 8 MiB)",
-    )
-    serve.add_argument(
-        "--max-clients",
-        type=int,
-        help="connections of users other than root and the daemon's, together; root and the "
-        "daemon's user have as many of their own (default: 1024)",
-    )
-    serve.add_argument(
-        "--max-clients-per-uid",
-        type=int,
-        metavar="N",
-        help="connections of any one such user (default: 64)",
-    )
-    serve.add_argument(
-        "--client-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="close a connection that leaves a request line unfinished, or sends nothing, for "
-        "this long; subscribers that read and holders of connection-bound leases may stay "
-        "quiet (default: 60)",
-    )
-    serve.add_argument(
-        "--group",
-        help="group that may connect to the socket and reserve devices "
-        "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
-    )
-    cdi = serve.add_mutually_exclusive_group()
-    cdi.add_argument(
-        "--cdi-dir",
-        type=Path,
-        help="keep a CDI spec (hotplug-monitor.json) of the present devices here "
-        "(default: /var/run/cdi as root, none otherwise)",
-    )
-    cdi.add_argument(
-        "--no-cdi", dest="cdi_dir", action="store_const", const=False, help="write no CDI spec"
-    )
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
-    serve.add_argument(
-        "--log-target",
-        choices=LOG_TARGETS,
-        help="journal: native entries with fields; stderr: text with <N> priority prefixes; "
-        "auto: the journal when it runs (default)",
-    )
+    add_setting_flags(serve)
 
     devices = commands.add_parser("devices", help="list devices, their groups and health")
     _socket_arg(devices, CLIENT_SOCKET_HELP)
@@ -239,25 +127,7 @@ def _connect(args: argparse.Namespace) -> Client:
 def cmd_serve(args: argparse.Namespace) -> None:
     from monitor.daemon import app
 
-    overrides = {
-        "socket": args.socket,
-        "state_dir": args.state_dir,
-        "udev_source": args.udev_source,
-        "match_classes": tuple(args.match_class) if args.match_class else None,
-        "nvml": args.nvml,
-        "nvml_timeout": args.nvml_timeout,
-        "xid_ignore": tuple(args.xid_ignore) if args.xid_ignore else None,
-        "xid_fatal": tuple(args.xid_fatal) if args.xid_fatal else None,
-        "xid_health": args.xid_health,
-        "netlink_buffer": args.netlink_buffer,
-        "max_clients": args.max_clients,
-        "max_clients_per_uid": args.max_clients_per_uid,
-        "client_timeout": args.client_timeout,
-        "group": args.group,
-        "cdi_dir": args.cdi_dir,  # False: --no-cdi
-        "log_level": args.log_level,
-        "log_target": args.log_target,
-    }
+    overrides = flag_values(args)
     load = partial(load_settings, args.config, overrides)
     settings = load()
     logs.setup(settings.log_level, settings.log_target)
@@ -265,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         trio.run(app.serve, settings, load)
     except* SocketInUse as group:
         raise CliError(str(group.exceptions[0])) from None
-    except* (ActivationError, UnknownGroup, SocketPathError, UnsafePath, InUse) as group:
+    except* (ActivationError, ConfigError, SocketPathError, UnsafePath, InUse) as group:
         raise CliError(str(group.exceptions[0])) from None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import psutil
 import pytest
 
@@ -28,6 +29,19 @@ from tests import reliability
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
 IN_CI = os.environ.get("CI") == "true"
+
+# Property tests: deterministic unless asked otherwise (whoever runs them, CI or not), so that a
+# run's outcome depends on the code alone; "explore" draws new examples, more of them, each run.
+# A failure prints the blob that reproduces it (@reproduce_failure).
+hypothesis.settings.register_profile(
+    "deterministic", derandomize=True, database=None, print_blob=True, max_examples=300,
+    deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)  # fmt: skip
+hypothesis.settings.register_profile(
+    "explore", derandomize=False, database=None, print_blob=True, max_examples=3000,
+    deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)  # fmt: skip
+hypothesis.settings.load_profile(os.environ.get("HOTPLUG_HYPOTHESIS_PROFILE", "deterministic"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -16,9 +16,10 @@ import pytest
 import trio
 
 from monitor.core.events import DeviceSeen, PciErrorReported, PciFacts
-from monitor.core.reducer import State, reduce
+from monitor.core.reducer import reduce
+from monitor.core.state import State
 from monitor.engine.hub import Hub
-from monitor.serving.access import ConnectionLimits
+from monitor.serving.limits import ConnectionLimits
 from monitor.serving.server import Server
 from monitor.serving.socketfile import bind_unix_socket
 

@@ -116,15 +116,28 @@ def test_help_explains_every_command() -> None:
     [
         ("match_class = [", "is not valid TOML"),
         ('colour = "blue"', "unknown setting 'colour'"),
-        ('match_class = "03"', "match_class has the wrong type"),
-        ('match_class = ["0xZZ"]', "invalid PCI class '0xZZ'"),
-        ('udev_source = "carrier-pigeon"', "udev_source must be one of auto, udev, kernel"),
-        ("netlink_buffer = 10", "netlink_buffer must be at least 65536"),
-        ('xid_ignore = ["79"]', "an XID is a positive number, not '79'"),
+        (
+            'match_class = "03"',
+            'config.toml: match_class must be a list of PCI class prefixes such as "0x03", '
+            "not a string",
+        ),
+        (
+            'match_class = ["0x03", "0xZZ"]',
+            "config.toml: match_class item 1 ('0xZZ'): invalid PCI class '0xZZ'",
+        ),
+        (
+            'udev_source = "carrier-pigeon"',
+            "config.toml: udev_source must be one of auto, udev, kernel",
+        ),
+        ("netlink_buffer = 10", "config.toml: netlink_buffer must be at least 65536 bytes"),
+        (
+            'xid_ignore = [79, "x"]',
+            "config.toml: xid_ignore item 1 ('x'): must be an XID (a whole number), not a string",
+        ),
         ("xid_ignore = [79]\nxid_fatal = [79, 13]", "XIDs both ignored and fatal: 79"),
-        ("nvml_timeout = 0", "nvml_timeout must be a positive number of seconds"),
+        ("nvml_timeout = 0", "config.toml: nvml_timeout must be a positive number of seconds"),
         ('group = "no-such-group-here"', "no group named 'no-such-group-here' on this host"),
-        ("cdi_dir = 3", "cdi_dir has the wrong type"),
+        ("cdi_dir = 3", 'config.toml: cdi_dir must be a path, or "" for none, not an integer'),
     ],
 )
 def test_bad_config_files_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -141,8 +154,16 @@ def test_missing_config_file_and_bad_flags(tmp_path: Path) -> None:
     bad_class = hotplug_monitor("serve", "--match-class", "display")
     assert bad_class.returncode == 2 and "invalid PCI class 'display'" in bad_class.stderr
     bad_xid = hotplug_monitor("serve", "--xid-fatal", "-3", "--socket", str(tmp_path / "s.sock"))
-    assert bad_xid.returncode == 1
-    assert bad_xid.stderr == "hotplug-monitor: error: an XID is a positive number, not -3\n"
+    assert bad_xid.returncode == 2
+    assert bad_xid.stderr.endswith(
+        "hotplug-monitor serve: error: argument --xid-fatal: an XID is a whole number from 1 to "
+        "65535, not -3\n"
+    )
+    bad_buffer = hotplug_monitor("serve", "--netlink-buffer", "10")
+    assert bad_buffer.returncode == 1
+    assert bad_buffer.stderr == (
+        "hotplug-monitor: error: --netlink-buffer must be at least 65536 bytes\n"
+    )
 
 
 def test_config_file_applies_and_flags_win(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor.core.plan import RecentNodeCheck
+from monitor.serving.nodes import RecentNodeCheck
 
 
 def test_node_checks_are_remembered_for_a_second_then_asked_again() -> None:

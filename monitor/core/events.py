@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 import attrs
 
-from monitor.core.leases import Lease
+from monitor.core.access import Peer
+from monitor.core.leases import Holder
 from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
 from monitor.core.xids import XidPolicy
 
@@ -154,23 +155,42 @@ class XidPolicyChanged:
 
 
 @attrs.frozen
+class NvmlNameWaitOver:
+    """The wait for NVML to name a GPU bound to ``nvidia`` (``wait``, as the state numbered it)
+    is over: it is shown under the hardware database's name."""
+
+    address: str
+    wait: int
+
+
+@attrs.frozen
+class NvmlAbsent:
+    """NVML cannot be used on this host: nothing will name NVIDIA GPUs but the database."""
+
+
+@attrs.frozen
 class ReserveRequested:
-    """A client asks for ``device_ids``; ``lease`` is what it gets if the reducer grants it.
+    """A client asks for ``device_ids``; the lease it gets, if granted, is ``lease_id``.
 
-    The lease's devices are filled in by the reducer, which resolves the IDs."""
+    The server makes the ID (unique across restarts) and finds the holder process; the reducer
+    decides. ``token`` identifies the request among the reducer's answers."""
 
+    token: int
+    peer: Peer
     device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple)
-    lease: Lease
+    lease_id: str
+    created: float  # seconds since the epoch
+    holder: Holder | None = None
+    holder_asked: bool = False  # a holder_pid was given (and found to be ``holder``)
+    connection: int | None = None  # bind the lease to this connection
 
 
 @attrs.frozen
 class ReleaseRequested:
-    """A client with ``uid`` releases a whole lease, or some devices from the leases holding them.
-
-    ``token`` identifies the request in the reducer's answers."""
+    """A client releases a whole lease, or some devices from the leases holding them."""
 
     token: int
-    uid: int
+    peer: Peer
     lease_id: str | None = None
     device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple, factory=tuple)
 
@@ -189,6 +209,8 @@ class ConnectionClosed:
     connection: int
 
 
+Request = ReserveRequested | ReleaseRequested
+
 Event = (
     DeviceSeen
     | DeviceGone
@@ -203,9 +225,10 @@ Event = (
     | NvmlEventReported
     | NvmlUnreachable
     | NvmlReachable
+    | NvmlNameWaitOver
+    | NvmlAbsent
     | XidPolicyChanged
-    | ReserveRequested
-    | ReleaseRequested
+    | Request
     | LeaseEnded
     | ConnectionClosed
 )

@@ -1,19 +1,18 @@
-"""From the facts the reducer keeps to the fingerprint clients see, and the patch between two.
+"""From the state's facts to the fingerprint clients see, and the patch between two.
 
 Pure derivation: the same facts always give the same fingerprint. Which facts there are is the
-reducer's business (``monitor.core.reducer``).
+rules' business (``monitor.core.rules``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
-from typing import Any, Protocol
+from collections.abc import Set
+from typing import Any
 
 import json_merge_patch
 
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
-from monitor.core.health import Problems, device_problems
-from monitor.core.leases import Lease
+from monitor.core.health import device_problems
 from monitor.core.model import (
     Attribute,
     Device,
@@ -24,54 +23,10 @@ from monitor.core.model import (
     common_attributes,
     group_key,
 )
-
-# PCI base classes: 0x03 display controllers, 0x12 processing accelerators.
-DEFAULT_MATCH_CLASSES = ("03", "12")
-
-VENDOR_NAMES = {0x10DE: "nvidia", 0x1002: "amd", 0x1022: "amd", 0x8086: "intel"}
-TYPE_BY_BASE_CLASS = {0x03: "gpu", 0x12: "accelerator"}
+from monitor.core.pci import class_matches, device_type, vendor_name
+from monitor.core.state import State
 
 Patch = dict[str, Any]
-
-
-class Facts(Protocol):
-    """What a fingerprint is built from: the reducer's state, or its working copy."""
-
-    @property
-    def match_classes(self) -> tuple[str, ...]: ...
-    @property
-    def devices(self) -> Mapping[str, PciFacts]: ...
-    @property
-    def drm_nodes(self) -> Mapping[str, DrmNode]: ...
-    @property
-    def problems(self) -> Mapping[str, Problems]: ...
-    @property
-    def leases(self) -> Mapping[str, Lease]: ...
-    @property
-    def nvml(self) -> Mapping[str, NvmlGpu]: ...
-    @property
-    def xids(self) -> Mapping[str, tuple[int, int]]: ...
-
-
-def class_matches(pci_class: int, match_classes: Iterable[str]) -> bool:
-    """Whether a 24-bit class code starts with one of the hex prefixes (``03``, ``0302``)."""
-    code = f"{pci_class:06x}"
-    return any(code.startswith(prefix) for prefix in match_classes)
-
-
-def vendor_name(vendor_id: int) -> str:
-    return VENDOR_NAMES.get(vendor_id, f"{vendor_id:04x}")
-
-
-def device_type(pci_class: int) -> str:
-    return TYPE_BY_BASE_CLASS.get(pci_class >> 16, "pci")
-
-
-def device_name(facts: PciFacts, gpu: NvmlGpu | None = None) -> str:
-    """NVML's name for an NVIDIA GPU it knows, else the hardware database's, else the IDs."""
-    if gpu is not None:
-        return gpu.name
-    return facts.model or f"{facts.vendor_id:04x}:{facts.device_id:04x}"
 
 
 def device_attributes(
@@ -114,7 +69,7 @@ def device_attributes(
 
 
 def build_device(
-    facts: PciFacts, state: Facts, nodes: list[DrmNode], reserved_by: str | None
+    facts: PciFacts, state: State, nodes: list[DrmNode], reserved_by: str | None
 ) -> Device:
     address = facts.address
     descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
@@ -142,10 +97,13 @@ def departed_device(address: str, lease_id: str) -> Device:
 
 
 def build_fingerprint(
-    state: Facts, previous: Fingerprint | None = None, dirty: Set[str] | None = None
+    state: State, previous: Fingerprint | None = None, dirty: Set[str] | None = None
 ) -> Fingerprint:
     """The fingerprint of ``state``. Given the ``previous`` fingerprint and the devices changed
-    since (``dirty``), the other devices and untouched groups are taken over as they are."""
+    since (``dirty``), the other devices and untouched groups are taken over as they are.
+
+    A device is shown once it has a name (``State.names``): a GPU that waits for NVML's is not
+    shown until then."""
     reuse = previous.devices() if previous is not None and dirty is not None else {}
     nodes_by_parent: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
@@ -153,7 +111,8 @@ def build_fingerprint(
     reserved_by = {d: lease.id for lease in state.leases.values() for d in lease.devices}
     members: dict[tuple[str, str, str], dict[str, Device]] = {}
     for address, facts in state.devices.items():
-        if not class_matches(facts.pci_class, state.match_classes):
+        name = state.names.get(address)
+        if name is None or not class_matches(facts.pci_class, state.match_classes):
             continue
         kept = reuse.get(address)
         if kept is not None and dirty is not None and address not in dirty:
@@ -162,7 +121,6 @@ def build_fingerprint(
             device = build_device(
                 facts, state, nodes_by_parent.get(address, []), reserved_by.get(address)
             )
-        name = device_name(facts, state.nvml.get(address))
         triple = (vendor_name(facts.vendor_id), device_type(facts.pci_class), name)
         members.setdefault(triple, {})[address] = device
     present = {address for group in members.values() for address in group}

@@ -1,24 +1,20 @@
-"""Health as problems per cause, and the changes of it that the journal records.
+"""Health as problems per cause: the vocabulary the rules and the fingerprint share.
 
 A device's problems are keyed by cause, so that evidence of recovery for one cause (a PCI
 ``SUCCESSFUL_RECOVERY``) does not clear another (a wedged DRM device). A device is healthy when
-it has a driver bound and no problem. Which event sets or clears which cause is the reducer's
-decision; this module only names the causes and compares states.
+it has a driver bound and no problem. Which event sets or clears which cause is the rules'
+decision (``monitor.core.rules``); this module only names the causes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from types import MappingProxyType
 
 import attrs
 
 from monitor.core.events import PciFacts
-from monitor.core.leases import Lease
 from monitor.core.model import frozen_mapping
-
-if TYPE_CHECKING:
-    from monitor.core.reducer import State
 
 # Causes of ill health; health_desc names them in sorted order.
 CAUSE_PCI_ERROR = "pci_error"
@@ -43,6 +39,8 @@ Problems = Mapping[str, Problem]  # cause -> problem
 
 
 def frozen_problems(items: Mapping[str, Mapping[str, Problem]]) -> Mapping[str, Problems]:
+    if isinstance(items, MappingProxyType):  # frozen already (see frozen_mapping)
+        return items
     return frozen_mapping({k: frozen_mapping(v) for k, v in items.items() if v})
 
 
@@ -53,84 +51,3 @@ def device_problems(facts: PciFacts, problems: Problems) -> list[Problem]:
     """Everything wrong with a device, in the order health_desc names it."""
     found = [problems[cause] for cause in sorted(problems)]
     return found if facts.driver else [NO_DRIVER, *found]
-
-
-@attrs.frozen
-class HealthTransition:
-    """A device that turned unhealthy, changed why, or recovered: what the journal records."""
-
-    kind: str  # "unhealthy", "lost" or "recovered"
-    device_id: str
-    vendor: str
-    device_name: str
-    health_desc: str  # now; for a recovery, what it was
-    recovery_action: str | None = None
-    reason: str | None = None  # for a recovery: the evidence
-    uuid: str | None = None  # an NVIDIA GPU's
-    xid: int | None = None
-
-
-def health_transitions(old: State, new: State) -> list[HealthTransition]:
-    """Devices whose health changed between two states, and devices that arrived unhealthy."""
-    before = {d.id: d for _, d in old.fingerprint.devices().values()}
-    transitions = []
-    for group, device in new.fingerprint.devices().values():
-        if device.id not in new.devices:
-            continue  # departed while reserved: lease_warnings reports it
-        previous = before.get(device.id)
-        if previous is None and device.healthy:
-            continue
-        if previous is not None and (previous.healthy, previous.health_desc) == (
-            device.healthy,
-            device.health_desc,
-        ):
-            continue
-        gpu = new.nvml.get(device.id)
-        uuid = gpu.uuid if gpu else None
-        if device.healthy:
-            assert previous is not None
-            reason = new.recoveries.get(device.id)
-            transition = HealthTransition(
-                "recovered", device.id, group.vendor, group.name, previous.health_desc, None, reason
-            )
-        else:
-            problems = device_problems(new.devices[device.id], new.problems.get(device.id, {}))
-            kind = "lost" if any(p.lost for p in problems) else "unhealthy"
-            actions = [p.recovery_action for p in problems if p.recovery_action]
-            xids = [p.xid for p in problems if p.xid is not None]
-            transition = HealthTransition(
-                kind,
-                device.id,
-                group.vendor,
-                group.name,
-                device.health_desc,
-                actions[0] if actions else None,
-                xid=xids[0] if xids else None,
-            )
-        transitions.append(attrs.evolve(transition, uuid=uuid))
-    return transitions
-
-
-@attrs.frozen
-class LeaseWarning:
-    """A reserved device that left the host or turned unhealthy: its holder must hear of it."""
-
-    lease: Lease
-    device_id: str
-    health_desc: str
-
-
-def lease_warnings(old: State, new: State) -> list[LeaseWarning]:
-    """Reserved devices whose health got worse or changed between two states."""
-    before = old.fingerprint.devices()
-    after = new.fingerprint.devices()
-    warnings = []
-    for lease in new.leases.values():
-        for device_id in lease.devices:
-            device = after[device_id][1] if device_id in after else None
-            if device is None or device.healthy:
-                continue
-            previous = before[device_id][1] if device_id in before else None
-            if previous is None or previous.health_desc != device.health_desc:
-                warnings.append(LeaseWarning(lease, device_id, device.health_desc))
-    return warnings

@@ -150,3 +150,13 @@ def _integer(raw: dict[str, Any], name: str, low: int, high: int, lease_id: str)
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@attrs.frozen
+class LeaseChange:
+    """What a fold did to a lease, and why: what the journal records."""
+
+    kind: str  # "granted", "released" (some or all of its devices) or "ended"
+    lease: Lease  # as it was before the change (as granted, for a grant)
+    devices: tuple[str, ...]  # the devices it took or gave up
+    reason: str  # who or what made the change: "released by uid 1000", "its holder exited"

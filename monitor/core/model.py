@@ -21,7 +21,12 @@ PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 
 def frozen_mapping(items: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A read-only copy of ``items``, with its keys sorted so that JSON output is stable."""
+    """A read-only copy of ``items``, with its keys sorted so that JSON output is stable.
+
+    A mapping already frozen (made here) is taken as it is: evolving a state then costs nothing
+    for the fields a change did not touch."""
+    if isinstance(items, MappingProxyType):
+        return items
     return MappingProxyType(dict(sorted(items.items())))
 
 

@@ -1,13 +1,11 @@
-"""What a container needs to use a set of devices, per vendor, checked against the current snapshot.
+"""What a container needs to use a set of devices, per vendor: the plan of its edits.
 
-Only paths that exist on this host are listed. Who may hold which device is the reducer's
-decision (leases); this module finds devices and lists their container edits.
+Only paths that exist on this host are listed; whether one exists is asked of the caller
+(``exists``), which does the looking. Who may hold which device is the leasing rules' decision.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterable
 
 from monitor.core.model import (
@@ -15,10 +13,8 @@ from monitor.core.model import (
     Device,
     DeviceGroup,
     DeviceSpec,
-    Fingerprint,
     Mount,
 )
-from monitor.wire.protocol import DEVICE_UNHEALTHY, UNKNOWN_DEVICE, RpcError
 
 NVIDIA_CONTROL_NODES = (
     "/dev/nvidiactl",
@@ -28,67 +24,8 @@ NVIDIA_CONTROL_NODES = (
 )
 AMD_KFD = "/dev/kfd"
 BY_PATH = "/dev/dri/by-path"
-MAX_DEVICES_PER_REQUEST = 1024
 
 Exists = Callable[[str], bool]
-NODE_CHECK_SECONDS = 1.0
-
-
-class RecentNodeCheck:
-    """``os.path.exists`` for vendor device nodes, each answer kept for a second.
-
-    Drivers make those nodes when they load (``/dev/nvidia-uvm`` often only at first CUDA use),
-    not per request, while a stat of each node on every request was a quarter of what a
-    reservation cost (tests/bench, scenario 5).
-    """
-
-    def __init__(
-        self,
-        check: Exists = os.path.exists,
-        clock: Callable[[], float] = time.monotonic,
-        seconds: float = NODE_CHECK_SECONDS,
-    ) -> None:
-        self._check = check
-        self._clock = clock
-        self._seconds = seconds
-        self._answers: dict[str, tuple[bool, float]] = {}
-
-    def __call__(self, path: str) -> bool:
-        now = self._clock()
-        answer = self._answers.get(path)
-        if answer is None or now >= answer[1]:
-            answer = (self._check(path), now + self._seconds)
-            self._answers[path] = answer
-        return answer[0]
-
-
-def device_index(fingerprint: Fingerprint) -> dict[str, tuple[DeviceGroup, Device]]:
-    """Every device by PCI address and, where it has one, by GPU UUID."""
-    index = fingerprint.devices()
-    for group, device in list(index.values()):
-        uuid_attribute = device.attributes.get("uuid")
-        if uuid_attribute is not None:
-            index[str(uuid_attribute.value)] = (group, device)
-    return index
-
-
-def resolve(fingerprint: Fingerprint, ids: Iterable[str]) -> list[tuple[DeviceGroup, Device]]:
-    """Find devices by PCI address or by GPU UUID; unknown IDs raise -32001 naming them all."""
-    index = device_index(fingerprint)
-    found, unknown = [], []
-    for wanted in ids:
-        hit = index.get(wanted) or index.get(wanted.lower())
-        if hit is None:
-            unknown.append(wanted)
-        elif hit not in found:
-            found.append(hit)
-    if unknown:
-        raise RpcError(
-            UNKNOWN_DEVICE,
-            f"No such device on this host: {', '.join(unknown)}.",
-            {"device_ids": unknown},
-        )
-    return found
 
 
 def _drm_nodes(device: Device) -> list[str]:
@@ -98,18 +35,6 @@ def _drm_nodes(device: Device) -> list[str]:
         if attribute is not None:
             paths.extend(str(attribute.value).split(","))
     return paths
-
-
-def check_healthy(devices: list[tuple[DeviceGroup, Device]]) -> None:
-    """Refuse unhealthy devices with -32002, naming each and why."""
-    unhealthy = {d.id: d.health_desc for _, d in devices if not d.healthy}
-    if unhealthy:
-        names = "; ".join(f"{i}: {desc}" for i, desc in unhealthy.items())
-        raise RpcError(
-            DEVICE_UNHEALTHY,
-            f"Refusing unhealthy devices ({names}).",
-            {"device_ids": list(unhealthy), "health": unhealthy},
-        )
 
 
 def by_path_links(address: str, exists: Exists) -> list[str]:
@@ -122,12 +47,13 @@ def by_path_links(address: str, exists: Exists) -> list[str]:
 
 
 def plan(
-    devices: list[tuple[DeviceGroup, Device]],
+    devices: Iterable[tuple[DeviceGroup, Device]],
     *,
     minor_of: Callable[[str], int | None],
-    exists: Exists = os.path.exists,
+    exists: Exists,
 ) -> ContainerReservation:
-    """The env vars, device nodes and mounts that let a container use these devices."""
+    """The env vars, device nodes and mounts that let a container use these devices; ``exists``
+    says which of the nodes drivers make outside udev's view are there."""
     vendor_nodes: list[str] = []  # made by drivers outside udev's view: checked on disk
     drm_nodes: list[str] = []  # the kernel reported them with the device: they exist
     links: list[str] = []

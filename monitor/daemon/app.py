@@ -19,29 +19,42 @@ from pathlib import Path
 import attrs
 import trio
 
+from monitor.core.access import Access
 from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
 from monitor.core.leases import Lease
-from monitor.core.reducer import State
+from monitor.core.state import State
 from monitor.daemon import systemd
-from monitor.daemon.config import ConfigError, Settings
+from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings, resolve_group
 from monitor.engine.hub import Hub
+from monitor.engine.inbox import Inbox, Item, Outbox
 from monitor.engine.reducer_task import run_engine
 from monitor.outputs import logs
 from monitor.outputs.cdi import keep_spec
 from monitor.outputs.files import lock_directory, secure_directory
 from monitor.outputs.store import LeaseStore, StoreError
-from monitor.serving.access import Access, ConnectionLimits, resolve_group
-from monitor.serving.server import Inbox, Item, Server
+from monitor.serving.limits import ConnectionLimits
+from monitor.serving.server import Server
 from monitor.serving.socketfile import SocketFile
 from monitor.sources import holders
 from monitor.sources.holders import HolderWatch
 from monitor.sources.nvml import run_nvml_source
-from monitor.sources.udev import run_udev_source
+from monitor.sources.udev import pick_source, run_udev_source
 
 log = logging.getLogger(__name__)
 
 EVENT_BUFFER = 16  # batches; a full buffer makes the sources wait, and the kernel buffer absorb
 STATUS_MIN_INTERVAL = 0.1  # seconds between STATUS= updates, however busy the host
+
+
+@attrs.frozen
+class Claimed:
+    """The directories a daemon holds for as long as it runs, locked, and what it restored."""
+
+    state_dir: Path
+    cdi_dir: Path | None
+    store: LeaseStore
+    leases: tuple[Lease, ...]
+    locks: tuple[int, ...]  # fds; closing them lets a next daemon in
 
 
 def status_line(hub: Hub) -> str:
@@ -56,9 +69,7 @@ def status_line(hub: Hub) -> str:
 async def report_status(hub: Hub) -> None:
     """Keep systemd's STATUS= line current, at most every STATUS_MIN_INTERVAL."""
     last = None
-    while True:
-        await hub.changed.wait()
-        hub.changed = trio.Event()
+    async for _ in hub.changes():
         line = status_line(hub)
         if line != last:
             systemd.notify(STATUS=line)
@@ -90,11 +101,7 @@ def _raise_fd_limit() -> None:
             log.info("keeping the file descriptor limit at %d: %s", soft, exc)
 
 
-async def _reload(
-    current: Settings,
-    load: Callable[[], Settings],
-    events: Inbox,
-) -> Settings:
+async def reload(current: Settings, load: Callable[[], Settings], events: Inbox) -> Settings:
     """Re-read the config; apply what can change live, keep the old settings on any error."""
     systemd.notify(RELOADING=1)
     try:
@@ -106,26 +113,10 @@ async def _reload(
         except Exception as exc:  # whatever the file holds, the running daemon carries on
             log.error("reload failed, keeping the running configuration: %r", exc)
             return current
-        restart_only = [
-            name
-            for name in (
-                "socket",
-                "state_dir",
-                "udev_source",
-                "netlink_buffer",
-                "max_clients",
-                "max_clients_per_uid",
-                "client_timeout",
-                "group",
-                "cdi_dir",
-                "nvml",
-                "nvml_timeout",
-            )
-            if getattr(new, name) != getattr(current, name)
-        ]
-        if restart_only:
-            log.warning("changing %s takes a restart; kept as it was", ", ".join(restart_only))
-            new = attrs.evolve(new, **{name: getattr(current, name) for name in restart_only})
+        restart = [name for name in RESTART_ONLY if getattr(new, name) != getattr(current, name)]
+        if restart:
+            log.warning("changing %s takes a restart; kept as it was", ", ".join(restart))
+            new = attrs.evolve(new, **{name: getattr(current, name) for name in restart})
         logs.setup(new.log_level, new.log_target)
         if new.match_classes != current.match_classes:
             await events.send((ClassFilterChanged(new.match_classes),))
@@ -150,7 +141,7 @@ def _open_socket(settings: Settings, gid: int | None) -> tuple[socket.socket, So
 def restore_leases(store: LeaseStore) -> list[Lease]:
     """The leases on disk whose holder, if they name one, still runs."""
     kept = []
-    for lease in store.load():
+    for lease in store.load(holders.from_legacy):
         try:
             running = lease.holder is None or holders.is_running(lease.holder)
         except OSError as exc:  # cannot tell: the holder watch will look again
@@ -181,19 +172,15 @@ def claim_directory(path: Path, what: str, create_mode: int) -> tuple[Path, int 
     return real, lock
 
 
-async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP re-reads the config through ``load``."""
-    _raise_fd_limit()
-    _tune_gc()
-    gid = resolve_group(settings.group)
-    # Each held for as long as we run: a second daemon on the same state or CDI directory would
-    # grant devices this one has granted, and remove the spec this one serves.
+async def claim(settings: Settings) -> Claimed:
+    """The state and CDI directories, locked, and the leases restored from the state directory.
+
+    Each held for as long as we run: a second daemon on the same state or CDI directory would
+    grant devices this one has granted, and remove the spec this one serves."""
     state_dir, state_lock = claim_directory(settings.state_dir, "state directory", 0o700)
-    locks = [state_lock]
-    cdi_dir = None
+    cdi_dir, cdi_lock = None, None
     if settings.cdi_dir is not None:
         cdi_dir, cdi_lock = claim_directory(settings.cdi_dir, "CDI directory", 0o755)
-        locks.append(cdi_lock)
     store = LeaseStore(state_dir)
     leases = await trio.to_thread.run_sync(restore_leases, store)
     try:
@@ -203,71 +190,111 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         log.error("%s: reserve and release will be refused until it can be written", exc)
     if leases:
         log.info("restored %d reservations from %s", len(leases), store.path)
-    hub = Hub()
-    hub.state = State(
+    locks = tuple(fd for fd in (state_lock, cdi_lock) if fd is not None)
+    return Claimed(state_dir, cdi_dir, store, tuple(leases), locks)
+
+
+def first_state(settings: Settings, claimed: Claimed, gid: int | None) -> State:
+    return State(
         match_classes=settings.match_classes,
-        leases={lease.id: lease for lease in leases},
+        leases={lease.id: lease for lease in claimed.leases},
         xid_policy=settings.xid_policy,
+        nvml_names=settings.nvml,
+        access=Access(gid, os.geteuid()),
     )
-    send, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
+
+
+async def run_tasks(
+    nursery: trio.Nursery,
+    settings: Settings,
+    claimed: Claimed,
+    hub: Hub,
+    inbox: Inbox,
+    receive: Outbox,
+) -> None:
+    """Start every task of the daemon, in the order that makes it ready: the socket listens,
+    the reducer runs, the first enumeration is in the state and NVML has named its GPUs (or
+    they have waited long enough), then the rest."""
+
+    async def holder_exited(lease_id: str) -> None:
+        await inbox.send((LeaseEnded(lease_id),))
+
+    watch = HolderWatch(nursery, holder_exited)
+    watch.update(hub.state.leases)
+    nursery.start_soon(run_engine, hub, receive, claimed.store, watch)
+    udev = partial(
+        run_udev_source,
+        inbox.clone(),
+        source=settings.udev_source,
+        receive_buffer=settings.netlink_buffer,
+    )
+    await nursery.start(udev)
+    if settings.nvml:  # before the wait: it names the NVIDIA GPUs the state is ready with
+        nvml = partial(
+            run_nvml_source,
+            deadline=settings.nvml_timeout,
+            log_level=settings.log_level,
+            log_target=settings.log_target,
+        )
+        nursery.start_soon(nvml, inbox.clone(), hub.changes)
+    await hub.ready.wait()
+    if claimed.cdi_dir is not None:
+        nursery.start_soon(keep_spec, hub.changes(), claimed.cdi_dir)
+    interval = systemd.watchdog_interval()
+    if interval is not None:
+        nursery.start_soon(ping_watchdog, interval)
+    nursery.start_soon(report_status, hub)
+
+
+def started_line(settings: Settings, claimed: Claimed, hub: Hub, where: str) -> str:
+    """The one line that says the daemon is up: where, how many devices, from which sources."""
+    udevd = pick_source(settings.udev_source) == "udev"
+    sources = f"uevents from {'udevd' if udevd else 'the kernel'}"
+    sources += ", NVML worker started" if settings.nvml else ", NVML off"
+    sources += f", CDI spec in {claimed.cdi_dir}" if claimed.cdi_dir else ", no CDI spec"
+    count = len(hub.state.fingerprint.devices())
+    return f"serving {count} device{'s' * (count != 1)} on {where} ({sources})"
+
+
+async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP re-reads the config through ``load``."""
+    _raise_fd_limit()
+    _tune_gc()
+    gid = resolve_group(settings.group)
+    claimed = await claim(settings)
+    hub = Hub(first_state(settings, claimed, gid))
+    inbox, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
     limits = ConnectionLimits(
         settings.max_clients, settings.max_clients_per_uid, settings.client_timeout
     )
-    server = Server(hub, send.clone(), access=Access(gid), limits=limits)
-    sock, socket_file = _open_socket(settings, gid)
+    server = Server(hub, inbox.clone(), limits=limits)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    sock = socket_file = None
     try:
+        sock, socket_file = _open_socket(settings, gid)
         with trio.open_signal_receiver(*handled) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, sock)
                 if socket_file is not None:
                     nursery.start_soon(socket_file.keep, server.listen_on)
-
-                async def holder_exited(lease_id: str) -> None:
-                    await send.send((LeaseEnded(lease_id),))
-
-                watch = HolderWatch(nursery, holder_exited)
-                watch.update(hub.state.leases)
-                nursery.start_soon(run_engine, hub, receive, store, watch)
-                udev = partial(
-                    run_udev_source,
-                    send.clone(),
-                    source=settings.udev_source,
-                    receive_buffer=settings.netlink_buffer,
-                )
-                await nursery.start(udev)
-                await hub.ready.wait()
-                if cdi_dir is not None:
-                    nursery.start_soon(keep_spec, hub, cdi_dir)
-                if settings.nvml:
-                    nvml = partial(
-                        run_nvml_source,
-                        deadline=settings.nvml_timeout,
-                        log_level=settings.log_level,
-                        log_target=settings.log_target,
-                    )
-                    nursery.start_soon(nvml, send.clone(), hub)
+                await run_tasks(nursery, settings, claimed, hub, inbox, receive)
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
-                interval = systemd.watchdog_interval()
-                if interval is not None:
-                    nursery.start_soon(ping_watchdog, interval)
-                nursery.start_soon(report_status, hub)
                 systemd.notify(READY=1, STATUS=status_line(hub))
-                log.info("serving %d devices", len(hub.state.fingerprint.devices()))
+                where = str(settings.socket) if socket_file else "the socket systemd passed"
+                log.info("%s", started_line(settings, claimed, hub, where))
                 async for signum in signals:
-                    if signum == signal.SIGHUP and load is not None:
-                        settings = await _reload(settings, load, send)
-                        continue
                     if signum == signal.SIGHUP:
+                        if load is not None:
+                            settings = await reload(settings, load, inbox)
                         continue
                     log.info("received %s; shutting down", signal.Signals(signum).name)
                     systemd.notify(STOPPING=1)
                     nursery.cancel_scope.cancel()
                     break
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
         if socket_file is not None:
             socket_file.unlink_if_ours()
-        for lock in locks:
-            if lock is not None:
-                os.close(lock)
+        for lock in claimed.locks:
+            os.close(lock)

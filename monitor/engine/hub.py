@@ -8,10 +8,12 @@ the reducer or the other clients.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import trio
 
 from monitor.core.fingerprint import Patch
-from monitor.core.reducer import State
+from monitor.core.state import State
 from monitor.wire.protocol import dumps, encode_raw_notification
 
 SUBSCRIBER_BUFFER = 16
@@ -48,24 +50,28 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self, subscriber_buffer: int = SUBSCRIBER_BUFFER) -> None:
-        self.state = State()
-        self.ready = trio.Event()  # set once the first enumeration is in the state
-        self.changed = trio.Event()  # set on any change of state or subscribers; reset by reader
-        self.published = trio.Event()  # set, and replaced, when the fingerprint changes
+    def __init__(
+        self, state: State | None = None, subscriber_buffer: int = SUBSCRIBER_BUFFER
+    ) -> None:
+        self.state = state or State()
+        # Set once the first enumeration is in the state, and every GPU in it that waits for
+        # NVML's name has it or has waited long enough: answers wait until then.
+        self.ready = trio.Event()
         self.subscribers: set[Subscriber] = set()
         self._subscriber_buffer = subscriber_buffer
         self._snapshot_cache: tuple[int, bytes] | None = None
+        self._version = 0  # grows with every change of the state or of the subscribers
+        self._waiting = trio.lowlevel.ParkingLot()
 
     def publish(self, state: State, patch: Patch | None) -> None:
         base = self.state.generation
-        self.state = state
-        self.ready.set()
+        if state is not self.state:
+            self.state = state
+            self._changed()
+        if not state.naming:
+            self.ready.set()
         if patch is None:
             return
-        self.changed.set()
-        self.published.set()
-        self.published = trio.Event()
         params = {"base": base, "generation": state.generation, "patch": patch}
         message = encode_raw_notification("fingerprint", dumps(params))
         for subscriber in self.subscribers:
@@ -74,12 +80,27 @@ class Hub:
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self._subscriber_buffer)
         self.subscribers.add(subscriber)
-        self.changed.set()
+        self._changed()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.discard(subscriber)
-        self.changed.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._waiting.unpark_all()
+
+    async def changes(self) -> AsyncIterator[State]:
+        """The state now, then again after each change of it or of the subscribers. Changes
+        that come while the consumer is busy are one: it gets the newest state."""
+        seen = None
+        while True:
+            if self._version == seen:
+                await self._waiting.park()
+                continue
+            seen = self._version
+            yield self.state
 
     def snapshot_result(self) -> bytes:
         """``{"generation": G, "snapshot": S}`` as JSON, encoded once per generation."""

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from monitor.core import plan as reservations
 from monitor.core.model import ContainerReservation
-from monitor.core.reducer import State
-from monitor.engine.hub import Hub
+from monitor.core.plan import plan
+from monitor.core.state import State
 from monitor.outputs.files import write_atomically
 from monitor.wire.protocol import dumps
 
@@ -54,12 +53,16 @@ def container_edits(edits: ContainerReservation) -> dict[str, Any]:
 
 
 def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> dict[str, Any]:
-    """One CDI device per present device, named by PCI address, and again by GPU UUID."""
+    """One CDI device per present device that has something to inject, named by PCI address,
+    and again by GPU UUID. A device with no nodes (no driver bound, nodes not made yet, a
+    virtio function) is left out: podman refuses a whole spec for one empty entry."""
     devices = []
     for address, (group, device) in sorted(state.fingerprint.devices().items()):
         if address not in state.devices:
             continue  # departed, shown only for its lease
-        edits = reservations.plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
+        edits = plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
+        if not edits.devices and not edits.mounts:
+            continue
         entry = container_edits(edits)
         devices.append({"name": address, "containerEdits": entry})
         uuid = device.attributes.get("uuid")
@@ -68,19 +71,16 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
     return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices}
 
 
-async def keep_spec(hub: Hub, directory: Path) -> None:
+async def keep_spec(changes: AsyncIterator[State], directory: Path) -> None:
     """Rewrite ``directory/hotplug-monitor.json`` on every change; remove it when we stop."""
     path = directory / FILE_NAME
     written: bytes | None = None
     seen: tuple[Any, ...] | None = None
     try:
-        while True:
-            published = hub.published
-            state = hub.state
+        async for state in changes:
             # What the spec is made of; leases and health, which change far more often, are not.
-            inputs = (state.match_classes, state.devices, state.drm_nodes, state.nvml)
+            inputs = (state.match_classes, state.devices, state.drm_nodes, state.nvml, state.names)
             if inputs == seen:
-                await published.wait()
                 continue
             seen = inputs
             content = dumps(build_spec(state)) + b"\n"
@@ -90,7 +90,6 @@ async def keep_spec(hub: Hub, directory: Path) -> None:
                     written = content
                 except OSError as exc:
                     log.error("cannot write the CDI spec %s: %s", path, exc.strerror or exc)
-            await published.wait()
     finally:
         if written is not None:
             path.unlink(missing_ok=True)

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-from monitor.core.health import HealthTransition, LeaseWarning
+from monitor.core.leases import Lease, LeaseChange
+from monitor.core.transitions import DeviceMoved, Entry, HealthTransition, LeaseWarning
 
 NOTICE = 25  # between INFO and WARNING, as syslog has it
 logging.addLevelName(NOTICE, "NOTICE")
@@ -38,6 +39,11 @@ MESSAGE_IDS = {
     "uevents_lost": "2b7e9c1d4f3a4e5b8c6d7e0f1a2b3ca4",
     "lease_revoked": "7d2c4e6f8a0b4c1d9e3f5a7b9c1d3e05",
     "xid": "4f8e2d6c1b3a4e9d8c7b6a5f4e3d2c16",
+    "added": "735fb4ede41042a6a12bf19831911796",
+    "removed": "48131dcd75304ea29f1e8d3023f02329",
+    "granted": "1c70986168ae44408d8f6cc6f4224274",
+    "released": "ad179e5adeb94dab9f6162cf0f47b41e",
+    "ended": "0035218812e04a9ba83314206956a04e",
 }
 LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
 
@@ -99,20 +105,70 @@ def setup(level: str, target: str = "auto") -> str:
     return target
 
 
+def report(log: logging.Logger, entry: Entry) -> None:
+    """One journal entry for what a fold did, with the fields operators filter on."""
+    match entry:
+        case HealthTransition():
+            report_health(log, entry)
+        case DeviceMoved():
+            report_move(log, entry)
+        case LeaseWarning():
+            report_lease_warning(log, entry)
+        case LeaseChange():
+            report_lease_change(log, entry)
+
+
+def _device_fields(device_id: str, vendor: str, name: str, uuid: str | None) -> dict[str, Any]:
+    fields = {"DEVICE_ID": device_id, "PCI_BUS_ID": device_id, "VENDOR": vendor}
+    fields["DEVICE_NAME"] = name
+    if uuid:
+        fields["GPU_UUID"] = uuid
+    return fields
+
+
+def _lease_fields(lease: Lease) -> dict[str, Any]:
+    pid = lease.holder_pid if lease.holder_pid is not None else lease.pid
+    return {"LEASE_ID": lease.id, "LEASE_UID": lease.uid, "LEASE_PID": pid}
+
+
+def report_move(log: logging.Logger, move: DeviceMoved) -> None:
+    """A device shown for the first time, or no longer."""
+    fields = {"MESSAGE_ID": MESSAGE_IDS[move.kind]}
+    fields |= _device_fields(move.device_id, move.vendor, move.device_name, move.uuid)
+    what = "is here, healthy" if move.kind == "added" else "is gone"
+    log.info(
+        "%s (%s %s) %s",
+        move.device_id,
+        move.vendor,
+        move.device_name,
+        what,
+        extra={"journal": fields},
+    )
+
+
+def report_lease_change(log: logging.Logger, change: LeaseChange) -> None:
+    """A lease granted, released (some of its devices or all) or ended, and why."""
+    fields = {"MESSAGE_ID": MESSAGE_IDS[change.kind], **_lease_fields(change.lease)}
+    fields["DEVICE_ID"] = ",".join(change.devices)
+    verb = "ends: " if change.kind == "ended" else ""
+    devices = ", ".join(change.devices)
+    log.info(
+        "reservation %s %s%s: %s", change.lease.id, verb, change.reason, devices,
+        extra={"journal": fields},
+    )  # fmt: skip
+
+
 def report_health(log: logging.Logger, transition: HealthTransition) -> None:
     """One entry per health transition, with the fields operators filter on."""
     fields = {
         "MESSAGE_ID": MESSAGE_IDS[transition.kind],
-        "DEVICE_ID": transition.device_id,
-        "PCI_BUS_ID": transition.device_id,
-        "VENDOR": transition.vendor,
-        "DEVICE_NAME": transition.device_name,
+        **_device_fields(
+            transition.device_id, transition.vendor, transition.device_name, transition.uuid
+        ),
         "HEALTH": "healthy" if transition.kind == "recovered" else "unhealthy",
     }
     if transition.recovery_action:
         fields["RECOVERY_ACTION"] = transition.recovery_action
-    if transition.uuid:
-        fields["GPU_UUID"] = transition.uuid
     if transition.xid is not None:
         fields["XID"] = str(transition.xid)
     if transition.reason:
@@ -146,9 +202,7 @@ def report_lease_warning(log: logging.Logger, warning: LeaseWarning) -> None:
         "MESSAGE_ID": MESSAGE_IDS["lease_revoked"],
         "DEVICE_ID": warning.device_id,
         "PCI_BUS_ID": warning.device_id,
-        "LEASE_ID": lease.id,
-        "LEASE_UID": lease.uid,
-        "LEASE_PID": lease.holder_pid if lease.holder_pid is not None else lease.pid,
+        **_lease_fields(lease),
         "HEALTH": "unhealthy",
     }
     log.warning(

@@ -11,19 +11,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from monitor.core.leases import Lease
+from monitor.core.leases import Holder, Lease
 from monitor.outputs.files import UnsafePath, read_regular_file, write_atomically
-from monitor.sources import holders
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "leases.json"
 FORMAT_VERSION = 2  # 2: holders by start ticks and boot ID; 1: by start time in epoch seconds
 MAX_FILE = 16 << 20
+
+
+LegacyHolder = Callable[[int, float], Holder | None]
 
 
 class StoreError(Exception):
@@ -50,8 +52,11 @@ class LeaseStore:
         except OSError as exc:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def load(self) -> list[Lease]:
-        """The leases on disk; a file that is missing gives none, a bad one is moved aside."""
+    def load(self, legacy_holder: LegacyHolder) -> list[Lease]:
+        """The leases on disk; a file that is missing gives none, a bad one is moved aside.
+
+        ``legacy_holder`` finds the holder a version 1 file names by PID and start time in epoch
+        seconds, if it still runs (``monitor.sources.holders.from_legacy``)."""
         try:
             raw = read_regular_file(self.path, MAX_FILE, follow_symlinks=False)
         except FileNotFoundError:
@@ -66,7 +71,8 @@ class LeaseStore:
             if not isinstance(entries, list):
                 raise ValueError("it has no list of leases")
             if document["version"] == 1:
-                entries = [e for e in map(_from_version_1, entries) if e is not None]
+                entries = [_from_version_1(e, legacy_holder) for e in entries]
+                entries = [e for e in entries if e is not None]
             leases = [Lease.from_json(entry) for entry in entries]
             if len({lease.id for lease in leases}) != len(leases):
                 raise ValueError("a reservation ID appears twice")
@@ -91,14 +97,14 @@ class LeaseStore:
         return []
 
 
-def _from_version_1(entry: Any) -> Any:
+def _from_version_1(entry: Any, legacy_holder: LegacyHolder) -> Any:
     """A version 1 lease as version 2; None when its holder process has exited."""
     if not isinstance(entry, dict) or entry.get("holder_pid") is None:
         return entry
     pid, started = entry["holder_pid"], entry.get("holder_start")
     if not isinstance(pid, int) or not isinstance(started, int | float) or pid <= 0:
         raise ValueError("a lease's holder_pid or holder_start is not a number")
-    holder = holders.from_legacy(pid, float(started))
+    holder = legacy_holder(pid, float(started))
     if holder is None:
         lease_id = entry.get("reservation_id")
         log.info("reservation %s ends: its holder process %d has exited", lease_id, pid)

@@ -23,7 +23,6 @@ from monitor.core.leases import Holder, Lease
 log = logging.getLogger(__name__)
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
-SELF_PID_NAMESPACE = "/proc/self/ns/pid"
 RETRY_SECONDS = (1.0, 60.0)  # when the holder cannot be looked at (no fds left, say)
 
 
@@ -86,17 +85,6 @@ def identify(pid: int) -> Holder:
         return Holder(pid, found[1], boot_id())
     finally:
         os.close(pidfd)
-
-
-def in_our_pid_namespace(pid: int) -> bool:
-    """Whether ``pid`` (as the kernel reported it to us) lives in the daemon's PID namespace, so
-    that the PIDs it speaks of are ours. A peer the kernel could not map has PID 0."""
-    if pid <= 0:
-        return False
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(SELF_PID_NAMESPACE)
-    except OSError:
-        return False
 
 
 def open_holder(holder: Holder) -> int | None:

@@ -2,9 +2,10 @@
 
 NVML is a vendor library loaded into whatever process calls it, and a crash in it (a segfault, an
 abort) would end that process. So the daemon never loads it: ``monitor/sources/nvml_worker.py``
-does, in a child process. This side tells the worker which GPUs to watch (the NVIDIA devices
-udev shows bound to the ``nvidia`` driver, and which of them a PCI recovery reset), reads the
-events it writes, and if it dies, marks those GPUs "NVML worker crashed" and starts a new one.
+does, in a child process. This side tells the worker which GPUs to watch (the core's
+``nvml_targets``: the NVIDIA devices udev shows bound to the ``nvidia`` driver, and which of them a
+PCI recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
+crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
 (a recovery that cleared its problems), never on a timer.
@@ -18,58 +19,59 @@ import logging
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from monitor.core.events import Event, NvmlUnreachable
-from monitor.core.health import CAUSE_PCI_ERROR
-from monitor.core.reducer import State
-from monitor.engine.hub import Hub
+from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreachable
+from monitor.core.rules.nvidia import nvml_targets
+from monitor.core.state import State
 from monitor.sources.nvml_worker import EXIT_NO_NVML, decode_event
 from monitor.wire.protocol import LineBuffer
 
 log = logging.getLogger(__name__)
 
 Send = trio.MemorySendChannel[tuple[Event, ...]]
-
-NVIDIA_VENDOR_ID = 0x10DE
+Changes = Callable[[], AsyncIterator[State]]  # the state now and after each change of it
 # After the worker died: at once the first time, then less and less often while it keeps dying.
 RESTART_DELAYS = (1.0, 60.0)  # the first, and the most
 STOP_SECONDS = 1.0  # for the worker to shut NVML down once its stdin ends
 
 
-def nvidia_gpus(state: State) -> set[str]:
-    """The NVIDIA devices we show, bound to the nvidia driver."""
-    shown = state.fingerprint.devices()
-    return {
-        address
-        for address, facts in state.devices.items()
-        if facts.vendor_id == NVIDIA_VENDOR_ID and facts.driver == "nvidia" and address in shown
-    }
-
-
-def _pci_errors(state: State) -> set[str]:
-    return {a for a, causes in state.problems.items() if CAUSE_PCI_ERROR in causes}
-
-
-async def _tell_targets(stdin: trio.abc.SendStream, hub: Hub, watched: set[str]) -> None:
+async def _tell_targets(
+    stdin: trio.abc.SendStream, states: AsyncIterator[State], watched: set[str]
+) -> None:
     """Write the GPUs to watch whenever they change, and those a PCI recovery reset."""
-    pci_errors: set[str] = set()
-    told: set[str] | None = None
+    told: dict[str, int] | None = None
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # it died
-        while True:
-            published = hub.published
-            state = hub.state
-            watch = nvidia_gpus(state)
-            before, pci_errors = pci_errors, _pci_errors(state)
-            reset = {a for a in watch if a in before and a not in pci_errors}
-            if watch != told or reset:
-                line = json.dumps({"watch": sorted(watch), "reset": sorted(reset)}).encode() + b"\n"
-                await stdin.send_all(line)
-                told = watch
-                watched.clear()
-                watched.update(watch)
-            await published.wait()
+        async for state in states:
+            targets = nvml_targets(state)
+            if targets == told:
+                continue
+            reset = sorted(a for a, n in targets.items() if told and told.get(a, n) != n)
+            line = json.dumps({"watch": sorted(targets), "reset": reset}).encode() + b"\n"
+            await stdin.send_all(line)
+            told = targets
+            watched.clear()
+            watched.update(targets)
+
+
+async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
+    """Once a GPU has waited ``deadline`` for NVML to name it, say so: it is then shown under
+    the database's name (``monitor.core.rules.nvidia``)."""
+
+    async def wait_over(address: str, wait: int) -> None:
+        await trio.sleep(deadline)
+        await send.send((NvmlNameWaitOver(address, wait),))
+
+    timed: set[tuple[str, int]] = set()
+    async with trio.open_nursery() as nursery:
+        async for state in changes():
+            for address, wait in state.naming.items():
+                if (address, wait) not in timed:
+                    timed.add((address, wait))
+                    nursery.start_soon(wait_over, address, wait)
+            timed &= set(state.naming.items())
 
 
 async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send) -> None:
@@ -86,7 +88,7 @@ async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send) -> None:
             await send.send(tuple(events))
 
 
-async def run_worker(command: list[str], send: Send, hub: Hub, watched: set[str]) -> int:
+async def run_worker(command: list[str], send: Send, changes: Changes, watched: set[str]) -> int:
     """Run one NVML worker until it exits; its exit status (negative: killed by that signal)."""
     process = await trio.lowlevel.open_process(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -94,7 +96,7 @@ async def run_worker(command: list[str], send: Send, hub: Hub, watched: set[str]
     assert process.stdin is not None and process.stdout is not None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tell_targets, process.stdin, hub, watched)
+            nursery.start_soon(_tell_targets, process.stdin, changes(), watched)
             await _pass_events(process.stdout, send)  # its stdout ends when it does
             nursery.cancel_scope.cancel()
         return await process.wait()
@@ -117,21 +119,31 @@ def _death(status: int) -> str:
 
 async def run_nvml_source(
     send: Send,
-    hub: Hub,
+    changes: Changes,
     *,
     deadline: float = 5.0,
     log_level: str = "info",
     log_target: str = "auto",
 ) -> None:
     """Keep an NVML worker running; without NVML, it says so once and this returns."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(end_name_waits, changes, send, deadline)
+        await _keep_worker(send, changes, deadline, log_level, log_target)
+        nursery.cancel_scope.cancel()
+
+
+async def _keep_worker(
+    send: Send, changes: Changes, deadline: float, log_level: str, log_target: str
+) -> None:
     command = [sys.executable, "-m", "monitor.sources.nvml_worker", "--deadline", str(deadline)]
     command += ["--log-level", log_level, "--log-target", log_target]
     delay = RESTART_DELAYS[0]
     while True:
         watched: set[str] = set()
         started = trio.current_time()
-        status = await run_worker(command, send, hub, watched)
+        status = await run_worker(command, send, changes, watched)
         if status == EXIT_NO_NVML:
+            await send.send((NvmlAbsent(),))
             return
         if trio.current_time() - started > RESTART_DELAYS[1]:
             delay = RESTART_DELAYS[0]  # it ran well for a while: this is a new failure

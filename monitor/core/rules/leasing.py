@@ -1,0 +1,225 @@
+"""Leases: who may hold which devices, and when a lease ends.
+
+A lease is exclusive: every device asked for is known, healthy and held by no other lease, or
+the request gets none of them. Who asks is the peer the kernel saw; root, the daemon's user and
+members of its group may reserve and release, and only a lease's own user (or root) may release
+it. A lease ends when released, when its holder process exits, or when its connection closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from monitor.core.access import Access, Peer
+from monitor.core.answers import Answer, Grant, Reason, Refusal, Released
+from monitor.core.draft import Draft, RequestRule, Rule
+from monitor.core.events import ConnectionClosed, LeaseEnded, ReleaseRequested, ReserveRequested
+from monitor.core.leases import Lease, LeaseChange
+from monitor.core.model import Device, DeviceGroup, Fingerprint
+from monitor.core.pci import class_matches, class_name
+from monitor.core.state import State
+
+F = attrs.fields(State)
+Found = tuple[DeviceGroup, Device]
+
+
+def may_reserve(access: Access, peer: Peer, holder_pid: int | None = None) -> Refusal | None:
+    """Whether ``peer`` may reserve, naming ``holder_pid`` as the lease's holder; the serving
+    layer asks this before it looks the holder up, so that outsiders learn nothing of PIDs."""
+    refusal = may_change(access, peer, "reserve")
+    if refusal is None and holder_pid is not None and not peer.in_our_pid_namespace:
+        return Refusal(
+            Reason.INVALID,
+            "holder_pid is refused from a client in another PID namespace (a container): "
+            "its process IDs are not this host's.",
+            {"holder_pid": holder_pid},
+        )
+    return refusal
+
+
+def may_change(access: Access, peer: Peer, action: str) -> Refusal | None:
+    if access.may_change(peer):
+        return None
+    return Refusal(
+        Reason.FORBIDDEN,
+        f"Only root and members of the daemon's group may {action} devices "
+        f"(you are uid {peer.uid}).",
+        {"uid": peer.uid},
+    )
+
+
+def device_index(fingerprint: Fingerprint) -> dict[str, Found]:
+    """Every device by PCI address and, where it has one, by GPU UUID."""
+    index = fingerprint.devices()
+    for group, device in list(index.values()):
+        uuid = device.attributes.get("uuid")
+        if uuid is not None:
+            index[str(uuid.value)] = (group, device)
+    return index
+
+
+def _why_not_shown(state: State, device_id: str) -> str | None:
+    """Why a device of this host is not shown, when it is one."""
+    facts = state.devices.get(device_id.lower())
+    if facts is None:
+        return None
+    if facts.address in state.naming:
+        return f"{device_id} is not shown yet: it waits for NVML to name it"
+    if not class_matches(facts.pci_class, state.match_classes):
+        return (
+            f"{device_id} is not followed: it is a {class_name(facts.pci_class)} (class "
+            f"0x{facts.pci_class:06x}), which serve --match-class 0x{facts.pci_class >> 16:02x} "
+            "would follow"
+        )
+    return None
+
+
+def resolve(draft: Draft, device_ids: Iterable[str]) -> list[Found] | Refusal:
+    """The devices these IDs (PCI addresses or GPU UUIDs) name; unknown IDs are refused, with
+    the reason a device of this host is not shown where there is one."""
+    index = device_index(draft.fingerprint())
+    found: list[Found] = []
+    unknown: list[str] = []
+    for wanted in device_ids:
+        hit = index.get(wanted) or index.get(wanted.lower())
+        if hit is None:
+            unknown.append(wanted)
+        elif hit not in found:
+            found.append(hit)
+    if not unknown:
+        return found
+    state = draft.state()
+    hidden = {i: why for i in unknown if (why := _why_not_shown(state, i)) is not None}
+    sentences = [f"{why}." for why in hidden.values()]
+    missing = [i for i in unknown if i not in hidden]
+    if missing:
+        sentences.insert(0, f"No such device on this host: {', '.join(missing)}.")
+    return Refusal(Reason.UNKNOWN_DEVICE, " ".join(sentences), {"device_ids": unknown})
+
+
+def reserve(draft: Draft, request: ReserveRequested) -> Answer:
+    peer = request.peer
+    holder_pid = request.holder.pid if request.holder is not None else None
+    refusal = may_reserve(draft.get(F.access), peer, holder_pid)
+    if refusal is not None:
+        return refusal
+    found = resolve(draft, request.device_ids)
+    if isinstance(found, Refusal):
+        return found
+    unhealthy = {d.id: d.health_desc for _, d in found if not d.healthy}
+    if unhealthy:
+        names = "; ".join(f"{i}: {desc}" for i, desc in unhealthy.items())
+        return Refusal(
+            Reason.UNHEALTHY,
+            f"Refusing unhealthy devices ({names}).",
+            {"device_ids": list(unhealthy), "health": unhealthy},
+        )
+    leases = draft.get(F.leases)
+    held = {d.id: d.reserved_by for _, d in found if d.reserved_by is not None}
+    if held:
+        return Refusal(
+            Reason.RESERVED,
+            "Already reserved: " + "; ".join(f"{d} by {i}" for d, i in held.items()) + ".",
+            {
+                "device_ids": list(held),
+                "holders": {d: leases[i].holder_json() for d, i in held.items()},
+            },
+        )
+    lease = Lease(
+        id=request.lease_id,
+        devices={d.id: g.key for g, d in found},
+        uid=peer.uid,
+        gid=peer.gid,
+        pid=peer.pid,
+        created=request.created,
+        holder=request.holder,
+        connection=request.connection,
+    )
+    draft.put(F.leases, lease.id, lease)
+    reason = f"granted to uid {peer.uid} (pid {peer.pid})"
+    draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason))
+    state = draft.state()
+    minors = {d.id: m for _, d in found if (m := state.nvidia_minor(d.id)) is not None}
+    return Grant(lease, found, minors)
+
+
+def release(draft: Draft, request: ReleaseRequested) -> Answer:
+    """A lease, or devices from the leases holding them; only the lease's uid or root may."""
+    peer = request.peer
+    refusal = may_change(draft.get(F.access), peer, "release")
+    if refusal is not None:
+        return refusal
+    leases = draft.get(F.leases)
+    not_reserved: list[str] = []
+    if request.lease_id is not None:
+        lease = leases.get(request.lease_id)
+        if lease is None:
+            return Refusal(
+                Reason.INVALID,
+                f"No reservation {request.lease_id} is held.",
+                {"reservation_id": request.lease_id},
+            )
+        affected = {lease.id: set(lease.devices)}
+    else:
+        found = resolve(draft, request.device_ids)
+        if isinstance(found, Refusal):
+            return found
+        wanted = [d.id for _, d in found]
+        affected = {
+            held.id: set(wanted) & set(held.devices)
+            for held in leases.values()
+            if set(wanted) & set(held.devices)
+        }
+        held_devices = {d for devices in affected.values() for d in devices}
+        not_reserved = [d for d in wanted if d not in held_devices]
+    refused = [i for i in affected if peer.uid not in (0, leases[i].uid)]
+    if refused:
+        return Refusal(
+            Reason.FORBIDDEN,
+            "Only the user who made a reservation, or root, may release it: "
+            + ", ".join(refused)
+            + ".",
+            {"reservation_ids": refused},
+        )
+    released: list[str] = []
+    for lease_id, devices in affected.items():
+        lease = leases[lease_id]
+        gone = tuple(d for d in lease.devices if d in devices)
+        released.extend(gone)
+        _take(draft, lease, gone, "released", f"released by uid {peer.uid} (pid {peer.pid})")
+    return Released(released, not_reserved)
+
+
+def _take(draft: Draft, lease: Lease, devices: tuple[str, ...], kind: str, reason: str) -> None:
+    """Take ``devices`` out of ``lease``; a lease left with none ends."""
+    kept = {d: g for d, g in lease.devices.items() if d not in devices}
+    if kept:
+        draft.put(F.leases, lease.id, attrs.evolve(lease, devices=kept))
+    else:
+        draft.pop(F.leases, lease.id)
+    draft.lease_changes.append(LeaseChange(kind, lease, devices, reason))
+
+
+def lease_ended(draft: Draft, event: LeaseEnded) -> None:
+    lease = draft.get(F.leases).get(event.lease_id)
+    if lease is not None:
+        reason = f"its holder process {lease.holder_pid} exited"
+        _take(draft, lease, lease.device_ids, "ended", reason)
+
+
+def connection_closed(draft: Draft, event: ConnectionClosed) -> None:
+    for lease in list(draft.get(F.leases).values()):
+        if lease.connection == event.connection:
+            _take(draft, lease, lease.device_ids, "ended", "its connection closed")
+
+
+RULES: dict[type, Rule] = {
+    LeaseEnded: lease_ended,
+    ConnectionClosed: connection_closed,
+}
+REQUESTS: dict[type, RequestRule] = {
+    ReserveRequested: reserve,
+    ReleaseRequested: release,
+}

@@ -1,0 +1,98 @@
+"""The state: what the sources reported, the leases, and the fingerprint derived from them.
+
+Frozen: only a fold (``monitor.core.reducer``) makes a new one, through a draft
+(``monitor.core.draft``). Each field's metadata says which devices a change of one of its entries
+touches, so that the draft knows whose part of the fingerprint to build again without any rule
+having to say so. A field without that metadata is not a fact (the generation) or is derived
+(the fingerprint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from monitor.core.access import Access
+from monitor.core.events import DrmNode, NvmlGpu, PciFacts
+from monitor.core.health import Problems, frozen_problems
+from monitor.core.leases import Lease
+from monitor.core.model import Fingerprint, frozen_mapping, frozen_tuple
+from monitor.core.pci import DEFAULT_MATCH_CLASSES
+from monitor.core.xids import XidPolicy
+
+# What an entry touches: the devices whose fingerprint a change of it changes.
+Touches = Callable[[Any, Any], Iterable[str]]
+TOUCHES = "touches"
+EVERY_DEVICE = "every device"  # a change of the field changes what any device looks like
+NO_DEVICE = "no device"  # shown through other fields (the XID policy, through problems)
+
+
+def _the_key(address: str, _: object) -> Iterable[str]:
+    return (address,)
+
+
+def _the_parent(_: str, node: DrmNode) -> Iterable[str]:
+    return (node.parent,)
+
+
+def _the_devices(_: str, lease: Lease) -> Iterable[str]:
+    return lease.devices
+
+
+def _by_device(touches: Touches = _the_key) -> dict[str, Any]:
+    return {TOUCHES: touches}
+
+
+@attrs.frozen
+class State:
+    generation: int = 0  # grows with each patch
+    match_classes: tuple[str, ...] = attrs.field(
+        default=DEFAULT_MATCH_CLASSES, converter=frozen_tuple, metadata={TOUCHES: EVERY_DEVICE}
+    )
+    devices: Mapping[str, PciFacts] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    drm_nodes: Mapping[str, DrmNode] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device(_the_parent)
+    )
+    problems: Mapping[str, Problems] = attrs.field(
+        converter=frozen_problems, factory=dict, metadata=_by_device()
+    )
+    leases: Mapping[str, Lease] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device(_the_devices)
+    )
+    nvml: Mapping[str, NvmlGpu] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    xids: Mapping[str, tuple[int, int]] = attrs.field(  # address -> (last XID, count)
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    # The group name of each device, fixed for as long as it stays bound to one driver, so that
+    # its group does not depend on which source answered first.
+    names: Mapping[str, str] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    # NVIDIA GPUs bound to nvidia that wait for NVML's name before they are shown: the number of
+    # each wait, so that a wait's end is not taken for a later one's.
+    naming: Mapping[str, int] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    waits: int = attrs.field(default=0, metadata={TOUCHES: NO_DEVICE})  # waits begun so far
+    # PCI error recoveries the kernel reported per device: after one, NVML reads a GPU afresh.
+    resets: Mapping[str, int] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata={TOUCHES: NO_DEVICE}
+    )
+    nvml_names: bool = attrs.field(default=False, metadata={TOUCHES: NO_DEVICE})  # NVML names
+    xid_policy: XidPolicy = attrs.field(factory=XidPolicy, metadata={TOUCHES: NO_DEVICE})
+    access: Access = attrs.field(factory=Access, metadata={TOUCHES: NO_DEVICE})
+    fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
+
+    def nvidia_minor(self, address: str) -> int | None:
+        """N of the GPU's /dev/nvidiaN: the driver's proc file says, else NVML, else unknown."""
+        facts = self.devices.get(address)
+        if facts is not None and facts.nvidia_minor is not None:
+            return facts.nvidia_minor
+        gpu = self.nvml.get(address)
+        return gpu.minor if gpu is not None else None

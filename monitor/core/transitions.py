@@ -1,0 +1,174 @@
+"""What the journal records of a fold: devices that came or went, health that changed, reserved
+devices that broke, and leases granted, released or ended.
+
+Derived from the state before a fold and the fold's outcome; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from monitor.core.health import device_problems
+from monitor.core.leases import Lease, LeaseChange
+from monitor.core.reducer import Reduction
+from monitor.core.state import State
+
+
+@attrs.frozen
+class HealthTransition:
+    """A device that turned unhealthy, changed why, or recovered."""
+
+    kind: str  # "unhealthy", "lost" or "recovered"
+    device_id: str
+    vendor: str
+    device_name: str
+    health_desc: str  # now; for a recovery, what it was
+    recovery_action: str | None = None
+    reason: str | None = None  # for a recovery: the evidence
+    uuid: str | None = None  # an NVIDIA GPU's
+    xid: int | None = None
+
+
+@attrs.frozen
+class DeviceMoved:
+    """A device shown for the first time, or no longer shown (it left the host or the filter)."""
+
+    kind: str  # "added" or "removed"
+    device_id: str
+    vendor: str
+    device_name: str
+    uuid: str | None = None
+
+
+@attrs.frozen
+class LeaseWarning:
+    """A reserved device that left the host or turned unhealthy: its holder must hear of it."""
+
+    lease: Lease
+    device_id: str
+    health_desc: str
+
+
+Entry = HealthTransition | DeviceMoved | LeaseWarning | LeaseChange
+
+
+def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
+    """Everything worth a journal entry in one fold, in the order it is best read."""
+    new = reduction.state
+    entries: list[Entry] = []
+    if new.fingerprint is not old.fingerprint:
+        entries += device_moves(old, new)
+        entries += health_transitions(old, new, reduction.recoveries)
+        entries += lease_warnings(old, new)
+    entries += reduction.lease_changes
+    return entries
+
+
+def _shown_present(state: State) -> dict[str, tuple[str, str]]:
+    """Devices shown and on the host (not only kept for a lease): vendor and group name."""
+    return {
+        device_id: (group.vendor, group.name)
+        for device_id, (group, _) in state.fingerprint.devices().items()
+        if device_id in state.devices
+    }
+
+
+def device_moves(old: State, new: State) -> list[DeviceMoved]:
+    """Healthy devices shown now and not before, and every device shown before and not now
+    (an unhealthy arrival is a health transition of its own)."""
+    before, after = _shown_present(old), _shown_present(new)
+    devices = new.fingerprint.devices()
+    moves = []
+    for device_id, (vendor, name) in after.items():
+        if device_id not in before and devices[device_id][1].healthy:
+            moves.append(DeviceMoved("added", device_id, vendor, name, _uuid(new, device_id)))
+    for device_id, (vendor, name) in before.items():
+        # a GPU rebound to nvidia is hidden while it waits for NVML's name: not gone
+        if device_id not in after and device_id not in new.naming:
+            moves.append(DeviceMoved("removed", device_id, vendor, name, _uuid(old, device_id)))
+    return moves
+
+
+def _uuid(state: State, device_id: str) -> str | None:
+    gpu = state.nvml.get(device_id)
+    return gpu.uuid if gpu else None
+
+
+def health_transitions(
+    old: State, new: State, recoveries: Mapping[str, str] | None = None
+) -> list[HealthTransition]:
+    """Devices whose health changed between two states, and devices that arrived unhealthy."""
+    shown_before = old.fingerprint.devices()
+    before = {d.id: d for _, d in shown_before.values()}
+    transitions = []
+    for device_id, evidence in (recoveries or {}).items():
+        # recovered while hidden, waiting for NVML's name (a rebind): its recovery is news too
+        if device_id in new.naming and device_id in shown_before:
+            was_in, was = shown_before[device_id]
+            if not was.healthy and not device_problems(
+                new.devices[device_id], new.problems.get(device_id, {})
+            ):
+                transitions.append(
+                    HealthTransition(
+                        "recovered",
+                        device_id,
+                        was_in.vendor,
+                        was_in.name,
+                        was.health_desc,
+                        None,
+                        evidence,
+                        _uuid(old, device_id),
+                    )
+                )
+    for group, device in new.fingerprint.devices().values():
+        if device.id not in new.devices:
+            continue  # departed while reserved: lease_warnings reports it
+        previous = before.get(device.id)
+        if previous is None and device.healthy:
+            continue
+        if previous is not None and (previous.healthy, previous.health_desc) == (
+            device.healthy,
+            device.health_desc,
+        ):
+            continue
+        uuid = _uuid(new, device.id)
+        if device.healthy:
+            assert previous is not None
+            reason = (recoveries or {}).get(device.id)
+            transition = HealthTransition(
+                "recovered", device.id, group.vendor, group.name, previous.health_desc, None, reason
+            )
+        else:
+            problems = device_problems(new.devices[device.id], new.problems.get(device.id, {}))
+            kind = "lost" if any(p.lost for p in problems) else "unhealthy"
+            actions = [p.recovery_action for p in problems if p.recovery_action]
+            xids = [p.xid for p in problems if p.xid is not None]
+            transition = HealthTransition(
+                kind,
+                device.id,
+                group.vendor,
+                group.name,
+                device.health_desc,
+                actions[0] if actions else None,
+                xid=xids[0] if xids else None,
+            )
+        transitions.append(attrs.evolve(transition, uuid=uuid))
+    return transitions
+
+
+def lease_warnings(old: State, new: State) -> list[LeaseWarning]:
+    """Reserved devices whose health got worse or changed between two states."""
+    before = old.fingerprint.devices()
+    after = new.fingerprint.devices()
+    warnings = []
+    for lease in new.leases.values():
+        for device_id in lease.devices:
+            device = after[device_id][1] if device_id in after else None
+            if device is None or device.healthy:
+                continue
+            previous = before[device_id][1] if device_id in before else None
+            if previous is None or previous.health_desc != device.health_desc:
+                warnings.append(LeaseWarning(lease, device_id, device.health_desc))
+    return warnings

@@ -1,0 +1,239 @@
+"""One client connection: request lines in, answers out, and notifications once it subscribes.
+
+A reader answers each request line in order and, once the connection subscribes, a writer task
+drains its subscriber buffer; a per-connection lock keeps their lines whole. Whatever a client
+sends, the worst it gets is an error and a closed connection: nothing it does reaches the daemon
+or another client. What a request means is the server's to say (``dispatch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Protocol
+
+import trio
+
+from monitor.core.access import Peer
+from monitor.engine.hub import Hub, Subscriber
+from monitor.serving.limits import ConnectionLimits
+from monitor.wire.protocol import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    SERVER_BUSY,
+    LineBuffer,
+    LineTooLong,
+    Request,
+    RpcError,
+    encode_error,
+    encode_raw_result,
+    parse_request,
+)
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 64 * 1024
+LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close on it
+# Unfinished lines across all connections. Each may be up to 1 MiB, but a thousand clients each
+# sending most of one and stopping would hold a gigabyte (tests/test_abuse.py).
+UNFINISHED_INPUT_BUDGET = 64 * 1024 * 1024
+
+
+class UnfinishedInput:
+    """Bytes of unfinished lines held, all connections together, against one budget."""
+
+    def __init__(self, budget: int = UNFINISHED_INPUT_BUDGET) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def hold(self, size: int) -> bool:
+        """Hold ``size`` more bytes, if the budget allows."""
+        if self.held + size > self.budget:
+            return False
+        self.held += size
+        return True
+
+    def take(self, size: int) -> None:
+        self.held -= size
+
+
+class Host(Protocol):
+    """What a connection needs of the server it belongs to."""
+
+    hub: Hub
+    limits: ConnectionLimits
+    requests_per_second: float
+    unfinished: UnfinishedInput
+
+    async def dispatch(self, request: Request, connection: Connection) -> bytes | None: ...
+
+
+class RequestBudget:
+    """A token bucket: bursts up to a second's worth of requests, then ``rate`` per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last: float | None = None
+
+    def wait_before_next(self, now: float) -> float:
+        """Take a token for one request; the seconds to wait before answering it."""
+        if self.last is not None:
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class Connection:
+    """One client: its requests answered in order, and its notifications once it subscribes."""
+
+    def __init__(self, server: Host, stream: trio.SocketStream, number: int, peer: Peer) -> None:
+        self.server = server
+        self.stream = stream
+        self.number = number
+        self.peer = peer
+        self.bound_leases = False  # whether a lease ends when this connection closes
+        self.budget = RequestBudget(server.requests_per_second)
+        self.send_lock = trio.Lock()
+        self.subscriber: Subscriber | None = None
+        self.nursery: trio.Nursery | None = None
+
+    async def send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def refuse(self, error: RpcError, linger: bool = True) -> None:
+        with trio.move_on_after(1):
+            await self.send(encode_error(error))
+        if linger:
+            await self._linger()
+        else:
+            await self.stream.send_eof()
+            with contextlib.suppress(OSError):  # unread data at close would reset the client
+                while os.read(self.stream.socket.fileno(), RECEIVE_SIZE):
+                    pass
+
+    async def run(self) -> None:
+        buffer = LineBuffer()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                refusal = await self._answer_lines(buffer)
+                if refusal is not None:
+                    await self.send(encode_error(refusal))
+                    await self._linger()
+            finally:
+                self.server.unfinished.take(buffer.pending)
+                nursery.cancel_scope.cancel()
+                if self.subscriber is not None:
+                    self.server.hub.unsubscribe(self.subscriber)
+
+    async def _answer_lines(self, buffer: LineBuffer) -> RpcError | None:
+        """Answer each request line until EOF; the error to close with, if the client is refused.
+
+        Returns before the refusal is sent, so that no received data is held while we linger."""
+        timeout = self.server.limits.timeout
+        active = trio.current_time()  # when the connection last finished something
+        line_begun = active  # when its unfinished line began, if it has one
+        while True:
+            if buffer.pending:
+                deadline, why = line_begun + timeout, "finished no request line"
+            elif self.subscriber is not None or self.bound_leases:
+                deadline, why = math.inf, ""  # it has a reason to stay quiet
+            else:
+                deadline, why = active + timeout, "sent nothing"
+            with trio.move_on_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return None
+                had_pending = buffer.pending
+                try:
+                    lines = self._take_lines(buffer, data)
+                except RpcError as refusal:
+                    return refusal.with_traceback(None)  # its frames would keep ``data`` alive
+                for line in lines:
+                    if line.strip():
+                        wait = self.budget.wait_before_next(trio.current_time())
+                        if wait > 0:
+                            await trio.sleep(wait)
+                        await self.answer(line)
+                active = trio.current_time()
+                if buffer.pending and (lines or not had_pending):
+                    line_begun = active
+                continue
+            return RpcError(SERVER_BUSY, f"This connection {why} for {timeout:g} s; closing.")
+
+    def _take_lines(self, buffer: LineBuffer, data: bytes) -> list[bytes]:
+        """The lines ``data`` completes; RpcError, and the unfinished line dropped, when the
+        connection is to be refused for the length of its line or for the daemon's memory."""
+        unfinished = self.server.unfinished
+        unfinished.take(buffer.pending)
+        try:
+            lines = buffer.feed(data)
+        except LineTooLong:
+            buffer.clear()
+            raise RpcError(INVALID_REQUEST, "Request line exceeds 1 MiB; closing.") from None
+        if buffer.pending and not unfinished.hold(buffer.pending):
+            buffer.clear()
+            raise RpcError(
+                SERVER_BUSY,
+                "The daemon holds too much unfinished input from clients; send whole lines. "
+                "Closing.",
+            )
+        return lines
+
+    async def _linger(self) -> None:
+        """Close our side, then read and drop what the client still sends, for a while.
+
+        Closing a socket that has unread data resets it, and the client would lose the error
+        line we just wrote; once the client has read it and closed, EOF ends this."""
+        await self.stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            while await self.stream.receive_some(RECEIVE_SIZE):
+                pass
+
+    async def answer(self, line: bytes) -> None:
+        try:
+            request = parse_request(line)
+        except RpcError as error:
+            await self.send(encode_error(error))
+            return
+        if request.is_notification:
+            return  # JSON-RPC: never answer a notification; none of our methods is one
+        try:
+            response = await self.server.dispatch(request, self)
+        except RpcError as error:
+            error.request_id = request.id
+            response = encode_error(error)
+        except Exception:
+            log.exception("internal error answering %s", request.method)
+            response = encode_error(RpcError(INTERNAL_ERROR, "Internal error.", None, request.id))
+        if response is not None:
+            await self.send(response)
+
+    async def subscribe(self, request: Request) -> None:
+        """Answer with the snapshot, then start writing the changes that follow it."""
+        if self.subscriber is not None:
+            raise RpcError(INVALID_REQUEST, "This connection is already subscribed.")
+        hub = self.server.hub
+        # Registered in the same step as the snapshot is taken: the first patch's base is it.
+        self.subscriber = hub.subscribe()
+        await self.send(encode_raw_result(request.id, hub.snapshot_result()))
+        assert self.nursery is not None
+        self.nursery.start_soon(self._pump, self.subscriber)
+
+    async def _pump(self, subscriber: Subscriber) -> None:
+        """Write notifications; a subscriber that reads nothing for the timeout is closed."""
+        while True:
+            message = await subscriber.next_message(self.server.hub)
+            with trio.move_on_after(self.server.limits.timeout) as stuck:
+                await self.send(message)
+            if stuck.cancelled_caught:
+                uid, pid = self.peer.uid, self.peer.pid
+                log.info("closing a subscriber that stopped reading (uid %d, pid %d)", uid, pid)
+                assert self.nursery is not None
+                self.nursery.cancel_scope.cancel()
+                return

@@ -1,0 +1,66 @@
+"""What the journal is told of a fold: devices that came and went, health, lease changes."""
+
+from __future__ import annotations
+
+import attrs
+
+from monitor.core.events import (
+    DeviceGone,
+    DeviceSeen,
+    NvmlGpuSeen,
+    PciErrorReported,
+    XidReported,
+)
+from monitor.core.state import State
+from monitor.core.transitions import DeviceMoved, HealthTransition, LeaseWarning, journal_entries
+from tests.pure.examples import GPU, GROUP, H100, H100_B, NVML_NAME, decide, reserve, run
+
+
+def entries(state: State, *events: object) -> list[object]:
+    return list(journal_entries(state, decide(state, *events)))  # type: ignore[arg-type]
+
+
+def test_healthy_arrivals_and_every_departure_are_entries() -> None:
+    state = State()
+    unhealthy = attrs.evolve(H100_B, driver=None)
+    found = entries(state, DeviceSeen(H100), DeviceSeen(unhealthy))
+    assert found[0] == DeviceMoved("added", H100.address, "nvidia", "H100 SXM5 80GB")
+    assert isinstance(found[1], HealthTransition) and found[1].kind == "unhealthy"
+    assert found[1].health_desc == "no kernel driver bound" and len(found) == 2
+    state, _ = run(DeviceSeen(H100), DeviceSeen(unhealthy))
+    assert entries(state, DeviceGone(H100.address), DeviceGone(H100_B.address)) == [
+        DeviceMoved("removed", H100.address, "nvidia", "H100 SXM5 80GB"),
+        DeviceMoved("removed", H100_B.address, "nvidia", "H100 SXM5 80GB"),
+    ]
+
+
+def test_a_recovery_names_its_evidence_and_a_lost_device_its_action() -> None:
+    state, _ = run(DeviceSeen(H100))
+    [lost] = entries(state, PciErrorReported(H100.address, "FAILED_RECOVERY", False))
+    assert isinstance(lost, HealthTransition) and lost.kind == "lost"
+    assert lost.recovery_action == "reset or replace the device"
+    state, _ = run(PciErrorReported(H100.address, "FAILED_RECOVERY", False), state=state)
+    [recovered] = entries(state, PciErrorReported(H100.address, "SUCCESSFUL_RECOVERY", True))
+    assert isinstance(recovered, HealthTransition) and recovered.kind == "recovered"
+    assert recovered.reason == "the kernel reported a successful PCI error recovery"
+
+
+def test_a_gpu_rebound_and_waiting_for_its_name_is_not_gone_and_its_recovery_is_told() -> None:
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), XidReported(H100.address, 48),
+                   state=State(nvml_names=True))  # fmt: skip
+    state, _ = run(DeviceSeen(attrs.evolve(H100, driver=None)), state=state)
+    [recovered] = entries(state, DeviceSeen(H100))  # bound again: hidden until NVML names it
+    assert isinstance(recovered, HealthTransition) and recovered.kind == "recovered"
+    assert recovered.reason == "its driver was rebound"
+    assert "XID 48" in recovered.health_desc and recovered.device_name == "H100 SXM5 80GB"
+
+
+def test_lease_changes_and_warnings_for_reserved_devices_that_break() -> None:
+    state, _ = run(DeviceSeen(H100))
+    found = entries(state, reserve(H100.address))
+    assert [type(e).__name__ for e in found] == ["LeaseChange"]
+    state, _ = run(reserve(H100.address), state=state)
+    found = entries(state, PciErrorReported(H100.address, "BEGIN_RECOVERY", False))
+    warning = next(e for e in found if isinstance(e, LeaseWarning))
+    assert warning.lease.id == "lease-1" and "recovery in progress" in warning.health_desc
+    assert NVML_NAME not in GROUP  # the database's group, not NVML's
