@@ -17,7 +17,6 @@ import trio
 from monitor.daemon.config import (
     ConfigError,
     add_setting_flags,
-    client_socket,
     flag_values,
     load_settings,
 )
@@ -26,14 +25,11 @@ from monitor.outputs import logs
 from monitor.outputs.cdi import KIND as CDI_KIND
 from monitor.outputs.files import InUse, UnsafePath
 from monitor.serving.socketfile import SocketInUse, SocketPathError
-from monitor.wire.client import (
-    BadAnswer,
-    Client,
-    DaemonUnavailable,
-    Mirror,
-    RpcFailure,
-    check_reservation,
-)
+from monitor.wire.blocking import Client
+from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.mirror import Mirror
+from monitor.wire.paths import client_socket
+from monitor.wire.reservations import BadAnswer, check_reservation
 
 PROG = "hotplug-monitor"
 
@@ -344,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ConfigError, DaemonUnavailable, BadAnswer) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except RpcFailure as exc:
+    except RpcError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

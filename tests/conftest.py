@@ -24,7 +24,9 @@ import pytest
 
 from monitor.sim.nvml import build_library
 from monitor.sim.umockdev import Simulator, umockdev_missing
-from monitor.wire.client import Client, DaemonUnavailable, Mirror
+from monitor.wire.blocking import Client
+from monitor.wire.errors import DaemonUnavailable
+from monitor.wire.mirror import Mirror
 from tests import reliability
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from monitor.wire.protocol import MAX_LINE
+from monitor.wire.framing import MAX_LINE
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 from tests.test_leases import reservable

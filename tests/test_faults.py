@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from monitor.wire.client import Client, RpcFailure
+from monitor.wire.blocking import Client
+from monitor.wire.errors import RpcError
 from tests.conftest import Daemon, Subscription, need
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth
@@ -148,7 +149,7 @@ def test_a_read_only_or_full_state_directory_refuses_changes_and_loses_nothing(
             ("reserve", {"device_ids": [devices[1]]}),
             ("release", {"reservation_id": granted}),
         ]:
-            with pytest.raises(RpcFailure) as refused:
+            with pytest.raises(RpcError) as refused:
                 client.call(method, params)
             assert refused.value.code == -32603, refused.value
             assert reason in refused.value.message, refused.value.message
@@ -206,7 +207,7 @@ def test_netlink_overflow_during_a_reservation_burst(
                         asked = time.monotonic()
                         try:
                             lease = client.call("reserve", {"device_ids": [device]})
-                        except RpcFailure as exc:
+                        except RpcError as exc:
                             # the flapping device may be gone (-32001) or held as it left
                             assert exc.code in (-32001, -32002, -32003), exc
                             outcome["refused"] += 1

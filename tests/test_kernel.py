@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from monitor.wire.client import DaemonUnavailable
+from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need
 from tests.sysfs import snapshot_view, sysfs_truth
 

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from monitor.outputs.store import FORMAT_VERSION
-from monitor.wire.client import Client, DaemonUnavailable, Mirror, RpcFailure
+from monitor.wire.blocking import Client
+from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.mirror import Mirror
 from tests.conftest import GROUP, Daemon, Subscription, call_as
 from tests.reliability import record
 from tests.sysfs import snapshot_view, sysfs_truth
@@ -52,13 +54,13 @@ def test_concurrent_reserves_of_one_device_have_exactly_one_winner(
     daemon, devices = host
     clients = [daemon.client() for _ in range(40)]
     start = threading.Barrier(len(clients))
-    outcomes: list[dict[str, Any] | RpcFailure] = []
+    outcomes: list[dict[str, Any] | RpcError] = []
 
     def ask(client: Client) -> None:
         start.wait()
         try:
             outcomes.append(client.call("reserve", {"device_ids": [devices[0]]}))
-        except RpcFailure as failure:
+        except RpcError as failure:
             outcomes.append(failure)
 
     threads = [threading.Thread(target=ask, args=(c,)) for c in clients]
@@ -67,7 +69,7 @@ def test_concurrent_reserves_of_one_device_have_exactly_one_winner(
     for thread in threads:
         thread.join()
     winners = [o for o in outcomes if isinstance(o, dict)]
-    losers = [o for o in outcomes if isinstance(o, RpcFailure)]
+    losers = [o for o in outcomes if isinstance(o, RpcError)]
     assert len(winners) == 1 and len(losers) == len(clients) - 1
     winner = winners[0]["reservation_id"]
     for loser in losers:
@@ -76,7 +78,7 @@ def test_concurrent_reserves_of_one_device_have_exactly_one_winner(
         assert loser.data["holders"][devices[0]]["reservation_id"] == winner
         assert loser.data["holders"][devices[0]]["pid"] == os.getpid()
     # all or nothing: a request naming a held device and a free one gets neither
-    with daemon.client() as client, pytest.raises(RpcFailure) as refused:
+    with daemon.client() as client, pytest.raises(RpcError) as refused:
         client.call("reserve", {"device_ids": [devices[1], devices[0]]})
     assert refused.value.code == -32003
     assert daemon.client().call("reserve", {"device_ids": [devices[1]]})["device_ids"] == [
@@ -111,7 +113,7 @@ def test_a_lease_ends_within_a_second_of_its_holder_process(
     try:
         with daemon.client() as client:
             lease = client.call("reserve", {"device_ids": [devices[0]], "holder_pid": holder.pid})
-            with pytest.raises(RpcFailure) as no_such:
+            with pytest.raises(RpcError) as no_such:
                 client.call("reserve", {"device_ids": [devices[1]], "holder_pid": 2**22 + 1})
             assert no_such.value.code == -32602
         sub.until(lambda m: reserved_by(m, devices[0]) == lease["reservation_id"])
@@ -243,7 +245,7 @@ def test_an_unwritable_state_directory_refuses_leases_and_nothing_else(
     daemon = start_daemon(*flags, "--state-dir", str(blocker / "state"))
     assert daemon.fingerprint()["snapshot"]["groups"]  # it serves
     with daemon.client() as client:
-        with pytest.raises(RpcFailure) as refused:
+        with pytest.raises(RpcError) as refused:
             client.call("reserve", {"device_ids": [devices[0]]})
         assert refused.value.code == -32603
         assert refused.value.message.startswith(

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.sim.umockdev import Simulator
-from monitor.wire.protocol import encode_request
+from monitor.wire.framing import encode_request
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 

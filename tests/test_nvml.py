@@ -14,7 +14,8 @@ import pytest
 
 from monitor.sim.nvml import EVENT_GPU_RECOVERY_ACTION, FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator
-from monitor.wire.client import Mirror, RpcFailure
+from monitor.wire.errors import RpcError
+from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
 
@@ -164,7 +165,7 @@ def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
     sub.until(enriched)
     nvml.xid(A, 94)
     sub.until(lambda m: healthy(m, A) is False)
-    with daemon.client() as client, pytest.raises(RpcFailure) as refused:
+    with daemon.client() as client, pytest.raises(RpcError) as refused:
         client.call("reserve", {"device_ids": [UUID_A]})
     assert refused.value.code == -32002 and "XID 94" in refused.value.message
     reason = {
@@ -310,7 +311,7 @@ def test_a_crash_in_nvml_ends_the_worker_and_the_daemon_carries_on(
     assert daemon.process.poll() is None  # the daemon itself carries on
     with daemon.client() as client:
         assert [e["reservation_id"] for e in client.call("leases")["leases"]] == [lease]
-        with pytest.raises(RpcFailure) as refused:  # and refuses what is not healthy
+        with pytest.raises(RpcError) as refused:  # and refuses what is not healthy
             client.call("reserve", {"device_ids": [B]})
         assert refused.value.code == -32002
     nvml.uncrash()

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from monitor.wire.protocol import LineBuffer, LineTooLong, RpcError, parse_request
+from monitor.wire.errors import RpcError
+from monitor.wire.framing import LineBuffer, LineTooLong, parse_request
 from tests.conftest import Daemon
 
 

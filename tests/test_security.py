@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from monitor.serving import socketfile
-from monitor.wire.client import RpcFailure
+from monitor.wire.errors import RpcError
 from tests.conftest import (
     ALICE,
     BOB,
@@ -322,8 +322,8 @@ def shared_daemon(
     return daemon, devices
 
 
-def refusal(daemon: Daemon, params: dict[str, Any]) -> RpcFailure:
-    with daemon.client() as client, pytest.raises(RpcFailure) as refused:
+def refusal(daemon: Daemon, params: dict[str, Any]) -> RpcError:
+    with daemon.client() as client, pytest.raises(RpcError) as refused:
         client.call("reserve", params)
     return refused.value
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from monitor.sim.umockdev import Simulator
-from monitor.wire.client import Mirror, RpcFailure
+from monitor.wire.errors import RpcError
+from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, Subscription
 
 H100 = "nvidia/gpu/H100 SXM5 80GB"
@@ -192,7 +193,7 @@ def test_reserve_refuses_unhealthy_devices_and_release_works(
         while True:
             try:
                 client.call("reserve", {"device_ids": ["0000:1b:00.0", "0000:3b:00.0"]})
-            except RpcFailure as failure:
+            except RpcError as failure:
                 assert failure.code == -32002
                 assert failure.data["device_ids"] == ["0000:1b:00.0"]
                 assert "recovery failed" in failure.message
@@ -209,7 +210,7 @@ def test_reserve_refuses_unhealthy_devices_and_release_works(
             "released": ["0000:3b:00.0"],
             "not_reserved": [],
         }
-        with pytest.raises(RpcFailure) as unknown:
+        with pytest.raises(RpcError) as unknown:
             client.call("release", {"reservation_id": both["reservation_id"]})
         assert unknown.value.code == -32602
 

@@ -23,7 +23,8 @@ import trio
 from monitor.daemon import app
 from monitor.outputs import logs
 from monitor.sim.umockdev import Simulator
-from monitor.wire.client import Client, DaemonUnavailable
+from monitor.wire.blocking import Client
+from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need, two_pci_classes
 
 ROOT = Path(__file__).resolve().parent.parent

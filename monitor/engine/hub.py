@@ -14,7 +14,7 @@ import trio
 
 from monitor.core.fingerprint import Patch
 from monitor.core.state import State
-from monitor.wire.protocol import dumps, encode_raw_notification
+from monitor.wire.framing import dumps, encode_raw_notification
 
 SUBSCRIBER_BUFFER = 16
 

@@ -20,7 +20,7 @@ from monitor.core.model import ContainerReservation
 from monitor.core.plan import plan
 from monitor.core.state import State
 from monitor.outputs.files import write_atomically
-from monitor.wire.protocol import dumps
+from monitor.wire.framing import dumps
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,11 @@ import trio
 from monitor.core.access import Peer
 from monitor.engine.hub import Hub, Subscriber
 from monitor.serving.limits import ConnectionLimits
-from monitor.wire.protocol import (
-    INTERNAL_ERROR,
-    INVALID_REQUEST,
-    SERVER_BUSY,
+from monitor.wire.errors import INTERNAL_ERROR, INVALID_REQUEST, SERVER_BUSY, RpcError
+from monitor.wire.framing import (
     LineBuffer,
     LineTooLong,
     Request,
-    RpcError,
     encode_error,
     encode_raw_result,
     parse_request,

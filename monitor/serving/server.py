@@ -29,7 +29,7 @@ from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
 from monitor.serving.peers import peer_of
 from monitor.sources import holders
-from monitor.wire.protocol import (
+from monitor.wire.errors import (
     DEVICE_RESERVED,
     DEVICE_UNHEALTHY,
     INTERNAL_ERROR,
@@ -38,11 +38,9 @@ from monitor.wire.protocol import (
     PERMISSION_DENIED,
     SERVER_BUSY,
     UNKNOWN_DEVICE,
-    Request,
     RpcError,
-    encode_raw_result,
-    encode_result,
 )
+from monitor.wire.framing import Request, encode_raw_result, encode_result
 
 # Per connection. Every request is a checkpoint, so busy connections already share the loop in
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),

@@ -515,7 +515,9 @@ def _wait_for_socket(
     sock: Path, daemon: subprocess.Popen[bytes], nvidia_gpus: int = 0, timeout: float = 15.0
 ) -> None:
     """Until the daemon answers, and NVML has told it of ``nvidia_gpus`` GPUs."""
-    from monitor.wire.client import Client, DaemonUnavailable, Mirror
+    from monitor.wire.blocking import Client
+    from monitor.wire.errors import DaemonUnavailable
+    from monitor.wire.mirror import Mirror
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -27,7 +27,7 @@ from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreach
 from monitor.core.rules.nvidia import nvml_targets
 from monitor.core.state import State
 from monitor.sources.nvml_worker import EXIT_NO_NVML, decode_event
-from monitor.wire.protocol import LineBuffer
+from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger(__name__)
 

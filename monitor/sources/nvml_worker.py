@@ -38,7 +38,7 @@ from monitor.core.events import (
 from monitor.core.model import Attribute
 from monitor.outputs import logs
 from monitor.outputs.logs import MESSAGE_IDS
-from monitor.wire.protocol import LineBuffer
+from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger("monitor.sources.nvml_worker")  # also when run as __main__
 

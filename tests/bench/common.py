@@ -23,7 +23,8 @@ from typing import IO, Any
 
 import psutil
 
-from monitor.wire.client import Client, DaemonUnavailable
+from monitor.wire.blocking import Client
+from monitor.wire.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 PCI = Path("/sys/bus/pci/devices")

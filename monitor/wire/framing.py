@@ -1,57 +1,23 @@
-"""JSON-RPC 2.0 over newline-delimited JSON, without any I/O: bytes in, requests out, bytes back.
+"""JSON-RPC 2.0 over newline-delimited JSON, without any I/O: bytes in, messages out, bytes back.
 
 The server feeds received bytes to a ``LineBuffer``, parses each line with ``parse_request`` and
-writes what the ``encode_*`` functions return. Clients use the same encoders.
+writes what the ``encode_*`` functions return; a client does the same the other way round with
+``ClientProtocol``. Transports (``monitor.wire.blocking``, ``trio_transport``,
+``asyncio_transport``) only move the bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import re
 from typing import Any
 
 import attrs
 
-MAX_LINE = 1 << 20  # 1 MiB, newline excluded
+from monitor.wire.errors import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, RequestId, RpcError
 
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-SERVER_BUSY = -32000  # implementation-defined range: too many clients
-UNKNOWN_DEVICE = -32001
-DEVICE_UNHEALTHY = -32002
-DEVICE_RESERVED = -32003
-PERMISSION_DENIED = -32004
-
-RequestId = str | int | None
-
-# What a reservation may hand a container, in the shapes the daemon plans them: a client checks
-# what it got against these before printing it for a shell or passing it to a container engine,
-# so that a daemon it should not have trusted cannot run commands or expose host files.
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-DEVICE_NODE = re.compile(
-    r"/dev/(nvidia[0-9]{1,3}|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|kfd"
-    r"|dri/(card|renderD)[0-9]{1,7})"
-)
-DEVICE_LINK = re.compile(
-    r"/dev/dri/by-path/pci-[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]-(card|render)"
-)
-CGROUP_PERMS = re.compile(r"r?w?m?")
-
-
-class RpcError(Exception):
-    """An error to send back to the client: a JSON-RPC code, a sentence, and optional data."""
-
-    def __init__(
-        self, code: int, message: str, data: Any = None, request_id: RequestId = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-        self.request_id = request_id
+MAX_LINE = 1 << 20  # 1 MiB, newline excluded: what the daemon takes from a client
+MAX_ANSWER_LINE = 256 << 20  # what a client takes from the daemon (a snapshot of many devices)
 
 
 class LineTooLong(Exception):
@@ -140,10 +106,7 @@ def encode_raw_result(request_id: RequestId, result_json: bytes) -> bytes:
 
 
 def encode_error(error: RpcError) -> bytes:
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.data is not None:
-        body["data"] = error.data
-    return dumps({"jsonrpc": "2.0", "id": error.request_id, "error": body}) + b"\n"
+    return dumps({"jsonrpc": "2.0", "id": error.request_id, "error": error.to_json()}) + b"\n"
 
 
 def encode_notification(method: str, params: Any) -> bytes:
@@ -156,3 +119,74 @@ def encode_raw_notification(method: str, params_json: bytes) -> bytes:
 
 def encode_request(request_id: RequestId, method: str, params: dict[str, Any]) -> bytes:
     return dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}) + b"\n"
+
+
+# --- the client's side ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Response:
+    """The answer to request ``id``: its result, or the error it got."""
+
+    id: RequestId
+    result: Any = None
+    error: RpcError | None = None
+
+    def value(self) -> Any:
+        """The result; the error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@attrs.frozen
+class Notification:
+    method: str  # "fingerprint", "stats"
+    params: Any
+
+
+Message = Response | Notification
+
+
+class ProtocolError(Exception):
+    """The daemon sent something that is not a JSON-RPC response or notification."""
+
+
+class ClientProtocol:
+    """A client's side of one connection, without I/O: requests to bytes, bytes to messages."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._buffer = LineBuffer(MAX_ANSWER_LINE)
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """A new request's id and its bytes."""
+        request_id = next(self._ids)
+        return request_id, encode_request(request_id, method, params or {})
+
+    def receive(self, data: bytes) -> list[Message]:
+        """The messages ``data`` completes."""
+        try:
+            lines = self._buffer.feed(data)
+        except LineTooLong as exc:
+            raise ProtocolError(str(exc)) from None
+        return [parse_message(line) for line in lines if line.strip()]
+
+
+def parse_message(line: bytes) -> Message:
+    """One line from the daemon as a response or a notification."""
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"the daemon sent a line that is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("the daemon sent a JSON value that is not an object")
+    if "method" in message and "id" not in message:
+        return Notification(str(message["method"]), message.get("params"))
+    if "result" in message:
+        return Response(message.get("id"), message["result"])
+    error = message.get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), int):
+        rpc = RpcError(error["code"], str(error.get("message")), error.get("data"), message["id"])
+        return Response(message.get("id"), error=rpc)
+    raise ProtocolError("the daemon sent a message that is neither answer nor notification")
