@@ -172,6 +172,13 @@ def shared_socket(shared_tmp: Path) -> Path:
     return shared_tmp / "monitor.sock"
 
 
+def hotplug_monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """The command line, as a person runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 class Daemon:
     """``hotplug-monitor serve`` in a subprocess, with its stderr kept in a file."""
 
@@ -212,6 +219,10 @@ class Daemon:
 
     def client(self, timeout: float | None = 10.0) -> Client:
         return Client(self.socket, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """``hotplug-monitor COMMAND --socket OURS ARGS...``."""
+        return hotplug_monitor(args[0], "--socket", str(self.socket), *args[1:], timeout=timeout)
 
     def fingerprint(self) -> dict[str, Any]:
         with self.client() as client:

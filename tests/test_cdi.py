@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,18 +151,88 @@ def test_a_real_container_gets_exactly_what_the_spec_names(
     assert not any(name in ("card2", "renderD130") for name in seen)  # the Intel GPU's
 
 
-def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "monitor", args[0], "--socket", str(daemon.socket), *args[1:]]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+NODELESS = "0000:c1:00.0"  # a bound accelerator with no device nodes, as a virtio function is
+
+
+def add_nodeless(sim: Simulator) -> None:
+    sim.add_raw(
+        "pci",
+        NODELESS,
+        attributes={"vendor": "0x1ed5", "device": "0x0100", "class": "0x120000"},
+        properties={
+            "PCI_SLOT_NAME": NODELESS,
+            "PCI_ID": "1ED5:0100",
+            "PCI_CLASS": "120000",
+            "DRIVER": "accel",
+        },
+    )
+
+
+def test_a_device_with_nothing_to_inject_keeps_cdi_for_the_others(
+    gpus: Simulator, start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """podman refuses a whole spec for one device with empty edits: such a device stays out,
+    and a real podman still gives the others; reserve --cdi says why it cannot name it."""
+    need(podman_missing())
+    need(fake_dev_missing())
+    add_nodeless(gpus)
+    cdi_dir = tmp_path / "cdi"
+    daemon = start_daemon("--udev-source", "udev", "--cdi-dir", str(cdi_dir), env=gpus.daemon_env())
+    assert NODELESS in {d for g in daemon.fingerprint()["snapshot"]["groups"].values()
+                        for d in g["devices"]}  # fmt: skip
+    spec = read_spec(cdi_dir / "hotplug-monitor.json", lambda s: len(s["devices"]) == 3)
+    validate_cdi_spec(spec)
+    assert NODELESS not in names(spec)
+    edits = spec["devices"][names(spec).index("0000:9a:00.0")]["containerEdits"]
+    paths = [n["path"] for n in edits["deviceNodes"]]
+    card = next(p for p in paths if "/card" in p)
+    render = next(p for p in paths if "renderD" in p)
+    links = {
+        m["hostPath"]: f"../{Path(card if m['hostPath'].endswith('-card') else render).name}"
+        for m in edits.get("mounts", [])
+    }
+    result = run_with_cdi(
+        cdi_dir,
+        ["0000:9a:00.0"],
+        ["sh", "-c", f"ls -ln {' '.join(paths)}"],
+        fake_nodes={path: node_numbers(path) for path in paths},
+        fake_links=links,
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(char_devices(result.stdout)) >= set(paths)
+    refused = daemon.cli("reserve", "--cdi", NODELESS)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"{NODELESS} has nothing a container engine could be given" in refused.stderr
+    assert daemon.client().call("leases") == {"leases": []}
+    for output, says in (
+        ("--env", "need no environment variables"),
+        ("--docker-args", "have nothing a container engine could be given"),
+    ):
+        done = daemon.cli("reserve", output, NODELESS)
+        assert done.returncode == 0 and says in done.stderr, done.stderr
+        daemon.cli("release", NODELESS)  # fmt: skip
 
 
 def test_reserve_prints_cdi_names_and_container_engine_arguments(
-    gpus: Simulator, start_daemon: Callable[..., Daemon]
+    gpus: Simulator, start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon("--udev-source", "udev", env=gpus.daemon_env())
-    cdi = cli(daemon, "reserve", "--cdi", "0000:3b:00.0", "0000:9a:00.0")
-    assert cdi.stdout == f"{KIND}=0000:3b:00.0 {KIND}=0000:9a:00.0\n", cdi.stderr
-    docker = cli(daemon, "reserve", "--docker-args", "0000:5b:00.0")
+    plain = start_daemon("--udev-source", "udev", env=gpus.daemon_env())  # --no-cdi
+    refused = plain.cli("reserve", "--cdi", "0000:3b:00.0")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "the daemon keeps no CDI spec" in refused.stderr
+    assert plain.client().call("leases") == {"leases": []}  # nothing kept that is of no use
+    plain.stop()
+    daemon = start_daemon(
+        "--udev-source", "udev", "--cdi-dir", str(tmp_path / "cdi"), env=gpus.daemon_env()
+    )
+    cdi = daemon.cli("reserve", "--cdi", "0000:3b:00.0", "0000:9a:00.0")
+    assert cdi.stdout == f"--device={KIND}=0000:3b:00.0 --device={KIND}=0000:9a:00.0\n"
+    lease = daemon.client().call("leases")["leases"][0]["reservation_id"]
+    assert cdi.stderr == (  # what was reserved, and how it ends, for the person
+        f"hotplug-monitor: reserved 0000:3b:00.0, 0000:9a:00.0 as {lease} "
+        f"(hotplug-monitor release --reservation {lease} ends it)\n"
+    )
+    docker = daemon.cli("reserve", "--docker-args", "0000:5b:00.0")
     assert shlex.split(docker.stdout) == [
         "--device",
         "/dev/kfd:/dev/kfd:rwm",
@@ -180,10 +248,11 @@ def test_reserve_prints_cdi_names_and_container_engine_arguments(
         "type=bind,source=/dev/dri/by-path/pci-0000:5b:00.0-render,"
         "target=/dev/dri/by-path/pci-0000:5b:00.0-render,readonly",
     ]
-    table = cli(daemon, "leases").stdout.splitlines()
+    table = daemon.cli("leases").stdout.splitlines()
     assert table[0].split() == [
         "RESERVATION",
         "DEVICES",
+        "OWNER",
         "UID",
         "PID",
         "ENDS",
@@ -195,9 +264,9 @@ def test_reserve_prints_cdi_names_and_container_engine_arguments(
     assert "0000:3b:00.0,0000:9a:00.0" in table[1] or "0000:3b:00.0,0000:9a:00.0" in table[2]
     gpus.remove("0000:5b:00.0")
     deadline = time.monotonic() + 10
-    while "orphaned" not in (listed := cli(daemon, "leases").stdout):
+    while "orphaned" not in (listed := daemon.cli("leases").stdout):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert "orphaned: 0000:5b:00.0 gone" in listed
-    as_json = json.loads(cli(daemon, "leases", "--json").stdout)
+    as_json = json.loads(daemon.cli("leases", "--json").stdout)
     assert sorted(len(lease["devices"]) for lease in as_json["leases"]) == [1, 2]

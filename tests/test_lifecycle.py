@@ -16,15 +16,9 @@ import pytest
 from monitor.daemon import config
 from monitor.wire import paths
 from monitor.wire.errors import DaemonUnavailable
-from tests.conftest import Daemon, need, two_pci_classes
+from tests.conftest import Daemon, hotplug_monitor, need, two_pci_classes
 
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
-
-
-def hotplug_monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

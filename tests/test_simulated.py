@@ -218,23 +218,21 @@ def test_reserve_refuses_unhealthy_devices_and_release_works(
 # --- the CLI, as an operator runs it ---------------------------------------------------------
 
 
-def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "monitor", args[0], "--socket", str(daemon.socket), *args[1:]]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
-
-
 def test_devices_prints_a_table_and_json(daemon: Daemon, gpus: Simulator) -> None:
     gpus.pci_error("0000:1b:00.0", "BEGIN_RECOVERY")
     deadline = time.monotonic() + 10
-    while "UNHEALTHY" not in (table := cli(daemon, "devices").stdout):
+    while "UNHEALTHY" not in (table := daemon.cli("devices").stdout):
         assert time.monotonic() < deadline
     lines = table.splitlines()
-    assert lines[0].split() == ["ID", "GROUP", "DRIVER", "NUMA", "HEALTH"]
+    assert lines[0].split() == ["ID", "GROUP", "DRIVER", "NUMA", "HEALTH", "HELD", "BY"]
     assert len(lines) == 5
     assert lines[1].split()[:2] == ["0000:1b:00.0", "nvidia/gpu/H100"]
-    assert lines[1].endswith("UNHEALTHY: PCI error: recovery in progress, device offline")
+    assert lines[1].endswith("UNHEALTHY: PCI error: recovery in progress, device offline  -")
     assert "0000:9a:00.0  intel/gpu/Arc A770" in table and "healthy" in lines[4]
-    as_json = json.loads(cli(daemon, "devices", "--json").stdout)
+    lease = json.loads(daemon.cli("reserve", "--json", "0000:9a:00.0").stdout)["reservation_id"]
+    held = daemon.cli("devices").stdout.splitlines()[4].split()
+    assert held[-6:] == ["healthy", lease, "(uid", "0,", "until", "release)"], held
+    as_json = json.loads(daemon.cli("devices", "--json").stdout)
     assert set(as_json["snapshot"]["groups"]) == {H100, MI300X, ARC}
 
 
@@ -268,27 +266,27 @@ def test_watch_prints_one_line_per_change(daemon: Daemon, gpus: Simulator) -> No
 
 
 def test_reserve_and_release_commands(daemon: Daemon) -> None:
-    human = cli(daemon, "reserve", "0000:1b:00.0")
+    human = daemon.cli("reserve", "0000:1b:00.0")
     assert human.returncode == 0, human.stderr
     assert human.stdout.startswith("reservation ") and "0000:1b:00.0" in human.stdout
     assert "  env    NVIDIA_VISIBLE_DEVICES=0000:1b:00.0" in human.stdout
     assert "  device /dev/nvidia0 (rwm)" in human.stdout
     lease = human.stdout.split()[1].rstrip(":")
-    held = cli(daemon, "reserve", "0000:3b:00.0", "0000:1b:00.0")
+    held = daemon.cli("reserve", "0000:3b:00.0", "0000:1b:00.0")
     assert held.returncode == 1 and held.stdout == ""
     assert held.stderr == f"hotplug-monitor: Already reserved: 0000:1b:00.0 by {lease}.\n"
-    assert cli(daemon, "release", "0000:1b:00.0").stdout == "released 0000:1b:00.0\n"
-    env = cli(daemon, "reserve", "--env", "0000:1b:00.0", "0000:3b:00.0")
+    assert daemon.cli("release", "0000:1b:00.0").stdout == "released 0000:1b:00.0\n"
+    env = daemon.cli("reserve", "--env", "0000:1b:00.0", "0000:3b:00.0")
     assert env.stdout == "export NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0\n"
-    as_json = json.loads(cli(daemon, "reserve", "--json", "0000:9a:00.0").stdout)
+    as_json = json.loads(daemon.cli("reserve", "--json", "0000:9a:00.0").stdout)
     assert as_json["devices"][0] == {
         "task_path": "/dev/dri/card3",
         "host_path": "/dev/dri/card3",
         "cgroup_perms": "rwm",
     }
-    released = cli(daemon, "release", "--reservation", as_json["reservation_id"])
+    released = daemon.cli("release", "--reservation", as_json["reservation_id"])
     assert released.stdout == "released 0000:9a:00.0\n"
-    unknown = cli(daemon, "reserve", "0000:ee:00.0")
+    unknown = daemon.cli("reserve", "0000:ee:00.0")
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr == "hotplug-monitor: No such device on this host: 0000:ee:00.0.\n"
 
@@ -317,9 +315,14 @@ def test_demo_tells_the_whole_story_in_under_30_seconds() -> None:
         f"+ 0000:3b:00.0 {nvidia} healthy",  # reset and reloaded: named by NVML again
         "  env    NVIDIA_VISIBLE_DEVICES=GPU-5d1e3a4b-0000-4000-8000-00000001b000,"
         "GPU-5d1e3a4b-0000-4000-8000-00000003b000",
+        "> 0000:1b:00.0 nvidia/gpu/NVIDIA H100 80GB HBM3 reserved by",  # watch shows it
+        "podman run --device=hotplug-monitor.io/gpu=0000:1b:00.0 ... gets /dev/nvidia0,",
+        "released 0000:1b:00.0, 0000:3b:00.0",
+        "< 0000:1b:00.0 nvidia/gpu/NVIDIA H100 80GB HBM3 released by",
         "demo: done",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
+    assert "Already reserved: 0000:1b:00.0 by" in demo.stderr  # the second workload is told
     assert "Traceback" not in demo.stderr
 
 
@@ -327,8 +330,8 @@ def test_demo_says_what_to_install_without_umockdev(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from monitor import cli
-    from monitor.sim import umockdev as sim
+    from monitor.sim import demo, umockdev
 
-    monkeypatch.setattr(sim, "umockdev_missing", lambda: sim.INSTALL_HINT)
+    monkeypatch.setattr(demo, "umockdev_missing", lambda: umockdev.INSTALL_HINT)
     assert cli.main(["demo"]) == 1
-    assert capsys.readouterr().err == f"hotplug-monitor: error: {sim.INSTALL_HINT}\n"
+    assert capsys.readouterr().err == f"hotplug-monitor: error: {umockdev.INSTALL_HINT}\n"

@@ -181,18 +181,31 @@ class ReserveRequested:
     lease_id: str
     created: float  # seconds since the epoch
     holder: Holder | None = None
-    holder_asked: bool = False  # a holder_pid was given (and found to be ``holder``)
     connection: int | None = None  # bind the lease to this connection
+    owner: str | None = None  # a scheduler's lease (``monitor.core.rules.leasing``)
 
 
 @attrs.frozen
 class ReleaseRequested:
-    """A client releases a whole lease, or some devices from the leases holding them."""
+    """A client releases a whole lease, some devices from the leases holding them, or (an
+    ``owner`` alone) every lease of that owner. With an owner, its leases may be released
+    whoever made them."""
 
     token: int
     peer: Peer
     lease_id: str | None = None
     device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple, factory=tuple)
+    owner: str | None = None
+
+
+@attrs.frozen
+class ReconcileRequested:
+    """A scheduler says which devices it still uses: its leases on every other device end."""
+
+    token: int
+    peer: Peer
+    owner: str
+    device_ids: tuple[str, ...] = attrs.field(converter=frozen_tuple)
 
 
 @attrs.frozen
@@ -209,7 +222,7 @@ class ConnectionClosed:
     connection: int
 
 
-Request = ReserveRequested | ReleaseRequested
+Request = ReserveRequested | ReleaseRequested | ReconcileRequested
 
 Event = (
     DeviceSeen

@@ -13,6 +13,7 @@ import json_merge_patch
 
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
 from monitor.core.health import device_problems
+from monitor.core.leases import Lease
 from monitor.core.model import (
     Attribute,
     Device,
@@ -69,7 +70,7 @@ def device_attributes(
 
 
 def build_device(
-    facts: PciFacts, state: State, nodes: list[DrmNode], reserved_by: str | None
+    facts: PciFacts, state: State, nodes: list[DrmNode], lease: Lease | None
 ) -> Device:
     address = facts.address
     descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
@@ -81,18 +82,20 @@ def build_device(
         attributes=device_attributes(
             facts, nodes, state.nvml.get(address), state.xids.get(address)
         ),
-        reserved_by=reserved_by,
+        reserved_by=lease.id if lease else None,
+        reserved_owner=lease.owner if lease else None,
     )
 
 
-def departed_device(address: str, lease_id: str) -> Device:
+def departed_device(address: str, lease: Lease) -> Device:
     """A reserved device that left the host: shown until its lease ends, so the holder learns."""
     return Device(
         id=address,
         healthy=False,
-        health_desc=f"removed from this host while reserved by {lease_id}",
+        health_desc=f"removed from this host while reserved by {lease.id}",
         hw_locality=DeviceLocality(pci_bus_id=address),
-        reserved_by=lease_id,
+        reserved_by=lease.id,
+        reserved_owner=lease.owner,
     )
 
 
@@ -108,7 +111,7 @@ def build_fingerprint(
     nodes_by_parent: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
         nodes_by_parent.setdefault(node.parent, []).append(node)
-    reserved_by = {d: lease.id for lease in state.leases.values() for d in lease.devices}
+    reserved_by = {d: lease for lease in state.leases.values() for d in lease.devices}
     members: dict[tuple[str, str, str], dict[str, Device]] = {}
     for address, facts in state.devices.items():
         name = state.names.get(address)
@@ -130,7 +133,7 @@ def build_fingerprint(
             if address not in present:
                 vendor, type_, name = held_in.split("/", 2)
                 departed.setdefault((vendor, type_, name), {})[address] = departed_device(
-                    address, lease.id
+                    address, lease
                 )
     before = previous.groups if previous is not None else {}
     groups: dict[str, DeviceGroup] = {}

@@ -19,6 +19,7 @@ import attrs
 from monitor.core.model import JSON, PCI_ADDRESS, frozen_mapping
 
 LEASE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+OWNER = re.compile(r"[a-z0-9._-]{1,64}")  # a scheduler's name: "nomad", "kubelet"
 BOOT_ID = re.compile(r"[0-9a-f-]{36}")
 MAX_ID = (1 << 32) - 1  # uids, gids
 MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
@@ -47,6 +48,8 @@ class Lease:
     created: float  # seconds since the epoch
     holder: Holder | None = None  # the lease ends when this process ends
     connection: int | None = None  # the lease ends when this connection closes; never on disk
+    # A scheduler's lease: it ends only by release, by the owner's reconcile, or by an operator.
+    owner: str | None = None
 
     @property
     def device_ids(self) -> tuple[str, ...]:
@@ -68,6 +71,7 @@ class Lease:
             "uid": self.uid,
             "pid": self.pid,
             "holder_pid": self.holder_pid,
+            "owner": self.owner,
         }
 
     def to_json(self) -> JSON:
@@ -83,6 +87,7 @@ class Lease:
             "holder_pid": holder.pid if holder else None,
             "holder_start": holder.start_ticks if holder else None,
             "holder_boot_id": holder.boot_id if holder else None,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -117,6 +122,9 @@ class Lease:
                 _integer(raw, "holder_start", 0, 1 << 63, lease_id),
                 boot,
             )
+        owner = raw.get("owner")
+        if owner is not None and (not isinstance(owner, str) or not OWNER.fullmatch(owner)):
+            raise ValueError(f"lease {lease_id}: owner {_shown(owner)} is not an owner name")
         return cls(
             id=lease_id,
             devices=devices,
@@ -125,6 +133,7 @@ class Lease:
             pid=pid,
             created=float(created),
             holder=holder,
+            owner=owner,
         )
 
 

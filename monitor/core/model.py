@@ -63,6 +63,7 @@ class Device:
     hw_locality: DeviceLocality
     attributes: Attributes = attrs.field(converter=frozen_mapping, factory=dict)
     reserved_by: str | None = None  # the lease holding it
+    reserved_owner: str | None = None  # that lease's owner (a scheduler), if it has one
 
     def to_json(self) -> JSON:
         json = {
@@ -74,6 +75,8 @@ class Device:
         }
         if self.reserved_by is not None:  # absent, not null: null in a merge patch deletes
             json["reserved_by"] = self.reserved_by
+        if self.reserved_owner is not None:
+            json["reserved_owner"] = self.reserved_owner
         return json
 
 
@@ -132,6 +135,11 @@ class ContainerReservation:
     envs: Mapping[str, str] = attrs.field(converter=frozen_mapping, factory=dict)
     mounts: tuple[Mount, ...] = attrs.field(converter=frozen_tuple, factory=tuple)
     devices: tuple[DeviceSpec, ...] = attrs.field(converter=frozen_tuple, factory=tuple)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing a container engine could inject (environment variables aside)."""
+        return not self.devices and not self.mounts
 
     def to_json(self) -> JSON:
         return {

@@ -267,7 +267,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     limits = ConnectionLimits(
         settings.max_clients, settings.max_clients_per_uid, settings.client_timeout
     )
-    server = Server(hub, inbox.clone(), limits=limits)
+    server = Server(hub, inbox.clone(), limits=limits, cdi=claimed.cdi_dir is not None)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     sock = socket_file = None
     try:

@@ -21,10 +21,11 @@ from monitor.core.plan import plan
 from monitor.core.state import State
 from monitor.outputs.files import write_atomically
 from monitor.wire.framing import dumps
+from monitor.wire.reservations import CDI_KIND
 
 log = logging.getLogger(__name__)
 
-KIND = "hotplug-monitor.io/gpu"
+KIND = CDI_KIND
 # The newest version our edits need (hostPath on nodes, names starting with a digit), and the
 # newest that podman 4.3 (Debian 12) still reads.
 CDI_VERSION = "0.5.0"
@@ -61,7 +62,7 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
         if address not in state.devices:
             continue  # departed, shown only for its lease
         edits = plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
-        if not edits.devices and not edits.mounts:
+        if edits.empty:
             continue
         entry = container_edits(edits)
         devices.append({"name": address, "containerEdits": entry})

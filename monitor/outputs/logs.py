@@ -87,9 +87,13 @@ def journal_available() -> bool:
 
 
 def setup(level: str, target: str = "auto") -> str:
-    """Route the root logger to the journal or stderr; returns the target chosen."""
+    """Route the root logger to the journal or stderr; returns the target chosen.
+
+    ``auto`` is stderr when it is a terminal (a person is watching), else the journal when it
+    runs (under systemd, stderr is the journal's stream anyway)."""
     if target == "auto":
-        target = "journal" if journal_available() else "stderr"
+        watched = sys.stderr.isatty()
+        target = "journal" if not watched and journal_available() else "stderr"
     handler: logging.Handler
     if target == "journal":
         handler = JournalHandler()

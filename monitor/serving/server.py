@@ -17,9 +17,15 @@ from typing import Any
 
 import trio
 
-from monitor.core.answers import Grant, Reason, Refusal, Released
-from monitor.core.events import ConnectionClosed, Event, ReleaseRequested, ReserveRequested
-from monitor.core.leases import MAX_DEVICES, Holder
+from monitor.core.answers import Answer, Grant, Reason, Refusal, Released
+from monitor.core.events import (
+    ConnectionClosed,
+    Event,
+    ReconcileRequested,
+    ReleaseRequested,
+    ReserveRequested,
+)
+from monitor.core.leases import MAX_DEVICES, OWNER, Holder
 from monitor.core.plan import plan
 from monitor.core.rules.leasing import may_reserve
 from monitor.engine.hub import Hub
@@ -41,6 +47,7 @@ from monitor.wire.errors import (
     RpcError,
 )
 from monitor.wire.framing import Request, encode_raw_result, encode_result
+from monitor.wire.reservations import cdi_name
 
 # Per connection. Every request is a checkpoint, so busy connections already share the loop in
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),
@@ -84,6 +91,18 @@ def _expect_params(params: dict[str, Any], allowed: set[str]) -> None:
         raise RpcError(INVALID_PARAMS, f"Unknown params: {', '.join(unknown)}.")
 
 
+def _owner(params: dict[str, Any], required: bool = False) -> str | None:
+    owner: Any = params.get("owner")
+    if owner is None and not required:
+        return None
+    if not isinstance(owner, str) or not OWNER.fullmatch(owner):
+        raise RpcError(
+            INVALID_PARAMS,
+            "owner must be a scheduler's name: 1 to 64 of a-z, 0-9, '.', '_' and '-'.",
+        )
+    return owner
+
+
 def _holder_pid(params: dict[str, Any]) -> int | None:
     pid: Any = params.get("holder_pid")
     if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
@@ -99,8 +118,10 @@ class Server:
         *,
         limits: ConnectionLimits | None = None,
         requests_per_second: float = REQUESTS_PER_SECOND,
+        cdi: bool = False,
     ) -> None:
         self.hub = hub
+        self.cdi = cdi  # whether a CDI spec of the devices is kept, for reserve to name them in
         self.inbox = inbox
         self.limits = limits or ConnectionLimits()
         self.requests_per_second = requests_per_second
@@ -207,12 +228,16 @@ class Server:
             await self.hub.ready.wait()
             return encode_result(request.id, self.leases())
         if request.method == "reserve":
-            _expect_params(params, {"device_ids", "holder_pid", "bind"})
+            _expect_params(params, {"device_ids", "holder_pid", "bind", "owner"})
             await self.hub.ready.wait()
             return encode_result(request.id, await self.reserve(params, connection))
         if request.method == "release":
             await self.hub.ready.wait()
             return encode_result(request.id, await self.release(params, connection))
+        if request.method == "reconcile":
+            _expect_params(params, {"owner", "device_ids"})
+            await self.hub.ready.wait()
+            return encode_result(request.id, await self.reconcile(params, connection))
         raise RpcError(METHOD_NOT_FOUND, f"Unknown method {request.method!r}.")
 
     async def reserve(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
@@ -220,6 +245,7 @@ class Server:
         bind = params.get("bind")
         if bind not in (None, "connection"):
             raise RpcError(INVALID_PARAMS, 'bind must be "connection" when given.')
+        owner = _owner(params)
         peer = connection.peer
         holder_pid = _holder_pid(params)
         holder: Holder | None = None
@@ -240,6 +266,7 @@ class Server:
             created=time.time(),
             holder=holder,
             connection=connection.number if bind else None,
+            owner=owner,
         )
         answer = await ask(self.inbox, request)
         if isinstance(answer, Refusal):
@@ -247,21 +274,55 @@ class Server:
         assert isinstance(answer, Grant)
         if bind:
             connection.bound_leases = True
-        edits = plan(answer.devices, minor_of=answer.nvidia_minors.get, exists=self.node_exists)
+        minors, exists = answer.nvidia_minors.get, self.node_exists
+        edits = plan(answer.devices, minor_of=minors, exists=exists)
         lease = answer.lease
-        return {"reservation_id": lease.id, "device_ids": list(lease.devices), **edits.to_json()}
+        result = {"reservation_id": lease.id, "device_ids": list(lease.devices), **edits.to_json()}
+        if self.cdi:  # the devices the spec has an entry for: those with something to inject
+            result["cdi_devices"] = [
+                cdi_name(device.id)
+                for group, device in answer.devices
+                if not plan([(group, device)], minor_of=minors, exists=exists).empty
+            ]
+        return result
 
     async def release(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
         token, peer = next(self._serial), connection.peer
-        if set(params) == {"reservation_id"} and isinstance(params["reservation_id"], str):
-            request = ReleaseRequested(token, peer, lease_id=params["reservation_id"])
-        elif set(params) == {"device_ids"}:
-            request = ReleaseRequested(token, peer, device_ids=_device_ids(params))
+        owner = _owner(params)
+        which = set(params) - {"owner"}
+        if which == {"reservation_id"} and isinstance(params["reservation_id"], str):
+            lease_id = params["reservation_id"]
+            request = ReleaseRequested(token, peer, lease_id=lease_id, owner=owner)
+        elif which == {"device_ids"}:
+            request = ReleaseRequested(token, peer, device_ids=_device_ids(params), owner=owner)
+        elif not which and owner is not None:  # every lease of that owner
+            request = ReleaseRequested(token, peer, owner=owner)
         else:
             raise RpcError(
-                INVALID_PARAMS, 'release takes either "device_ids" (a list) or "reservation_id".'
+                INVALID_PARAMS,
+                'release takes "device_ids" (a list) or "reservation_id", optionally with '
+                '"owner"; or "owner" alone, for all its leases.',
             )
-        answer = await ask(self.inbox, request)
+        return self._released(await ask(self.inbox, request))
+
+    async def reconcile(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
+        ids: Any = params.get("device_ids")
+        if (
+            not isinstance(ids, list)
+            or len(ids) > MAX_DEVICES
+            or not all(isinstance(i, str) for i in ids)
+        ):
+            raise RpcError(
+                INVALID_PARAMS,
+                f"device_ids must be a list of the device IDs in use (at most {MAX_DEVICES}).",
+            )
+        owner = _owner(params, required=True)
+        assert owner is not None
+        request = ReconcileRequested(next(self._serial), connection.peer, owner, tuple(ids))
+        return self._released(await ask(self.inbox, request))
+
+    @staticmethod
+    def _released(answer: Answer) -> dict[str, Any]:
         if isinstance(answer, Refusal):
             raise rpc_error(answer)
         assert isinstance(answer, Released)

@@ -12,17 +12,14 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
-
-from monitor.sim.nvml import FakeGpu, FakeNvml, build_library
 
 PRELOAD = "libumockdev-preload.so.0"
 LIBRARY = "libumockdev.so.0"
@@ -285,6 +282,9 @@ class _Helper:
 
 
 def _helper_main() -> None:
+    # Ctrl-C in a terminal goes to the whole process group: the process that drives us ends us
+    # (by closing our stdin), and a KeyboardInterrupt here would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     helper = _Helper()
     print(json.dumps({"root": helper.bed.root}), flush=True)
     for line in sys.stdin:
@@ -421,117 +421,6 @@ class Simulator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-DEMO_GPUS = (
-    ("nvidia-h100", "0000:1b:00.0", 0),
-    ("nvidia-h100", "0000:3b:00.0", 0),
-    ("amd-mi300x", "0000:5b:00.0", 1),
-    ("intel-arc", "0000:9a:00.0", 1),
-)
-DEMO_NVML_GPUS = ("0000:1b:00.0", "0000:3b:00.0", "0000:bb:00.0")  # NVML knows the hot-added one
-
-Step = tuple[str, tuple[tuple[Any, ...], ...]]
-DEMO_SCRIPT: tuple[Step, ...] = (
-    ("a GPU is hot-added", (("add", "nvidia-h100", "0000:bb:00.0", 1),)),
-    ("its PCI link reports an error", (("pci_error", "0000:bb:00.0", "BEGIN_RECOVERY"),)),
-    ("the kernel recovers it", (("pci_error", "0000:bb:00.0", "SUCCESSFUL_RECOVERY"),)),
-    ("the Intel GPU's driver declares it wedged", (("wedge", "0000:9a:00.0", "rebind"),)),
-    ("the driver is rebound", (("unbind", "0000:9a:00.0"), ("bind", "0000:9a:00.0"))),
-    ("the AMD GPU is unplugged", (("remove", "0000:5b:00.0"),)),
-    ("and plugged back in", (("add", "amd-mi300x", "0000:5b:00.0", 1),)),
-)
-DEMO_NVML_SCRIPT: tuple[Step, ...] = (
-    (
-        "NVML reports XID 79 for 0000:3b:00.0: it fell off the bus",
-        (("nvml.xid", "0000:3b:00.0", 79),),
-    ),
-    (
-        "the GPU is reset and its driver reloaded",
-        (("unbind", "0000:3b:00.0"), ("bind", "0000:3b:00.0")),
-    ),
-)
-
-
-def demo_uuid(address: str) -> str:
-    return f"GPU-5d1e3a4b-0000-4000-8000-{address.replace(':', '').replace('.', ''):0>12}"
-
-
-def _demo_nvml(directory: Path) -> tuple[FakeNvml | None, str]:
-    """The NVML stand-in for the demo, or why it cannot be built here."""
-    try:
-        library = build_library(directory / "lib")
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return None, f"{exc}; install gcc and `pip install nvidia-nvml-dev` to see NVIDIA health"
-    gpus = [FakeGpu(bus_id=a, uuid=demo_uuid(a), minor=i) for i, a in enumerate(DEMO_NVML_GPUS)]
-    return FakeNvml(directory / "scenario", library, gpus), ""
-
-
-def demo(speed: float = 1.0) -> None:
-    """Start a daemon on simulated GPUs, then add, break, mend and remove them while watching."""
-    with Simulator() as sim, tempfile.TemporaryDirectory(prefix="hotplug-demo-") as tmp:
-        for kind, address, numa in DEMO_GPUS:
-            sim.add(kind, address, numa)
-        nvml, why_not = _demo_nvml(Path(tmp) / "nvml")
-        sock = Path(tmp) / "demo.sock"
-        python = [sys.executable, "-m", "monitor"]
-        daemon = subprocess.Popen(
-            [*python, "serve", "--socket", str(sock), "--udev-source", "udev", "--no-cdi",
-             "--state-dir", tmp, "--log-level", "warning", *([] if nvml else ["--no-nvml"])],
-            env={**sim.daemon_env(), **(nvml.env() if nvml else {})},
-        )  # fmt: skip
-        watcher = None
-        try:
-            _wait_for_socket(sock, daemon, nvidia_gpus=2 if nvml else 0)
-            print(f"demo: daemon running on simulated hardware; socket {sock}")
-            if nvml is None:
-                print(f"demo: without NVML ({why_not})")
-            print()
-            subprocess.run([*python, "devices", "--socket", str(sock)], check=True)
-            print("\ndemo: watching changes (hotplug-monitor watch):")
-            watcher = subprocess.Popen([*python, "watch", "--socket", str(sock)])
-            time.sleep(1.0 / speed)
-            for what, actions in DEMO_SCRIPT + (DEMO_NVML_SCRIPT if nvml else ()):
-                print(f"\ndemo: {what}", flush=True)
-                for op, *args in actions:
-                    target: Any = nvml if op.startswith("nvml.") else sim
-                    getattr(target, op.removeprefix("nvml."))(*args)
-                time.sleep(1.5 / speed)
-            print("\ndemo: reserving both H100s (hotplug-monitor reserve):", flush=True)
-            subprocess.run(
-                [*python, "reserve", "--socket", str(sock), "0000:1b:00.0", "0000:3b:00.0"],
-                check=False,
-            )  # fmt: skip
-            print("\ndemo: done")
-        finally:
-            if watcher is not None:
-                watcher.terminate()
-                watcher.wait()
-            daemon.terminate()
-            daemon.wait()
-
-
-def _wait_for_socket(
-    sock: Path, daemon: subprocess.Popen[bytes], nvidia_gpus: int = 0, timeout: float = 15.0
-) -> None:
-    """Until the daemon answers, and NVML has told it of ``nvidia_gpus`` GPUs."""
-    from monitor.wire.blocking import Client
-    from monitor.wire.errors import DaemonUnavailable
-    from monitor.wire.mirror import Mirror
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited with status {daemon.returncode}")
-        try:
-            with Client(sock) as client:
-                devices = Mirror(client.call("fingerprint")).devices().values()
-            if sum("uuid" in d["attributes"] for _, d in devices) >= nvidia_gpus:
-                return
-        except DaemonUnavailable:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the daemon did not answer on {sock} within {timeout:.0f} s")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 
 from monitor.wire.errors import DaemonUnavailable
 from monitor.wire.framing import ClientProtocol, Notification, Response
+from monitor.wire.requests import Call
 
 RECEIVE_SIZE = 1 << 16
 
@@ -77,6 +78,9 @@ class Client:
                     kept.append(message)
         finally:
             self._pending[:0] = kept
+
+    def ask(self, call: Call) -> Any:
+        return self.call(call.method, call.params)
 
     def messages(self) -> Iterator[Notification]:
         """Each notification, as it comes."""

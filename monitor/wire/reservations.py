@@ -24,6 +24,15 @@ DEVICE_LINK = re.compile(
     r"/dev/dri/by-path/pci-[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]-(card|render)"
 )
 CGROUP_PERMS = re.compile(r"r?w?m?")
+CDI_KIND = "hotplug-monitor.io/gpu"  # the daemon's CDI spec's kind: devices are KIND=ID
+CDI_DEVICE = re.compile(re.escape(CDI_KIND) + r"=[A-Za-z0-9:._-]{1,64}")
+
+
+def cdi_name(device_id: str) -> str:
+    """What a container engine is given for a device: ``hotplug-monitor.io/gpu=0000:3b:00.0``."""
+    return f"{CDI_KIND}={device_id}"
+
+
 _ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # reservation and device IDs: safe to print anywhere
 
 
@@ -53,6 +62,9 @@ def check_reservation(result: Any) -> dict[str, Any]:
             raise bad("a device node", host)
         if not isinstance(perms, str) or not perms or not CGROUP_PERMS.fullmatch(perms):
             raise bad("cgroup permissions", perms)
+    for name in result.get("cdi_devices", []):
+        if not isinstance(name, str) or not CDI_DEVICE.fullmatch(name):
+            raise bad("a CDI device name", name)
     for mount in _list(result, "mounts", bad):
         host, task = mount.get("host_path"), mount.get("task_path")
         if not isinstance(host, str) or host != task or not DEVICE_LINK.fullmatch(host):

@@ -60,8 +60,12 @@ def reserve(
     return ReserveRequested(next(_tokens), peer, device_ids, lease_id=lease_id, created=1.0, **more)
 
 
-def release(*device_ids: str, peer: Peer = MEMBER, lease_id: str | None = None) -> ReleaseRequested:
-    return ReleaseRequested(next(_tokens), peer, lease_id=lease_id, device_ids=device_ids)
+def release(
+    *device_ids: str, peer: Peer = MEMBER, lease_id: str | None = None, owner: str | None = None
+) -> ReleaseRequested:
+    return ReleaseRequested(
+        next(_tokens), peer, lease_id=lease_id, device_ids=device_ids, owner=owner
+    )
 
 
 def run(*events: Event, state: State | None = None) -> tuple[State, list[dict[str, Any] | None]]:

@@ -34,6 +34,7 @@ from monitor.core.events import (
     NvmlUnreachable,
     PciErrorReported,
     PciFacts,
+    ReconcileRequested,
     ReleaseRequested,
     ReserveRequested,
     Resync,
@@ -80,6 +81,7 @@ truth_st = st.builds(
 )
 tokens = st.integers(0, 1 << 30)
 peers = st.sampled_from(PEERS)
+owners = st.sampled_from([None, None, "nomad", "kubelet"])
 event_st: st.SearchStrategy[Event] = st.one_of(
     st.builds(DeviceSeen, facts_st),
     st.builds(DeviceGone, st.sampled_from(ADDRESSES)),
@@ -107,6 +109,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         created=st.just(0.0),
         holder=st.sampled_from([None, HOLDER]),
         connection=st.sampled_from([None, 7]),
+        owner=owners,
     ),
     st.builds(
         ReleaseRequested,
@@ -114,6 +117,14 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         peer=peers,
         lease_id=st.sampled_from([None, *LEASE_IDS]),
         device_ids=st.lists(st.sampled_from([*ADDRESSES, "not-an-id"]), max_size=2),
+        owner=owners,
+    ),
+    st.builds(
+        ReconcileRequested,
+        token=tokens,
+        peer=peers,
+        owner=st.sampled_from(["nomad", "kubelet"]),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES, "GPU-a"]), max_size=3),
     ),
     st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
     st.builds(ConnectionClosed, st.just(7)),

@@ -4,6 +4,12 @@ A lease is exclusive: every device asked for is known, healthy and held by no ot
 the request gets none of them. Who asks is the peer the kernel saw; root, the daemon's user and
 members of its group may reserve and release, and only a lease's own user (or root) may release
 it. A lease ends when released, when its holder process exits, or when its connection closes.
+
+Schedulers allocate and never release (Nomad reserves at each task start; kubelet tracks its
+pods itself), so a lease may have an owner, a scheduler's name. An owner's lease ends only by
+release, by the owner's reconcile (the devices it still uses: its leases on the others end), or
+by an operator; whoever may reserve may use an owner name. A reserve by owner X of devices X
+already holds replaces X's lease on them: the scheduler decides among its own tasks.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ import attrs
 from monitor.core.access import Access, Peer
 from monitor.core.answers import Answer, Grant, Reason, Refusal, Released
 from monitor.core.draft import Draft, RequestRule, Rule
-from monitor.core.events import ConnectionClosed, LeaseEnded, ReleaseRequested, ReserveRequested
+from monitor.core.events import (
+    ConnectionClosed,
+    LeaseEnded,
+    ReconcileRequested,
+    ReleaseRequested,
+    ReserveRequested,
+)
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_name
@@ -116,8 +128,18 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
             f"Refusing unhealthy devices ({names}).",
             {"device_ids": list(unhealthy), "health": unhealthy},
         )
+    owner = request.owner
+    if owner is not None and (request.holder is not None or request.connection is not None):
+        return Refusal(
+            Reason.INVALID,
+            "An owner's lease ends only by release or reconcile: give no holder_pid or bind.",
+        )
     leases = draft.get(F.leases)
-    held = {d.id: d.reserved_by for _, d in found if d.reserved_by is not None}
+    held = {
+        d.id: d.reserved_by
+        for _, d in found
+        if d.reserved_by is not None and (owner is None or leases[d.reserved_by].owner != owner)
+    }
     if held:
         return Refusal(
             Reason.RESERVED,
@@ -136,9 +158,17 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
         created=request.created,
         holder=request.holder,
         connection=request.connection,
+        owner=owner,
     )
+    taken = {d.reserved_by for _, d in found if d.reserved_by is not None}  # the owner's own
+    for old_id in sorted(taken):
+        old = leases[old_id]
+        devices = tuple(d for d in old.devices if d in lease.devices)
+        _take(draft, old, devices, "released", f"replaced by {lease.id} of the same owner")
     draft.put(F.leases, lease.id, lease)
     reason = f"granted to uid {peer.uid} (pid {peer.pid})"
+    if owner is not None:
+        reason += f" for {owner}"
     draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason))
     state = draft.state()
     minors = {d.id: m for _, d in found if (m := state.nvidia_minor(d.id)) is not None}
@@ -153,7 +183,11 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
         return refusal
     leases = draft.get(F.leases)
     not_reserved: list[str] = []
-    if request.lease_id is not None:
+    if request.lease_id is None and not request.device_ids and request.owner is not None:
+        affected = {
+            i: set(lease.devices) for i, lease in leases.items() if lease.owner == request.owner
+        }
+    elif request.lease_id is not None:
         lease = leases.get(request.lease_id)
         if lease is None:
             return Refusal(
@@ -174,7 +208,7 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
         }
         held_devices = {d for devices in affected.values() for d in devices}
         not_reserved = [d for d in wanted if d not in held_devices]
-    refused = [i for i in affected if peer.uid not in (0, leases[i].uid)]
+    refused = [i for i in affected if not _may_release(peer, leases[i], request.owner)]
     if refused:
         return Refusal(
             Reason.FORBIDDEN,
@@ -183,13 +217,42 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
             + ".",
             {"reservation_ids": refused},
         )
+    reason = f"released by uid {peer.uid} (pid {peer.pid})"
+    return Released(_release_all(draft, affected, reason), not_reserved)
+
+
+def _may_release(peer: Peer, lease: Lease, owner: str | None) -> bool:
+    """Root, the lease's own user, or whoever speaks for its owner."""
+    return peer.uid in (0, lease.uid) or (lease.owner is not None and owner == lease.owner)
+
+
+def _release_all(draft: Draft, affected: dict[str, set[str]], reason: str) -> list[str]:
+    """Take these devices out of these leases; the devices released."""
+    leases = draft.get(F.leases)
     released: list[str] = []
     for lease_id, devices in affected.items():
         lease = leases[lease_id]
         gone = tuple(d for d in lease.devices if d in devices)
         released.extend(gone)
-        _take(draft, lease, gone, "released", f"released by uid {peer.uid} (pid {peer.pid})")
-    return Released(released, not_reserved)
+        _take(draft, lease, gone, "released", reason)
+    return released
+
+
+def reconcile(draft: Draft, request: ReconcileRequested) -> Answer:
+    """The devices an owner still uses: its leases on every other device end, in one fold."""
+    peer = request.peer
+    refusal = may_change(draft.get(F.access), peer, "reconcile")
+    if refusal is not None:
+        return refusal
+    index = device_index(draft.fingerprint())
+    used = {index[i][1].id for i in request.device_ids if i in index}  # unknown: not held
+    affected = {
+        lease.id: set(lease.devices) - used
+        for lease in draft.get(F.leases).values()
+        if lease.owner == request.owner and set(lease.devices) - used
+    }
+    reason = f"reconciled by {request.owner} (uid {peer.uid}, pid {peer.pid})"
+    return Released(_release_all(draft, affected, reason))
 
 
 def _take(draft: Draft, lease: Lease, devices: tuple[str, ...], kind: str, reason: str) -> None:
@@ -222,4 +285,5 @@ RULES: dict[type, Rule] = {
 REQUESTS: dict[type, RequestRule] = {
     ReserveRequested: reserve,
     ReleaseRequested: release,
+    ReconcileRequested: reconcile,
 }

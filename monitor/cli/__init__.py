@@ -1,0 +1,32 @@
+"""The commands people type: ``hotplug-monitor serve``, its clients, and the demo."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from monitor.cli.commands import COMMANDS, CliError
+from monitor.cli.parser import PROG, build_parser
+from monitor.daemon.config import ConfigError
+from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.reservations import BadAnswer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, so that its usage is the one shown
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        COMMANDS[args.command](args)
+    except (CliError, ConfigError, DaemonUnavailable, BadAnswer) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except RpcError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0

@@ -1,0 +1,186 @@
+"""What each command does: ask the daemon (``monitor.wire``), print what ``show`` makes of it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+from monitor.cli import show
+from monitor.daemon.config import ConfigError, flag_values, load_settings
+from monitor.daemon.systemd import ActivationError
+from monitor.outputs import logs
+from monitor.outputs.files import InUse, UnsafePath
+from monitor.serving.socketfile import SocketInUse, SocketPathError
+from monitor.wire import requests
+from monitor.wire.blocking import Client
+from monitor.wire.mirror import Mirror
+from monitor.wire.paths import client_socket
+from monitor.wire.reservations import cdi_name, check_reservation
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _connect(args: argparse.Namespace, timeout: float | None = 10.0) -> Client:
+    return Client(args.socket or client_socket(), timeout=timeout)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _note(text: str) -> None:
+    """A line for the person, on stderr: stdout stays what a shell or script takes."""
+    print(f"hotplug-monitor: {text}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from monitor.daemon import app
+
+    load = partial(load_settings, args.config, flag_values(args))
+    settings = load()
+    logs.setup(settings.log_level, settings.log_target)
+    try:
+        trio.run(app.serve, settings, load)
+    except* (
+        ActivationError,
+        ConfigError,
+        SocketInUse,
+        SocketPathError,
+        UnsafePath,
+        InUse,
+    ) as group:
+        raise CliError(str(group.exceptions[0])) from None
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    with _connect(args) as client:
+        fingerprint = client.ask(requests.fingerprint())
+        leases = client.ask(requests.leases())["leases"]
+    if args.json:
+        _print_json(fingerprint)
+    else:
+        print(show.devices_table(fingerprint, leases))
+
+
+def cmd_watch(args: argparse.Namespace) -> None:
+    with _connect(args, timeout=None) as client:
+        result = client.ask(requests.subscribe())
+        mirror = Mirror(result)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            for line in show.describe_changes(None, mirror) or [
+                f"[{mirror.generation}] no devices"
+            ]:
+                print(line, flush=True)
+        for params in client.notifications():
+            if args.json:
+                print(json.dumps(params), flush=True)
+                continue
+            before = mirror.copy()
+            mirror.apply(params)
+            for line in show.describe_changes(before, mirror):
+                print(line, flush=True)
+
+
+def cmd_reserve(args: argparse.Namespace) -> None:
+    call = requests.reserve(args.device_ids, holder_pid=args.holder_pid, owner=args.owner)
+    with _connect(args) as client:
+        result = check_reservation(client.ask(call))
+        lease = result["reservation_id"]
+        if args.cdi:
+            names = result.get("cdi_devices")
+            missing = [i for i in result["device_ids"] if cdi_name(i) not in (names or [])]
+            if names is None or missing:
+                client.ask(requests.release(reservation_id=lease))  # of no use: not kept
+                if names is None:
+                    raise CliError(
+                        "the daemon keeps no CDI spec (it runs with --no-cdi or without root); "
+                        "use --docker-args instead"
+                    )
+                raise CliError(
+                    f"{', '.join(missing)} has nothing a container engine could be given (no "
+                    "device nodes), so no CDI device names it; nothing was reserved"
+                )
+    if args.json:
+        _print_json(result)
+        return
+    if not (args.env or args.cdi or args.docker_args):
+        print("\n".join(show.reservation_lines(result)))
+        return
+    # stdout is for the shell or engine; the person learns on stderr what was reserved
+    _note(f"reserved {', '.join(result['device_ids'])} as {lease} "
+          f"(hotplug-monitor release --reservation {lease} ends it)")  # fmt: skip
+    if args.env:
+        lines = show.env_lines(result)
+        if not lines:
+            _note("these devices need no environment variables")
+        print("\n".join(lines))
+    elif args.cdi:
+        print(show.cdi_arguments(result["cdi_devices"]))
+    else:
+        arguments = show.engine_arguments(result)
+        if not arguments:
+            _note("these devices have nothing a container engine could be given")
+        print(arguments)
+
+
+def cmd_leases(args: argparse.Namespace) -> None:
+    with _connect(args) as client:
+        result = client.ask(requests.leases())
+    if args.json:
+        _print_json(result)
+    else:
+        print(show.leases_table(result["leases"]))
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    given = [bool(args.device_ids), bool(args.reservation), args.all]
+    if sum(given) != 1:
+        raise CliError("give device IDs, --reservation ID, or --owner NAME --all: one of them")
+    if args.all and not args.owner:
+        raise CliError("--all releases every lease of one owner: give --owner NAME")
+    call = requests.release(
+        args.device_ids or None, reservation_id=args.reservation, owner=args.owner
+    )
+    with _connect(args) as client:
+        result = client.ask(call)
+    released, not_reserved = result["released"], result.get("not_reserved", [])
+    if released:
+        print(f"released {', '.join(released)}")
+    for device_id in not_reserved:
+        print(f"{device_id} was not reserved")
+    if not released and not not_reserved:
+        print(f"{args.owner} held no reservations" if args.all else "nothing was released")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    try:
+        from monitor.sim import demo
+    except ImportError as exc:  # the demo extra is not installed
+        raise CliError(f"the demo needs the simulator: {exc}") from None
+    missing = demo.missing()
+    if missing:
+        raise CliError(missing)
+    try:
+        demo.run(speed=args.speed)
+    except RuntimeError as exc:
+        raise CliError(f"demo failed: {exc}") from None
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "devices": cmd_devices,
+    "watch": cmd_watch,
+    "reserve": cmd_reserve,
+    "release": cmd_release,
+    "leases": cmd_leases,
+    "demo": cmd_demo,
+}

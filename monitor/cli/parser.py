@@ -1,0 +1,156 @@
+"""The command line's words: each command's options and help."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+from pathlib import Path
+from typing import TypeAlias
+
+from monitor.daemon.config import add_setting_flags
+from monitor.wire.paths import SYSTEM_SOCKET
+from monitor.wire.reservations import CDI_KIND
+
+PROG = "hotplug-monitor"
+CLIENT_SOCKET_HELP = (
+    f"the daemon's socket (default: your own daemon's if it runs, else {SYSTEM_SOCKET})"
+)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("hotplug-monitor")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (the metadata lookup costs every command)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{PROG} {version()}")
+        parser.exit()
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and each command's own (for usage errors that show the command's usage)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Follow GPUs and PCI accelerators as the kernel adds, removes, binds and breaks them, "
+            "and serve their fingerprint, health and container reservations on a Unix socket."
+        ),
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {
+        "serve": _serve(commands),
+        "devices": _devices(commands),
+        "watch": _watch(commands),
+        "reserve": _reserve(commands),
+        "release": _release(commands),
+        "leases": _leases(commands),
+        "demo": _demo(commands),
+    }
+    return parser, parsers
+
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _client(commands: Commands, name: str, help: str) -> argparse.ArgumentParser:
+    command: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
+    command.add_argument("--socket", type=Path, metavar="PATH", help=CLIENT_SOCKET_HELP)
+    return command
+
+
+def _serve(commands: Commands) -> argparse.ArgumentParser:
+    serve: argparse.ArgumentParser = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon in the foreground until SIGTERM or SIGINT. "
+        "Flags override the config file; without one, the defaults below apply.",
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML config file (default: /etc/hotplug-monitor/config.toml as root, "
+        "$XDG_CONFIG_HOME/hotplug-monitor/config.toml otherwise, if it exists)",
+    )
+    add_setting_flags(serve)
+    return serve
+
+
+def _devices(commands: Commands) -> argparse.ArgumentParser:
+    devices = _client(commands, "devices", "list devices: group, driver, health, who holds them")
+    devices.add_argument("--json", action="store_true", help="print the raw fingerprint")
+    return devices
+
+
+def _watch(commands: Commands) -> argparse.ArgumentParser:
+    watch = _client(commands, "watch", "print each change as it happens")
+    watch.add_argument("--json", action="store_true", help="print the raw notifications")
+    return watch
+
+
+def _reserve(commands: Commands) -> argparse.ArgumentParser:
+    reserve = _client(commands, "reserve", "reserve devices for a container")
+    reserve.add_argument("device_ids", nargs="+", metavar="ID", help="PCI address or GPU UUID")
+    ends = reserve.add_mutually_exclusive_group()
+    ends.add_argument(
+        "--holder-pid",
+        type=int,
+        metavar="PID",
+        help="end the reservation when this process ends (default: it lasts until released)",
+    )
+    ends.add_argument(
+        "--owner",
+        metavar="NAME",
+        help="reserve for a scheduler (nomad, kubelet): it ends only by release or reconcile",
+    )
+    output = reserve.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the raw reservation")
+    output.add_argument("--env", action="store_true", help="print shell export lines")
+    output.add_argument(
+        "--cdi",
+        action="store_true",
+        help=f"print --device={CDI_KIND}=ID arguments for podman run $(...)",
+    )
+    output.add_argument(
+        "--docker-args",
+        action="store_true",
+        help="print --device, -e and --mount arguments for docker or podman run",
+    )
+    return reserve
+
+
+def _release(commands: Commands) -> argparse.ArgumentParser:
+    release = _client(commands, "release", "release reserved devices")
+    release.add_argument("device_ids", nargs="*", metavar="ID", help="PCI address or GPU UUID")
+    release.add_argument("--reservation", metavar="ID", help="release a whole reservation")
+    release.add_argument(
+        "--owner", metavar="NAME", help="speak for this scheduler's reservations (with --all: all)"
+    )
+    release.add_argument(
+        "--all", action="store_true", help="every reservation of --owner: a scheduler's leftovers"
+    )
+    return release
+
+
+def _leases(commands: Commands) -> argparse.ArgumentParser:
+    leases = _client(commands, "leases", "list reservations and who holds them")
+    leases.add_argument("--json", action="store_true", help="print the raw list")
+    return leases
+
+
+def _demo(commands: Commands) -> argparse.ArgumentParser:
+    demo: argparse.ArgumentParser = commands.add_parser(
+        "demo",
+        help="run the daemon on simulated hardware and watch it (needs umockdev)",
+        description="Start a daemon on simulated GPUs (umockdev, and NVIDIA's NVML through a "
+        "stand-in library), then hot-add, break, mend, reserve and remove them while watching.",
+    )
+    demo.add_argument("--speed", type=float, default=1.0, help="faster (2) or slower (0.5)")
+    return demo

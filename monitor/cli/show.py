@@ -1,0 +1,162 @@
+"""What the commands print, from what the daemon answered: plain functions of JSON, no I/O."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Any
+
+from monitor.wire.mirror import Mirror
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def value(device: dict[str, Any], name: str) -> str:
+    attribute = device["attributes"].get(name)
+    return "-" if attribute is None else str(attribute["value"])
+
+
+def health(device: dict[str, Any]) -> str:
+    return "healthy" if device["healthy"] else f"UNHEALTHY: {device['health_desc']}"
+
+
+def ends_with(lease: dict[str, Any]) -> str:
+    """What ends a lease, in a few words."""
+    if lease.get("owner"):
+        return f"{lease['owner']}'s release"
+    if lease["holder_pid"] is not None:
+        return f"process {lease['holder_pid']}"
+    if lease["bind"] == "connection":
+        return "connection"
+    return "release"
+
+
+def holder(lease: dict[str, Any]) -> str:
+    """Who holds a device: ``R (uid 1000, until process 123)``."""
+    return f"{lease['reservation_id']} (uid {lease['uid']}, until {ends_with(lease)})"
+
+
+def devices_table(fingerprint: dict[str, Any], leases: list[dict[str, Any]]) -> str:
+    devices = Mirror(fingerprint).devices()
+    if not devices:
+        return "no matching devices"
+    by_id = {lease["reservation_id"]: lease for lease in leases}
+    rows = [["ID", "GROUP", "DRIVER", "NUMA", "HEALTH", "HELD BY"]]
+    for device_id, (key, device) in sorted(devices.items()):
+        lease = by_id.get(device.get("reserved_by", ""))
+        held = holder(lease) if lease else device.get("reserved_by", "-")
+        numa, driver = value(device, "numa_node"), value(device, "driver")
+        rows.append([device_id, key, driver, numa, health(device), held])
+    return table(rows)
+
+
+def leases_table(leases: list[dict[str, Any]]) -> str:
+    if not leases:
+        return "no reservations"
+    rows = [["RESERVATION", "DEVICES", "OWNER", "UID", "PID", "ENDS WITH", "SINCE", "STATE"]]
+    for lease in leases:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease["created"]))
+        orphaned = lease["orphaned"]
+        state = f"orphaned: {', '.join(orphaned)} gone" if orphaned else "held"
+        rows.append(
+            [
+                lease["reservation_id"],
+                ",".join(lease["devices"]),
+                lease.get("owner") or "-",
+                str(lease["uid"]),
+                str(lease["pid"]),
+                ends_with(lease),
+                since,
+                state,
+            ]
+        )
+    return table(rows)
+
+
+def describe_changes(before: Mirror | None, after: Mirror) -> list[str]:
+    """One line per device that appeared, vanished, changed health, attributes or holder."""
+    old = before.devices() if before else {}
+    new = after.devices()
+    lines = []
+    for device_id in sorted(old.keys() | new.keys()):
+        if device_id not in new:
+            lines.append(f"- {device_id} {old[device_id][0]} removed")
+            continue
+        key, device = new[device_id]
+        if device_id not in old:
+            lines.append(f"+ {device_id} {key} {health(device)}")
+            lines += _held(device_id, key, {}, device)
+            continue
+        previous = old[device_id][1]
+        if (previous["healthy"], previous["health_desc"]) != (
+            device["healthy"],
+            device["health_desc"],
+        ):
+            mark = "*" if device["healthy"] else "!"
+            lines.append(f"{mark} {device_id} {key} {health(device)}")
+        changed = sorted(
+            name
+            for name in previous["attributes"].keys() | device["attributes"].keys()
+            if previous["attributes"].get(name) != device["attributes"].get(name)
+        )
+        if changed:
+            values = ", ".join(f"{name}={value(device, name)}" for name in changed)
+            lines.append(f"~ {device_id} {key} {values}")
+        lines += _held(device_id, key, previous, device)
+    return [f"[{after.generation}] {line}" for line in lines]
+
+
+def _held(device_id: str, key: str, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``>`` reserved by a lease, ``<`` released, as ``watch`` shows it."""
+    was, now = before.get("reserved_by"), after.get("reserved_by")
+    if was == now:
+        return []
+    lines = [f"< {device_id} {key} released by {was}"] if was else []
+    if now:
+        owner = after.get("reserved_owner")
+        lines.append(f"> {device_id} {key} reserved by {now}" + (f" for {owner}" if owner else ""))
+    return lines
+
+
+def reservation_lines(result: dict[str, Any]) -> list[str]:
+    """A reservation as a person reads it."""
+    lines = [f"reservation {result['reservation_id']}: {', '.join(result['device_ids'])}"]
+    lines += [f"  env    {name}={v}" for name, v in result["envs"].items()]
+    for mount in result["mounts"]:
+        mode = "ro" if mount["read_only"] else "rw"
+        lines.append(f"  mount  {mount['host_path']} -> {mount['task_path']} ({mode})")
+    lines += [f"  device {d['host_path']} ({d['cgroup_perms']})" for d in result["devices"]]
+    return lines
+
+
+def env_lines(result: dict[str, Any]) -> list[str]:
+    """``export NAME='value'`` lines, for ``eval`` in a shell (names checked, values quoted)."""
+    return [f"export {name}={shlex.quote(v)}" for name, v in result["envs"].items()]
+
+
+def engine_arguments(result: dict[str, Any]) -> str:
+    """``--device``, ``-e`` and ``--mount`` arguments for ``docker run`` or ``podman run``."""
+    words = []
+    for device in result["devices"]:
+        words += [
+            "--device",
+            f"{device['host_path']}:{device['task_path']}:{device['cgroup_perms']}",
+        ]
+    for name, v in result["envs"].items():
+        words += ["-e", f"{name}={v}"]
+    for mount in result["mounts"]:
+        # --mount, not -v: paths such as /dev/dri/by-path/pci-0000:3b:00.0-card have colons
+        spec = f"type=bind,source={mount['host_path']},target={mount['task_path']}"
+        words += ["--mount", spec + (",readonly" if mount["read_only"] else "")]
+    return shlex.join(words)
+
+
+def cdi_arguments(names: list[str]) -> str:
+    """``--device=KIND=ID`` for each CDI device name, for ``podman run $(...)``."""
+    return " ".join(f"--device={name}" for name in names)

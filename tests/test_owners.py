@@ -1,0 +1,94 @@
+"""Scheduler-owned leases against a real daemon: reserve as an owner, reconcile, an operator's
+release of an owner's leftovers, and durability across SIGKILL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from monitor.wire.errors import RpcError
+from monitor.wire.requests import reconcile, release, reserve
+from tests.conftest import Daemon, Subscription
+from tests.test_leases import reservable, reserved_by
+
+
+def owner_of(sub: Subscription, device: str) -> str | None:
+    value: str | None = sub.mirror.devices()[device][1].get("reserved_owner")
+    return value
+
+
+def test_an_owner_reserves_again_what_it_holds_and_no_one_else_may(
+    start_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    devices, flags = reservable()
+    daemon = start_daemon(*flags)
+    sub = subscribe(daemon)
+    first = json.loads(daemon.cli("reserve", "--json", "--owner", "nomad", devices[0]).stdout)
+    sub.until(lambda m: owner_of(sub, devices[0]) == "nomad")
+    with daemon.client() as client:
+        again = client.ask(reserve(devices[:2], owner="nomad"))  # a new task of Nomad's
+        for refused in (reserve([devices[0]], owner="kubelet"), reserve([devices[0]])):
+            with pytest.raises(RpcError) as other:
+                client.ask(refused)
+            assert other.value.code == -32003
+            assert other.value.data["holders"][devices[0]]["owner"] == "nomad"
+        leases = client.call("leases")["leases"]
+    assert [(e["reservation_id"], e["owner"]) for e in leases] == [
+        (again["reservation_id"], "nomad")
+    ]
+    assert first["reservation_id"] != again["reservation_id"]
+    table = daemon.cli("leases").stdout.splitlines()
+    assert table[1].split()[2] == "nomad" and "nomad's release" in table[1]
+    bad_params: list[tuple[dict[str, object], str]] = [
+        ({"owner": "Nomad!"}, "owner must be a scheduler's name"),
+        ({"owner": "nomad", "holder_pid": 1}, "An owner's lease ends only by release"),
+        ({"owner": "nomad", "bind": "connection"}, "An owner's lease ends only by release"),
+    ]
+    for bad, says in bad_params:
+        with daemon.client() as client, pytest.raises(RpcError) as invalid:
+            client.call("reserve", {"device_ids": [devices[1]], **bad})
+        assert invalid.value.code == -32602 and says in invalid.value.message
+
+
+def test_reconcile_ends_the_owners_other_leases_in_one_patch(
+    start_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    devices, flags = reservable()
+    daemon = start_daemon(*flags)
+    with daemon.client() as client:
+        for device in devices[:2]:
+            client.ask(reserve([device], owner="kubelet"))
+        sub = subscribe(daemon)
+        result = client.ask(reconcile("kubelet", [devices[0], "0000:99:00.0"]))
+    assert result == {"released": [devices[1]], "not_reserved": []}
+    sub.until(lambda m: reserved_by(m, devices[1]) is None)
+    assert len(sub.notifications) == 1  # one fold, one patch
+    assert owner_of(sub, devices[0]) == "kubelet"
+
+
+def test_an_operator_clears_a_schedulers_leftovers_and_they_survive_sigkill_until_then(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    devices, flags = reservable()
+    daemon = start_daemon(*flags)
+    with daemon.client() as client:
+        for device in devices[:2]:
+            client.ask(reserve([device], owner="nomad"))
+    daemon.kill()
+    again = start_daemon(*flags)
+    leases = again.client().call("leases")["leases"]
+    assert sorted((tuple(e["devices"]), e["owner"]) for e in leases) == [
+        ((devices[0],), "nomad"),
+        ((devices[1],), "nomad"),
+    ]
+    done = again.cli("release", "--owner", "nomad", "--all")
+    assert done.returncode == 0 and done.stdout == f"released {devices[0]}, {devices[1]}\n"
+    assert again.client().call("leases") == {"leases": []}
+    assert (
+        again.cli("release", "--owner", "nomad", "--all").stdout == "nomad held no reservations\n"
+    )
+    with again.client() as client, pytest.raises(RpcError) as refused:
+        client.ask(release(owner="Bad Name"))
+    assert refused.value.code == -32602
