@@ -46,6 +46,19 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("HOTPLUG_HYPOTHESIS_PROFILE", "deterministic"))
 
 
+# What a test needs, by the folder it is in: pure (no I/O), inprocess (trio and real sockets in
+# this process), daemon (a daemon subprocess on this host's sysfs), host (root, the kernel,
+# umockdev, podman, journald, Go, a kubelet...). ``-m pure`` runs the fast ones alone.
+KINDS = ("pure", "inprocess", "daemon", "host")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = next((k for k in KINDS if f"/tests/{k}/" in str(item.path)), None)
+        if kind is not None:
+            item.add_marker(kind)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Keep what the reliability tests measured (tests/reliability.py)."""
     if not reliability.rows:
@@ -177,6 +190,23 @@ def hotplug_monitor(*args: str, timeout: float = 30) -> subprocess.CompletedProc
     return subprocess.run(
         [sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def connect(daemon: Daemon) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))  # blocking: waits while the listen backlog is full
+    sock.settimeout(20)
+    return sock
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class Daemon:

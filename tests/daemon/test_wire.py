@@ -17,7 +17,7 @@ from monitor.wire.mirror import Mirror
 from monitor.wire.requests import fingerprint, release, reserve, subscribe
 from monitor.wire.trio_transport import TrioClient
 from tests.conftest import Daemon
-from tests.test_leases import reservable
+from tests.sysfs import reservable
 
 
 def reserved_by(mirror: Mirror, device: str) -> str | None:

@@ -32,7 +32,7 @@ from tests.conftest import (
     need,
 )
 from tests.reliability import record
-from tests.test_leases import reservable
+from tests.sysfs import reservable
 
 
 def serve_refused(*args: str, env: dict[str, str] | None = None) -> str:

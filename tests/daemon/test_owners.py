@@ -11,7 +11,7 @@ import pytest
 from monitor.wire.errors import RpcError
 from monitor.wire.requests import reconcile, release, reserve
 from tests.conftest import Daemon, Subscription
-from tests.test_leases import reservable, reserved_by
+from tests.sysfs import reservable, reserved_by
 
 
 def owner_of(sub: Subscription, device: str) -> str | None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
-from tests.test_leases import reservable
+from tests.sysfs import reservable
 
 EXAMPLES = int(os.environ.get("HOTPLUG_FUZZ_EXAMPLES", "2500"))
 FUZZ = settings(

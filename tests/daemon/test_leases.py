@@ -21,31 +21,13 @@ from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.mirror import Mirror
 from tests.conftest import GROUP, Daemon, Subscription, call_as
 from tests.reliability import record
-from tests.sysfs import snapshot_view, sysfs_truth
-
-PCI = Path("/sys/bus/pci/devices")
-
-
-def reservable() -> tuple[list[str], list[str]]:
-    """PCI functions with a driver bound (healthy to us), and match-class flags for them."""
-    devices = sorted(p.name for p in PCI.iterdir() if (p / "driver").exists())
-    classes = sorted({(PCI / d / "class").read_text()[2:4] for d in devices})
-    assert len(devices) >= 2, "needs two PCI functions with drivers bound"
-    return devices, [arg for c in classes for arg in ("--match-class", c)]
+from tests.sysfs import reservable, reserved_by, snapshot_view, sysfs_truth
 
 
 @pytest.fixture
 def host(start_daemon: Callable[..., Daemon]) -> tuple[Daemon, list[str]]:
     devices, flags = reservable()
     return start_daemon(*flags), devices
-
-
-def reserved_by(mirror: Any, device: str) -> str | None:
-    for group in mirror.snapshot["groups"].values():
-        if device in group["devices"]:
-            value: str | None = group["devices"][device].get("reserved_by")
-            return value
-    raise AssertionError(f"{device} not in the snapshot")
 
 
 def test_concurrent_reserves_of_one_device_have_exactly_one_winner(

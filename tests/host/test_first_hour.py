@@ -18,7 +18,7 @@ import pytest
 
 from monitor.sim.umockdev import Simulator
 from tests.conftest import Daemon, hotplug_monitor, need
-from tests.test_leases import reservable
+from tests.sysfs import reservable
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -3,33 +3,21 @@ that uevent without touching the device; the daemon listens with ``--udev-source
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need
-from tests.sysfs import snapshot_view, sysfs_truth
+from tests.sysfs import emit, pick_device, settle, snapshot_view, sysfs_truth
 
 pytestmark = pytest.mark.kernel
 PCI = Path("/sys/bus/pci/devices")
 STORM_EVENTS = 20_000
-
-
-def pick_device() -> tuple[str, str] | None:
-    """A PCI device whose uevent file we may write, and its class (6 hex digits)."""
-    if os.geteuid() != 0 or not PCI.is_dir():
-        return None
-    for path in sorted(PCI.iterdir()):
-        if os.access(path / "uevent", os.W_OK):
-            return path.name, (path / "class").read_text().strip().removeprefix("0x")
-    return None
 
 
 @pytest.fixture
@@ -38,36 +26,6 @@ def target() -> tuple[str, str]:
     need(None if found else "needs root and a PCI device with a writable uevent file")
     assert found is not None
     return found
-
-
-def settle(daemon: Daemon, since: float, quiet: float = 1.0, timeout: float = 30.0) -> float:
-    """Wait until the daemon's generation has stood still for ``quiet`` seconds while it used
-    (almost) no CPU; return when, after ``since``, its generation last changed."""
-    process = psutil.Process(daemon.process.pid)
-    generation, changed = None, since
-    window_start, window_cpu = time.monotonic(), sum(process.cpu_times()[:2])
-    while time.monotonic() - since < timeout:
-        current = daemon.fingerprint()["generation"]
-        now = time.monotonic()
-        if current != generation:
-            generation, changed = current, now
-            window_start, window_cpu = now, sum(process.cpu_times()[:2])
-        elif now - window_start >= quiet:
-            # Busy means a core flat out; our own polling costs the daemon about 3 %.
-            if sum(process.cpu_times()[:2]) - window_cpu < 0.15 * quiet:
-                return max(0.0, changed - since)
-            window_start, window_cpu = now, sum(process.cpu_times()[:2])
-        time.sleep(0.02)  # often enough to time convergence, rarely enough not to load the daemon
-    raise AssertionError(f"the daemon did not settle within {timeout} s")
-
-
-def emit(address: str, actions: list[str]) -> None:
-    fd = os.open(PCI / address / "uevent", os.O_WRONLY)
-    try:
-        for action in actions:
-            os.pwrite(fd, action.encode(), 0)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

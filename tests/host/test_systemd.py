@@ -27,7 +27,7 @@ from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need, two_pci_classes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 JOURNALD = Path("/lib/systemd/systemd-journald")
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")

@@ -18,12 +18,17 @@ import pytest
 
 from monitor.wire.blocking import Client
 from monitor.wire.errors import RpcError
-from tests.conftest import Daemon, Subscription, need
+from tests.conftest import Daemon, Subscription, connect, need, read_line
 from tests.reliability import record
-from tests.sysfs import snapshot_view, sysfs_truth
-from tests.test_abuse import connect, read_line
-from tests.test_kernel import emit, pick_device, settle
-from tests.test_leases import reservable, reserved_by
+from tests.sysfs import (
+    emit,
+    pick_device,
+    reservable,
+    reserved_by,
+    settle,
+    snapshot_view,
+    sysfs_truth,
+)
 
 
 def test_a_deleted_socket_directory_is_made_again_and_clients_carry_on(

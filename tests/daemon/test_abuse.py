@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,9 +14,9 @@ from typing import Any
 import pytest
 
 from monitor.wire.framing import MAX_LINE
-from tests.conftest import Daemon, Subscription
+from tests.conftest import Daemon, Subscription, connect, read_line
 from tests.reliability import record
-from tests.test_leases import reservable
+from tests.sysfs import reservable
 
 FINGERPRINT = b'{"jsonrpc":"2.0","id":1,"method":"fingerprint"}\n'
 
@@ -26,23 +25,6 @@ FINGERPRINT = b'{"jsonrpc":"2.0","id":1,"method":"fingerprint"}\n'
 def host(start_daemon: Callable[..., Daemon]) -> tuple[Daemon, list[str]]:
     devices, flags = reservable()
     return start_daemon(*flags), devices
-
-
-def connect(daemon: Daemon) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(daemon.socket))  # blocking: waits while the listen backlog is full
-    sock.settimeout(20)
-    return sock
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_five_thousand_connections_at_once_are_served_or_refused_cleanly(
