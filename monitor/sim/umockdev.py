@@ -24,7 +24,7 @@ import attrs
 PRELOAD = "libumockdev-preload.so.0"
 LIBRARY = "libumockdev.so.0"
 INSTALL_HINT = (
-    "umockdev is not installed; on Debian or Ubuntu: sudo apt-get install umockdev "
+    "umockdev is not installed; on Debian or Ubuntu, as root: apt-get install umockdev "
     "(it provides libumockdev.so.0 and libumockdev-preload.so.0)"
 )
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Install hotplug-monitor as a systemd service, from this checkout. README: "Running under systemd".
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: ./install.sh [--root DIR] [--python PYTHON]
+
+Installs hotplug-monitor as a systemd service (run as root):
+  /opt/hotplug-monitor/                      a virtual environment with the daemon and its libraries
+  /usr/local/bin/hotplug-monitor             the command (a link into it)
+  /usr/local/lib/systemd/system/             hotplug-monitor.service and hotplug-monitor.socket
+  /usr/local/lib/sysusers.d/                 the hotplug-monitor group (who may use the socket)
+  /usr/local/lib/systemd/catalog/            the journal's explanations of its entries
+  /usr/local/share/doc/hotplug-monitor/      README.md, which the units and entries point to
+then creates the group, updates the journal catalog and reloads systemd. It starts nothing.
+
+  --root DIR        install under DIR instead of /, for an image or a check; the system is
+                    left alone (no group, catalog or reload), and the files name their final
+                    paths, so they work once DIR is the root
+  --python PYTHON   the interpreter for the virtual environment (default /usr/bin/python3). The
+                    service cannot see /home, /root or /tmp, so it must live elsewhere.
+EOF
+}
+
+fail() {
+  echo "install.sh: error: $*" >&2
+  exit 1
+}
+
+root=""
+python=/usr/bin/python3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) [ $# -ge 2 ] || fail "--root needs a directory"; root="${2%/}"; shift 2 ;;
+    --root=*) root="${1#--root=}"; root="${root%/}"; shift ;;
+    --python) [ $# -ge 2 ] || fail "--python needs an interpreter"; python="$2"; shift 2 ;;
+    --python=*) python="${1#--python=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; fail "unknown argument: $1" ;;
+  esac
+done
+
+source="$(cd "$(dirname "$0")" && pwd)"
+venv=/opt/hotplug-monitor
+
+[ -n "$root" ] || [ "$(id -u)" -eq 0 ] || fail "run as root (or with --root DIR to stage the files)"
+command -v "$python" >/dev/null || fail "no interpreter $python (apt-get install python3-venv)"
+python="$(command -v "$python")"
+# The interpreter the venv links to must be visible to the service (ProtectHome, PrivateTmp).
+case "$(readlink -f "$python")" in
+  /home/*|/root/*|/tmp/*|/var/tmp/*|/run/user/*)
+    fail "$python lives where the service cannot see it (ProtectHome=, PrivateTmp=); use --python /usr/bin/python3" ;;
+esac
+"$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+  || fail "$python is not Python 3.11 or later with venv (apt-get install python3-venv)"
+
+# A fresh environment each time: an upgrade replaces, never half-merges.
+rm -rf "$root$venv"
+"$python" -m venv "$root$venv"
+"$root$venv/bin/pip" install --quiet --disable-pip-version-check --no-warn-script-location \
+  "$source"
+if [ -n "$root" ]; then
+  # A venv's scripts name it by absolute path (shebangs, activate): make that the final one.
+  grep -rlIZ -- "$root$venv" "$root$venv/bin" "$root$venv/pyvenv.cfg" \
+    | xargs -0 -r sed -i "s|$root$venv|$venv|g"
+fi
+
+install -d "$root/usr/local/bin"
+ln -sfn "$venv/bin/hotplug-monitor" "$root/usr/local/bin/hotplug-monitor"
+install -D -m 0644 -t "$root/usr/local/lib/systemd/system" \
+  "$source/systemd/hotplug-monitor.service" "$source/systemd/hotplug-monitor.socket"
+install -D -m 0644 "$source/systemd/hotplug-monitor.sysusers" \
+  "$root/usr/local/lib/sysusers.d/hotplug-monitor.conf"
+install -D -m 0644 -t "$root/usr/local/lib/systemd/catalog" "$source/systemd/hotplug-monitor.catalog"
+install -D -m 0644 -t "$root/usr/local/share/doc/hotplug-monitor" "$source/README.md"
+
+if [ -n "$root" ]; then
+  echo "installed hotplug-monitor under $root"
+  exit 0
+fi
+
+systemd-sysusers /usr/local/lib/sysusers.d/hotplug-monitor.conf
+journalctl --update-catalog
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+fi
+
+cat <<EOF
+installed hotplug-monitor $("$venv/bin/hotplug-monitor" --version | cut -d' ' -f2) in $venv
+next:
+  systemctl enable --now hotplug-monitor.socket hotplug-monitor.service
+  usermod -aG hotplug-monitor USER    # who may use the socket (they log in again after)
+  hotplug-monitor devices
+EOF
