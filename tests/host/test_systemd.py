@@ -3,7 +3,6 @@ journald, systemd-socket-activate, a NOTIFY_SOCKET of our own, and SIGHUP reload
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -18,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
-from monitor.daemon import app
 from monitor.outputs import logs
 from monitor.sim.umockdev import Simulator
 from monitor.wire.blocking import Client
@@ -271,10 +268,11 @@ class NotifySocket:
         self.messages += got
         return got
 
-    def wait_for(self, text: str, timeout: float = 20) -> None:
-        """Until a message containing ``text`` has arrived (now or before)."""
+    def wait_for(self, text: str, timeout: float = 20, after: int = 0) -> None:
+        """Until a message containing ``text`` has arrived (now, or before but not among the
+        first ``after``)."""
         deadline = time.monotonic() + timeout
-        while not any(text in m for _, m in self.messages):
+        while not any(text in m for _, m in self.messages[after:]):
             assert time.monotonic() < deadline, f"{text!r} never arrived; got {self.messages}"
             self.receive(0.1)
 
@@ -306,9 +304,10 @@ def test_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
             client.call("subscribe")
             notify.wait_for(", 1 subscribers, ")
 
-        # WatchdogSec of 0.2 s: a ping every 0.1 s, from the event loop.
-        pings = [t for t, m in notify.receive(2.0) if m == "WATCHDOG=1"]
-        assert 12 <= len(pings) <= 25, len(pings)
+        # WatchdogSec of 0.2 s: pings keep coming, from the event loop (their interval, and
+        # none while the loop stalls: tests/inprocess/test_timers.py).
+        for _ in range(3):
+            notify.wait_for("WATCHDOG=1", after=len(notify.messages))
         daemon.send_signal(signal.SIGSTOP)  # the loop cannot run: no pings
         try:
             stalled = [m for _, m in notify.receive(1.0) if m == "WATCHDOG=1"]
@@ -324,25 +323,6 @@ def test_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-
-
-async def test_watchdog_pings_stop_while_the_event_loop_is_blocked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    notify = NotifySocket(tmp_path / "notify.sock")
-    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
-    async with trio.open_nursery() as nursery:
-        # Read in a thread throughout: a full datagram queue would block the sender.
-        nursery.start_soon(trio.to_thread.run_sync, notify.receive, 1.5)
-        nursery.start_soon(app.ping_watchdog, 0.05)
-        await trio.sleep(0.5)
-        time.sleep(0.5)  # a blocking call on the loop: what a stuck daemon looks like
-        await trio.sleep(0.3)
-        nursery.cancel_scope.cancel()
-    pings = [t for t, m in notify.messages if m == "WATCHDOG=1"]
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert max(gaps) >= 0.45  # nothing while the loop was blocked
-    assert len(pings) >= 10  # and every 0.05 s otherwise
 
 
 # --- SIGHUP ----------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ async def test_too_many_clients_are_refused_with_an_error(
             await trio.sleep(0.01)
 
 
-def test_generation_only_moves_with_a_patch() -> None:
+def test_a_new_state_without_a_patch_keeps_the_cached_snapshot_answer() -> None:
     hub = Hub()
     state, patch = reduce(State(), DeviceSeen(GPU))
     hub.publish(state, patch)
