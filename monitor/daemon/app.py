@@ -184,8 +184,8 @@ async def claim(settings: Settings) -> Claimed:
     store = LeaseStore(state_dir)
     leases = await trio.to_thread.run_sync(restore_leases, store)
     try:
-        # tells at once if the state directory cannot be written
-        await trio.to_thread.run_sync(store.save, leases)
+        # one sound snapshot of what was read; and it tells at once if the disk refuses
+        await trio.to_thread.run_sync(store.compact, leases)
     except StoreError as exc:
         log.error("%s: reserve and release will be refused until it can be written", exc)
     if leases:

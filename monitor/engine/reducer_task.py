@@ -62,7 +62,8 @@ async def run_engine(
 async def _decide(old: State, events: list[Event], store: LeaseStore) -> Reduction:
     """The core's decision, made durable; if the disk refuses, the requests are refused."""
     reduction = fold(old, events)
-    if durable_leases(reduction.state) == durable_leases(old):
+    leases = reduction.state.leases
+    if leases is old.leases or durable_leases(reduction.state) == durable_leases(old):
         return reduction
     try:
         await trio.to_thread.run_sync(store.save, reduction.state.leases.values())

@@ -1,8 +1,13 @@
-"""The lease file: written so that a crash at any moment leaves the old file or the new one.
+"""The leases on disk: a snapshot, and a journal of the changes since.
 
-Each save writes a temporary file, fsyncs it, renames it over ``leases.json`` and fsyncs the
-directory, so the rename itself survives a power cut. A file that cannot be read back, or that
-holds anything but valid leases, is moved aside: never trusted and never fatal.
+Each change to the durable leases is one record appended to ``leases.journal`` and
+``fdatasync``ed before anyone hears of it (``monitor.outputs.journal``). At start, and whenever
+the journal outgrows ``COMPACT_AT``, the leases are written whole to ``leases.json`` (temporary
+file, ``fsync``, rename, ``fsync`` of the directory: the old file or the new, whatever the moment
+of a crash) and the journal is emptied. Records and snapshot are numbered, so a crash between the
+two leaves records the snapshot already holds, which are skipped. A torn last record was never
+answered and is dropped; anything else that cannot be read back, or that holds anything but valid
+leases, is moved aside: never trusted and never fatal.
 """
 
 from __future__ import annotations
@@ -17,59 +22,124 @@ from typing import Any
 
 from monitor.core.leases import Holder, Lease
 from monitor.outputs.files import UnsafePath, read_regular_file, write_atomically
+from monitor.outputs.records import RecordFile, decode
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "leases.json"
-FORMAT_VERSION = 2  # 2: holders by start ticks and boot ID; 1: by start time in epoch seconds
+JOURNAL_NAME = "leases.journal"
+# 3: numbered, with a journal; 2: holders by start ticks and boot ID; 1: by epoch start time
+FORMAT_VERSION = 3
 MAX_FILE = 16 << 20
+COMPACT_AT = 1 << 20  # journal bytes; or four times the snapshot, if that is more
+LOST_ALL = "starting with no leases, every reservation it held is lost"
+LOST_SINCE = "the reservation changes since the last snapshot are lost"
+LOST_FROM = "the changes before the damage are kept, those from it on are lost"
 
 
 LegacyHolder = Callable[[int, float], Holder | None]
 
 
 class StoreError(Exception):
-    """The lease file could not be written; the message says why, for the client too."""
+    """The leases could not be written; the message says why, for the client too."""
 
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 class LeaseStore:
     def __init__(self, state_dir: Path) -> None:
         """``state_dir``: a directory ``monitor.files.secure_directory`` has checked."""
         self.path = state_dir / FILE_NAME
+        self.journal = RecordFile(state_dir / JOURNAL_NAME)
+        self._on_disk: dict[str, Lease] = {}  # the durable leases as snapshot and journal hold
+        self._seq = 0  # changes recorded so far: the snapshot's number, then each record's
+        self._snapshot_size = 0
 
     def save(self, leases: Iterable[Lease]) -> None:
-        """Write the durable leases; ``StoreError`` if the disk refuses (read-only, full)."""
+        """Record the durable leases among ``leases``; ``StoreError`` if the disk refuses (read
+        only, full), and then nothing of the change is on disk."""
+        durable = {lease.id: lease for lease in leases if lease.durable}
+        ended = [i for i in self._on_disk if i not in durable]
+        put = [lease for i, lease in durable.items() if self._on_disk.get(i) != lease]
+        if not ended and not put:
+            return
+        # Where its records end unknown (it could not be read), the snapshot takes over.
+        size = self.journal.size
+        if size is None or size >= max(COMPACT_AT, 4 * self._snapshot_size):
+            self.compact(durable.values())
+            return
+        record = {"seq": self._seq + 1, "put": [lease.to_json() for lease in put], "end": ended}
+        try:
+            self.journal.append(_dumps(record))
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.journal.path}: {exc.strerror or exc}") from None
+        self._seq += 1
+        self._on_disk = durable
+
+    def compact(self, leases: Iterable[Lease]) -> None:
+        """Write the durable leases whole, and empty the journal."""
+        durable = {lease.id: lease for lease in leases if lease.durable}
+        seq = self._seq + 1 if durable != self._on_disk else self._seq
         document = {
             "version": FORMAT_VERSION,
-            "leases": [lease.to_json() for lease in leases if lease.durable],
+            "seq": seq,
+            "leases": [lease.to_json() for lease in durable.values()],
         }
+        data = json.dumps(document, indent=1).encode()
         try:
-            write_atomically(self.path, json.dumps(document, indent=1).encode())
+            write_atomically(self.path, data)
         except OSError as exc:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._seq, self._on_disk, self._snapshot_size = seq, durable, len(data)
+        try:  # the change is on disk: an old journal left behind is skipped when read back
+            self.journal.reset()
+        except OSError as exc:
+            log.warning("cannot empty %s: %s", self.journal.path, exc.strerror or exc)
 
     def load(self, legacy_holder: LegacyHolder) -> list[Lease]:
-        """The leases on disk; a file that is missing gives none, a bad one is moved aside.
+        """The leases on disk: the snapshot and the journal after it. Missing files give none;
+        a bad one is moved aside. ``compact`` them next, so that what was read is all in one
+        sound snapshot again.
 
         ``legacy_holder`` finds the holder a version 1 file names by PID and start time in epoch
         seconds, if it still runs (``monitor.sources.holders.from_legacy``)."""
+        snapshot = self._load_snapshot(legacy_holder)
+        if snapshot is None:  # set aside: the journal's changes have nothing to apply to
+            leases: dict[str, Lease] = {}
+            if self.journal.path.exists():
+                self._set_aside(self.journal.path, "follows a snapshot set aside", LOST_ALL)
+        else:
+            leases, self._seq = snapshot
+            leases = self._replay(leases)
+        self._on_disk = {i: lease for i, lease in leases.items() if lease.durable}
+        return _exclusive(list(leases.values()))
+
+    def _load_snapshot(self, legacy_holder: LegacyHolder) -> tuple[dict[str, Lease], int] | None:
+        """The snapshot's leases and number; None when it was bad and is set aside."""
         try:
             raw = read_regular_file(self.path, MAX_FILE, follow_symlinks=False)
         except FileNotFoundError:
-            return []
+            return {}, 0
         except UnsafePath as exc:
-            return self._set_aside(f"cannot be used ({exc})")
+            self._set_aside(self.path, f"cannot be used ({exc})", LOST_ALL)
+            return None
+        self._snapshot_size = len(raw)
         try:
             document = json.loads(raw, parse_constant=_not_json)
-            if not isinstance(document, dict) or document.get("version") not in (1, 2):
+            if not isinstance(document, dict) or document.get("version") not in (1, 2, 3):
                 raise ValueError(f"it is not a version {FORMAT_VERSION} lease file")
             entries = document.get("leases")
             if not isinstance(entries, list):
                 raise ValueError("it has no list of leases")
+            seq = document.get("seq", 0)
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise ValueError("its seq is not a count")
             if document["version"] == 1:
                 entries = [_from_version_1(e, legacy_holder) for e in entries]
                 entries = [e for e in entries if e is not None]
@@ -77,24 +147,80 @@ class LeaseStore:
             if len({lease.id for lease in leases}) != len(leases):
                 raise ValueError("a reservation ID appears twice")
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-            return self._set_aside(f"is corrupt ({exc})")
-        return _exclusive(leases)
+            self._set_aside(self.path, f"is corrupt ({exc})", LOST_ALL)
+            return None
+        return {lease.id: lease for lease in leases}, seq
 
-    def _set_aside(self, problem: str) -> list[Lease]:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+    def _replay(self, leases: dict[str, Lease]) -> dict[str, Lease]:
+        """The leases after the journal's records past the snapshot; the journal is then open
+        to append after its last sound record."""
+        path = self.journal.path
         try:
-            os.replace(self.path, aside)
+            data = read_regular_file(path, MAX_FILE, follow_symlinks=False)
+        except FileNotFoundError:
+            data = b""
+        except UnsafePath as exc:
+            self._set_aside(path, f"cannot be used ({exc})", LOST_SINCE)
+            data = b""
+        decoded = decode(data)
+        damage = decoded.damaged
+        for number, payload in enumerate(decoded.payloads, 1):
+            try:
+                seq, put, ended = _record(payload)
+            except (ValueError, RecursionError) as exc:
+                damage = f"record {number} ({exc})"
+                break
+            if seq <= self._seq:
+                continue  # already in the snapshot: a crash came between the two
+            if seq != self._seq + 1:
+                damage = f"record {number}, number {seq} after {self._seq} (changes are missing)"
+                break
+            for lease_id in ended:
+                leases.pop(lease_id, None)
+            leases.update((lease.id, lease) for lease in put)
+            self._seq = seq
+        if damage is not None:
+            self._set_aside(path, f"is corrupt from {damage}", LOST_FROM)
+            good = 0
+        else:
+            good = decoded.good
+            if decoded.torn:
+                log.warning(
+                    "lease journal %s: dropped a torn last record (%d bytes): a change "
+                    "interrupted before it was answered",
+                    path,
+                    decoded.torn,
+                )
+        try:
+            self.journal.start(good)
+        except OSError as exc:
+            log.error("cannot open %s: %s", path, exc.strerror or exc)
+        return leases
+
+    def _set_aside(self, path: Path, problem: str, lost: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        try:
+            os.replace(path, aside)
             where = f"moved to {aside}"
         except OSError as exc:
             where = f"and could not be moved aside ({exc.strerror}); it will be overwritten"
-        log.critical(
-            "lease file %s %s: %s; starting with no leases, every reservation it held is lost",
-            self.path,
-            problem,
-            where,
-        )
-        return []
+        log.critical("lease file %s %s: %s; %s", path, problem, where, lost)
+
+
+def _record(payload: bytes) -> tuple[int, list[Lease], list[str]]:
+    """A journal record's number, the leases it puts and the reservation IDs it ends."""
+    record = json.loads(payload, parse_constant=_not_json)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    seq, put, ended = record.get("seq"), record.get("put"), record.get("end")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise ValueError("its seq is not a count")
+    if not isinstance(put, list) or not isinstance(ended, list):
+        raise ValueError("it has no lists put and end")
+    if not all(isinstance(i, str) for i in ended):
+        raise ValueError("end holds something but reservation IDs")
+    return seq, [Lease.from_json(entry) for entry in put], ended
 
 
 def _from_version_1(entry: Any, legacy_holder: LegacyHolder) -> Any:

@@ -212,7 +212,10 @@ def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
     aside = list(daemon.state_dir.glob("leases.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1')
     assert "<2>CRITICAL monitor.outputs.store: lease file" in again.log()
-    assert json.loads(lease_file.read_text()) == {"version": FORMAT_VERSION, "leases": []}
+    # the journal's changes followed the lost snapshot: set aside too, not applied to nothing
+    assert len(list(daemon.state_dir.glob("leases.journal.corrupt-*"))) == 1
+    snapshot = json.loads(lease_file.read_text())
+    assert (snapshot["version"], snapshot["leases"]) == (FORMAT_VERSION, [])
 
 
 def test_an_unwritable_state_directory_refuses_leases_and_nothing_else(

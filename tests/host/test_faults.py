@@ -129,6 +129,11 @@ def fill(directory: Path) -> None:
             assert exc.errno == errno.ENOSPC
 
 
+def stored(state_dir: Path) -> tuple[bytes, bytes]:
+    """The lease snapshot and journal, as they are on disk."""
+    return (state_dir / "leases.json").read_bytes(), (state_dir / "leases.journal").read_bytes()
+
+
 def test_a_read_only_or_full_state_directory_refuses_changes_and_loses_nothing(
     start_daemon: Callable[..., Daemon], small_state_dir: Path
 ) -> None:
@@ -137,7 +142,6 @@ def test_a_read_only_or_full_state_directory_refuses_changes_and_loses_nothing(
     assert daemon.state_dir == small_state_dir
     client = daemon.client()
     granted = client.call("reserve", {"device_ids": [devices[0]]})["reservation_id"]
-    on_disk = (small_state_dir / "leases.json").read_bytes()
     faults: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
         (
             "Read-only file system",
@@ -147,37 +151,63 @@ def test_a_read_only_or_full_state_directory_refuses_changes_and_loses_nothing(
         ("No space left on device", lambda: fill(small_state_dir), lambda: filler.unlink()),
     ]
     filler = small_state_dir / "filler"
+    held: str | None = None  # our lease on devices[1], if one is granted
+    answered = []
     for reason, make, undo in faults:
         make()
+        # On a full disk, changes go on while the journal's last block has room (no new block
+        # is needed); the first that does not fit is refused, and each after it.
+        changes = 0
+        while True:
+            try:
+                if held is None:
+                    held = client.call("reserve", {"device_ids": [devices[1]]})["reservation_id"]
+                else:
+                    client.call("release", {"reservation_id": held})
+                    held = None
+                changes += 1
+            except RpcError as refused:
+                assert refused.code == -32603, refused
+                assert reason in refused.message, refused.message
+                break
+            assert changes < 1000, "a full disk took a thousand changes"
+        answered.append(changes)
+        on_disk = stored(small_state_dir)
+        expected = sorted(i for i in (granted, held) if i is not None)
         for method, params in [
-            ("reserve", {"device_ids": [devices[1]]}),
+            ("reserve", {"device_ids": [devices[2]]}),
             ("release", {"reservation_id": granted}),
         ]:
-            with pytest.raises(RpcError) as refused:
+            with pytest.raises(RpcError) as refusal:
                 client.call(method, params)
-            assert refused.value.code == -32603, refused.value
-            assert reason in refused.value.message, refused.value.message
+            assert reason in refusal.value.message, refusal.value.message
         # nothing granted is lost: in memory, and on disk byte for byte
-        assert [e["reservation_id"] for e in client.call("leases")["leases"]] == [granted]
-        assert (small_state_dir / "leases.json").read_bytes() == on_disk
+        assert sorted(e["reservation_id"] for e in client.call("leases")["leases"]) == expected
+        assert stored(small_state_dir) == on_disk
         # a lease that is not written is still granted
-        bound = client.call("reserve", {"device_ids": [devices[1]], "bind": "connection"})
+        bound = client.call("reserve", {"device_ids": [devices[2]], "bind": "connection"})
         client.call("release", {"reservation_id": bound["reservation_id"]})
         undo()
-    assert sorted(p.name for p in small_state_dir.iterdir()) == ["leases.json"]  # no temp files
-    second = client.call("reserve", {"device_ids": [devices[1]]})["reservation_id"]
+    assert sorted(p.name for p in small_state_dir.iterdir()) == [  # no temporary files
+        "leases.journal",
+        "leases.json",
+    ]
+    second = client.call("reserve", {"device_ids": [devices[2]]})["reservation_id"]
+    kept = {i for i in (granted, held, second) if i is not None}
     client.close()
     daemon.kill()
     again = start_daemon(*flags)
     restored = {e["reservation_id"] for e in again.client().call("leases")["leases"]}
-    assert restored == {granted, second}
+    assert restored == kept
     record(
         "Faults",
         "State directory remounted read-only, then filled (a 256 KiB tmpfs)",
-        "a reserve and a release in each state",
-        "each refused with -32603 naming the cause (read-only file system; no space left); "
-        "the granted lease kept in memory and on disk byte for byte; no temporary file left; "
-        "changes work again once the disk does; both leases back after SIGKILL and restart",
+        "reserves and releases in each state until one was refused, then one of each more",
+        f"read-only: the first refused; full: {answered[1]} changes still fit in the journal's "
+        "last block, then each refused; refusals -32603 naming the cause (read-only file "
+        "system; no space left); every answered lease kept in memory and on disk byte for "
+        "byte; no temporary file left; changes work again once the disk does; all back after "
+        "SIGKILL and restart",
     )
 
 
