@@ -26,6 +26,7 @@ from tests.bench.common import (
     Row,
     Stats,
     SubscriberProcess,
+    cdi_on_off,
     digest,
     emit,
     now_ns,
@@ -217,6 +218,31 @@ def kernel_to_subscriber(
         if floor is not None:
             floor.close()
         daemon.stop()
+
+
+def cdi_cost(
+    results: Results, workdir: Path, address: str, pci_class: str, samples: int, quick: bool
+) -> None:
+    """Kernel add and remove to a subscriber, with the CDI spec kept and without: the spec
+    changes with every add and remove."""
+    args = ["--udev-source", "kernel", "--match-class", pci_class]
+    with uevent_file(address) as fd:
+
+        def one(i: int, subscriber: SubscriberProcess) -> int:
+            action = "remove" if i % 2 == 0 else "add"
+            start = now_ns()
+            emit(fd, action)
+            seen = subscriber.next(timeout=5)
+            expected = subscriber.initial.devices - (action == "remove")
+            if (seen.kind, seen.devices) != ("P", expected):
+                raise RuntimeError(f"{action}: the subscriber saw {seen}")
+            return seen.t_ns - start
+
+        cdi_on_off(
+            results, "1 kernel event -> subscriber", "kernel add/remove -> subscriber",
+            lambda folder, cdi: Daemon(workdir / folder, args, log_level="warning", cdi=cdi),
+            one, samples, quick, target_p99_ms=1.0,
+        )  # fmt: skip
 
 
 def settle(

@@ -22,6 +22,7 @@ from tests.bench.common import (
     Row,
     Stats,
     SubscriberProcess,
+    cdi_on_off,
     log_to_stderr,
     now_ns,
     read_line,
@@ -137,6 +138,29 @@ def udev_to_subscriber(
         if receiver is not None:
             receiver.close()
         daemon.stop()
+
+
+def change_cdi_cost(
+    results: Results, workdir: Path, sim: TimedSimulator, samples: int, quick: bool
+) -> None:
+    """PCI error change events (a health patch each, the CDI spec unchanged) with the spec kept
+    and without: a change that is not an add or remove must cost the same either way."""
+    address = EIGHT_GPUS[0][1]
+
+    def one(i: int, subscriber: SubscriberProcess) -> int:
+        event = "BEGIN_RECOVERY" if i % 2 == 0 else "SUCCESSFUL_RECOVERY"
+        start = sim.timed("pci_error", address=address, event=event)
+        seen = subscriber.next(timeout=5)
+        if seen.kind != "P":
+            raise RuntimeError(f"{event}: the subscriber saw {seen}")
+        return seen.t_ns - start
+
+    cdi_on_off(
+        results, "2 simulated udev event -> subscriber", "PCI error change -> subscriber",
+        lambda folder, cdi: Daemon(workdir / folder, ["--udev-source", "udev"],
+                                   env=sim.daemon_env(), log_level="warning", cdi=cdi),
+        one, samples, quick,
+    )  # fmt: skip
 
 
 def idle(results: Results, workdir: Path, sim: Simulator, seconds: float) -> None:
