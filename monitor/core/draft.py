@@ -95,8 +95,7 @@ class Draft:
         """The facts as they are now, with their fingerprint (built once per change, from the
         devices touched and the unchanged rest of the base's)."""
         if self._current is None:
-            facts = attrs.evolve(self.base, **self._written)
-            fingerprint = build_fingerprint(facts, self.base.fingerprint, self._dirty)
+            facts, fingerprint = self._build()
             self._current = attrs.evolve(facts, fingerprint=fingerprint)
         return self._current
 
@@ -108,11 +107,21 @@ class Draft:
         grows with a patch and only then."""
         if not self._written:
             return self.base, None
-        state = self.state()
-        patch = fingerprint_patch(self.base.fingerprint, state.fingerprint)
-        if patch is None:
-            return state, None
-        return attrs.evolve(state, generation=self.base.generation + 1), patch
+        if self._current is not None:  # built already, for a rule that looked
+            facts, fingerprint = self._current, self._current.fingerprint
+        else:
+            facts, fingerprint = self._build()
+        patch = fingerprint_patch(self.base.fingerprint, fingerprint)
+        generation = self.base.generation + 1 if patch is not None else self.base.generation
+        if facts.fingerprint is fingerprint and facts.generation == generation:
+            return facts, patch
+        return attrs.evolve(facts, fingerprint=fingerprint, generation=generation), patch
+
+    def _build(self) -> tuple[State, Fingerprint]:
+        """The facts written over the base's (with the base's fingerprint still), and the
+        fingerprint of them."""
+        facts = attrs.evolve(self.base, **self._written)
+        return facts, build_fingerprint(facts, self.base.fingerprint, self._dirty)
 
 
 Rule = Callable[[Draft, Any], None]  # what an event does to a draft

@@ -6,7 +6,7 @@ rules' business (``monitor.core.rules``).
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from typing import Any
 
 import json_merge_patch
@@ -70,18 +70,27 @@ def device_attributes(
 
 
 def build_device(
-    facts: PciFacts, state: State, nodes: list[DrmNode], lease: Lease | None
+    facts: PciFacts,
+    state: State,
+    nodes: list[DrmNode],
+    lease: Lease | None,
+    before: Device | None = None,
 ) -> Device:
+    """The device as shown; its attributes are ``before``'s very mapping when they are equal,
+    so that a change of its lease or health leaves them, and its group's, as they were."""
     address = facts.address
     descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
+    attributes: Mapping[str, Attribute] = device_attributes(
+        facts, nodes, state.nvml.get(address), state.xids.get(address)
+    )
+    if before is not None and before.attributes == attributes:
+        attributes = before.attributes
     return Device(
         id=address,
         healthy=not descs,
         health_desc="; ".join(descs),
         hw_locality=DeviceLocality(pci_bus_id=address),
-        attributes=device_attributes(
-            facts, nodes, state.nvml.get(address), state.xids.get(address)
-        ),
+        attributes=attributes,
         reserved_by=lease.id if lease else None,
         reserved_owner=lease.owner if lease else None,
     )
@@ -103,58 +112,95 @@ def build_fingerprint(
     state: State, previous: Fingerprint | None = None, dirty: Set[str] | None = None
 ) -> Fingerprint:
     """The fingerprint of ``state``. Given the ``previous`` fingerprint and the devices changed
-    since (``dirty``), the other devices and untouched groups are taken over as they are.
+    since (``dirty``), only those devices and their groups are built again: the cost of a change
+    is that of the devices it touched, not of every PCI function on the host.
 
     A device is shown once it has a name (``State.names``): a GPU that waits for NVML's is not
-    shown until then."""
-    reuse = previous.devices() if previous is not None and dirty is not None else {}
-    nodes_by_parent: dict[str, list[DrmNode]] = {}
+    shown until then. A reserved device that is not shown (it left) stays in its lease's group."""
+    if previous is None or dirty is None:
+        previous, dirty = Fingerprint(), set(state.devices) | _leased(state).keys()
+    if not dirty:
+        return previous
+    leased = _leased(state)
+    nodes: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
-        nodes_by_parent.setdefault(node.parent, []).append(node)
-    reserved_by = {d: lease for lease in state.leases.values() for d in lease.devices}
-    members: dict[tuple[str, str, str], dict[str, Device]] = {}
-    for address, facts in state.devices.items():
-        name = state.names.get(address)
-        if name is None or not class_matches(facts.pci_class, state.match_classes):
-            continue
-        kept = reuse.get(address)
-        if kept is not None and dirty is not None and address not in dirty:
-            device = kept[1]
-        else:
-            device = build_device(
-                facts, state, nodes_by_parent.get(address, []), reserved_by.get(address)
-            )
-        triple = (vendor_name(facts.vendor_id), device_type(facts.pci_class), name)
-        members.setdefault(triple, {})[address] = device
-    present = {address for group in members.values() for address in group}
-    departed: dict[tuple[str, str, str], dict[str, Device]] = {}
-    for lease in state.leases.values():
-        for address, held_in in lease.devices.items():
-            if address not in present:
-                vendor, type_, name = held_in.split("/", 2)
-                departed.setdefault((vendor, type_, name), {})[address] = departed_device(
-                    address, lease
-                )
-    before = previous.groups if previous is not None else {}
-    groups: dict[str, DeviceGroup] = {}
-    for triple in members.keys() | departed.keys():
-        vendor, type_, name = triple
-        key = group_key(vendor, type_, name)
-        devices = {**members.get(triple, {}), **departed.get(triple, {})}
-        old = before.get(key)
-        if (
-            old is not None
-            and old.devices.keys() == devices.keys()
-            and all(old.devices[i] is d for i, d in devices.items())
+        if node.parent in dirty:
+            nodes.setdefault(node.parent, []).append(node)
+    index = previous.devices()
+    members: dict[str, dict[str, Device]] = {}  # each group touched, as it is now
+    names: dict[str, tuple[str, str, str]] = {}  # their vendor, type and name
+
+    def group(key: str) -> dict[str, Device]:
+        if key not in members:
+            old = previous.groups.get(key)
+            members[key] = dict(old.devices) if old is not None else {}
+            if old is not None:
+                names[key] = (old.vendor, old.type, old.name)
+        return members[key]
+
+    stale: set[str] = set()  # groups whose shared attributes must be found again
+    for address in dirty:
+        was_in, before = index.get(address, (None, None))
+        if was_in is not None:
+            group(was_in.key).pop(address)
+        placed = _place(state, address, nodes.get(address, []), leased.get(address), before)
+        key = None
+        if placed is not None:
+            triple, device = placed
+            key = group_key(*triple)
+            group(key)[address] = device
+            names.setdefault(key, triple)
+        if was_in is None or was_in.key != key:  # it joined a group, left one, or both
+            stale.update(k for k in (key, was_in.key if was_in else None) if k is not None)
+        elif before is None or device.attributes is not before.attributes:
+            stale.add(key)
+    groups = dict(previous.groups)
+    for key, devices in members.items():
+        old = previous.groups.get(key)
+        if not devices:
+            groups.pop(key, None)
+        elif (
+            old is None
+            or old.devices.keys() != devices.keys()
+            or any(old.devices[i] is not d for i, d in devices.items())
         ):
-            groups[key] = old  # nothing in it changed
-            continue
-        # a departed device has no attributes left: it does not take the group's away
-        shared = common_attributes([d.attributes for d in members.get(triple, {}).values()])
-        groups[key] = DeviceGroup(
-            vendor=vendor, type=type_, name=name, devices=devices, attributes=shared
-        )
+            vendor, type_, name = names[key]
+            if old is not None and key not in stale:
+                shared = old.attributes
+            else:  # a departed device has no attributes left: it does not take the group's away
+                shown = [d.attributes for i, d in devices.items() if _is_shown(state, i)]
+                shared = common_attributes(shown)
+            groups[key] = DeviceGroup(
+                vendor=vendor, type=type_, name=name, devices=devices, attributes=shared
+            )
     return Fingerprint(groups=groups)
+
+
+def _leased(state: State) -> dict[str, Lease]:
+    return {d: lease for lease in state.leases.values() for d in lease.devices}
+
+
+def _is_shown(state: State, address: str) -> bool:
+    facts = state.devices.get(address)
+    return (
+        facts is not None
+        and address in state.names
+        and class_matches(facts.pci_class, state.match_classes)
+    )
+
+
+def _place(
+    state: State, address: str, nodes: list[DrmNode], lease: Lease | None, before: Device | None
+) -> tuple[tuple[str, str, str], Device] | None:
+    """The group (vendor, type, name) a device is shown in and the device, if it is shown."""
+    if _is_shown(state, address):
+        facts = state.devices[address]
+        triple = (vendor_name(facts.vendor_id), device_type(facts.pci_class), state.names[address])
+        return triple, build_device(facts, state, nodes, lease, before)
+    if lease is not None:
+        vendor, type_, name = lease.devices[address].split("/", 2)
+        return (vendor, type_, name), departed_device(address, lease)
+    return None
 
 
 def fingerprint_patch(old: Fingerprint, new: Fingerprint) -> Patch | None:

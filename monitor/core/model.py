@@ -107,13 +107,21 @@ class Fingerprint:
     """The current set of device groups, keyed by ``vendor/type/name``."""
 
     groups: Mapping[str, DeviceGroup] = attrs.field(converter=frozen_mapping, factory=dict)
+    # Every device by ID with its group: made on first use, as the fingerprint never changes.
+    _by_device: Mapping[str, tuple[DeviceGroup, Device]] | None = attrs.field(
+        default=None, init=False, eq=False, repr=False
+    )
 
     def to_json(self) -> JSON:
         return {"groups": {key: group.to_json() for key, group in self.groups.items()}}
 
-    def devices(self) -> dict[str, tuple[DeviceGroup, Device]]:
+    def devices(self) -> Mapping[str, tuple[DeviceGroup, Device]]:
         """Every device by ID, with the group it is in."""
-        return {d.id: (g, d) for g in self.groups.values() for d in g.devices.values()}
+        if self._by_device is None:
+            index = {d.id: (g, d) for g in self.groups.values() for d in g.devices.values()}
+            object.__setattr__(self, "_by_device", MappingProxyType(index))
+        assert self._by_device is not None
+        return self._by_device
 
 
 @attrs.frozen

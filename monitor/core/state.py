@@ -90,9 +90,15 @@ class State:
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 
     def nvidia_minor(self, address: str) -> int | None:
-        """N of the GPU's /dev/nvidiaN: the driver's proc file says, else NVML, else unknown."""
-        facts = self.devices.get(address)
-        if facts is not None and facts.nvidia_minor is not None:
-            return facts.nvidia_minor
-        gpu = self.nvml.get(address)
-        return gpu.minor if gpu is not None else None
+        return nvidia_minor(self.devices, self.nvml, address)
+
+
+def nvidia_minor(
+    devices: Mapping[str, PciFacts], nvml: Mapping[str, NvmlGpu], address: str
+) -> int | None:
+    """N of the GPU's /dev/nvidiaN: the driver's proc file says, else NVML, else unknown."""
+    facts = devices.get(address)
+    if facts is not None and facts.nvidia_minor is not None:
+        return facts.nvidia_minor
+    gpu = nvml.get(address)
+    return gpu.minor if gpu is not None else None

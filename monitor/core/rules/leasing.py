@@ -31,7 +31,7 @@ from monitor.core.events import (
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_name
-from monitor.core.state import State
+from monitor.core.state import State, nvidia_minor
 
 F = attrs.fields(State)
 Found = tuple[DeviceGroup, Device]
@@ -64,8 +64,8 @@ def may_change(access: Access, peer: Peer, action: str) -> Refusal | None:
 
 def device_index(fingerprint: Fingerprint) -> dict[str, Found]:
     """Every device by PCI address and, where it has one, by GPU UUID."""
-    index = fingerprint.devices()
-    for group, device in list(index.values()):
+    index = dict(fingerprint.devices())
+    for group, device in fingerprint.devices().values():
         uuid = device.attributes.get("uuid")
         if uuid is not None:
             index[str(uuid.value)] = (group, device)
@@ -170,8 +170,8 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     if owner is not None:
         reason += f" for {owner}"
     draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason))
-    state = draft.state()
-    minors = {d.id: m for _, d in found if (m := state.nvidia_minor(d.id)) is not None}
+    facts, nvml = draft.get(F.devices), draft.get(F.nvml)
+    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
     return Grant(lease, found, minors)
 
 
