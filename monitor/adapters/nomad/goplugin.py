@@ -182,6 +182,9 @@ def configure_logging(stream: TextIO | None = None, level: int = TRACE) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # grpc and asyncio narrate every call at debug level: that is noise in the Nomad log.
+    for chatty in ("grpc", "asyncio"):
+        logging.getLogger(chatty).setLevel(max(level, logging.INFO))
     # A host that went away leaves stderr broken: don't print tracebacks about the logging.
     logging.raiseExceptions = False
 
@@ -198,8 +201,12 @@ class ControllerServicer(goplugin_pb2_grpc.GRPCControllerServicer):
         request: goplugin_pb2.Empty,
         context: grpc.aio.ServicerContext[goplugin_pb2.Empty, goplugin_pb2.Empty],
     ) -> goplugin_pb2.Empty:
-        context.add_done_callback(lambda _: self._on_shutdown("the host asked to shut down"))
+        # typeshed declares the callback as a class no function matches; any callable works.
+        context.add_done_callback(self._answered)  # type: ignore[arg-type]
         return goplugin_pb2.Empty()
+
+    def _answered(self, context: object) -> None:
+        self._on_shutdown("the host asked to shut down")
 
 
 class StdioServicer(goplugin_pb2_grpc.GRPCStdioServicer):
