@@ -17,6 +17,7 @@ dependency update means: regenerate and commit.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -47,10 +48,8 @@ def _mypy_grpc_plugin() -> str:
 
 def generate_into(out: Path) -> dict[str, bytes]:
     """Run protoc on every proto, writing under ``out``; return {file name: content}."""
-    try:
-        from grpc_tools import protoc  # noqa: F401  (only to give a clear error below)
-    except ImportError as error:
-        raise SystemExit(f"grpcio-tools is missing ({error}): pip install grpcio-tools") from None
+    if importlib.util.find_spec("grpc_tools") is None:
+        raise SystemExit("grpcio-tools is missing: pip install grpcio-tools")
     well_known = resources.files("grpc_tools") / "_proto"
     relative = [str(p.relative_to(REPO)) for p in proto_files()]
     command = [

@@ -128,6 +128,9 @@ def build(cache_dir: Path) -> Build:
             built = work / "host"
             _run(["go", "build", "-o", str(built), f"{GO_IMPORT_ROOT}/nomadhost"], env=env)
             os.replace(built, binary)
+        for old in cache_dir.glob("nomad-host-*"):
+            if old != binary:
+                old.unlink()  # built from sources that have changed since
     return Build(binary, time.monotonic() - began, cached=False)
 
 
