@@ -91,6 +91,7 @@ def build(cache_dir: Path) -> Build:
     """The host binary for the current sources: from the cache, or built now (once per key,
     also across concurrent sessions, through a lock file)."""
     began = time.monotonic()
+    cache_dir = cache_dir.resolve()  # GOPATH entries must be absolute
     cache_dir.mkdir(parents=True, exist_ok=True)
     binary = cache_dir / f"nomad-host-{source_hash()}"
     with (cache_dir / "build.lock").open("w") as lock:

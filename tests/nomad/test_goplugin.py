@@ -61,6 +61,13 @@ def test_generated_code_matches_protos() -> None:
     assert with_tools == 0, "run: python -m tests.nomad.generate"
 
 
+def test_generator_names_missing_stale_and_left_over_files() -> None:
+    wanted = {"a_pb2.py": b"new", "b_pb2.py": b"same"}
+    present = {"a_pb2.py": b"old", "b_pb2.py": b"same", "c_pb2.py": b"gone"}
+    assert generate.differences(wanted, present) == ["a_pb2.py", "c_pb2.py"]
+    assert generate.differences(wanted, {"b_pb2.py": b"same"}) == ["a_pb2.py"]
+
+
 # -- pure parts of goplugin ---------------------------------------------------------------
 
 
@@ -208,16 +215,24 @@ def test_sigint_is_left_to_the_host(direct: DirectPlugin) -> None:
     assert direct.finish()[0] == 0
 
 
-def test_socket_dir_and_multiplex_request_are_honoured(tmp_path: Path) -> None:
+def test_socket_dir_group_and_multiplex_request_are_honoured(tmp_path: Path) -> None:
     plugin = DirectPlugin(
-        _plugin_env(PLUGIN_UNIX_SOCKET_DIR=str(tmp_path), PLUGIN_MULTIPLEX_GRPC="true")
+        _plugin_env(
+            PLUGIN_UNIX_SOCKET_DIR=str(tmp_path),
+            PLUGIN_UNIX_SOCKET_GROUP=str(os.getgid()),
+            PLUGIN_MULTIPLEX_GRPC="true",
+        )
     )
     try:
         fields = plugin.line.split("|")
         # Seven fields: no certificate, and no broker multiplexing to offer.
         assert fields[:3] == ["1", "2", "unix"] and fields[4:] == ["grpc", "", "false"]
-        assert Path(fields[3]).parent == tmp_path
-        assert Path(fields[3]).is_socket()
+        socket_path = Path(fields[3])
+        assert socket_path.parent == tmp_path
+        assert socket_path.is_socket()
+        # The host's group may connect.
+        assert socket_path.stat().st_gid == os.getgid()
+        assert socket_path.stat().st_mode & 0o777 == 0o660
     finally:
         plugin.process.send_signal(signal.SIGTERM)
         status, _, _ = plugin.finish()
