@@ -6,7 +6,9 @@ kill, stdout and stderr as the client reads them, and the device RPCs.
 Some checks start the plugin directly (no Go host) to see its raw stdout, exit status and
 environment handling; they use Python gRPC stubs generated from the same protos.
 
-Measured times are written to build/nomad-harness.json (and printed with ``-s``).
+Measured times are written to build/nomad-harness.json (and printed with ``-s``). The Go host
+is built once into build/nomad-host (or $NOMAD_HOST_CACHE) and reused while its sources, the
+protos and the toolchain stay the same.
 """
 
 from __future__ import annotations
@@ -262,10 +264,9 @@ def test_a_host_asking_for_mtls_is_refused_clearly() -> None:
 
 
 @pytest.fixture(scope="session")
-def host_binary(request: pytest.FixtureRequest) -> Path:
+def host_binary() -> Path:
     need(host.missing_tools())
-    cache = Path(request.config.cache.mkdir("nomad-host"))
-    built = host.build(cache)
+    built = host.build(Path(os.environ.get("NOMAD_HOST_CACHE", REPO / "build" / "nomad-host")))
     _keep("host_build_s", {"seconds": round(built.seconds, 2), "cached": built.cached})
     return built.binary
 
