@@ -68,7 +68,9 @@ logging.addLevelName(TRACE, "TRACE")
 MAX_SOCKET_PATH = 107
 
 Registrar = Callable[[grpc.aio.Server], None]
-"""Adds one servicer to the server, e.g. ``partial(add_BasePluginServicer_to_server, impl)``."""
+"""Adds one servicer to the server, e.g. ``partial(add_BasePluginServicer_to_server, impl)``.
+Registrars run inside the event loop, before serving starts, so they may also start tasks
+(a daemon client) or add signal handlers."""
 
 log = logging.getLogger("goplugin")
 
@@ -287,7 +289,7 @@ class PluginServer:
                 "does not support; leave AutoMTLS off for it"
             )
         offered = self._env.get(ENV_PROTOCOL_VERSIONS, "")
-        if self.version not in offered_versions(offered):
+        if offered and self.version not in offered_versions(offered):
             log.warning(
                 "no protocol version in common with the host",
                 extra={
@@ -411,5 +413,9 @@ def main(
         asyncio.run(serve(registrars, handshake=handshake, env=environment, announce=announce))
     except PluginStartError as error:
         log.error(str(error))
+        return 1
+    except Exception:
+        # One JSON line at error level, which Nomad shows, rather than a bare traceback.
+        log.exception("plugin failed")
         return 1
     return 0
