@@ -431,7 +431,12 @@ func (h *host) next(s *stream, timeoutMS int) (result, bool) {
 		if item.err != nil {
 			return errResult(item.err, result{"received_unix_ns": item.at.UnixNano()}), true
 		}
-		return result{"message": protoJSON(item.msg), "received_unix_ns": item.at.UnixNano()}, false
+		out := result{"message": protoJSON(item.msg), "received_unix_ns": item.at.UnixNano()}
+		if fp, ok := item.msg.(*devicepb.FingerprintResponse); ok {
+			// What the Nomad client would refuse in this message (empty: it takes it).
+			out["nomad_refuses"] = validateFingerprint(fp)
+		}
+		return out, false
 	case <-time.After(time.Duration(timeoutMS) * time.Millisecond):
 		return result{"error": fmt.Sprintf("no message within %d ms", timeoutMS), "code": "Timeout"}, false
 	}
