@@ -33,15 +33,14 @@ from grpc_health.v1 import health_pb2
 
 from monitor.adapters.nomad import goplugin
 from monitor.adapters.nomad.protos import goplugin_pb2, goplugin_pb2_grpc
-from tests.conftest import need
 from tests.nomad import fixture_plugin, generate, host
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = [sys.executable, "-m", "tests.nomad.fixture_plugin"]
 CONFIG = {"socket": "/run/hotplug-monitor/test.sock"}
 HANDSHAKE = re.compile(r"^1\|2\|unix\|(/[^|]+)\|grpc$")
-# go-plugin's client waits this long for a plugin to exit after Shutdown, then kills it.
-KILL_FALLBACK_MS = 2000
+# What go-plugin's client logs when a plugin has not exited 2 s after Shutdown, and kills it.
+GRACELESS = "plugin failed to exit gracefully"
 
 measured: dict[str, Any] = {}
 
@@ -223,8 +222,7 @@ def test_a_host_asking_for_mtls_is_refused_clearly() -> None:
 
 @pytest.fixture(scope="session")
 def host_binary() -> Path:
-    need(host.missing_tools())
-    built = host.build(Path(os.environ.get("NOMAD_HOST_CACHE", REPO / "build" / "nomad-host")))
+    built = host.for_tests()
     _keep("host_build_s", {"seconds": round(built.seconds, 2), "cached": built.cached})
     return built.binary
 
@@ -265,17 +263,18 @@ def test_the_three_launches_of_nomads_loader(
     schema = fingerprint["config_schema"]["spec"]["object"]["attributes"]
     assert set(schema) == {"socket", "ignored_device_ids"}
     assert all(s["negotiated_version"] == 2 for s in stages)
-    # The short-lived launches ended through Shutdown, well before go-plugin's 2 s fallback.
+    # The short-lived launches ended through Shutdown, not go-plugin's kill after 2 s.
     for stage in (fingerprint, validate):
         assert stage["exited"] is True
-        assert stage["kill_ms"] < KILL_FALLBACK_MS / 2, stage
     # The config reached the plugin as go-cty would encode it: a map with every attribute,
     # defaults filled in.
     sent = msgpack.unpackb(base64.b64decode(launched["msgpack_config_b64"]))
     assert sent == {"socket": CONFIG["socket"], "ignored_device_ids": []}
     # Nomad's loader calls SetConfig twice to validate (no agent config), once to run (with).
-    phases = [e["phase"] for e in _entries(go_host) if e.get("@message") == "SetConfig"]
+    entries = _entries(go_host)
+    phases = [e["phase"] for e in entries if e.get("@message") == "SetConfig"]
     assert phases == ["validate", "validate", "run"]
+    assert not any(e.get("@message") == GRACELESS for e in entries)
     _keep(
         "launch_ms",
         {
@@ -294,10 +293,9 @@ def test_health_and_kill_without_the_two_second_fallback(
     assert "message" in go_host.request("fingerprint_next", timeout_ms=5000)
     killed = go_host.request("kill")
     assert killed["exited"] is True
-    assert killed["kill_ms"] < KILL_FALLBACK_MS / 2, killed
     messages = [e.get("@message") for e in _entries(go_host)]
     assert "plugin exited" in messages
-    assert "plugin failed to exit gracefully" not in messages
+    assert GRACELESS not in messages
     assert not any("error closing client" in str(m) for m in messages)
     _keep("kill_with_open_stream_ms", killed["kill_ms"])
 
@@ -370,7 +368,6 @@ def test_stats_stream_at_the_collection_interval(
     first = go_host.request("stats_next", interval_ms=200, timeout_ms=5000)
     second = go_host.request("stats_next", interval_ms=200, timeout_ms=5000)
     gap_ms = (second["received_unix_ns"] - first["received_unix_ns"]) / 1e6
-    assert 150 < gap_ms < 1000, gap_ms
     group = second["message"]["groups"][0]
     assert [group["vendor"], group["type"], group["name"]] == [
         "nvidia",
@@ -384,6 +381,13 @@ def test_stats_stream_at_the_collection_interval(
     assert stats["summary"]["unit"] == "MiB"
     assert stats["stats"]["attributes"]["Power usage"]["unit"] == "W"
     assert "timestamp" in stats
+    # One sample per interval: the fixture counts them in its power figure.
+    power = [
+        int(m["message"]["groups"][0]["instance_stats"]["0000:86:00.0"]["stats"]["attributes"][
+            "Power usage"]["int_numerator_val"])
+        for m in (first, second)
+    ]  # fmt: skip
+    assert power[1] == power[0] + 1
     _keep("stats_gap_at_200ms_interval_ms", round(gap_ms, 1))
 
 
@@ -412,6 +416,6 @@ def test_a_config_the_plugin_refuses_fails_the_validation_launch(
     assert result["stage"] == "validate"
     assert result["code"] == "InvalidArgument"
     assert [s["stage"] for s in result["stages"]] == ["fingerprint", "validate"]
-    assert result["kill_ms"] < KILL_FALLBACK_MS / 2
+    assert not any(e.get("@message") == GRACELESS for e in _entries(go_host))
     # Nothing is left running: the next command has no plugin to talk to.
     assert "launch first" in go_host.request("ping")["error"]

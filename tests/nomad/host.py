@@ -22,6 +22,7 @@ Commands (one JSON object per line; each answers one JSON line, errors as
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ from types import TracebackType
 from typing import Any
 
 import attrs
+
+from tests.conftest import need
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_SOURCES = Path(__file__).resolve().parent / "host"
@@ -133,6 +136,15 @@ def build(cache_dir: Path) -> Build:
             if old != binary:
                 old.unlink()  # built from sources that have changed since
     return Build(binary, time.monotonic() - began, cached=False)
+
+
+@functools.cache
+def for_tests() -> Build:
+    """The host for this test session: built into build/nomad-host (or $NOMAD_HOST_CACHE) if
+    its sources changed, else taken from there. Skips the test (fails it under CI) when Go or
+    go-plugin is missing."""
+    need(missing_tools())
+    return build(Path(os.environ.get("NOMAD_HOST_CACHE", REPO / "build" / "nomad-host")))
 
 
 def _run(command: Sequence[str], **kwargs: Any) -> None:

@@ -27,7 +27,9 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
 
 	hclog "github.com/hashicorp/go-hclog"
 	plugin "github.com/hashicorp/go-plugin"
@@ -110,10 +112,19 @@ func (l *lines) take() []string {
 	return out
 }
 
+// monoNow is CLOCK_MONOTONIC in nanoseconds (Go's own monotonic reading is not absolute).
+func monoNow() int64 {
+	var ts syscall.Timespec
+	syscall.Syscall(syscall.SYS_CLOCK_GETTIME, 1, uintptr(unsafe.Pointer(&ts)), 0)
+	return ts.Nano()
+}
+
 type streamItem struct {
 	msg proto.Message
 	err error
 	at  time.Time
+	// CLOCK_MONOTONIC at arrival, comparable with other processes' (the benchmark's) stamps.
+	mono int64
 }
 
 // stream turns a server stream into a channel, stamping each message as it arrives.
@@ -128,7 +139,7 @@ func openStream(cancel context.CancelFunc, recv func() (proto.Message, error)) *
 	go func() {
 		for {
 			msg, err := recv()
-			s.items <- streamItem{msg: msg, err: err, at: time.Now()}
+			s.items <- streamItem{msg: msg, err: err, at: time.Now(), mono: monoNow()}
 			if err != nil {
 				return
 			}
@@ -431,7 +442,7 @@ func (h *host) next(s *stream, timeoutMS int) (result, bool) {
 		if item.err != nil {
 			return errResult(item.err, result{"received_unix_ns": item.at.UnixNano()}), true
 		}
-		out := result{"message": protoJSON(item.msg), "received_unix_ns": item.at.UnixNano()}
+		out := result{"message": protoJSON(item.msg), "received_unix_ns": item.at.UnixNano(), "received_mono_ns": item.mono}
 		if fp, ok := item.msg.(*devicepb.FingerprintResponse); ok {
 			// What the Nomad client would refuse in this message (empty: it takes it).
 			out["nomad_refuses"] = validateFingerprint(fp)
