@@ -53,8 +53,9 @@ GO_PLUGIN_PACKAGE = DEBIAN_GOPATH / "src/github.com/hashicorp/go-plugin"
 APT_PACKAGES = (
     "golang-go golang-github-hashicorp-go-plugin-dev golang-google-grpc-dev "
     "golang-github-golang-protobuf-1-5-dev golang-google-protobuf-dev "
-    "protobuf-compiler protoc-gen-go protoc-gen-go-grpc"
+    "protobuf-compiler libprotobuf-dev protoc-gen-go protoc-gen-go-grpc"
 )
+WELL_KNOWN_PROTOS = Path("/usr/include/google/protobuf")
 
 
 def missing_tools() -> str | None:
@@ -62,6 +63,8 @@ def missing_tools() -> str | None:
     for tool in ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt-get install {APT_PACKAGES})"
+    if not (WELL_KNOWN_PROTOS / "duration.proto").is_file():
+        return f"no well-known protos in {WELL_KNOWN_PROTOS} (apt-get install libprotobuf-dev)"
     if not GO_PLUGIN_PACKAGE.is_dir():
         return f"go-plugin sources missing in {GO_PLUGIN_PACKAGE} (apt-get install {APT_PACKAGES})"
     return None

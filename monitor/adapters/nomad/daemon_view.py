@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from monitor.adapters.nomad import translate
 from monitor.adapters.nomad.config import PluginConfig
@@ -136,26 +136,31 @@ class DaemonView:
 
 
 async def fingerprints(
-    view: DaemonView, window: float, first_wait: float
-) -> AsyncIterator[translate.Offered]:
+    view: DaemonView,
+    window: float,
+    first_wait: float,
+    *,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> AsyncGenerator[translate.Offered, None]:
     """What one Fingerprint stream sends: the offer at once (once the daemon answered, or
     ``first_wait`` passed), then the offer after each change Nomad would see, a burst within
-    ``window`` seconds sent as one message. Never periodic, and never ends by itself."""
-    view.start()
+    ``window`` seconds of the last message sent as one. Never periodic, and never ends by
+    itself. ``clock`` and ``sleep`` are the event loop's unless a test gives its own."""
+    now = clock or asyncio.get_running_loop().time
     await view.first_answer(first_wait)
-    loop = asyncio.get_running_loop()
     seen = view.version
     sent = view.offer
-    last_sent = loop.time()
+    last_sent = now()
     yield sent
     while True:
         seen = await view.newer_than(seen)
-        delay = throttle_delay(loop.time(), last_sent, window)
+        delay = throttle_delay(now(), last_sent, window)
         if delay > 0:
-            await asyncio.sleep(delay)
+            await sleep(delay)
             seen = view.version
         if translate.same(view.offer.groups, sent.groups):
             continue  # changed and changed back within the window
         sent = view.offer
-        last_sent = loop.time()
+        last_sent = now()
         yield sent

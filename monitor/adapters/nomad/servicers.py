@@ -123,6 +123,7 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
         context: Context[device_pb2.FingerprintRequest, device_pb2.FingerprintResponse],
     ) -> AsyncIterator[device_pb2.FingerprintResponse]:
         view = self._state.view
+        view.start()
         async for offer in fingerprints(view, COALESCE_S, FIRST_ANSWER_WAIT_S):
             log.debug(
                 "fingerprint",
