@@ -106,7 +106,7 @@ def _driver(attributes: Any) -> Any:
 class Taken:
     """One sample: its params and their JSON, encoded once for every subscriber."""
 
-    at: float  # trio's clock
+    at: float  # trio's clock, when it was begun
     params: dict[str, Any]
     encoded: bytes
 
@@ -153,6 +153,7 @@ class StatsHub:
 
     async def _take(self, done: trio.Event) -> None:
         try:
+            begun, wall = trio.current_time(), self.clock()
             state = self.hub.state
             found: Sample = {}
             results: list[Sample] = [{} for _ in self.samplers]
@@ -167,8 +168,8 @@ class StatsHub:
                 for device_id, entries in result.items():
                     found.setdefault(device_id, {}).update(entries)
             devices = clean(found, state.fingerprint.devices())
-            params = {"time": round(self.clock(), 3), "devices": devices}
-            self._latest = Taken(trio.current_time(), params, dumps(params))
+            params = {"time": round(wall, 3), "devices": devices}
+            self._latest = Taken(begun, params, dumps(params))
             self.samples_taken += 1
         finally:
             self._taking = None
