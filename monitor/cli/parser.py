@@ -51,6 +51,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "reserve": _reserve(commands),
         "release": _release(commands),
         "leases": _leases(commands),
+        "stats": _stats(commands),
         "demo": _demo(commands),
         "nomad-plugin": _nomad_plugin(commands),
     }
@@ -144,6 +145,19 @@ def _leases(commands: Commands) -> argparse.ArgumentParser:
     leases = _client(commands, "leases", "list reservations and who holds them")
     leases.add_argument("--json", action="store_true", help="print the raw list")
     return leases
+
+
+def _stats(commands: Commands) -> argparse.ArgumentParser:
+    stats = _client(commands, "stats", "show device telemetry: utilization, memory, power...")
+    stats.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between samples, 1 to 3600 (default: 2)",
+    )
+    stats.add_argument("--json", action="store_true", help="print the raw notifications")
+    return stats
 
 
 def _demo(commands: Commands) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.sim.umockdev import umockdev_missing
-from tests.bench import fanout, kernel, nomad, reserve, simulated
+from tests.bench import fanout, kernel, nomad, reserve, simulated, telemetry
 from tests.bench.common import (
     Daemon,
     Results,
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fewer samples, no 100k storm, no 10,000 subscribers, 5 s idle instead of 60 s",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,10", help="scenarios to run, e.g. 1,4")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,10", help="scenarios to run, e.g. 1,4")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                 guarded(
                     "7 start-up", lambda: simulated.startup(results, work / "s7", starts, quick)
                 )
+
+        if 8 in only:
+            if no_sim:
+                skipped("8 telemetry", no_sim)
+            else:
+                window = 5.0 if quick else 20.0
+                guarded("8 telemetry", lambda: telemetry.telemetry(results, work / "s8", window))
 
         if 10 in only:
             if no_sim:
