@@ -11,6 +11,7 @@ Measured figures go to build/nomad-plugin.json (and are printed with ``-s``); th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from monitor.adapters.nomad import goplugin
@@ -58,7 +60,12 @@ def keep(name: str, value: Any) -> None:
 
 
 def fake_gpu(address: str, minor: int) -> FakeGpu:
-    return FakeGpu(bus_id=address, uuid=UUIDS[address], minor=minor)
+    gpu = FakeGpu(bus_id=address, uuid=UUIDS[address], minor=minor)
+    if address == A:  # statistics no other figure of A has (each sample reports them)
+        gpu = attrs.evolve(
+            gpu, util_gpu=71, memory_used_mib=40960, temperature_c=64, power_mw=412345
+        )
+    return gpu
 
 
 @pytest.fixture
@@ -324,6 +331,42 @@ def test_reserve_returns_the_edits_and_nomads_second_reserve_replaces_its_lease(
     unknown = nomad.reserve("0000:00:00.1")
     assert (unknown["code"], unknown["error"]) == ("NotFound", said.value.message)
     keep("reserve_ms", first["ms"])
+
+
+def test_stats_are_the_daemons_numbers_at_nomads_interval_as_nomads_stat_objects(
+    nomad: Nomad, daemon: Daemon
+) -> None:
+    assert "error" not in nomad.launch(config={"socket": str(daemon.socket)})
+    nomad.next()
+    got = [nomad.host.request("stats_next", interval_ms=1000, timeout_ms=10_000) for _ in range(3)]
+    assert all("message" in g for g in got), got
+    groups = got[-1]["message"]["groups"]
+    assert [(g["vendor"], g["type"], g["name"]) for g in groups] == [("nvidia", "gpu", H100)]
+    instances = groups[0]["instance_stats"]
+    assert set(instances) == {A, B}
+    values = instances[A]["stats"]["attributes"]
+    # Wrapper values arrive as JSON numbers (int64 as strings), with Nomad's units.
+    assert values["GPU utilization"]["int_numerator_val"] == "71"
+    assert values["GPU utilization"]["unit"] == "%"
+    assert values["Temperature"]["int_numerator_val"] == "64"
+    assert values["Temperature"]["unit"] == "C"
+    assert values["Power usage"]["unit"] == "W"
+    assert float(values["Power usage"]["float_numerator_val"]) == pytest.approx(412.345)
+    memory = values["Memory state"]
+    assert (memory["int_numerator_val"], memory["int_denominator_val"]) == ("40960", "81559")
+    assert memory["unit"] == "MiB"
+    assert instances[A]["summary"] == memory  # used of total, as nomad-device-nvidia's
+    assert values["GPU utilization"]["desc"]
+    # One sample per interval, each stamped with its own time.
+    stamps = [g["message"]["groups"][0]["instance_stats"][A]["timestamp"] for g in got]
+    assert len(set(stamps)) == 3
+    keep(
+        "stats_gaps_ms",
+        [
+            round((b["received_unix_ns"] - a["received_unix_ns"]) / 1e6)
+            for a, b in itertools.pairwise(got)
+        ],
+    )
 
 
 def test_a_device_held_outside_nomad_is_unhealthy_naming_the_holder(

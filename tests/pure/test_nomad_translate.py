@@ -343,6 +343,8 @@ def test_a_stats_sample_as_nomads_stat_objects_grouped_like_the_fingerprint() ->
                 stats.POWER_USAGE.name: {"value": 312.5, "unit": "W"},
                 stats.MEMORY_USED.name: {"value": 2048, "unit": "MiB"},
                 stats.MEMORY_TOTAL.name: {"value": 81559, "unit": "MiB"},
+                stats.BAR1_USED.name: {"value": 1.5, "unit": "MiB"},
+                stats.BAR1_TOTAL.name: {"value": 131072, "unit": "MiB"},
                 "Throttle reasons": {"value": "", "unit": ""},
                 "bad": {"value": [1]},
             },
@@ -364,6 +366,8 @@ def test_a_stats_sample_as_nomads_stat_objects_grouped_like_the_fingerprint() ->
     memory = values[stats.MEMORY_USED.name]
     assert (memory.int_numerator_val.value, memory.int_denominator_val.value) == (2048, 81559)
     assert got.summary == memory  # memory used of total, as Nomad's NVIDIA plugin summarises
+    bar1 = values[stats.BAR1_USED.name]  # a float of an int: a float fraction
+    assert (bar1.float_numerator_val.value, bar1.float_denominator_val.value) == (1.5, 131072.0)
     assert values["Throttle reasons"].HasField("string_val")
     assert "bad" not in values
 

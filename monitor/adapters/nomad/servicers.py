@@ -215,6 +215,4 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
                         else error.message
                     )
                     log.warning("no device statistics", extra={"reason": reason[:500]})
-                if error.code == METHOD_NOT_FOUND:
-                    backoff = Backoff(first=300.0, most=300.0)
             await asyncio.sleep(backoff.delay())

@@ -41,7 +41,10 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
 PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 # Stats Nomad shows as a fraction (used / total), by the numerator's name: the denominator's.
-FRACTIONS = {stats.MEMORY_USED.name: stats.MEMORY_TOTAL.name}
+FRACTIONS = {
+    stats.MEMORY_USED.name: stats.MEMORY_TOTAL.name,
+    stats.BAR1_USED.name: stats.BAR1_TOTAL.name,
+}
 # The one statistic Nomad's summaries show, the first a device has.
 SUMMARY = (stats.MEMORY_USED.name, stats.GPU_UTILIZATION.name)
 
