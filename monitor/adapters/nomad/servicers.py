@@ -193,7 +193,7 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
         interval = min(max(wanted, low), high)
         view = self._state.view
         view.start()
-        backoff = Backoff(first=1.0, most=30.0)
+        backoff = Backoff(first=0.5, most=5.0)
         told = False
         while True:
             try:
