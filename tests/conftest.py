@@ -148,7 +148,12 @@ def cli_as(
 
     Everything the command may import is imported first: the child, as another user, may not
     be able to read this interpreter's library."""
-    for module in ("monitor.daemon.app", "monitor.cli", "cysystemd.journal", "cysystemd.daemon"):
+    for module in (
+        "monitor.daemon.app",
+        "monitor.cli.commands",
+        "cysystemd.journal",
+        "cysystemd.daemon",
+    ):
         importlib.import_module(module)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from monitor.cli.commands import COMMANDS, CliError
 from monitor.cli.parser import PROG, build_parser
 from monitor.daemon.config import ConfigError
 from monitor.wire.errors import DaemonUnavailable, RpcError
@@ -17,6 +16,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser, so that its usage is the one shown
         commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "nomad-plugin":
+        # Nomad starts it three times whenever its client starts: it imports only what it uses.
+        from monitor.cli.nomad import nomad_plugin
+
+        return nomad_plugin(args)
+    from monitor.cli.commands import COMMANDS, CliError
+
     try:
         COMMANDS[args.command](args)
     except (CliError, ConfigError, DaemonUnavailable, BadAnswer) as exc:

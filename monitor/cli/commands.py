@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from functools import partial
@@ -161,6 +162,24 @@ def cmd_release(args: argparse.Namespace) -> None:
         print(f"{args.owner} held no reservations" if args.all else "nothing was released")
 
 
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    if not 1 <= args.interval <= 3600:
+        raise CliError("--interval must be from 1 to 3600 seconds")
+    screen = sys.stdout.isatty()  # a terminal: one table, redrawn; else one after another
+    with _connect(args, timeout=None) as client:
+        first = client.ask(requests.stats(args.interval))
+        for params in itertools.chain([first], client.notifications("stats")):
+            if args.json:
+                print(json.dumps(params), flush=True)
+            elif screen:
+                print(CLEAR_SCREEN + show.stats_table(params), flush=True)
+            else:
+                print(show.stats_table(params) + "\n", flush=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     try:
         from monitor.sim import demo
@@ -182,5 +201,6 @@ COMMANDS = {
     "reserve": cmd_reserve,
     "release": cmd_release,
     "leases": cmd_leases,
+    "stats": cmd_stats,
     "demo": cmd_demo,
 }

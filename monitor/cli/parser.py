@@ -51,7 +51,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "reserve": _reserve(commands),
         "release": _release(commands),
         "leases": _leases(commands),
+        "stats": _stats(commands),
         "demo": _demo(commands),
+        "nomad-plugin": _nomad_plugin(commands),
     }
     return parser, parsers
 
@@ -145,6 +147,19 @@ def _leases(commands: Commands) -> argparse.ArgumentParser:
     return leases
 
 
+def _stats(commands: Commands) -> argparse.ArgumentParser:
+    stats = _client(commands, "stats", "show device telemetry: utilization, memory, power...")
+    stats.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between samples, 1 to 3600 (default: 2)",
+    )
+    stats.add_argument("--json", action="store_true", help="print the raw notifications")
+    return stats
+
+
 def _demo(commands: Commands) -> argparse.ArgumentParser:
     demo: argparse.ArgumentParser = commands.add_parser(
         "demo",
@@ -154,3 +169,37 @@ def _demo(commands: Commands) -> argparse.ArgumentParser:
     )
     demo.add_argument("--speed", type=float, default=1.0, help="faster (2) or slower (0.5)")
     return demo
+
+
+def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:
+    plugin: argparse.ArgumentParser = commands.add_parser(
+        "nomad-plugin",
+        help="serve the daemon's devices to Nomad as an external device plugin",
+        description="A HashiCorp Nomad device plugin: the Nomad client starts it from its "
+        "plugin_dir (never by hand) and speaks to it over go-plugin's gRPC. It reports the "
+        "daemon's devices and their health at every change, reserves devices for tasks "
+        "(leases of owner 'nomad'), and passes on the daemon's device statistics. The same "
+        "settings may come in the plugin block's config (socket, ignored_device_ids, groups); "
+        "these flags, given in its args, win.",
+    )
+    plugin.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help=f"the daemon's socket (config: socket; default: {SYSTEM_SOCKET})",
+    )
+    plugin.add_argument(
+        "--ignore-device",
+        action="append",
+        metavar="ID",
+        help="leave a device out: PCI address or GPU UUID; repeatable "
+        "(config: ignored_device_ids; default: none)",
+    )
+    plugin.add_argument(
+        "--offer",
+        action="append",
+        metavar="GROUP",
+        help="offer only these groups: TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME as in a job's "
+        "device block; repeatable (config: groups; default: every group)",
+    )
+    return plugin

@@ -160,3 +160,52 @@ def engine_arguments(result: dict[str, Any]) -> str:
 def cdi_arguments(names: list[str]) -> str:
     """``--device=KIND=ID`` for each CDI device name, for ``podman run $(...)``."""
     return " ".join(f"--device={name}" for name in names)
+
+
+# The stats table's columns: heading, and the statistics shown in it (the first one given).
+STATS_COLUMNS = (
+    ("GPU", ("GPU utilization",)),
+    ("MEM BW", ("Memory utilization",)),
+    ("MEMORY MiB", ("Memory state", "Memory total")),
+    ("TEMP C", ("Temperature",)),
+    ("POWER W", ("Power usage",)),
+    ("ENERGY J", ("Energy",)),
+    ("CLOCK MHz", ("SM clock", "GPU frequency")),
+    ("PCIe TX/RX KB/s", ("PCIe TX throughput", "PCIe RX throughput")),
+    ("ECC", ("ECC volatile uncorrected", "ECC volatile corrected")),
+    ("THROTTLE", ("Throttle reasons",)),
+)
+
+
+def _stat(found: dict[str, Any], name: str) -> str | None:
+    entry = found.get(name)
+    if entry is None:
+        return None
+    number = entry["value"]
+    unit = entry.get("unit", "")
+    if isinstance(number, float):
+        number = f"{number:.1f}"
+    return f"{number}{unit if unit == '%' else ''}"
+
+
+def _stats_cell(found: dict[str, Any], heading: str, names: tuple[str, ...]) -> str:
+    values = [_stat(found, name) for name in names]
+    if heading == "CLOCK MHz":  # NVML's SM clock, or the kernel's GPU frequency
+        return next((v for v in values if v is not None), "-")
+    if heading == "ECC" and all(v is not None for v in values):
+        return f"{values[0]} unc / {values[1]} cor"
+    if heading == "THROTTLE":
+        return "-" if values[0] is None else values[0] or "none"
+    return "/".join(v if v is not None else "-" for v in values)
+
+
+def stats_table(params: dict[str, Any]) -> str:
+    """One ``stats`` sample as a table: a row per device, ``-`` where it gives no number."""
+    when = time.strftime("%H:%M:%S", time.localtime(params["time"]))
+    devices = params["devices"]
+    if not devices:
+        return f"{when}  no device gives statistics"
+    rows = [["ID", *(heading for heading, _ in STATS_COLUMNS)]]
+    for device_id, found in sorted(devices.items()):
+        rows.append([device_id, *(_stats_cell(found, h, n) for h, n in STATS_COLUMNS)])
+    return f"{when}\n{table(rows)}"

@@ -28,6 +28,7 @@ from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings, resolve_g
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, Item, Outbox
 from monitor.engine.reducer_task import run_engine
+from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
 from monitor.outputs.cdi import keep_spec
 from monitor.outputs.files import lock_directory, secure_directory
@@ -37,7 +38,7 @@ from monitor.serving.server import Server
 from monitor.serving.socketfile import SocketFile
 from monitor.sources import holders
 from monitor.sources.holders import HolderWatch
-from monitor.sources.nvml import run_nvml_source
+from monitor.sources.nvml import NvmlStats, run_nvml_source
 from monitor.sources.udev import pick_source, run_udev_source
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,8 @@ async def run_tasks(
     hub: Hub,
     inbox: Inbox,
     receive: Outbox,
+    telemetry: Telemetry,
+    nvml_stats: NvmlStats,
 ) -> None:
     """Start every task of the daemon, in the order that makes it ready: the socket listens,
     the reducer runs, the first enumeration is in the state and NVML has named its GPUs (or
@@ -221,12 +224,13 @@ async def run_tasks(
 
     watch = HolderWatch(nursery, holder_exited)
     watch.update(hub.state.leases)
-    nursery.start_soon(run_engine, hub, receive, claimed.store, watch)
+    nursery.start_soon(run_engine, hub, receive, claimed.store, watch, telemetry.latency)
     udev = partial(
         run_udev_source,
         inbox.clone(),
         source=settings.udev_source,
         receive_buffer=settings.netlink_buffer,
+        counts=telemetry.counts,
     )
     await nursery.start(udev)
     if settings.nvml:  # before the wait: it names the NVIDIA GPUs the state is ready with
@@ -235,6 +239,8 @@ async def run_tasks(
             deadline=settings.nvml_timeout,
             log_level=settings.log_level,
             log_target=settings.log_target,
+            stats=nvml_stats,
+            counts=telemetry.counts,
         )
         nursery.start_soon(nvml, inbox.clone(), hub.changes)
     await hub.ready.wait()
@@ -267,7 +273,15 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     limits = ConnectionLimits(
         settings.max_clients, settings.max_clients_per_uid, settings.client_timeout
     )
-    server = Server(hub, inbox.clone(), limits=limits, cdi=claimed.cdi_dir is not None)
+    nvml_stats = NvmlStats()
+
+    async def nvml_sample(_: State) -> dict[str, dict[str, dict[str, object]]]:
+        return await nvml_stats.sample()
+
+    telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
+    server = Server(
+        hub, inbox.clone(), limits=limits, cdi=claimed.cdi_dir is not None, telemetry=telemetry
+    )
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     sock = socket_file = None
     try:
@@ -277,7 +291,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 await nursery.start(server.serve, sock)
                 if socket_file is not None:
                     nursery.start_soon(socket_file.keep, server.listen_on)
-                await run_tasks(nursery, settings, claimed, hub, inbox, receive)
+                await run_tasks(
+                    nursery, settings, claimed, hub, inbox, receive, telemetry, nvml_stats
+                )
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 systemd.notify(READY=1, STATUS=status_line(hub))
                 where = str(settings.socket) if socket_file else "the socket systemd passed"

@@ -7,6 +7,7 @@ import trio
 
 from monitor.core.answers import Answer
 from monitor.core.events import Event, Request
+from monitor.sources.counts import Received
 
 
 class Pending:
@@ -18,7 +19,7 @@ class Pending:
         self.done = trio.Event()
 
 
-Item = tuple[Event, ...] | Pending
+Item = tuple[Event, ...] | Received | Pending
 Inbox = trio.MemorySendChannel[Item]
 Outbox = trio.MemoryReceiveChannel[Item]
 

@@ -18,8 +18,10 @@ from monitor.core.state import State
 from monitor.core.transitions import journal_entries
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Outbox, Pending
+from monitor.engine.stats import Histogram
 from monitor.outputs import logs
 from monitor.outputs.store import LeaseStore, StoreError
+from monitor.sources.counts import Received
 from monitor.sources.holders import HolderWatch
 
 log = logging.getLogger(__name__)
@@ -28,17 +30,26 @@ MAX_COALESCED = 4096  # events folded into one patch when they are already waiti
 
 
 async def run_engine(
-    hub: Hub, receive: Outbox, store: LeaseStore, watch: HolderWatch | None = None
+    hub: Hub,
+    receive: Outbox,
+    store: LeaseStore,
+    watch: HolderWatch | None = None,
+    latency: Histogram | None = None,
 ) -> None:
+    """Fold what comes in; ``latency`` observes how long uevents took from netlink to publish."""
     async with receive:  # closed on exit, so that nobody waits on a task that is gone
         async for first in receive:
             events: list[Event] = []
             pending: list[Pending] = []
+            received: list[float] = []
             item = first
             while True:
                 if isinstance(item, Pending):
                     events.append(item.request)
                     pending.append(item)
+                elif isinstance(item, Received):
+                    events.extend(item.events)
+                    received.append(item.at)
                 else:
                     events.extend(item)
                 if len(events) >= MAX_COALESCED:
@@ -52,6 +63,10 @@ async def run_engine(
             for entry in journal_entries(old, reduction):
                 logs.report(log, entry)
             hub.publish(reduction.state, reduction.patch)
+            if latency is not None:
+                published = trio.current_time()
+                for at in received:
+                    latency.observe(published - at)
             if watch is not None:
                 watch.update(reduction.state.leases)
             for request in pending:

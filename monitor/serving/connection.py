@@ -18,6 +18,7 @@ import trio
 
 from monitor.core.access import Peer
 from monitor.engine.hub import Hub, Subscriber
+from monitor.engine.stats import StatsHub
 from monitor.serving.limits import ConnectionLimits
 from monitor.wire.errors import INTERNAL_ERROR, INVALID_REQUEST, SERVER_BUSY, RpcError
 from monitor.wire.framing import (
@@ -25,6 +26,7 @@ from monitor.wire.framing import (
     LineTooLong,
     Request,
     encode_error,
+    encode_raw_notification,
     encode_raw_result,
     parse_request,
 )
@@ -96,6 +98,7 @@ class Connection:
         self.budget = RequestBudget(server.requests_per_second)
         self.send_lock = trio.Lock()
         self.subscriber: Subscriber | None = None
+        self.streams_stats = False  # whether it gets stats notifications
         self.nursery: trio.Nursery | None = None
 
     async def send(self, data: bytes) -> None:
@@ -138,7 +141,7 @@ class Connection:
         while True:
             if buffer.pending:
                 deadline, why = line_begun + timeout, "finished no request line"
-            elif self.subscriber is not None or self.bound_leases:
+            elif self.subscriber is not None or self.bound_leases or self.streams_stats:
                 deadline, why = math.inf, ""  # it has a reason to stay quiet
             else:
                 deadline, why = active + timeout, "sent nothing"
@@ -221,6 +224,26 @@ class Connection:
         await self.send(encode_raw_result(request.id, hub.snapshot_result()))
         assert self.nursery is not None
         self.nursery.start_soon(self._pump, self.subscriber)
+
+    async def stream_stats(self, request: Request, interval: float, stats: StatsHub) -> None:
+        """Answer with a sample, then send one every ``interval`` seconds until it closes."""
+        if self.streams_stats:
+            raise RpcError(INVALID_REQUEST, "This connection already receives stats.")
+        self.streams_stats = True
+        first = await stats.sample()
+        await self.send(encode_raw_result(request.id, first.encoded))
+        assert self.nursery is not None
+        self.nursery.start_soon(stats.stream, interval, self._send_stats, trio.current_time())
+
+    async def _send_stats(self, params: bytes) -> None:
+        """One stats notification; a client that reads nothing for the timeout is closed."""
+        with trio.move_on_after(self.server.limits.timeout) as stuck:
+            await self.send(encode_raw_notification("stats", params))
+        if stuck.cancelled_caught:
+            uid, pid = self.peer.uid, self.peer.pid
+            log.info("closing a stats subscriber that stopped reading (uid %d, pid %d)", uid, pid)
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
 
     async def _pump(self, subscriber: Subscriber) -> None:
         """Write notifications; a subscriber that reads nothing for the timeout is closed."""

@@ -30,6 +30,7 @@ from monitor.core.plan import plan
 from monitor.core.rules.leasing import may_reserve
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, ask
+from monitor.engine.stats import StatsHub, Telemetry
 from monitor.serving.connection import Connection, UnfinishedInput
 from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
@@ -48,6 +49,7 @@ from monitor.wire.errors import (
 )
 from monitor.wire.framing import Request, encode_raw_result, encode_result
 from monitor.wire.reservations import cdi_name
+from monitor.wire.stats import MAX_INTERVAL, MIN_INTERVAL
 
 # Per connection. Every request is a checkpoint, so busy connections already share the loop in
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),
@@ -103,6 +105,20 @@ def _owner(params: dict[str, Any], required: bool = False) -> str | None:
     return owner
 
 
+def _interval(params: dict[str, Any]) -> float:
+    interval: Any = params.get("interval")
+    if (
+        not isinstance(interval, int | float)
+        or isinstance(interval, bool)
+        or not MIN_INTERVAL <= interval <= MAX_INTERVAL
+    ):
+        raise RpcError(
+            INVALID_PARAMS,
+            f"interval must be a number of seconds from {MIN_INTERVAL} to {MAX_INTERVAL}.",
+        )
+    return float(interval)
+
+
 def _holder_pid(params: dict[str, Any]) -> int | None:
     pid: Any = params.get("holder_pid")
     if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
@@ -119,8 +135,10 @@ class Server:
         limits: ConnectionLimits | None = None,
         requests_per_second: float = REQUESTS_PER_SECOND,
         cdi: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.hub = hub
+        self.telemetry = telemetry or Telemetry(StatsHub(hub, ()))
         self.cdi = cdi  # whether a CDI spec of the devices is kept, for reserve to name them in
         self.inbox = inbox
         self.limits = limits or ConnectionLimits()
@@ -144,6 +162,7 @@ class Server:
         """Accept clients on ``sock`` (and later on what ``listen_on`` is given) until cancelled."""
         async with trio.open_nursery() as connections:
             self._connections = connections
+            await connections.start(self.telemetry.stats.run)  # samples outlive who asked
             await connections.start(self._accept, sock)
             task_status.started()
 
@@ -234,6 +253,16 @@ class Server:
         if request.method == "release":
             await self.hub.ready.wait()
             return encode_result(request.id, await self.release(params, connection))
+        if request.method == "stats":
+            _expect_params(params, {"interval"})
+            interval = _interval(params)
+            await self.hub.ready.wait()
+            await connection.stream_stats(request, interval, self.telemetry.stats)
+            return None
+        if request.method == "status":
+            _expect_params(params, set())
+            await self.hub.ready.wait()
+            return encode_result(request.id, self.telemetry.status())
         if request.method == "reconcile":
             _expect_params(params, {"owner", "device_ids"})
             await self.hub.ready.wait()

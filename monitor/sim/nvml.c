@@ -14,6 +14,9 @@
  *   crash           "function[<TAB>bus_id]": matching calls abort()
  *   calls           if it exists, every exported call appends its name
  *
+ * A gpus line also scripts what the telemetry calls answer (util_gpu=, power_mw=, ...), and
+ * "unsupported=" lists functions that answer NOT_SUPPORTED for that GPU.
+ *
  * All shared state sits behind one mutex, which is never held while a call
  * blocks in a hang or sleeps in nvmlEventSetWait, so one stuck GPU never
  * stalls another GPU's calls.
@@ -71,6 +74,19 @@ struct nvmlDevice_st {
     unsigned long long supported_events;
     unsigned int recovery_action;
     unsigned int pci_device_id, pci_subsystem_id;
+    /* telemetry: what the stats calls answer */
+    unsigned int util_gpu, util_memory, util_encoder, util_decoder;
+    unsigned long long memory_used_mib, bar1_used_mib;
+    unsigned int temperature_c, temperature_slowdown_c, power_mw;
+    unsigned long long energy_mj;
+    unsigned int sm_clock_mhz, mem_clock_mhz, pcie_tx_kbps, pcie_rx_kbps;
+    unsigned long long ecc_volatile_corrected, ecc_volatile_uncorrected;
+    unsigned long long ecc_aggregate_corrected, ecc_aggregate_uncorrected;
+    unsigned long long ecc_l1, ecc_l2, ecc_dram;
+    unsigned int retired_sbe, retired_dbe, retired_pending;
+    unsigned int remapped_correctable, remapped_uncorrectable, remapped_pending, remapped_failed;
+    unsigned long long throttle_reasons;
+    char unsupported[1024]; /* comma-separated functions that answer NOT_SUPPORTED */
 };
 
 /* One device's interest in some event types, and where in the events file it began. */
@@ -270,6 +286,28 @@ static void set_defaults(struct nvmlDevice_st *d)
     d->recovery_action = 0;
     d->pci_device_id = 0x233010DE;
     d->pci_subsystem_id = 0x16C110DE;
+    d->util_gpu = 0;
+    d->util_memory = 0;
+    d->util_encoder = 0;
+    d->util_decoder = 0;
+    d->memory_used_mib = 0;
+    d->bar1_used_mib = 0;
+    d->temperature_c = 30;
+    d->temperature_slowdown_c = 87;
+    d->power_mw = 70000;
+    d->energy_mj = 0;
+    d->sm_clock_mhz = 345;
+    d->mem_clock_mhz = 2619;
+    d->pcie_tx_kbps = 0;
+    d->pcie_rx_kbps = 0;
+    d->ecc_volatile_corrected = d->ecc_volatile_uncorrected = 0;
+    d->ecc_aggregate_corrected = d->ecc_aggregate_uncorrected = 0;
+    d->ecc_l1 = d->ecc_l2 = d->ecc_dram = 0;
+    d->retired_sbe = d->retired_dbe = d->retired_pending = 0;
+    d->remapped_correctable = d->remapped_uncorrectable = 0;
+    d->remapped_pending = d->remapped_failed = 0;
+    d->throttle_reasons = 0x1; /* idle */
+    d->unsupported[0] = '\0';
 }
 
 /* Apply one key=value field to a slot; unknown keys are ignored so the format can grow. */
@@ -318,6 +356,66 @@ static void apply_field(struct nvmlDevice_st *d, const char *key, const char *va
         d->pci_device_id = (unsigned int)strtoull(val, NULL, 16);
     else if (strcmp(key, "pci_subsystem_id") == 0)
         d->pci_subsystem_id = (unsigned int)strtoull(val, NULL, 16);
+    else if (strcmp(key, "util_gpu") == 0)
+        d->util_gpu = (unsigned int)dec;
+    else if (strcmp(key, "util_memory") == 0)
+        d->util_memory = (unsigned int)dec;
+    else if (strcmp(key, "util_encoder") == 0)
+        d->util_encoder = (unsigned int)dec;
+    else if (strcmp(key, "util_decoder") == 0)
+        d->util_decoder = (unsigned int)dec;
+    else if (strcmp(key, "temperature_c") == 0)
+        d->temperature_c = (unsigned int)dec;
+    else if (strcmp(key, "temperature_slowdown_c") == 0)
+        d->temperature_slowdown_c = (unsigned int)dec;
+    else if (strcmp(key, "power_mw") == 0)
+        d->power_mw = (unsigned int)dec;
+    else if (strcmp(key, "sm_clock_mhz") == 0)
+        d->sm_clock_mhz = (unsigned int)dec;
+    else if (strcmp(key, "mem_clock_mhz") == 0)
+        d->mem_clock_mhz = (unsigned int)dec;
+    else if (strcmp(key, "pcie_tx_kbps") == 0)
+        d->pcie_tx_kbps = (unsigned int)dec;
+    else if (strcmp(key, "pcie_rx_kbps") == 0)
+        d->pcie_rx_kbps = (unsigned int)dec;
+    else if (strcmp(key, "retired_sbe") == 0)
+        d->retired_sbe = (unsigned int)dec;
+    else if (strcmp(key, "retired_dbe") == 0)
+        d->retired_dbe = (unsigned int)dec;
+    else if (strcmp(key, "retired_pending") == 0)
+        d->retired_pending = (unsigned int)dec;
+    else if (strcmp(key, "remapped_correctable") == 0)
+        d->remapped_correctable = (unsigned int)dec;
+    else if (strcmp(key, "remapped_uncorrectable") == 0)
+        d->remapped_uncorrectable = (unsigned int)dec;
+    else if (strcmp(key, "remapped_pending") == 0)
+        d->remapped_pending = (unsigned int)dec;
+    else if (strcmp(key, "remapped_failed") == 0)
+        d->remapped_failed = (unsigned int)dec;
+    else if (strcmp(key, "memory_used_mib") == 0)
+        d->memory_used_mib = dec;
+    else if (strcmp(key, "bar1_used_mib") == 0)
+        d->bar1_used_mib = dec;
+    else if (strcmp(key, "energy_mj") == 0)
+        d->energy_mj = dec;
+    else if (strcmp(key, "ecc_volatile_corrected") == 0)
+        d->ecc_volatile_corrected = dec;
+    else if (strcmp(key, "ecc_volatile_uncorrected") == 0)
+        d->ecc_volatile_uncorrected = dec;
+    else if (strcmp(key, "ecc_aggregate_corrected") == 0)
+        d->ecc_aggregate_corrected = dec;
+    else if (strcmp(key, "ecc_aggregate_uncorrected") == 0)
+        d->ecc_aggregate_uncorrected = dec;
+    else if (strcmp(key, "ecc_l1") == 0)
+        d->ecc_l1 = dec;
+    else if (strcmp(key, "ecc_l2") == 0)
+        d->ecc_l2 = dec;
+    else if (strcmp(key, "ecc_dram") == 0)
+        d->ecc_dram = dec;
+    else if (strcmp(key, "throttle_reasons") == 0)
+        d->throttle_reasons = strtoull(val, NULL, 16);
+    else if (strcmp(key, "unsupported") == 0)
+        snprintf(d->unsupported, sizeof d->unsupported, "%s", val);
 }
 
 /* Find a key's value in a tab-separated line (NUL-separated after splitting), or NULL. */
@@ -850,13 +948,13 @@ nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNu
 /* Memory, power, clocks, PCIe, capabilities, modes                          */
 /* ------------------------------------------------------------------------ */
 
-/* Framebuffer size in bytes; an idle GPU, so all of it is free. */
+/* Framebuffer size and use in bytes, from memory_mib and memory_used_mib. */
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 {
     DEVICE_CALL(__func__, device, d, memory);
     memory->total = d->memory_mib << 20;
-    memory->used = 0;
-    memory->free = memory->total;
+    memory->used = d->memory_used_mib << 20;
+    memory->free = memory->total - memory->used;
     return unlock_with(NVML_SUCCESS);
 }
 
@@ -868,18 +966,18 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
         return unlock_with(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
     memory->total = d->memory_mib << 20;
     memory->reserved = 0;
-    memory->used = 0;
-    memory->free = memory->total;
+    memory->used = d->memory_used_mib << 20;
+    memory->free = memory->total - memory->used;
     return unlock_with(NVML_SUCCESS);
 }
 
-/* BAR1 aperture size in bytes, all free. */
+/* BAR1 aperture size and use in bytes. */
 nvmlReturn_t nvmlDeviceGetBAR1MemoryInfo(nvmlDevice_t device, nvmlBAR1Memory_t *bar1Memory)
 {
     DEVICE_CALL(__func__, device, d, bar1Memory);
     bar1Memory->bar1Total = d->bar1_mib << 20;
-    bar1Memory->bar1Used = 0;
-    bar1Memory->bar1Free = bar1Memory->bar1Total;
+    bar1Memory->bar1Used = d->bar1_used_mib << 20;
+    bar1Memory->bar1Free = bar1Memory->bar1Total - bar1Memory->bar1Used;
     return unlock_with(NVML_SUCCESS);
 }
 
@@ -1193,4 +1291,241 @@ nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
         }
     }
     return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Telemetry: the values of the gpus file's telemetry keys                   */
+/* ------------------------------------------------------------------------ */
+
+/* True if the GPU's "unsupported" list names fn (comma-separated, whole names). */
+static int unsupported(const struct nvmlDevice_st *d, const char *fn)
+{
+    size_t n = strlen(fn);
+    for (const char *p = d->unsupported; *p != '\0';) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, fn, n) == 0)
+            return 1;
+        if (end == NULL)
+            break;
+        p = end + 1;
+    }
+    return 0;
+}
+
+/* As DEVICE_CALL, then NOT_SUPPORTED if the GPU's unsupported list names the function. */
+#define STATS_CALL(fn, device, d, ptr)                           \
+    DEVICE_CALL(fn, device, d, ptr);                             \
+    do {                                                         \
+        if (unsupported(d, fn))                                  \
+            return unlock_with(NVML_ERROR_NOT_SUPPORTED);        \
+    } while (0)
+
+/* GPU and memory utilization, percent. */
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
+{
+    STATS_CALL(__func__, device, d, utilization);
+    utilization->gpu = d->util_gpu;
+    utilization->memory = d->util_memory;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Shared body of the encoder and decoder utilization queries. */
+static nvmlReturn_t codec_utilization(const char *fn, nvmlDevice_t device, unsigned int value_offset,
+                                      unsigned int *utilization, unsigned int *samplingPeriodUs)
+{
+    STATS_CALL(fn, device, d, utilization);
+    if (samplingPeriodUs == NULL)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    *utilization = *(const unsigned int *)((const char *)d + value_offset);
+    *samplingPeriodUs = 167000;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Video encoder utilization, percent. */
+nvmlReturn_t nvmlDeviceGetEncoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *samplingPeriodUs)
+{
+    return codec_utilization(__func__, device, offsetof(struct nvmlDevice_st, util_encoder),
+                             utilization, samplingPeriodUs);
+}
+
+/* Video decoder utilization, percent. */
+nvmlReturn_t nvmlDeviceGetDecoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *samplingPeriodUs)
+{
+    return codec_utilization(__func__, device, offsetof(struct nvmlDevice_st, util_decoder),
+                             utilization, samplingPeriodUs);
+}
+
+/* GPU core temperature, degrees C. */
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, nvmlTemperatureSensors_t sensorType,
+                                      unsigned int *temp)
+{
+    STATS_CALL(__func__, device, d, temp);
+    if (sensorType != NVML_TEMPERATURE_GPU)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    *temp = d->temperature_c;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Temperature thresholds: slowdown (and, a few degrees above it, shutdown). */
+nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t device,
+                                               nvmlTemperatureThresholds_t thresholdType,
+                                               unsigned int *temp)
+{
+    STATS_CALL(__func__, device, d, temp);
+    if (thresholdType == NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)
+        *temp = d->temperature_slowdown_c;
+    else if (thresholdType == NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)
+        *temp = d->temperature_slowdown_c + 5;
+    else
+        return unlock_with(NVML_ERROR_NOT_SUPPORTED);
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Power draw, milliwatts. */
+nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power)
+{
+    STATS_CALL(__func__, device, d, power);
+    *power = d->power_mw;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Energy since the driver was loaded, millijoules. */
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy)
+{
+    STATS_CALL(__func__, device, d, energy);
+    *energy = d->energy_mj;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Current clocks, MHz. */
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock)
+{
+    STATS_CALL(__func__, device, d, clock);
+    switch (type) {
+    case NVML_CLOCK_GRAPHICS:
+    case NVML_CLOCK_SM:
+        *clock = d->sm_clock_mhz;
+        break;
+    case NVML_CLOCK_MEM:
+        *clock = d->mem_clock_mhz;
+        break;
+    default:
+        return unlock_with(NVML_ERROR_NOT_SUPPORTED);
+    }
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* PCIe throughput over the last 20 ms, KB/s. */
+nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t device, nvmlPcieUtilCounter_t counter,
+                                         unsigned int *value)
+{
+    STATS_CALL(__func__, device, d, value);
+    if (counter == NVML_PCIE_UTIL_TX_BYTES)
+        *value = d->pcie_tx_kbps;
+    else if (counter == NVML_PCIE_UTIL_RX_BYTES)
+        *value = d->pcie_rx_kbps;
+    else
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* ECC error totals by type (corrected, uncorrected) and counter (volatile, aggregate). */
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, nvmlMemoryErrorType_t errorType,
+                                         nvmlEccCounterType_t counterType,
+                                         unsigned long long *eccCounts)
+{
+    STATS_CALL(__func__, device, d, eccCounts);
+    int corrected = errorType == NVML_MEMORY_ERROR_TYPE_CORRECTED;
+    if (counterType == NVML_VOLATILE_ECC)
+        *eccCounts = corrected ? d->ecc_volatile_corrected : d->ecc_volatile_uncorrected;
+    else if (counterType == NVML_AGGREGATE_ECC)
+        *eccCounts = corrected ? d->ecc_aggregate_corrected : d->ecc_aggregate_uncorrected;
+    else
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* ECC errors by location: the uncorrected volatile counts of L1, L2 and device memory; every
+ * other combination reads 0. */
+nvmlReturn_t nvmlDeviceGetMemoryErrorCounter(nvmlDevice_t device, nvmlMemoryErrorType_t errorType,
+                                             nvmlEccCounterType_t counterType,
+                                             nvmlMemoryLocation_t locationType,
+                                             unsigned long long *count)
+{
+    STATS_CALL(__func__, device, d, count);
+    *count = 0;
+    if (errorType == NVML_MEMORY_ERROR_TYPE_UNCORRECTED && counterType == NVML_VOLATILE_ECC) {
+        if (locationType == NVML_MEMORY_LOCATION_L1_CACHE)
+            *count = d->ecc_l1;
+        else if (locationType == NVML_MEMORY_LOCATION_L2_CACHE)
+            *count = d->ecc_l2;
+        else if (locationType == NVML_MEMORY_LOCATION_DEVICE_MEMORY) /* = DRAM */
+            *count = d->ecc_dram;
+    }
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Retired pages by cause, as NVML does: the count, and the addresses if there is room. */
+nvmlReturn_t nvmlDeviceGetRetiredPages(nvmlDevice_t device, nvmlPageRetirementCause_t cause,
+                                       unsigned int *pageCount, unsigned long long *addresses)
+{
+    STATS_CALL(__func__, device, d, pageCount);
+    unsigned int have = cause == NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR ? d->retired_dbe
+                                                                                 : d->retired_sbe;
+    if (addresses == NULL || *pageCount < have) {
+        unsigned int asked = *pageCount;
+        *pageCount = have;
+        return unlock_with(asked < have || (addresses == NULL && have > 0)
+                               ? NVML_ERROR_INSUFFICIENT_SIZE
+                               : NVML_SUCCESS);
+    }
+    for (unsigned int i = 0; i < have; i++)
+        addresses[i] = 0x1000ull * (i + 1);
+    *pageCount = have;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Whether retired pages wait for the next reset. */
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device,
+                                                    nvmlEnableState_t *isPending)
+{
+    STATS_CALL(__func__, device, d, isPending);
+    *isPending = d->retired_pending ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Row remapping (Ampere and later): counts, and whether one is pending or failed. */
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrRows,
+                                       unsigned int *uncRows, unsigned int *isPending,
+                                       unsigned int *failureOccurred)
+{
+    STATS_CALL(__func__, device, d, corrRows);
+    if (uncRows == NULL || isPending == NULL || failureOccurred == NULL)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    *corrRows = d->remapped_correctable;
+    *uncRows = d->remapped_uncorrectable;
+    *isPending = d->remapped_pending;
+    *failureOccurred = d->remapped_failed;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Why the clocks are held down: NVML's reason bits. */
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device,
+                                                    unsigned long long *clocksEventReasons)
+{
+    STATS_CALL(__func__, device, d, clocksEventReasons);
+    *clocksEventReasons = d->throttle_reasons;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* The older name of the same query. */
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device,
+                                                       unsigned long long *clocksThrottleReasons)
+{
+    STATS_CALL(__func__, device, d, clocksThrottleReasons);
+    *clocksThrottleReasons = d->throttle_reasons;
+    return unlock_with(NVML_SUCCESS);
 }

@@ -89,14 +89,52 @@ class FakeGpu:
     recovery_action: int = 0
     pci_device_id: int = 0x233010DE
     pci_subsystem_id: int = 0x16C110DE
+    # What the telemetry calls answer (the stats method); defaults are an idle GPU.
+    util_gpu: int = 0  # %
+    util_memory: int = 0
+    util_encoder: int = 0
+    util_decoder: int = 0
+    memory_used_mib: int = 0
+    bar1_used_mib: int = 0
+    temperature_c: int = 30
+    temperature_slowdown_c: int = 87
+    power_mw: int = 70000
+    energy_mj: int = 0
+    sm_clock_mhz: int = 345
+    mem_clock_mhz: int = 2619
+    pcie_tx_kbps: int = 0
+    pcie_rx_kbps: int = 0
+    ecc_volatile_corrected: int = 0
+    ecc_volatile_uncorrected: int = 0
+    ecc_aggregate_corrected: int = 0
+    ecc_aggregate_uncorrected: int = 0
+    ecc_l1: int = 0  # uncorrected, volatile, by location
+    ecc_l2: int = 0
+    ecc_dram: int = 0
+    retired_sbe: int = 0  # pages
+    retired_dbe: int = 0
+    retired_pending: int = 0
+    remapped_correctable: int = 0  # rows
+    remapped_uncorrectable: int = 0
+    remapped_pending: int = 0
+    remapped_failed: int = 0
+    throttle_reasons: int = 0x1  # NVML's clock event reason bits (gpu idle)
+    unsupported: tuple[str, ...] = ()  # NVML functions that answer NOT_SUPPORTED for this GPU
 
     def line(self) -> str:
         """Render this GPU as one line of the ``gpus`` file the C side parses."""
         fields: list[str] = []
         for field in attrs.fields(FakeGpu):
             value = getattr(self, field.name)
-            if field.name in ("supported_events", "pci_device_id", "pci_subsystem_id"):
+            if field.name in (
+                "supported_events",
+                "pci_device_id",
+                "pci_subsystem_id",
+                "throttle_reasons",
+            ):
                 text = f"{value:x}"
+            elif field.name == "unsupported":
+                text = ",".join(value)
             elif isinstance(value, bool):
                 text = str(int(value))
             else:

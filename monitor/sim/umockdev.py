@@ -47,6 +47,39 @@ KINDS = {
 }
 
 
+# What the kernel's drivers show of a GPU's telemetry in sysfs, with known values (the stats
+# tests read them back): files of the PCI device, of its hwmon device, and of its DRM card.
+# The NVIDIA driver has neither: NVML gives its numbers.
+SYSFS_STATS: dict[str, dict[str, dict[str, str]]] = {
+    "amdgpu": {
+        "device": {
+            "gpu_busy_percent": "42",
+            "mem_busy_percent": "17",
+            "mem_info_vram_used": str(3 << 30),
+            "mem_info_vram_total": str(192 << 30),
+        },
+        "hwmon": {
+            "name": "amdgpu",
+            "temp1_input": "51000",  # millidegrees C
+            "temp1_crit": "100000",
+            "power1_average": "253000000",  # microwatts
+            "freq1_input": "2100000000",  # Hz: the GPU clock
+            "freq2_input": "1300000000",  # Hz: the memory clock
+        },
+        "card": {},
+    },
+    "i915": {
+        "device": {},
+        "hwmon": {
+            "name": "i915",
+            "energy1_input": "123456789",  # microjoules
+            "power1_max": "225000000",  # a limit, not a reading: not a stat
+        },
+        "card": {"gt_cur_freq_mhz": "1650", "gt_max_freq_mhz": "2400"},
+    },
+}
+
+
 def umockdev_missing() -> str | None:
     """None when umockdev can be used here, else what to install."""
     try:
@@ -138,7 +171,9 @@ class _Helper:
     def __init__(self) -> None:
         self.bed = _Testbed()
         self.gpus: dict[str, tuple[str, GpuKind, list[str]]] = {}  # address -> (path, kind, drm)
+        self.hwmon: dict[str, str] = {}  # address -> its hwmon device's path
         self.next_minor = 0
+        self.next_hwmon = 0
 
     def add(self, kind: str, address: str, numa_node: int = 0) -> None:
         gpu = KINDS[kind]
@@ -166,6 +201,7 @@ class _Helper:
             },
         )
         self.gpus[address] = (path, gpu, self._add_drm(path))
+        self._add_stats(address, path, gpu.driver)
         # Vendor nodes are not udev devices here; plain files are enough for the daemon's checks.
         if gpu.driver == "nvidia":
             minor = sum(1 for _, kind, _ in self.gpus.values() if kind.driver == "nvidia") - 1
@@ -175,6 +211,39 @@ class _Helper:
                 self._touch(f"dev/{node}")
         elif gpu.driver == "amdgpu":
             self._touch("dev/kfd")
+
+    def _add_stats(self, address: str, path: str, driver: str) -> None:
+        """The telemetry files the GPU's driver would show (SYSFS_STATS)."""
+        files = SYSFS_STATS.get(driver)
+        if files is None:
+            return
+        for name, value in files["device"].items():
+            self.bed.set_attribute(path, name, value)
+        name = f"hwmon/hwmon{self.next_hwmon}"
+        self.next_hwmon += 1
+        self.hwmon[address] = self.bed.add("hwmon", name, path, files["hwmon"], {})
+        self._set_card_stats(address)
+
+    def _set_card_stats(self, address: str) -> None:
+        _, gpu, nodes = self.gpus[address]
+        card = next((n for n in nodes if Path(n).name.startswith("card")), None)
+        if card is not None:
+            for name, value in SYSFS_STATS.get(gpu.driver, {}).get("card", {}).items():
+                self.bed.set_attribute(card, name, value)
+
+    def set_stat(self, address: str, where: str, name: str, value: str | None) -> None:
+        """Change (or, with None, remove) one telemetry file of a GPU: ``where`` is "device",
+        "hwmon" or "card"."""
+        path, _, nodes = self.gpus[address]
+        target = {
+            "device": path,
+            "hwmon": self.hwmon.get(address, ""),
+            "card": next((n for n in nodes if Path(n).name.startswith("card")), ""),
+        }[where]
+        if value is None:
+            Path(self.bed.root, target.lstrip("/"), name).unlink(missing_ok=True)
+        else:
+            self.bed.set_attribute(target, name, value)
 
     def _touch(self, relative: str, content: str = "") -> None:
         path = Path(self.bed.root, relative)
@@ -224,6 +293,9 @@ class _Helper:
     def remove(self, address: str) -> None:
         path, _, nodes = self.gpus.pop(address)
         self._remove_drm(nodes)
+        hwmon = self.hwmon.pop(address, None)
+        if hwmon is not None:
+            self.bed.remove(hwmon)
         self.bed.uevent(path, "remove")
         self.bed.remove(path)
         shutil.rmtree(Path(self.bed.root, "proc/driver/nvidia/gpus", address), ignore_errors=True)
@@ -247,6 +319,7 @@ class _Helper:
         self.bed.set_property(path, "DRIVER", gpu.driver)
         self.bed.uevent(path, "bind")
         nodes.extend(self._add_drm(path))
+        self._set_card_stats(address)
 
     def change(self, address: str) -> None:
         self.bed.uevent(self.gpus[address][0], "change")
@@ -356,6 +429,10 @@ class Simulator:
 
     def change(self, address: str) -> None:
         self._do("change", address=address)
+
+    def set_stat(self, address: str, where: str, name: str, value: str | None) -> None:
+        """Change one telemetry file (``SYSFS_STATS``) of a GPU; None removes it."""
+        self._do("set_stat", address=address, where=where, name=name, value=value)
 
     def add_raw(
         self,

@@ -8,25 +8,30 @@ PCI recovery reset), reads the events it writes, and if it dies, marks those GPU
 crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
-(a recovery that cleared its problems), never on a timer.
+(a recovery that cleared its problems), never on a timer. Its statistics are read only when
+``NvmlStats.sample`` asks (a ``stats`` subscriber): a ``{"sample": N}`` line to the worker,
+answered by one line with every GPU that answered in time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import trio
 
 from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreachable
 from monitor.core.rules.nvidia import nvml_targets
 from monitor.core.state import State
-from monitor.sources.nvml_worker import EXIT_NO_NVML, decode_event
+from monitor.sources.counts import SourceCounts
+from monitor.sources.nvml_worker import EXIT_NO_NVML, SAMPLE_WINDOW, StatsSample, decode_event
 from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger(__name__)
@@ -36,11 +41,58 @@ Changes = Callable[[], AsyncIterator[State]]  # the state now and after each cha
 # After the worker died: at once the first time, then less and less often while it keeps dying.
 RESTART_DELAYS = (1.0, 60.0)  # the first, and the most
 STOP_SECONDS = 1.0  # for the worker to shut NVML down once its stdin ends
+MAX_WORKER_LINE = 16 << 20  # a sample of many GPUs is one line
+SAMPLE_ANSWER_SECONDS = SAMPLE_WINDOW + 1.0  # a worker slower than this to answer: no sample
+
+Sample = dict[str, dict[str, dict[str, Any]]]  # PCI address -> stat name -> {"value", "unit"}
 
 
-async def _tell_targets(
-    stdin: trio.abc.SendStream, states: AsyncIterator[State], watched: set[str]
-) -> None:
+class WorkerPipe:
+    """The worker's stdin, written a whole line at a time by whoever needs to."""
+
+    def __init__(self, stdin: trio.abc.SendStream) -> None:
+        self.stdin = stdin
+        self._lock = trio.Lock()
+
+    async def send_line(self, message: dict[str, Any]) -> None:
+        async with self._lock:
+            await self.stdin.send_all(json.dumps(message).encode() + b"\n")
+
+
+class NvmlStats:
+    """The NVIDIA GPUs' statistics, asked of whichever worker runs now."""
+
+    def __init__(self) -> None:
+        self.pipe: WorkerPipe | None = None
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[Sample]]] = {}
+
+    async def sample(self) -> Sample:
+        """Each GPU that answered in time; nothing while no worker runs (or it does not answer)."""
+        pipe = self.pipe
+        if pipe is None:
+            return {}
+        seq = next(self._seq)
+        answered, found = trio.Event(), list[Sample]()
+        self._waiting[seq] = (answered, found)
+        try:
+            with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
+                await pipe.send_line({"sample": seq})
+                await answered.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it died; the source starts another
+        finally:
+            del self._waiting[seq]
+        return found[0] if found else {}
+
+    def deliver(self, sample: StatsSample) -> None:
+        waiting = self._waiting.get(sample.seq)
+        if waiting is not None and not waiting[0].is_set():
+            waiting[1].append(sample.devices)
+            waiting[0].set()
+
+
+async def _tell_targets(pipe: WorkerPipe, states: AsyncIterator[State], watched: set[str]) -> None:
     """Write the GPUs to watch whenever they change, and those a PCI recovery reset."""
     told: dict[str, int] | None = None
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # it died
@@ -49,8 +101,7 @@ async def _tell_targets(
             if targets == told:
                 continue
             reset = sorted(a for a, n in targets.items() if told and told.get(a, n) != n)
-            line = json.dumps({"watch": sorted(targets), "reset": reset}).encode() + b"\n"
-            await stdin.send_all(line)
+            await pipe.send_line({"watch": sorted(targets), "reset": reset})
             told = targets
             watched.clear()
             watched.update(targets)
@@ -74,33 +125,50 @@ async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
             timed &= set(state.naming.items())
 
 
-async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send) -> None:
-    """Send on each batch of events the worker writes, until its stdout ends."""
-    buffer = LineBuffer()
+async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats) -> None:
+    """Send on each batch of events the worker writes, until its stdout ends; hand samples to
+    whoever asked for them."""
+    buffer = LineBuffer(MAX_WORKER_LINE)
     while data := await stdout.receive_some(1 << 16):
         events = []
         for line in buffer.feed(data):
             try:
-                events.append(decode_event(line))
+                decoded = decode_event(line)
             except ValueError as exc:
                 log.error("ignoring a line from the NVML worker: %s", exc)
+                continue
+            if isinstance(decoded, StatsSample):
+                stats.deliver(decoded)
+            else:
+                events.append(decoded)
         if events:
             await send.send(tuple(events))
 
 
-async def run_worker(command: list[str], send: Send, changes: Changes, watched: set[str]) -> int:
+async def run_worker(
+    command: list[str],
+    send: Send,
+    changes: Changes,
+    watched: set[str],
+    stats: NvmlStats | None = None,
+) -> int:
     """Run one NVML worker until it exits; its exit status (negative: killed by that signal)."""
+    stats = stats or NvmlStats()
     process = await trio.lowlevel.open_process(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     assert process.stdin is not None and process.stdout is not None
+    pipe = WorkerPipe(process.stdin)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tell_targets, process.stdin, changes(), watched)
-            await _pass_events(process.stdout, send)  # its stdout ends when it does
+            nursery.start_soon(_tell_targets, pipe, changes(), watched)
+            stats.pipe = pipe
+            await _pass_events(process.stdout, send, stats)  # its stdout ends when it does
             nursery.cancel_scope.cancel()
         return await process.wait()
     finally:
+        if stats.pipe is pipe:
+            stats.pipe = None
         with trio.CancelScope(shield=True):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await process.stdin.aclose()  # the worker's cue to let NVML go and exit
@@ -124,16 +192,25 @@ async def run_nvml_source(
     deadline: float = 5.0,
     log_level: str = "info",
     log_target: str = "auto",
+    stats: NvmlStats | None = None,
+    counts: SourceCounts | None = None,
 ) -> None:
     """Keep an NVML worker running; without NVML, it says so once and this returns."""
+    stats, counts = stats or NvmlStats(), counts or SourceCounts()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(end_name_waits, changes, send, deadline)
-        await _keep_worker(send, changes, deadline, log_level, log_target)
+        await _keep_worker(send, changes, deadline, log_level, log_target, stats, counts)
         nursery.cancel_scope.cancel()
 
 
 async def _keep_worker(
-    send: Send, changes: Changes, deadline: float, log_level: str, log_target: str
+    send: Send,
+    changes: Changes,
+    deadline: float,
+    log_level: str,
+    log_target: str,
+    stats: NvmlStats,
+    counts: SourceCounts,
 ) -> None:
     command = [sys.executable, "-m", "monitor.sources.nvml_worker", "--deadline", str(deadline)]
     command += ["--log-level", log_level, "--log-target", log_target]
@@ -141,7 +218,7 @@ async def _keep_worker(
     while True:
         watched: set[str] = set()
         started = trio.current_time()
-        status = await run_worker(command, send, changes, watched)
+        status = await run_worker(command, send, changes, watched, stats)
         if status == EXIT_NO_NVML:
             await send.send((NvmlAbsent(),))
             return
@@ -153,3 +230,4 @@ async def _keep_worker(
             await send.send(tuple(NvmlUnreachable(a, reason) for a in sorted(watched)))
         await trio.sleep(delay)
         delay = min(delay * 2, RESTART_DELAYS[1])
+        counts.nvml_worker_restarts += 1

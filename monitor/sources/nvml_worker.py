@@ -6,6 +6,12 @@ lines ``{"watch": [address, ...], "reset": [address, ...]}``: the NVIDIA GPUs ud
 ``nvidia``, and those a recovery reset. On stdout it writes one JSON line per event. It exits at
 the end of stdin, or with EXIT_NO_NVML after saying once that NVML is not there.
 
+A line ``{"sample": N}`` asks for the GPUs' statistics (the ``stats`` method): each watched GPU is
+read in a thread of its own (``read_stats``), and one line ``{"event": "StatsSample", "seq": N,
+"devices": {...}}`` answers with those that answered within SAMPLE_WINDOW; a GPU whose read has
+not returned is left out of that sample and of the next ones until it does, and its read, like
+every call, has the deadline. Nothing is read for statistics unless asked.
+
 One task per GPU finds it in NVML by its PCI address, reads its facts, registers an event set of
 its own for XIDs and the other health events the GPU supports, and waits on it. Every NVML call
 runs in a worker thread, so the trio loop never blocks; and because each GPU has its own task and
@@ -20,7 +26,9 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from functools import partial
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import attrs
@@ -38,17 +46,31 @@ from monitor.core.events import (
 from monitor.core.model import Attribute
 from monitor.outputs import logs
 from monitor.outputs.logs import MESSAGE_IDS
+from monitor.wire import stats
 from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger("monitor.sources.nvml_worker")  # also when run as __main__
 
 T = TypeVar("T")
 NvmlEvent = NvmlGpuSeen | XidReported | NvmlEventReported | NvmlUnreachable | NvmlReachable
-Send = trio.MemorySendChannel[NvmlEvent]
+Stats = dict[str, dict[str, Any]]  # stat name -> {"value", "unit"}
+
+
+@attrs.frozen
+class StatsSample:
+    """The answer to ``{"sample": seq}``: each GPU that answered in time, by PCI address."""
+
+    seq: int
+    devices: dict[str, Stats]
+
+
+Output = NvmlEvent | StatsSample
+Send = trio.MemorySendChannel[Output]
 
 EXIT_NO_NVML = 3  # NVML is not there: nothing to restart
 WAIT_MS = 500  # one nvmlEventSetWait_v2 call; short, so that a cancelled wait ends soon
 RETRY_SECONDS = 5.0  # between attempts to reach a GPU that NVML could not
+SAMPLE_WINDOW = 0.5  # how long a sample waits for the GPUs' reads (at most the deadline)
 MIB = 1 << 20
 
 EVENT_XID = getattr(pynvml, "nvmlEventTypeXidCriticalError", 0x0008)
@@ -143,6 +165,122 @@ def read_gpu(address: str, handle: Any) -> NvmlGpu:
     )
 
 
+def _reasons(bits: int) -> str:
+    return ",".join(name for name, bit in stats.THROTTLE_REASON_BITS.items() if bits & bit)
+
+
+def _retired(handle: Any, cause: int) -> int:
+    return len(pynvml.nvmlDeviceGetRetiredPages(handle, cause))
+
+
+def read_stats(handle: Any) -> Stats:
+    """One GPU's statistics; what it does not support is left out. Blocking."""
+    found: Stats = {}
+
+    def add(stat: stats.Stat, read: Callable[[], Any]) -> None:
+        try:
+            found[stat.name] = stat.value(read())
+        except pynvml.NVMLError as exc:
+            if _is_lost(exc):
+                raise
+            # not supported on this GPU or driver: not in the sample
+
+    Picks = Iterable[tuple[stats.Stat, Callable[[Any], Any]]]
+
+    def add_all(pairs: Picks, read: Callable[[], Any]) -> None:
+        """Several statistics from one call: each ``pick`` of what it returned."""
+        try:
+            answer = read()
+        except pynvml.NVMLError as exc:
+            if _is_lost(exc):
+                raise
+            return
+        for stat, pick in pairs:
+            found[stat.name] = stat.value(pick(answer))
+
+    n = pynvml
+    add_all(
+        ((stats.GPU_UTILIZATION, lambda u: u.gpu), (stats.MEMORY_UTILIZATION, lambda u: u.memory)),
+        partial(n.nvmlDeviceGetUtilizationRates, handle),
+    )
+    add(stats.ENCODER_UTILIZATION, lambda: n.nvmlDeviceGetEncoderUtilization(handle)[0])
+    add(stats.DECODER_UTILIZATION, lambda: n.nvmlDeviceGetDecoderUtilization(handle)[0])
+    add(stats.TEMPERATURE, lambda: n.nvmlDeviceGetTemperature(handle, n.NVML_TEMPERATURE_GPU))
+    add(
+        stats.TEMPERATURE_LIMIT,
+        lambda: n.nvmlDeviceGetTemperatureThreshold(handle, n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
+    )
+    add(stats.POWER_USAGE, lambda: n.nvmlDeviceGetPowerUsage(handle) / 1000)
+    add(stats.ENERGY, lambda: n.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000)
+    add_all(
+        (
+            (stats.MEMORY_USED, lambda m: m.used // MIB),
+            (stats.MEMORY_FREE, lambda m: m.free // MIB),
+            (stats.MEMORY_TOTAL, lambda m: m.total // MIB),
+        ),
+        partial(n.nvmlDeviceGetMemoryInfo, handle),
+    )
+    add_all(
+        (
+            (stats.BAR1_USED, lambda b: b.bar1Used // MIB),
+            (stats.BAR1_TOTAL, lambda b: b.bar1Total // MIB),
+        ),
+        partial(n.nvmlDeviceGetBAR1MemoryInfo, handle),
+    )
+    add(stats.SM_CLOCK, lambda: n.nvmlDeviceGetClockInfo(handle, n.NVML_CLOCK_SM))
+    add(stats.MEMORY_CLOCK, lambda: n.nvmlDeviceGetClockInfo(handle, n.NVML_CLOCK_MEM))
+    add(stats.PCIE_TX, lambda: n.nvmlDeviceGetPcieThroughput(handle, n.NVML_PCIE_UTIL_TX_BYTES))
+    add(stats.PCIE_RX, lambda: n.nvmlDeviceGetPcieThroughput(handle, n.NVML_PCIE_UTIL_RX_BYTES))
+    uncorrected = n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+    corrected = n.NVML_MEMORY_ERROR_TYPE_CORRECTED
+    volatile, aggregate = n.NVML_VOLATILE_ECC, n.NVML_AGGREGATE_ECC
+    for stat, kind, counter in (
+        (stats.ECC_VOLATILE_CORRECTED, corrected, volatile),
+        (stats.ECC_VOLATILE_UNCORRECTED, uncorrected, volatile),
+        (stats.ECC_AGGREGATE_CORRECTED, corrected, aggregate),
+        (stats.ECC_AGGREGATE_UNCORRECTED, uncorrected, aggregate),
+    ):
+        add(stat, partial(n.nvmlDeviceGetTotalEccErrors, handle, kind, counter))
+    for stat, location in (
+        (stats.ECC_L1, n.NVML_MEMORY_LOCATION_L1_CACHE),
+        (stats.ECC_L2, n.NVML_MEMORY_LOCATION_L2_CACHE),
+        (stats.ECC_MEMORY, n.NVML_MEMORY_LOCATION_DEVICE_MEMORY),
+    ):
+        read = partial(n.nvmlDeviceGetMemoryErrorCounter, handle, uncorrected, volatile, location)
+        add(stat, read)
+    sbe = n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+    add(stats.RETIRED_PAGES_SBE, lambda: _retired(handle, sbe))
+    dbe = n.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+    add(stats.RETIRED_PAGES_DBE, lambda: _retired(handle, dbe))
+    add(
+        stats.RETIRED_PAGES_PENDING,
+        lambda: int(n.nvmlDeviceGetRetiredPagesPendingStatus(handle) == n.NVML_FEATURE_ENABLED),
+    )
+    add_all(
+        (
+            (stats.REMAPPED_ROWS_CORRECTABLE, itemgetter(0)),
+            (stats.REMAPPED_ROWS_UNCORRECTABLE, itemgetter(1)),
+            (stats.REMAPPED_ROWS_PENDING, itemgetter(2)),
+            (stats.REMAPPED_ROWS_FAILED, itemgetter(3)),
+        ),
+        partial(n.nvmlDeviceGetRemappedRows, handle),
+    )
+    try:
+        bits = n.nvmlDeviceGetCurrentClocksEventReasons(handle)
+    except n.NVMLError as exc:
+        if _is_lost(exc):
+            raise
+        bits = None
+        if _error_code(exc) == n.NVML_ERROR_FUNCTION_NOT_FOUND:  # a driver before 535
+            add(
+                stats.THROTTLE_REASONS,
+                lambda: _reasons(n.nvmlDeviceGetCurrentClocksThrottleReasons(handle)),
+            )
+    if bits is not None:
+        found[stats.THROTTLE_REASONS.name] = stats.THROTTLE_REASONS.value(_reasons(bits))
+    return found
+
+
 def watch_events(handle: Any) -> Any:
     """An event set for this GPU's health events, those it supports. Blocking."""
     supported = pynvml.nvmlDeviceGetSupportedEventTypes(handle)
@@ -176,6 +314,8 @@ class NvmlSource:
         self.limiter = limiter
         self.watching: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None  # the GPU tasks' and their call watchers'
+        self.handles: dict[str, Any] = {}  # the GPUs watched now, for their statistics
+        self.sampling: set[str] = set()  # GPUs whose statistics read has not returned yet
 
     async def call(
         self, address: str, function: Callable[..., T], *args: Any, waits: float = 0.0
@@ -257,6 +397,7 @@ class NvmlSource:
         try:
             await self.send.send(NvmlGpuSeen(gpu))
             await self.send.send(NvmlReachable(address))
+            self.handles[address] = handle
             log.info("%s: watching %s (%s) through NVML", address, gpu.name, gpu.uuid)
             while True:
                 try:
@@ -277,10 +418,42 @@ class NvmlSource:
                     gpu = await self.call(address, read_gpu, address, handle)
                     await self.send.send(NvmlGpuSeen(gpu))
         finally:
+            if self.handles.get(address) is handle:
+                del self.handles[address]
             with trio.CancelScope(shield=True), trio.move_on_after(self.deadline):
                 await trio.to_thread.run_sync(
                     pynvml.nvmlEventSetFree, events, abandon_on_cancel=True
                 )
+
+    async def sample(self, seq: int) -> None:
+        """Send the statistics of every watched GPU that answers within SAMPLE_WINDOW."""
+        assert self.nursery is not None
+        results: dict[str, Stats] = {}
+        waiting = {a for a in self.handles if a not in self.sampling}
+        answered = trio.Event()
+        closed: list[bool] = []
+
+        async def read(address: str, handle: Any) -> None:
+            try:
+                found = await self.call(address, read_stats, handle)
+                if not closed:
+                    results[address] = found
+            except pynvml.NVMLError as exc:
+                log.debug("%s: no statistics: %s", address, exc)
+            finally:
+                self.sampling.discard(address)
+                waiting.discard(address)
+                if not waiting:
+                    answered.set()
+
+        for address in sorted(waiting):
+            self.sampling.add(address)
+            self.nursery.start_soon(read, address, self.handles[address])
+        if waiting:
+            with trio.move_on_after(min(SAMPLE_WINDOW, self.deadline)):
+                await answered.wait()
+        closed.append(True)
+        await self.send.send(StatsSample(seq, dict(results)))
 
     @staticmethod
     def _log_xid(gpu: NvmlGpu, xid: int) -> None:
@@ -316,18 +489,24 @@ def _plain(value: Any) -> Any:
     return dict(value)
 
 
-def encode_event(event: NvmlEvent) -> bytes:
+def encode_event(event: Output) -> bytes:
     fields = {"event": type(event).__name__, **attrs.asdict(event, recurse=False)}
     if isinstance(event, NvmlGpuSeen):
         fields["gpu"] = attrs.asdict(event.gpu, recurse=False)
     return json.dumps(fields, default=_plain).encode() + b"\n"
 
 
-def decode_event(line: bytes) -> NvmlEvent:
+def decode_event(line: bytes) -> Output:
     """One line of the worker's output as the event it stands for; ValueError if it is none."""
     try:
         fields = json.loads(line)
-        cls = _EVENT_TYPES[fields.pop("event")]
+        name = fields.pop("event")
+        if name == "StatsSample":
+            seq, devices = fields["seq"], fields["devices"]
+            if not isinstance(seq, int) or not isinstance(devices, dict):
+                raise TypeError("malformed sample")
+            return StatsSample(seq, devices)
+        cls = _EVENT_TYPES[name]
         if cls is NvmlGpuSeen:
             gpu = fields["gpu"]
             attributes = {k: Attribute(**v) for k, v in gpu.pop("attributes").items()}
@@ -337,15 +516,22 @@ def decode_event(line: bytes) -> NvmlEvent:
         raise ValueError(f"not an NVML event: {line[:200]!r} ({exc!r})") from None
 
 
-async def _targets(stdin: trio.abc.ReceiveStream) -> AsyncIterator[tuple[set[str], set[str]]]:
+async def _targets(
+    stdin: trio.abc.ReceiveStream, source: NvmlSource
+) -> AsyncIterator[tuple[set[str], set[str]]]:
+    """The GPUs to watch, from each ``watch`` line; a ``sample`` line starts a sample."""
     buffer = LineBuffer()
     while data := await stdin.receive_some(1 << 16):
         for line in buffer.feed(data):
             message = json.loads(line)
+            if "sample" in message:
+                assert source.nursery is not None  # the first watch line came before
+                source.nursery.start_soon(source.sample, int(message["sample"]))
+                continue
             yield set(message["watch"]), set(message["reset"])
 
 
-async def _write_events(events: trio.MemoryReceiveChannel[NvmlEvent]) -> None:
+async def _write_events(events: trio.MemoryReceiveChannel[Output]) -> None:
     stdout = trio.lowlevel.FdStream(os.dup(1))
     async for event in events:
         await stdout.send_all(encode_event(event))
@@ -368,11 +554,11 @@ async def serve(deadline: float) -> int:
             pynvml.nvmlSystemGetDriverVersion, limiter=limiter, abandon_on_cancel=True
         )
         log.info("NVML ready, driver %s", _text(version))
-        send, receive = trio.open_memory_channel[NvmlEvent](64)
+        send, receive = trio.open_memory_channel[Output](64)
         source = NvmlSource(send, deadline=deadline, limiter=limiter)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_events, receive)
-            await source.follow(_targets(trio.lowlevel.FdStream(os.dup(0))))
+            await source.follow(_targets(trio.lowlevel.FdStream(os.dup(0)), source))
             nursery.cancel_scope.cancel()
         return 0
     finally:

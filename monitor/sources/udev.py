@@ -33,6 +33,7 @@ from monitor.core.events import (
 )
 from monitor.core.model import PCI_ADDRESS
 from monitor.outputs.logs import MESSAGE_IDS
+from monitor.sources.counts import Received, SourceCounts
 from monitor.sources.hwdb import pci_model_name
 
 log = logging.getLogger(__name__)
@@ -311,10 +312,11 @@ def _receive(monitor: pyudev.Monitor) -> tuple[list[pyudev.Device], bool, OSErro
 
 
 async def run_udev_source(
-    send: trio.MemorySendChannel[tuple[Event, ...]],
+    send: trio.MemorySendChannel[tuple[Event, ...] | Received],
     *,
     source: str = "auto",
     receive_buffer: int = 8 * 1024 * 1024,
+    counts: SourceCounts | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send a ``Resync``, report started, then send every relevant uevent as it arrives.
@@ -332,12 +334,16 @@ async def run_udev_source(
     source = pick_source(source)
     monitor = _open_monitor(source, receive_buffer)
     log.info("listening to %s uevents for pci and drm", source)
+    counts = counts or SourceCounts()
     await send.send((await trio.to_thread.run_sync(enumerate_host),))
+    counts.resyncs["start"] += 1
     task_status.started()
     overflows = 0
     resync_due = False
     while True:
         devices, empty, error = _receive(monitor)
+        read_at = trio.current_time()
+        counts.uevents += len(devices)
         batch = [] if resync_due else [e for d in devices for e in translate(d)]
         if error is not None:
             # pyudev raises for POLLERR before reading, so the error stays until we take it.
@@ -351,10 +357,11 @@ async def run_udev_source(
             )
             resync_due = True
         if batch:
-            await send.send(tuple(batch))
+            await send.send(Received(tuple(batch), read_at))
         if resync_due and empty:
             resync_due = False
             await send.send((await trio.to_thread.run_sync(enumerate_host),))
+            counts.resyncs["overflow"] += 1
         elif empty:
             await trio.lowlevel.wait_readable(monitor)
         else:

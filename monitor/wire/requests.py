@@ -63,3 +63,7 @@ def reconcile(owner: str, device_ids: Iterable[str]) -> Call:
 
 def stats(interval: float) -> Call:
     return Call("stats", {"interval": interval})
+
+
+def status() -> Call:
+    return Call("status")

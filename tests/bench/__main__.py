@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.sim.umockdev import umockdev_missing
-from tests.bench import fanout, kernel, lifecycle, reserve, simulated
+from tests.bench import fanout, kernel, lifecycle, nomad, reserve, simulated, telemetry
 from tests.bench.common import (
     Daemon,
     Results,
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fewer samples, no 100k storm, no 10,000 subscribers, 5 s idle instead of 60 s",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,4")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run, e.g. 1,4")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                     floor(disk, floor_count), target,
                 )  # fmt: skip
 
-        if only & {2, 5, 6, 8}:
+        if only & {2, 5, 6, 9}:
             if no_sim:
-                for number in (2, 5, 6, 8):
+                for number in (2, 5, 6, 9):
                     if number in only:
                         skipped(str(number), no_sim)
             else:
@@ -200,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                             "6 idle cost",
                             lambda: simulated.idle(results, work / "s6", sim, idle_seconds),
                         )
-                    if 8 in only:
-                        ends = "8 how soon things end"
+                    if 9 in only:
+                        ends = "9 how soon things end"
                         guarded(ends, lambda: lifecycle.lease_ends(
-                            results, work / "s8", sim.daemon_env(), simulated.EIGHT_GPUS[0][1],
+                            results, work / "s9", sim.daemon_env(), simulated.EIGHT_GPUS[0][1],
                             100 if quick else 1000, quick,
                         ))  # fmt: skip
                         guarded(ends, lambda: lifecycle.shutdown(
-                            results, work / "s8-stop", sim.daemon_env(), 2 if quick else 10
+                            results, work / "s9-stop", sim.daemon_env(), 2 if quick else 10
                         ))  # fmt: skip
                 finally:
                     sim.close()
@@ -267,6 +267,24 @@ def main(argv: list[str] | None = None) -> int:
                 starts = 20 if quick else 1000
                 guarded(
                     "7 start-up", lambda: simulated.startup(results, work / "s7", starts, quick)
+                )
+
+        if 8 in only:
+            if no_sim:
+                skipped("8 telemetry", no_sim)
+            else:
+                window = 5.0 if quick else 20.0
+                guarded("8 telemetry", lambda: telemetry.telemetry(results, work / "s8", window))
+
+        if 10 in only:
+            if no_sim:
+                skipped(nomad.SCENARIO, no_sim)
+            else:
+                guarded(
+                    nomad.SCENARIO,
+                    lambda: nomad.nomad_plugin(
+                        results, work / "s10", 300 if quick else 1000, 3 if quick else 20, quick
+                    ),
                 )
 
     # In scenario order (they run in the order that shares set-up).

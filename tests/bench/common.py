@@ -213,7 +213,10 @@ class Daemon:
         wait: bool = True,
         tune: str | None = None,
         cdi: bool = False,
+        nvml: bool = False,
     ) -> None:
+        """``nvml``: with the NVML source (give ``env`` the stand-in's, FakeNvml.env());
+        ``cdi``: keeping a CDI spec in ``workdir/cdi``."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / f"{name}.sock"
         self.log_path = workdir / f"{name}.log"
@@ -223,7 +226,7 @@ class Daemon:
             env = {**(os.environ if env is None else env), "HOTPLUG_BENCH_TUNE": tune}
         self.command = [
             sys.executable, "-m", module, "serve", "--socket", str(self.socket),
-            "--state-dir", str(workdir / "state"), "--no-nvml",
+            "--state-dir", str(workdir / "state"), *([] if nvml else ["--no-nvml"]),
             *(("--cdi-dir", str(workdir / "cdi")) if cdi else ("--no-cdi",)),
             "--log-level", log_level,
             *log_to_stderr(), *args,
@@ -259,6 +262,15 @@ class Daemon:
     def cpu_seconds(self) -> float:
         times = self.psutil.cpu_times()
         return float(times.user + times.system)
+
+    def cpu_seconds_with_children(self) -> float:
+        """The daemon's CPU time and that of its children now running (the NVML worker)."""
+        total = self.cpu_seconds()
+        for child in self.psutil.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
 
     def rss_bytes(self) -> int:
         return int(self.psutil.memory_info().rss)

@@ -1,4 +1,4 @@
-"""Scenario 8: how soon things end. A lease after its holder process is killed, and after its
+"""Scenario 9: how soon things end. A lease after its holder process is killed, and after its
 connection closes, each timed to the patch that a subscriber reads; and SIGTERM to exit with
 1,000 subscribers connected. The tests check that each happens; these say how fast."""
 
@@ -55,7 +55,7 @@ def lease_ends(
                 closed = now_ns()
             _until(watcher, mirror, lambda m: not _reserved(m, device))
             connection_ns.append(now_ns() - closed)
-    scenario = "8 how soon things end"
+    scenario = "9 how soon things end"
     for metric, got in (
         ("holder process killed -> lease gone in a subscriber's snapshot", holder_ns),
         ("lease's connection closed -> lease gone in a subscriber's snapshot", connection_ns),
@@ -97,7 +97,7 @@ def shutdown(
     stats = Stats.of_ns(took_ns)
     results.add(
         Row(
-            "8 how soon things end",
+            "9 how soon things end",
             f"SIGTERM -> exit, {SUBSCRIBERS:,} subscribers connected (p50 / max of {repeats})",
             f"{stats.p50_ms:.0f} / {stats.max_ms:.0f} ms",
             f"max <= {target_ms:g} ms",

@@ -104,7 +104,7 @@ def test_a_lease_ends_with_its_holder_process(
     finally:
         holder.kill()
         holder.wait()
-    # How soon is the benchmark's business (tests/bench, scenario 8); here, that it ends.
+    # How soon is the benchmark's business (tests/bench, scenario 9); here, that it ends.
     sub.until(lambda m: reserved_by(m, devices[0]) is None, timeout=10)
     assert daemon.client().call("leases") == {"leases": []}
 

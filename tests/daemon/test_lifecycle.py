@@ -29,7 +29,7 @@ def test_signals_stop_it_closing_clients_and_removing_the_socket(
     for client in clients:
         client.call("subscribe")
     daemon.process.send_signal(signum)
-    daemon.process.wait(timeout=10)  # how fast: tests/bench, scenario 8
+    daemon.process.wait(timeout=10)  # how fast: tests/bench, scenario 9
     assert daemon.process.returncode == 0, daemon.log()
     assert not daemon.socket.exists()
     for client in clients:

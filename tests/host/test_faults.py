@@ -83,7 +83,7 @@ def test_sigterm_with_a_thousand_subscribers_exits_cleanly(
         subscribers.append(sock)
     asked = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
-    code = daemon.process.wait(timeout=30)  # how fast: tests/bench, scenario 8
+    code = daemon.process.wait(timeout=30)  # how fast: tests/bench, scenario 9
     took = time.monotonic() - asked
     assert code == 0, daemon.log()
     assert not daemon.socket.exists()

@@ -1,0 +1,183 @@
+"""What the exporter knows of the daemon: the last snapshot, sample and counters it was sent.
+
+Plain data, no I/O: the tasks that follow the daemon write here as answers come, and a scrape
+reads what is here, never waiting on the daemon. Everything the daemon sends is checked before
+it is kept (types, sizes, finite numbers): a daemon that misbehaves yields fewer series, never
+a broken exposition or an exporter that grows without bound.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import attrs
+
+from monitor.wire import stats
+from monitor.wire.mirror import Mirror
+
+MAX_DEVICES = 4096
+MAX_TEXT = 256  # a label value
+MAX_XIDS = 64  # distinct XIDs counted per device
+_XID_LIMIT = 1 << 20
+
+
+def text(value: Any) -> str:
+    """A label value: printable, bounded; "" for anything that is not text or a number."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return ""
+    return "".join(ch for ch in str(value)[:MAX_TEXT] if ch.isprintable())
+
+
+def number(value: Any) -> float | None:
+    """A finite number, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _attribute(device: dict[str, Any], name: str) -> Any:
+    attribute = device.get("attributes", {}).get(name)
+    return attribute.get("value") if isinstance(attribute, dict) else None
+
+
+@attrs.frozen
+class DeviceView:
+    """One device as the exporter shows it."""
+
+    id: str
+    group: str
+    vendor: str
+    type: str
+    name: str
+    driver: str
+    numa_node: str
+    uuid: str
+    healthy: bool
+    present: bool  # False: a reserved device that left the host (the daemon keeps it shown)
+    reserved: bool
+    owner: str
+    xid_count: int | None
+    last_xid: int | None
+
+    @classmethod
+    def of(cls, device_id: str, group_key: str, group: Any, device: Any) -> DeviceView | None:
+        if not isinstance(group, dict) or not isinstance(device, dict):
+            return None
+        xid_count, last_xid = _attribute(device, "xid_count"), _attribute(device, "last_xid")
+        attributes = device.get("attributes")
+        return cls(
+            id=text(device_id),
+            group=text(group_key),
+            vendor=text(group.get("vendor")),
+            type=text(group.get("type")),
+            name=text(group.get("name")),
+            driver=text(_attribute(device, "driver")),
+            numa_node=text(_attribute(device, "numa_node")),
+            uuid=text(_attribute(device, "uuid")),
+            healthy=device.get("healthy") is True,
+            present=isinstance(attributes, dict) and bool(attributes),
+            reserved=isinstance(device.get("reserved_by"), str),
+            owner=text(device.get("reserved_owner")),
+            xid_count=xid_count if _small_int(xid_count) else None,
+            last_xid=last_xid if _small_int(last_xid) else None,
+        )
+
+
+def _small_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _XID_LIMIT
+
+
+_PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+
+
+class Known:
+    """The exporter's picture of the daemon, as of the last answers."""
+
+    def __init__(self) -> None:
+        self.up = False  # the snapshot connection is open
+        self.ever_up = False
+        self.devices: dict[str, DeviceView] = {}
+        self.xids: dict[str, dict[int, int]] = {}  # XIDs counted since the exporter began
+        self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
+        self.sample_time: float | None = None
+        self.status: dict[str, Any] | None = None
+
+    # --- the snapshot ---
+
+    def snapshot(self, mirror: Mirror | None) -> None:
+        """The daemon's devices now; None when it cannot be reached: the last known are kept
+        (and shown stale), telemetry and counters are dropped."""
+        if mirror is None:
+            self.up = False
+            self.sample, self.sample_time, self.status = {}, None, None
+            return
+        self.up = self.ever_up = True
+        devices: dict[str, DeviceView] = {}
+        groups = mirror.snapshot.get("groups")
+        for key, group in (groups if isinstance(groups, dict) else {}).items():
+            members = group.get("devices") if isinstance(group, dict) else None
+            for device_id, device in (members if isinstance(members, dict) else {}).items():
+                if len(devices) >= MAX_DEVICES or not _PCI_ADDRESS.fullmatch(str(device_id)):
+                    continue
+                view = DeviceView.of(device_id, key, group, device)
+                if view is not None:
+                    devices[view.id] = view
+        for device_id, view in devices.items():
+            self._count_xids(self.devices.get(device_id), view)
+        for gone in set(self.xids) - set(devices):
+            del self.xids[gone]
+        self.devices = devices
+
+    def _count_xids(self, before: DeviceView | None, now: DeviceView) -> None:
+        """Each XID the daemon counted since we last looked is taken as the last one it names:
+        exact when XIDs come one patch at a time, as they do unless several land together."""
+        if now.xid_count is None or now.last_xid is None:
+            return
+        seen = before.xid_count if before is not None and before.xid_count is not None else 0
+        if now.xid_count < seen:  # the daemon restarted: its count began again
+            seen = 0
+        if now.xid_count == seen:
+            return
+        counts = self.xids.setdefault(now.id, {})
+        if now.last_xid in counts or len(counts) < MAX_XIDS:
+            counts[now.last_xid] = counts.get(now.last_xid, 0) + now.xid_count - seen
+
+    @property
+    def stale(self) -> bool:
+        return not self.up
+
+    # --- telemetry and counters ---
+
+    def stats(self, params: Any) -> None:
+        """A ``stats`` sample (its answer or a notification)."""
+        if not isinstance(params, dict) or not isinstance(params.get("devices"), dict):
+            return
+        sample: dict[str, dict[str, float | str]] = {}
+        for device_id, found in params["devices"].items():
+            if device_id not in self.devices or not isinstance(found, dict):
+                continue
+            values: dict[str, float | str] = {}
+            for name, entry in found.items():
+                stat = stats.BY_NAME.get(name)
+                if stat is None or not isinstance(entry, dict):
+                    continue
+                if stat.kind == stats.TEXT:
+                    if isinstance(entry.get("value"), str):
+                        values[name] = text(entry["value"])
+                elif (value := number(entry.get("value"))) is not None:
+                    values[name] = value
+            sample[device_id] = values
+        self.sample = sample
+        self.sample_time = number(params.get("time"))
+
+    def no_stats(self) -> None:
+        self.sample, self.sample_time = {}, None
+
+    def counters(self, result: Any) -> None:
+        """A ``status`` answer; kept only if it has the shape the protocol gives it."""
+        self.status = result if isinstance(result, dict) else None
+
+    def no_counters(self) -> None:
+        self.status = None

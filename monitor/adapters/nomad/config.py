@@ -1,0 +1,211 @@
+"""The plugin's settings: what the client's ``plugin`` block says (its ``config``, decoded by
+Nomad with our schema and sent to SetConfig as go-cty MessagePack, and its ``args``, our flags),
+checked once, with flags winning over the config block.
+
+| setting | config key | flag | default |
+| --- | --- | --- | --- |
+| the daemon's socket | ``socket`` | ``--socket PATH`` | the system daemon's |
+| devices left out | ``ignored_device_ids`` | ``--ignore-device ID`` | none |
+| groups offered | ``groups`` | ``--offer GROUP`` | every group the daemon reports |
+
+Pure: no I/O; every refusal is a ``ConfigRefused`` whose message Nomad shows as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgpack
+
+from monitor.adapters.nomad.protos import hclspec_pb2
+from monitor.wire.paths import SYSTEM_SOCKET
+
+# Nomad's own device plugin API version, the one its loader accepts for device plugins.
+DEVICE_API_VERSION = "v0.1.0"
+
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+# NVIDIA's identifiers, as nvidia-smi -L and nomad-device-nvidia's ignored_gpu_ids write them.
+GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
+# sun_path is 108 bytes on Linux, with its terminating NUL.
+MAX_SOCKET_PATH = 107
+MAX_ENTRIES = 1024
+KEYS = ("socket", "ignored_device_ids", "groups")
+
+
+class ConfigRefused(ValueError):
+    """A setting Nomad (or the command line) gave that the plugin cannot use; says which."""
+
+
+@attrs.frozen
+class GroupPattern:
+    """``TYPE``, ``VENDOR/TYPE`` or ``VENDOR/TYPE/NAME``, matched as Nomad matches the name in a
+    job's ``device`` block."""
+
+    type: str
+    vendor: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GroupPattern:
+        parts = text.split("/", 2)
+        if not text or any(not p or not p.isprintable() for p in parts) or len(text) > 256:
+            raise ConfigRefused(
+                f"groups: {text!r} is not TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME "
+                "(e.g. gpu, nvidia/gpu, nvidia/gpu/NVIDIA H100 80GB HBM3)"
+            )
+        if len(parts) == 1:
+            return cls(type=parts[0])
+        if len(parts) == 2:
+            return cls(vendor=parts[0], type=parts[1])
+        return cls(vendor=parts[0], type=parts[1], name=parts[2])
+
+    def matches(self, vendor: str, type_: str, name: str) -> bool:
+        return self.type == type_ and self.vendor in (None, vendor) and self.name in (None, name)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.vendor, self.type, self.name) if p is not None)
+
+
+@attrs.frozen
+class Overrides:
+    """What the command line said; ``None`` where it said nothing (the config block decides)."""
+
+    socket: Path | None = None
+    ignored_device_ids: tuple[str, ...] | None = None
+    groups: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class PluginConfig:
+    socket: Path = SYSTEM_SOCKET
+    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case) and GPU UUIDs
+    groups: tuple[GroupPattern, ...] = ()  # none: every group
+
+    def offers(self, vendor: str, type_: str, name: str) -> bool:
+        return not self.groups or any(g.matches(vendor, type_, name) for g in self.groups)
+
+    def ignores(self, device_id: str, uuid: object = None) -> bool:
+        return device_id in self.ignored or (isinstance(uuid, str) and uuid in self.ignored)
+
+
+def _default(attr: hclspec_pb2.Attr, literal: str) -> hclspec_pb2.Spec:
+    return hclspec_pb2.Spec(
+        default=hclspec_pb2.Default(
+            primary=hclspec_pb2.Spec(Attr=attr),
+            default=hclspec_pb2.Spec(literal=hclspec_pb2.Literal(value=literal)),
+        )
+    )
+
+
+def schema() -> hclspec_pb2.Spec:
+    """The ``config`` block Nomad decodes for us: every key optional, with its default.
+
+    ``socket`` defaults to ``""``, which means the system daemon's socket, so that a flag can
+    tell "not set" from a path."""
+    return hclspec_pb2.Spec(
+        object=hclspec_pb2.Object(
+            attributes={
+                "socket": _default(hclspec_pb2.Attr(name="socket", type="string"), '""'),
+                "ignored_device_ids": _default(
+                    hclspec_pb2.Attr(name="ignored_device_ids", type="list(string)"), "[]"
+                ),
+                "groups": _default(hclspec_pb2.Attr(name="groups", type="list(string)"), "[]"),
+            }
+        )
+    )
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """The config block as SetConfig carries it (a MessagePack map), by key; nothing is
+    checked beyond its being a map of known keys."""
+    if not raw:
+        return {}
+    try:
+        config = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise ConfigRefused(f"the config is not valid MessagePack: {error}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigRefused(f"the config must be a map, not {type(config).__name__}")
+    unknown = sorted(str(k) for k in config if k not in KEYS)
+    if unknown:
+        raise ConfigRefused(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(KEYS)})")
+    return config
+
+
+def _strings(key: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigRefused(f"{key} must be a list of strings")
+    if len(value) > MAX_ENTRIES:
+        raise ConfigRefused(f"{key} has {len(value)} entries; at most {MAX_ENTRIES}")
+    return list(value)
+
+
+def _socket(value: object) -> Path:
+    if value is None or value == "":
+        return SYSTEM_SOCKET
+    if not isinstance(value, str | Path):
+        raise ConfigRefused("socket must be a string")
+    text = str(value)
+    if not text.startswith("/"):
+        raise ConfigRefused(f"socket must be an absolute path, not {text!r}")
+    if "\0" in text or not text.isprintable():
+        raise ConfigRefused(f"socket {text!r} has characters no path may have")
+    if len(text.encode()) > MAX_SOCKET_PATH:
+        raise ConfigRefused(f"socket path is longer than a Unix socket allows: {text!r}")
+    return Path(text)
+
+
+def _device_id(text: str) -> str:
+    lowered = text.lower()
+    if PCI_ADDRESS.fullmatch(lowered):
+        return lowered
+    if GPU_UUID.fullmatch(text):
+        return text
+    raise ConfigRefused(
+        f"ignored_device_ids: {text!r} is neither a PCI address (0000:3b:00.0) "
+        "nor a GPU UUID (GPU-...)"
+    )
+
+
+def settle(config: Mapping[str, Any], flags: Overrides = Overrides()) -> PluginConfig:
+    """The settings from the decoded config block and the flags (which win), checked."""
+
+    def pick(key: str) -> Any:
+        given = getattr(flags, key)
+        return given if given is not None else config.get(key)
+
+    return PluginConfig(
+        socket=_socket(pick("socket")),
+        ignored=frozenset(
+            _device_id(i) for i in _strings("ignored_device_ids", pick("ignored_device_ids"))
+        ),
+        groups=tuple(GroupPattern.parse(g) for g in _strings("groups", pick("groups"))),
+    )
+
+
+def describe(config: PluginConfig) -> dict[str, Any]:
+    """The settings, for one log line."""
+    return {
+        "socket": str(config.socket),
+        "ignored_device_ids": sorted(config.ignored),
+        "groups": [str(g) for g in config.groups] or "all",
+    }
+
+
+def flags_from(
+    socket: Path | None, ignore: Iterable[str] | None, offer: Iterable[str] | None
+) -> Overrides:
+    """The command line's values as overrides (an option not given stays None)."""
+    return Overrides(
+        socket=socket,
+        ignored_device_ids=tuple(ignore) if ignore is not None else None,
+        groups=tuple(offer) if offer is not None else None,
+    )

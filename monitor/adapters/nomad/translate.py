@@ -1,0 +1,384 @@
+"""From the daemon's words to Nomad's: the snapshot as device groups, a reservation as a
+container reservation, a stats sample as Nomad's stat objects, a refusal as a gRPC status.
+
+Pure: plain data in, protobuf messages out. What the daemon sends is checked here as a
+stranger's input: a group, device or attribute Nomad would reject (its client drops a plugin
+whose fingerprint fails validation: an empty vendor, type, name or device ID; an attribute
+with a unit it does not know, or a unit on a string) is left out and named in ``skipped``,
+so one bad entry never costs the others.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import grpc
+from google.protobuf import timestamp_pb2, wrappers_pb2
+
+from monitor.adapters.nomad.config import PluginConfig
+from monitor.adapters.nomad.protos import device_pb2, structs_pb2
+from monitor.wire import errors, stats
+
+NOMAD_OWNER = "nomad"  # the owner name the plugin's leases carry
+UNREACHABLE = "hotplug-monitor daemon not reachable"
+
+# Nomad's units (plugins/shared/structs/units.go): an attribute with any other is invalid.
+# fmt: off
+NOMAD_UNITS = frozenset((
+    "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "kB", "KB", "MB", "GB", "TB", "PB", "EB",
+    "KiB/s", "MiB/s", "GiB/s", "TiB/s", "PiB/s", "EiB/s",
+    "kB/s", "KB/s", "MB/s", "GB/s", "TB/s", "PB/s", "EB/s",
+    "MHz", "GHz", "mW", "W", "kW", "MW", "GW",
+))
+# fmt: on
+MAX_TEXT = 256
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+
+# Stats Nomad shows as a fraction (used / total), by the numerator's name: the denominator's.
+FRACTIONS = {
+    stats.MEMORY_USED.name: stats.MEMORY_TOTAL.name,
+    stats.BAR1_USED.name: stats.BAR1_TOTAL.name,
+}
+# The one statistic Nomad's summaries show, the first a device has.
+SUMMARY = (stats.MEMORY_USED.name, stats.GPU_UTILIZATION.name)
+
+Triple = tuple[str, str, str]  # vendor, type, name
+
+
+def _text(value: object, limit: int = MAX_TEXT) -> str | None:
+    """``value`` if it is a non-empty printable string of at most ``limit`` characters."""
+    if isinstance(value, str) and value and len(value) <= limit and value.isprintable():
+        return value
+    return None
+
+
+def attribute(raw: object) -> structs_pb2.Attribute | None:
+    """A snapshot attribute (``{"value": v, "unit": u}``) as Nomad's typed attribute, or None
+    if Nomad would refuse it."""
+    if not isinstance(raw, Mapping):
+        return None
+    value, unit = raw.get("value"), raw.get("unit")
+    if unit is not None and (not isinstance(unit, str) or unit not in NOMAD_UNITS):
+        return None  # a number in a unit Nomad cannot compare is worse than none
+    if isinstance(value, bool):
+        return None if unit else structs_pb2.Attribute(bool_val=value)
+    if isinstance(value, int):
+        if not INT64[0] <= value <= INT64[1]:
+            return None
+        return structs_pb2.Attribute(int_val=value, unit=unit or "")
+    if isinstance(value, float):
+        return (
+            structs_pb2.Attribute(float_val=value, unit=unit or "")
+            if math.isfinite(value)
+            else None
+        )
+    if isinstance(value, str) and not unit and value.isprintable() and len(value) <= MAX_TEXT:
+        return structs_pb2.Attribute(string_val=value)
+    return None
+
+
+def _common(attribute_sets: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The attributes every set has, with the same value: what Nomad can match a group on."""
+    if not attribute_sets:
+        return {}
+    first, *rest = attribute_sets
+    return {k: v for k, v in first.items() if all(other.get(k) == v for other in rest)}
+
+
+@attrs.frozen
+class Offered:
+    """What the plugin offers Nomad: its device groups, each offered device's group, and why
+    anything the daemon reported was left out."""
+
+    groups: tuple[device_pb2.DeviceGroup, ...] = ()
+    by_device: Mapping[str, Triple] = attrs.field(factory=dict)
+    skipped: tuple[str, ...] = ()
+
+    def response(self) -> device_pb2.FingerprintResponse:
+        return device_pb2.FingerprintResponse(device_group=list(self.groups))
+
+
+def _uuid(device: Mapping[str, Any]) -> object:
+    """An NVIDIA GPU's UUID, from its ``uuid`` attribute (None when it has none)."""
+    attributes = device.get("attributes")
+    uuid = attributes.get("uuid") if isinstance(attributes, Mapping) else None
+    return uuid.get("value") if isinstance(uuid, Mapping) else None
+
+
+def not_offered(device_id: str, snapshot: object, config: PluginConfig) -> str | None:
+    """Why Nomad may not have ``device_id`` though the daemon may know it (ignored, or in a
+    group not offered), or None: then the daemon decides."""
+    if config.ignores(device_id):
+        return f"{device_id} is not offered to Nomad: it is in ignored_device_ids"
+    groups = snapshot.get("groups") if isinstance(snapshot, Mapping) else None
+    for group in groups.values() if isinstance(groups, Mapping) else ():
+        devices = group.get("devices") if isinstance(group, Mapping) else None
+        device = devices.get(device_id) if isinstance(devices, Mapping) else None
+        if not isinstance(device, Mapping):
+            continue
+        if config.ignores(device_id, _uuid(device)):
+            return f"{device_id} is not offered to Nomad: its UUID is in ignored_device_ids"
+        triple = tuple(str(group.get(k)) for k in ("vendor", "type", "name"))
+        if not config.offers(*triple):
+            return f"{device_id} is not offered to Nomad: group {'/'.join(triple)} is not in groups"
+    return None
+
+
+def _device(
+    device_id: str, raw: Mapping[str, Any]
+) -> tuple[device_pb2.DetectedDevice, Mapping[str, Any]]:
+    """One device for Nomad, and its attributes (to find the group's common ones)."""
+    healthy = raw.get("healthy") is True
+    problems = []
+    if not healthy:
+        problems.append(_text(raw.get("health_desc"), 1024) or "unhealthy")
+    holder = raw.get("reserved_by")
+    owner = raw.get("reserved_owner")
+    if holder is not None and owner != NOMAD_OWNER:
+        # Someone else holds it: Nomad must not place a task on it.
+        named = _text(holder, 64) or "unknown"
+        who = f"reservation {named}"
+        if owner is not None:
+            who += f", owner {_text(owner, 64) or 'unknown'}"
+        problems.append(f"reserved outside Nomad ({who})")
+    locality = raw.get("hw_locality")
+    bus_id = locality.get("pci_bus_id") if isinstance(locality, Mapping) else None
+    if not (isinstance(bus_id, str) and PCI_ADDRESS.fullmatch(bus_id)):
+        bus_id = device_id if PCI_ADDRESS.fullmatch(device_id) else ""
+    detected = device_pb2.DetectedDevice(
+        ID=device_id,
+        healthy=not problems,
+        health_description="; ".join(problems),
+        hw_locality=device_pb2.DeviceLocality(pci_bus_id=bus_id),
+    )
+    attributes = raw.get("attributes")
+    return detected, attributes if isinstance(attributes, Mapping) else {}
+
+
+def offered(snapshot: object, config: PluginConfig) -> Offered:
+    """The daemon's snapshot as Nomad's device groups, filtered by the config: ignored devices
+    and groups not offered are left out, as are groups left with no device."""
+    skipped: list[str] = []
+    groups_raw = snapshot.get("groups") if isinstance(snapshot, Mapping) else None
+    if not isinstance(groups_raw, Mapping):
+        return Offered(skipped=("the snapshot has no groups",))
+    groups: list[device_pb2.DeviceGroup] = []
+    by_device: dict[str, Triple] = {}
+    for key in sorted(k for k in groups_raw if isinstance(k, str)):
+        group = groups_raw[key]
+        if not isinstance(group, Mapping):
+            skipped.append(f"group {key[:80]!r}: not an object")
+            continue
+        vendor, type_, name = (_text(group.get(k)) for k in ("vendor", "type", "name"))
+        if vendor is None or type_ is None or name is None:
+            skipped.append(f"group {key[:80]!r}: no usable vendor, type and name")
+            continue
+        if not config.offers(vendor, type_, name):
+            continue
+        devices_raw = group.get("devices")
+        if not isinstance(devices_raw, Mapping):
+            skipped.append(f"group {key[:80]!r}: devices is not an object")
+            continue
+        devices: list[device_pb2.DetectedDevice] = []
+        attribute_sets: list[Mapping[str, Any]] = []
+        for device_id in sorted(d for d in devices_raw if isinstance(d, str)):
+            raw = devices_raw[device_id]
+            if not _DEVICE_ID.fullmatch(device_id) or not isinstance(raw, Mapping):
+                skipped.append(f"device {device_id[:80]!r} in {key[:80]!r}: unusable")
+                continue
+            if config.ignores(device_id, _uuid(raw)) or device_id in by_device:
+                continue
+            detected, attributes = _device(device_id, raw)
+            devices.append(detected)
+            if attributes:
+                attribute_sets.append(attributes)
+            by_device[device_id] = (vendor, type_, name)
+        if not devices:
+            continue
+        shared = _common(attribute_sets) if attribute_sets else group.get("attributes")
+        converted: dict[str, structs_pb2.Attribute] = {}
+        for attr_name, raw_attribute in shared.items() if isinstance(shared, Mapping) else ():
+            value = attribute(raw_attribute) if _text(attr_name, 128) else None
+            if value is None:
+                skipped.append(
+                    f"attribute {str(attr_name)[:80]!r} of {key[:80]!r}: not one Nomad takes"
+                )
+                continue
+            converted[attr_name] = value
+        groups.append(
+            device_pb2.DeviceGroup(
+                vendor=vendor,
+                device_type=type_,
+                device_name=name,
+                devices=devices,
+                attributes=converted,
+            )
+        )
+    return Offered(groups=tuple(groups), by_device=by_device, skipped=tuple(skipped))
+
+
+def unreachable(last: Offered) -> Offered:
+    """The last devices offered, each unhealthy because the daemon cannot be asked: Nomad keeps
+    them (a device that vanished would look removed) but places nothing new on them."""
+    groups = []
+    for group in last.groups:
+        copy = device_pb2.DeviceGroup()
+        copy.CopyFrom(group)
+        for device in copy.devices:
+            device.healthy = False
+            device.health_description = UNREACHABLE
+        groups.append(copy)
+    return Offered(groups=tuple(groups), by_device=last.by_device)
+
+
+def container_reservation(result: Mapping[str, Any]) -> device_pb2.ContainerReservation:
+    """A ``reserve`` answer, already checked (``monitor.wire.reservations.check_reservation``),
+    as what the task driver adds to the task's container."""
+    return device_pb2.ContainerReservation(
+        envs=dict(result["envs"]),
+        mounts=[
+            device_pb2.Mount(
+                task_path=m["task_path"], host_path=m["host_path"], read_only=m["read_only"]
+            )
+            for m in result["mounts"]
+        ],
+        devices=[
+            device_pb2.DeviceSpec(
+                task_path=d["task_path"], host_path=d["host_path"], permissions=d["cgroup_perms"]
+            )
+            for d in result["devices"]
+        ],
+    )
+
+
+# The daemon's refusals as gRPC statuses (Nomad shows the message with the code).
+STATUS_BY_CODE = {
+    errors.UNKNOWN_DEVICE: grpc.StatusCode.NOT_FOUND,
+    errors.DEVICE_UNHEALTHY: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DEVICE_RESERVED: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    errors.INVALID_PARAMS: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.SERVER_BUSY: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: errors.RpcError) -> tuple[grpc.StatusCode, str]:
+    code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
+    return code, _text(error.message, 1024) or f"the daemon refused (code {error.code})"
+
+
+def stat_value(raw: object, name: str) -> structs_pb2.StatValue | None:
+    """One statistic of a sample (``{"value": v, "unit": u}``) as Nomad's stat value."""
+    if not isinstance(raw, Mapping):
+        return None
+    value, unit = raw.get("value"), raw.get("unit", "")
+    if not isinstance(unit, str) or len(unit) > 16 or not unit.isprintable():
+        return None
+    known = stats.BY_NAME.get(name)
+    stat = structs_pb2.StatValue(unit=unit, desc=known.help if known else "")
+    if isinstance(value, bool):
+        stat.bool_val.CopyFrom(wrappers_pb2.BoolValue(value=value))
+    elif isinstance(value, int) and INT64[0] <= value <= INT64[1]:
+        stat.int_numerator_val.CopyFrom(wrappers_pb2.Int64Value(value=value))
+    elif isinstance(value, float) and math.isfinite(value):
+        stat.float_numerator_val.CopyFrom(wrappers_pb2.DoubleValue(value=value))
+    elif isinstance(value, str) and len(value) <= MAX_TEXT and value.isprintable():
+        stat.string_val.CopyFrom(wrappers_pb2.StringValue(value=value))
+    else:
+        return None
+    return stat
+
+
+def _with_denominator(
+    numerator: structs_pb2.StatValue, denominator: structs_pb2.StatValue
+) -> structs_pb2.StatValue:
+    """``numerator`` as a fraction of ``denominator`` (used / total), as Nomad shows memory."""
+    fraction = structs_pb2.StatValue()
+    fraction.CopyFrom(numerator)
+    if numerator.HasField("int_numerator_val") and denominator.HasField("int_numerator_val"):
+        fraction.int_denominator_val.value = denominator.int_numerator_val.value
+        return fraction
+    values = []
+    for stat in (numerator, denominator):
+        if stat.HasField("int_numerator_val"):
+            values.append(float(stat.int_numerator_val.value))
+        elif stat.HasField("float_numerator_val"):
+            values.append(stat.float_numerator_val.value)
+    if len(values) != 2:
+        return numerator
+    fraction.ClearField("int_numerator_val")
+    fraction.float_numerator_val.value, fraction.float_denominator_val.value = values
+    return fraction
+
+
+def device_stats(
+    sample: Mapping[str, Any], at: timestamp_pb2.Timestamp
+) -> device_pb2.DeviceStats | None:
+    """One device's sample (``{NAME: {"value", "unit"}}``) as Nomad's device stats."""
+    values: dict[str, structs_pb2.StatValue] = {}
+    for name, raw in sample.items():
+        if _text(name, 128) is None:
+            continue
+        value = stat_value(raw, name)
+        if value is not None:
+            values[name] = value
+    if not values:
+        return None
+    for numerator, denominator in FRACTIONS.items():
+        if numerator in values and denominator in values:
+            values[numerator] = _with_denominator(values[numerator], values[denominator])
+    summary = next((values[n] for n in SUMMARY if n in values), None)
+    out = device_pb2.DeviceStats(stats=structs_pb2.StatObject(attributes=values), timestamp=at)
+    if summary is not None:
+        out.summary.CopyFrom(summary)
+    return out
+
+
+def stats_response(sample: object, offer: Offered) -> device_pb2.StatsResponse:
+    """A ``stats`` sample (``{"time", "devices": {ID: {NAME: {"value", "unit"}}}}``) for the
+    devices offered, grouped as the fingerprint groups them."""
+    if not isinstance(sample, Mapping):
+        return device_pb2.StatsResponse()
+    at = timestamp_pb2.Timestamp()
+    moment = sample.get("time")
+    if (
+        isinstance(moment, int | float)
+        and not isinstance(moment, bool)
+        and math.isfinite(moment)
+        and 0 <= moment < 1e11
+    ):
+        seconds = math.floor(moment)
+        at.seconds, at.nanos = seconds, min(round((moment - seconds) * 1e9), 999_999_999)
+    devices = sample.get("devices")
+    by_group: dict[Triple, dict[str, device_pb2.DeviceStats]] = {}
+    if isinstance(devices, Mapping):
+        for device_id, values in devices.items():
+            triple = offer.by_device.get(device_id) if isinstance(device_id, str) else None
+            if triple is None or not isinstance(values, Mapping):
+                continue
+            converted = device_stats(values, at)
+            if converted is not None:
+                by_group.setdefault(triple, {})[device_id] = converted
+    return device_pb2.StatsResponse(
+        groups=[
+            device_pb2.DeviceGroupStats(vendor=v, type=t, name=n, instance_stats=instances)
+            for (v, t, n), instances in sorted(by_group.items())
+        ]
+    )
+
+
+def same(a: Iterable[device_pb2.DeviceGroup], b: Iterable[device_pb2.DeviceGroup]) -> bool:
+    """Whether two fingerprints say the same to Nomad (map order aside)."""
+
+    def key(groups: Iterable[device_pb2.DeviceGroup]) -> bytes:
+        return device_pb2.FingerprintResponse(device_group=list(groups)).SerializeToString(
+            deterministic=True
+        )
+
+    return key(a) == key(b)
