@@ -30,7 +30,7 @@ from monitor.engine.inbox import Inbox, Item, Outbox
 from monitor.engine.reducer_task import run_engine
 from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
-from monitor.outputs.cdi import keep_spec
+from monitor.outputs.cdi import CdiSpec
 from monitor.outputs.files import lock_directory, secure_directory
 from monitor.outputs.store import LeaseStore, StoreError
 from monitor.serving.limits import ConnectionLimits
@@ -214,6 +214,7 @@ async def run_tasks(
     receive: Outbox,
     telemetry: Telemetry,
     nvml_stats: NvmlStats,
+    spec: CdiSpec | None,
 ) -> None:
     """Start every task of the daemon, in the order that makes it ready: the socket listens,
     the reducer runs, the first enumeration is in the state and NVML has named its GPUs (or
@@ -244,8 +245,8 @@ async def run_tasks(
         )
         nursery.start_soon(nvml, inbox.clone(), hub.changes)
     await hub.ready.wait()
-    if claimed.cdi_dir is not None:
-        nursery.start_soon(keep_spec, hub.changes(), claimed.cdi_dir)
+    if spec is not None:
+        nursery.start_soon(spec.keep, hub.changes(), lambda: hub.state)
     interval = systemd.watchdog_interval()
     if interval is not None:
         nursery.start_soon(ping_watchdog, interval)
@@ -279,9 +280,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         return await nvml_stats.sample()
 
     telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
-    server = Server(
-        hub, inbox.clone(), limits=limits, cdi=claimed.cdi_dir is not None, telemetry=telemetry
-    )
+    spec = CdiSpec(claimed.cdi_dir) if claimed.cdi_dir is not None else None
+    server = Server(hub, inbox.clone(), limits=limits, cdi=spec, telemetry=telemetry)
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     sock = socket_file = None
     try:
@@ -292,7 +292,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 if socket_file is not None:
                     nursery.start_soon(socket_file.keep, server.listen_on)
                 await run_tasks(
-                    nursery, settings, claimed, hub, inbox, receive, telemetry, nvml_stats
+                    nursery, settings, claimed, hub, inbox, receive, telemetry, nvml_stats, spec
                 )
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 systemd.notify(READY=1, STATUS=status_line(hub))

@@ -30,6 +30,7 @@ KIND = CDI_KIND
 # newest that podman 4.3 (Debian 12) still reads.
 CDI_VERSION = "0.5.0"
 FILE_NAME = "hotplug-monitor.json"
+COALESCE_SECONDS = 0.05
 
 
 def container_edits(edits: ContainerReservation) -> dict[str, Any]:
@@ -72,29 +73,62 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
     return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices}
 
 
-async def keep_spec(changes: AsyncIterator[State], directory: Path) -> None:
-    """Rewrite ``directory/hotplug-monitor.json`` on every change; remove it when we stop."""
-    path = directory / FILE_NAME
-    written: bytes | None = None
-    seen: tuple[Any, ...] | None = None
-    try:
-        async for state in changes:
-            # What the spec is made of; leases and health, which change far more often, are not.
-            inputs = (state.match_classes, state.devices, state.drm_nodes, state.nvml, state.names)
-            if inputs == seen:
-                continue
-            seen = inputs
-            content = dumps(build_spec(state)) + b"\n"
-            if content != written:
-                try:
-                    await trio.to_thread.run_sync(_write, path, content)
-                    written = content
-                except OSError as exc:
-                    log.error("cannot write the CDI spec %s: %s", path, exc.strerror or exc)
-    finally:
-        if written is not None:
-            path.unlink(missing_ok=True)
+def spec_inputs(state: State) -> tuple[Any, ...]:
+    """What the spec is made of. Leases and health, which change far more often, are not; and
+    as the draft keeps unchanged fields as they were, comparing these is mostly identity."""
+    return (state.match_classes, state.devices, state.drm_nodes, state.nvml, state.names)
 
 
-def _write(path: Path, content: bytes) -> None:
-    write_atomically(path, content, mode=0o644)
+class CdiSpec:
+    """The spec file in ``directory``, written by ``keep`` after each change of the devices, and
+    which state it was written for, so that a reservation's answer can wait for its devices'
+    entries before it names them.
+
+    A change is written ``COALESCE_SECONDS`` after it is seen: the subscribers hear of it first
+    (the spec is not what a hot-add waits on), and a burst of changes is one write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / FILE_NAME
+        self._written: tuple[Any, ...] | None = None  # spec_inputs of the spec on disk
+        self._generation = -1  # the newest state the spec on disk is current for
+        self._caught_up = trio.Event()  # set, and replaced, each time the spec catches up
+        self._stopped = False
+
+    def is_current(self, state: State) -> bool:
+        return (
+            self._stopped
+            or self._generation >= state.generation
+            or self._written == spec_inputs(state)
+        )
+
+    async def wait_until_current(self, state: State) -> None:
+        """Until the spec on disk holds ``state``'s devices (or a later state's)."""
+        while not self.is_current(state):
+            await self._caught_up.wait()
+
+    async def keep(self, changes: AsyncIterator[State], latest: Callable[[], State]) -> None:
+        """Write the spec whenever the devices change; remove it when we stop."""
+        try:
+            async for state in changes:
+                if spec_inputs(state) != self._written:
+                    await trio.sleep(COALESCE_SECONDS)
+                    state = latest()
+                    await self._write(state)
+                self._generation = max(self._generation, state.generation)
+                self._caught_up.set()
+                self._caught_up = trio.Event()
+        finally:
+            self._stopped = True
+            self._caught_up.set()
+            if self._written is not None:
+                self.path.unlink(missing_ok=True)
+
+    async def _write(self, state: State) -> None:
+        inputs = spec_inputs(state)
+        content = dumps(build_spec(state)) + b"\n"
+        try:
+            # A runtime file, made again at every start: atomic, but not worth an fsync.
+            await trio.to_thread.run_sync(write_atomically, self.path, content, 0o644, False)
+        except OSError as exc:
+            log.error("cannot write the CDI spec %s: %s", self.path, exc.strerror or exc)
+        self._written = inputs  # or given up on: a reservation does not wait on a broken disk

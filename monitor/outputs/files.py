@@ -126,8 +126,10 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: after a crash it holds either the old or the new bytes.
+def write_atomically(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: readers see the old bytes or the new, never a part; and
+    ``durable``, after a crash too (``fsync`` of the file before the rename, of the directory
+    after).
 
     The temporary file is created exclusively (``O_EXCL|O_NOFOLLOW``, a random name) in the same
     directory, which the caller has made sure nobody else can write."""
@@ -137,13 +139,15 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.fchmod(fd, mode)
             handle.write(data)
             handle.flush()
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def lock_directory(directory: Path) -> int:

@@ -31,6 +31,7 @@ from monitor.core.rules.leasing import may_reserve
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, ask
 from monitor.engine.stats import StatsHub, Telemetry
+from monitor.outputs.cdi import CdiSpec
 from monitor.serving.connection import Connection, UnfinishedInput
 from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
@@ -134,12 +135,12 @@ class Server:
         *,
         limits: ConnectionLimits | None = None,
         requests_per_second: float = REQUESTS_PER_SECOND,
-        cdi: bool = False,
+        cdi: CdiSpec | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.hub = hub
         self.telemetry = telemetry or Telemetry(StatsHub(hub, ()))
-        self.cdi = cdi  # whether a CDI spec of the devices is kept, for reserve to name them in
+        self.cdi = cdi  # the CDI spec of the devices, if one is kept: reserve names its entries
         self.inbox = inbox
         self.limits = limits or ConnectionLimits()
         self.requests_per_second = requests_per_second
@@ -307,7 +308,8 @@ class Server:
         edits = plan(answer.devices, minor_of=minors, exists=exists)
         lease = answer.lease
         result = {"reservation_id": lease.id, "device_ids": list(lease.devices), **edits.to_json()}
-        if self.cdi:  # the devices the spec has an entry for: those with something to inject
+        if self.cdi is not None:  # the spec's entries: devices with something to inject
+            await self.cdi.wait_until_current(self.hub.state)  # named once they are there
             result["cdi_devices"] = [
                 cdi_name(device.id)
                 for group, device in answer.devices

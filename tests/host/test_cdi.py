@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from monitor.sim.umockdev import Simulator
+from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, need
 from tests.container import (
     char_devices,
@@ -88,7 +89,14 @@ def test_the_cdi_spec_is_valid_matches_reserve_and_follows_hotplug(
     validate_cdi_spec(spec)
     assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0"]  # reserved, but gone: not listed
     gpus.add("nvidia-h100", "0000:bb:00.0", 1)
-    spec = read_spec(path, lambda s: "0000:bb:00.0" in names(s))
+    with daemon.client() as client:  # reserved the moment it is shown
+        deadline = time.monotonic() + 10
+        while "0000:bb:00.0" not in Mirror(client.call("fingerprint")).devices():
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        answer = client.call("reserve", {"device_ids": ["0000:bb:00.0"]})
+    assert answer["cdi_devices"] == ["hotplug-monitor.io/gpu=0000:bb:00.0"]
+    spec = json.loads(path.read_text())  # read once: the answer waited until the spec named it
     assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0", "0000:bb:00.0"]
     assert daemon.stop() == 0
     assert not path.exists()  # removed on a clean stop: no device names that nobody keeps

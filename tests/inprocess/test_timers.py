@@ -17,10 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from monitor.core.events import Event, NvmlNameWaitOver
+from monitor.core.events import DeviceSeen, Event, NvmlNameWaitOver, PciFacts
+from monitor.core.reducer import reduce
 from monitor.core.state import State
 from monitor.daemon import app, systemd
 from monitor.engine.hub import Hub
+from monitor.outputs import cdi
 from monitor.serving import socketfile
 from monitor.serving.connection import RequestBudget
 from monitor.serving.limits import ConnectionLimits
@@ -28,6 +30,11 @@ from monitor.serving.server import Server
 from monitor.serving.socketfile import SocketFile
 from monitor.sources.nvml import end_name_waits
 from monitor.wire.backoff import Backoff
+from monitor.wire.framing import dumps
+
+GPU = PciFacts(
+    address="0000:30:00.0", vendor_id=0x10DE, device_id=0x2330, pci_class=0x030200, driver="nvidia"
+)
 
 
 async def test_watchdog_pings_every_interval_and_not_while_the_loop_is_stalled(
@@ -124,6 +131,41 @@ async def test_a_deleted_socket_is_bound_again_at_the_next_check(
     first.close()
     assert listened == [socketfile.CHECK_INTERVAL]  # once: the new one is there after that
     assert keeper.path.is_socket() and keeper.is_ours()
+
+
+async def test_the_cdi_spec_is_written_once_per_burst_and_reserves_wait_for_it(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[float, State]] = []  # when each spec was made, on the loop, and of what
+    real_build = cdi.build_spec
+
+    def build(state: State) -> dict[str, object]:
+        built.append((trio.current_time(), state))
+        return real_build(state)
+
+    monkeypatch.setattr(cdi, "build_spec", build)
+    hub = Hub()
+    hub.publish(State(), None)
+    spec = cdi.CdiSpec(tmp_path)
+    state = State()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spec.keep, hub.changes(), lambda: hub.state)
+        await spec.wait_until_current(hub.state)  # the first spec, of no devices
+        arrived = trio.current_time()
+        for i in range(5):  # five GPUs come, 10 ms apart
+            state, patch = reduce(state, DeviceSeen(attrs.evolve(GPU, address=f"0000:3{i}:00.0")))
+            hub.publish(state, patch)
+            assert not spec.is_current(state)
+            await trio.sleep(0.01)
+        await spec.wait_until_current(state)  # what a reservation's answer does
+        on_disk = (tmp_path / cdi.FILE_NAME).read_bytes()
+        nursery.cancel_scope.cancel()
+    assert [t for t, _ in built] == pytest.approx(
+        [cdi.COALESCE_SECONDS, arrived + cdi.COALESCE_SECONDS]
+    )
+    assert built[-1][1] is state  # one spec for the burst, of its last state, and on disk
+    assert on_disk == dumps(real_build(state)) + b"\n"
+    assert not (tmp_path / cdi.FILE_NAME).exists()  # removed when it stops
 
 
 def test_the_request_budget_allows_a_seconds_burst_then_paces() -> None:
