@@ -279,7 +279,7 @@ def test_a_hanging_call_delays_neither_the_other_gpu_nor_the_socket(
     slowest = 0.0
     for _ in range(5):  # the socket answers while the call hangs
         asked = time.monotonic()
-        assert healthy(daemon.fingerprint()["snapshot"], A) is False
+        assert healthy(Mirror(daemon.fingerprint()), A) is False
         slowest = max(slowest, time.monotonic() - asked)
     nvml.unhang()
     sub.until(lambda m: healthy(m, A) is True and value(m, A, "uuid") == UUID_A)
