@@ -36,6 +36,7 @@ from monitor.serving.connection import Connection, UnfinishedInput
 from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
 from monitor.serving.peers import peer_of
+from monitor.serving.timeouts import Timeouts
 from monitor.sources import holders
 from monitor.wire.errors import (
     DEVICE_RESERVED,
@@ -148,6 +149,7 @@ class Server:
         self.unfinished = UnfinishedInput()
         self.refusing = 0  # refused connections lingering so that they read why
         self.node_exists = RecentNodeCheck()
+        self.timeouts = Timeouts()
         self._connections: trio.Nursery  # set by serve()
         self._accepting: trio.CancelScope | None = None  # the listener now accepting
         # Reservation IDs unique across restarts without a random read per reservation.
@@ -164,6 +166,7 @@ class Server:
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.telemetry.stats.run)  # samples outlive who asked
+            connections.start_soon(self.timeouts.run)
             await connections.start(self._accept, sock)
             task_status.started()
 
