@@ -13,6 +13,7 @@ import itertools
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -138,8 +139,10 @@ class Server:
         requests_per_second: float = REQUESTS_PER_SECOND,
         cdi: CdiSpec | None = None,
         telemetry: Telemetry | None = None,
+        on_close: Callable[[], object] = lambda: None,
     ) -> None:
         self.hub = hub
+        self.on_close = on_close  # told after each connection ends (memory.GiveBack)
         self.telemetry = telemetry or Telemetry(StatsHub(hub, ()))
         self.cdi = cdi  # the CDI spec of the devices, if one is kept: reserve names its entries
         self.inbox = inbox
@@ -214,6 +217,7 @@ class Server:
             await trio.aclose_forcefully(stream)
             if connection.bound_leases:
                 await self._tell_reducer(ConnectionClosed(connection.number))
+            self.on_close()
 
     async def _refuse(self, connection: Connection, refusal: str) -> None:
         """Tell a client it is refused. Each lingering refusal holds a file descriptor, so past

@@ -20,7 +20,7 @@ import trio.testing
 from monitor.core.events import DeviceSeen, Event, NvmlNameWaitOver, PciErrorReported, PciFacts
 from monitor.core.reducer import reduce
 from monitor.core.state import State
-from monitor.daemon import app, systemd
+from monitor.daemon import app, memory, systemd
 from monitor.engine.hub import Hub
 from monitor.outputs import cdi
 from monitor.serving import socketfile, timeouts
@@ -269,3 +269,29 @@ async def test_a_subscriber_that_stops_reading_is_closed_after_the_timeout(
         await trio.sleep(0.1)
     assert 60.0 <= trio.current_time() - stuck <= 60.0 + timeouts.CHECK_SECONDS
     assert flips > 100
+
+
+async def test_memory_is_given_back_once_a_burst_is_over_and_only_if_it_grew(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    resident = [30 << 20]
+    trimmed: list[float] = []
+
+    def trim() -> None:
+        trimmed.append(trio.current_time())
+        resident[0] = 31 << 20  # what it gave back
+
+    give_back = memory.GiveBack(lambda: resident[0], trim)
+    nursery.start_soon(give_back.run)
+    await trio.sleep(1)
+    for _ in range(20):  # a burst: activity every 0.5 s, never quiet for a second
+        resident[0] += 1 << 20
+        give_back.activity()
+        await trio.sleep(0.5)
+    last = trio.current_time() - 0.5
+    await trio.sleep(10)
+    assert len(trimmed) == 1
+    assert last + memory.QUIET_SECONDS <= trimmed[0] <= last + 2 * memory.QUIET_SECONDS
+    give_back.activity()  # activity that cost nothing: nothing to give back
+    await trio.sleep(10)
+    assert len(trimmed) == 1
