@@ -1,0 +1,200 @@
+"""The exporter's HTTP server: trio streams, HTTP/1.1 by ``h11`` (sans-I/O), keep-alive.
+
+It serves GET and HEAD of a few fixed pages and nothing else. Anyone on the network it listens
+on may connect, so every limit is explicit: request heads of at most MAX_HEAD bytes, bodies
+(which no page reads) of at most MAX_BODY, MAX_CONNECTIONS at once, and a connection that sends
+nothing for IDLE_TIMEOUT seconds, or reads its answer slower than SEND_TIMEOUT, is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import attrs
+import h11
+import trio
+
+log = logging.getLogger("hotplug-monitor.exporter")
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 60.0  # seconds: Prometheus's connections are idle between scrapes
+SEND_TIMEOUT = 10.0
+RECEIVE_SIZE = 16 * 1024
+SERVER = "hotplug-monitor-exporter"
+METHODS = ("GET", "HEAD")
+
+
+@attrs.frozen
+class Page:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Site = Callable[[str], Page]  # the path (no query) -> the page
+
+
+def answer(site: Site, method: str, target: str) -> Page:
+    """What a request gets: the site's page, or why not."""
+    if method not in METHODS:
+        return Page(
+            405, b"method not allowed: GET or HEAD only\n", headers=(("Allow", "GET, HEAD"),)
+        )
+    path = target.split("?", 1)[0]
+    return site(path)
+
+
+def _reason(status: int) -> str:
+    return http.HTTPStatus(status).phrase
+
+
+class _Close(Exception):
+    """Stop serving this connection (the peer left, broke the protocol, or was too slow)."""
+
+
+class Connection:
+    """One client connection, one request at a time, kept open between them."""
+
+    def __init__(self, stream: trio.abc.Stream, site: Site) -> None:
+        self.stream = stream
+        self.site = site
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    request = await self._request()
+                if idle.cancelled_caught or request is None:
+                    return
+                method, target = request
+                await self._send_page(method, answer(self.site, method, target))
+                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                    return
+                self.conn.start_next_cycle()
+        except h11.RemoteProtocolError as error:
+            await self._refuse(error.error_status_hint, f"bad request: {error}")
+        except _Close:
+            return
+
+    async def _event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                raise _Close from error
+            self.conn.receive_data(bytes(data))
+
+    async def _request(self) -> tuple[str, str] | None:
+        """The next request's method and target, its body read and dropped; None when the
+        client closed the connection."""
+        event = await self._event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise _Close
+        method, target = (
+            event.method.decode("ascii", "replace"),
+            event.target.decode("ascii", "replace"),
+        )
+        body = 0
+        while not isinstance(event := await self._event(), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                body += len(event.data)
+                if body > MAX_BODY:
+                    await self._refuse(413, "request body too large")
+                    raise _Close
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+        return method, target
+
+    async def _send_page(self, method: str, page: Page) -> None:
+        headers = [
+            ("Server", SERVER),
+            ("Content-Type", page.content_type),
+            ("Content-Length", str(len(page.body))),
+            *page.headers,
+        ]
+        events: list[h11.Event] = [
+            h11.Response(status_code=page.status, headers=headers, reason=_reason(page.status))
+        ]
+        if method != "HEAD":
+            events.append(h11.Data(data=page.body))
+        events.append(h11.EndOfMessage())
+        await self._send(events)
+
+    async def _refuse(self, status: int, why: str) -> None:
+        """An error answer, then the connection closes (if the state still allows one)."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"{why}\n".encode()
+        headers = [
+            ("Server", SERVER),
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        with contextlib.suppress(_Close, h11.LocalProtocolError):
+            await self._send(
+                [
+                    h11.Response(status_code=status, headers=headers, reason=_reason(status)),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                ]
+            )
+
+    async def _send(self, events: Sequence[h11.Event]) -> None:
+        data = b"".join(self.conn.send(event) or b"" for event in events)
+        with trio.move_on_after(SEND_TIMEOUT) as slow:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                raise _Close from error
+        if slow.cancelled_caught:
+            raise _Close
+
+
+class Server:
+    """Connections to the site, at most MAX_CONNECTIONS at once (more are answered 503)."""
+
+    def __init__(self, site: Site, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.site = site
+        self.max_connections = max_connections
+        self.open = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self.open >= self.max_connections:
+                await Connection(stream, self.site)._refuse(503, "too many connections")
+                return
+            self.open += 1
+            try:
+                await Connection(stream, self.site).serve()
+            finally:
+                self.open -= 1
+
+
+async def listen(host: str, port: int) -> list[trio.SocketListener]:
+    """Listening sockets on every address ``host`` resolves to (``localhost``: IPv4 and IPv6)."""
+    return await trio.open_tcp_listeners(port, host=host or None)
+
+
+async def serve(
+    server: Server,
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_listeners, server.handle, listeners))
+        task_status.started()
