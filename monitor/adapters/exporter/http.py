@@ -26,6 +26,7 @@ MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 60.0  # seconds: Prometheus's connections are idle between scrapes
 SEND_TIMEOUT = 10.0
 RECEIVE_SIZE = 16 * 1024
+LINGER_SECONDS, LINGER_BYTES = 1.0, 256 * 1024  # after an error answer (see _linger)
 SERVER = "hotplug-monitor-exporter"
 METHODS = ("GET", "HEAD")
 
@@ -152,6 +153,25 @@ class Connection:
                     h11.EndOfMessage(),
                 ]
             )
+            await self._linger()
+
+    async def _linger(self) -> None:
+        """Read (and drop) what the client is still sending, for a moment, before closing:
+        closing with unread data makes the kernel reset the connection, and the client would
+        lose the answer that says why."""
+        if isinstance(self.stream, trio.SocketStream):
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await self.stream.send_eof()
+        left = LINGER_BYTES
+        with trio.move_on_after(LINGER_SECONDS):
+            while left > 0:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                left -= len(data)
 
     async def _send(self, events: Sequence[h11.Event]) -> None:
         data = b"".join(self.conn.send(event) or b"" for event in events)

@@ -138,11 +138,11 @@ class Telemetry:
 
 
 def _gauge(name: str, help: str, *labels: str) -> Spec:
-    return _spec(name, GAUGE, help, DEVICE, *labels)
+    return _spec(f"device_{name}", GAUGE, help, DEVICE, *labels)
 
 
 def _counter(name: str, help: str, *labels: str) -> Spec:
-    return _spec(name, COUNTER, help, DEVICE, *labels)
+    return _spec(f"device_{name}", COUNTER, help, DEVICE, *labels)
 
 
 PERCENT, MIB, MHZ, KB = 0.01, float(1 << 20), 1e6, 1e3
