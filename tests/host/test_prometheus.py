@@ -12,8 +12,10 @@ first sample); the tests run in order and each leaves the state the next expects
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +32,7 @@ import pytest
 from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator, umockdev_missing
 from monitor.wire import requests
-from tests.conftest import Daemon, need
+from tests.conftest import ALICE, GROUP, MALLORY, Daemon, need
 
 pytestmark = pytest.mark.umockdev
 
@@ -46,6 +48,7 @@ UUIDS = {
 }
 H100 = "NVIDIA H100 80GB HBM3"
 JOB = "hotplug-monitor"
+KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
 
 
 def tool(name: str) -> str:
@@ -433,3 +436,79 @@ def test_mistakes_are_one_line_errors() -> None:
     assert len(missing.stderr.splitlines()) == 1
     helped = exporter("--help")
     assert helped.returncode == 0 and "localhost:10082" in helped.stdout
+
+
+# --- as it runs: another user, in the daemon's group -----------------------------------------
+
+
+def exporter_as(uid: int, groups: list[int], socket_path: Path, port: int, log: Path) -> int:
+    """``hotplug-monitor exporter`` in a forked child running as ``uid`` with ``groups``
+    (primary first); its pid. Forked, not exec'd: that user may not read this interpreter."""
+    import encodings.idna  # noqa: F401  (looked up lazily by getaddrinfo, after the fork)
+
+    from monitor.adapters.exporter import run  # imported here, before the fork
+
+    with log.open("wb") as out:
+        pid = os.fork()
+        if pid == 0:  # the child: drop to the user and serve until SIGTERM
+            status = 99
+            try:
+                os.dup2(out.fileno(), 2)
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (the child's own fd)
+                os.setgroups(groups[1:])
+                os.setgid(groups[0])
+                os.setuid(uid)
+                status = run.main(socket_path, f"127.0.0.1:{port}")
+            except BaseException as error:
+                os.write(2, f"child failed: {error!r}\n".encode())
+            finally:
+                os._exit(status)
+    return pid
+
+
+def scrape_until(port: int, condition: Callable[[str], bool], timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                text = str(answer.read().decode())
+            if condition(text):
+                return text
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no scrape met the condition; the last:\n{text[:2000]}")
+
+
+def test_an_unprivileged_member_of_the_group_exports_and_an_outsider_cannot(
+    start_daemon: Callable[..., Daemon], shared_socket: Path, tmp_path: Path
+) -> None:
+    daemon = start_daemon(*KERNEL, "--group", str(GROUP), socket=shared_socket)
+    groups = daemon.fingerprint()["snapshot"]["groups"].values()
+    devices = sum(len(group["devices"]) for group in groups)
+    assert devices > 0
+    member, outsider = free_port(), free_port()
+    pids = [
+        exporter_as(ALICE, [ALICE, GROUP], shared_socket, member, tmp_path / "member.log"),
+        exporter_as(MALLORY, [MALLORY], shared_socket, outsider, tmp_path / "outsider.log"),
+    ]
+    try:
+        text = scrape_until(member, lambda t: "hotplug_monitor_up 1.0" in t)
+        assert text.count("hotplug_monitor_device_info{") == devices
+        assert "hotplug_monitor_leases 0.0" in text
+        # The socket is the group's (0660): the outsider's exporter answers, with up 0.
+        text = scrape_until(outsider, lambda t: "hotplug_monitor_up 0.0" in t)
+        assert "hotplug_monitor_device_info{" not in text
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+    assert statuses == [0, 0], (tmp_path / "member.log").read_text()
+    said = (tmp_path / "member.log").read_text()
+    assert f"serving http://127.0.0.1:{member}/metrics" in said
+    assert "subscribed to the daemon" in said and "running as root" not in said
+    assert (
+        "cannot be reached (permission denied: run the exporter as a member of the daemon's "
+        "group)" in (tmp_path / "outsider.log").read_text()
+    )

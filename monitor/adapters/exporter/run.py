@@ -69,11 +69,21 @@ class Watcher:
                 log.info("subscribed to the daemon on %s", self.socket)
             else:
                 log.warning(
-                    "the daemon on %s cannot be reached: its devices are shown stale, "
+                    "the daemon on %s cannot be reached%s: its devices are shown stale, "
                     "hotplug_monitor_up is 0",
                     self.socket,
+                    _why(self.socket),
                 )
             self._said = up
+
+
+def _why(socket: Path) -> str:
+    """What an operator checks first when the daemon cannot be reached."""
+    if not socket.exists():
+        return " (no socket there: is the daemon running?)"
+    if not os.access(socket, os.R_OK | os.W_OK):
+        return " (permission denied: run the exporter as a member of the daemon's group)"
+    return ""
 
 
 async def follow_snapshot(watcher: Watcher, sleep: Callable[[float], Awaitable[Any]]) -> None:
@@ -157,9 +167,11 @@ def describe(host: str, port: int) -> str:
 
 def main(socket: Path, listen: str) -> int:
     """Run until SIGINT or SIGTERM; the exit status."""
-    logging.basicConfig(
-        level=logging.INFO, format="hotplug-monitor exporter: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hotplug-monitor exporter: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         host, port = parse_listen(listen)
     except ValueError as error:
