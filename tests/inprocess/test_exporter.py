@@ -96,23 +96,34 @@ async def test_a_daemon_answering_nonsense_or_hanging_up_leaves_the_exporter_ser
             nursery.cancel_scope.cancel()
 
 
-async def test_connections_beyond_the_limit_are_answered_503() -> None:
+async def test_past_the_connection_cap_the_longest_idle_is_closed_else_503() -> None:
     server = http.Server(lambda path: http.Page(200, b"ok\n"), max_connections=2)
     listeners = await http.listen("127.0.0.1", 0)
     port = listeners[0].socket.getsockname()[1]
+
+    async def opened(count: int) -> None:
+        with trio.fail_after(10):
+            while server.open != count:
+                await trio.sleep(0.01)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(http.serve, server, listeners)
-        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
-        with trio.fail_after(10):
-            while server.open < 2:
-                await trio.sleep(0.01)
-        assert (await http_get(port, "/"))[0] == 503
-        for stream in held:
-            await stream.aclose()
-        with trio.fail_after(10):
-            while server.open:
-                await trio.sleep(0.01)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await opened(2)
+        # Both idle: a new connection is served, and the oldest idle one is closed.
         assert await http_get(port, "/") == (200, b"ok\n")
+        with trio.fail_after(10):
+            assert await idle[0].receive_some(1024) == b""
+        await opened(1)
+        # Both busy (a request begun, not finished): the new one is refused.
+        busy = await trio.open_tcp_stream("127.0.0.1", port)
+        for stream in (idle[1], busy):
+            await stream.send_all(b"GET / HTTP/1.1\r\n")
+        await opened(2)
+        assert (await http_get(port, "/"))[0] == 503
+        for stream in (*idle, busy):
+            await stream.aclose()
+        await opened(0)
         nursery.cancel_scope.cancel()
 
 
@@ -128,4 +139,20 @@ async def test_an_idle_connection_is_closed_after_the_idle_timeout(
         began = trio.current_time()
         assert await stream.receive_some(1024) == b""  # closed by the server, having sent nothing
         assert trio.current_time() - began >= http.IDLE_TIMEOUT
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_begun_must_end_within_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = http.Server(lambda path: http.Page(200, b"ok\n"))
+    listeners = await http.listen("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(http.serve, server, listeners)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost:")  # and then nothing
+        began = trio.current_time()
+        assert await stream.receive_some(1024) == b""
+        assert http.REQUEST_TIMEOUT <= trio.current_time() - began < http.IDLE_TIMEOUT
         nursery.cancel_scope.cancel()

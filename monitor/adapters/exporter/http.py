@@ -2,8 +2,9 @@
 
 It serves GET and HEAD of a few fixed pages and nothing else. Anyone on the network it listens
 on may connect, so every limit is explicit: request heads of at most MAX_HEAD bytes, bodies
-(which no page reads) of at most MAX_BODY, MAX_CONNECTIONS at once, and a connection that sends
-nothing for IDLE_TIMEOUT seconds, or reads its answer slower than SEND_TIMEOUT, is closed.
+(which no page reads) of at most MAX_BODY, MAX_CONNECTIONS at once (``Server``), and a
+connection that sends nothing for IDLE_TIMEOUT seconds, takes longer than REQUEST_TIMEOUT over
+a request, or reads its answer slower than SEND_TIMEOUT, is closed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 60.0  # seconds: Prometheus's connections are idle between scrapes
+REQUEST_TIMEOUT = 10.0  # from a request's first byte to its end
 SEND_TIMEOUT = 10.0
 RECEIVE_SIZE = 16 * 1024
 LINGER_SECONDS, LINGER_BYTES = 1.0, 256 * 1024  # after an error answer (see _linger)
@@ -67,12 +69,15 @@ class Connection:
         self.stream = stream
         self.site = site
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.waiting: trio.CancelScope | None = None  # set while idle: waiting for a request
 
     async def serve(self) -> None:
         try:
             while True:
                 with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    self.waiting = idle
                     request = await self._request()
+                self.waiting = None
                 if idle.cancelled_caught or request is None:
                     return
                 method, target = request
@@ -94,6 +99,9 @@ class Connection:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 raise _Close from error
+            if self.waiting is not None and data:  # a request began: it has so long to arrive
+                self.waiting.deadline = trio.current_time() + REQUEST_TIMEOUT
+                self.waiting = None
             self.conn.receive_data(bytes(data))
 
     async def _request(self) -> tuple[str, str] | None:
@@ -185,23 +193,38 @@ class Connection:
 
 
 class Server:
-    """Connections to the site, at most MAX_CONNECTIONS at once (more are answered 503)."""
+    """Connections to the site, at most MAX_CONNECTIONS at once. When they are all open, a new
+    one closes the longest idle (a client can reconnect, and connections held open doing
+    nothing cannot lock out a scrape); when none is idle, it is answered 503."""
 
     def __init__(self, site: Site, max_connections: int = MAX_CONNECTIONS) -> None:
         self.site = site
         self.max_connections = max_connections
-        self.open = 0
+        self.connections: dict[Connection, None] = {}  # oldest first
+
+    @property
+    def open(self) -> int:
+        return len(self.connections)
+
+    def _close_an_idle_one(self) -> bool:
+        for connection in self.connections:
+            if connection.waiting is not None:
+                connection.waiting.cancel()
+                connection.waiting = None
+                return True
+        return False
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if self.open >= self.max_connections:
-                await Connection(stream, self.site)._refuse(503, "too many connections")
+            connection = Connection(stream, self.site)
+            if self.open >= self.max_connections and not self._close_an_idle_one():
+                await connection._refuse(503, "too many connections")
                 return
-            self.open += 1
+            self.connections[connection] = None
             try:
-                await Connection(stream, self.site).serve()
+                await connection.serve()
             finally:
-                self.open -= 1
+                del self.connections[connection]
 
 
 async def listen(host: str, port: int) -> list[trio.SocketListener]:
