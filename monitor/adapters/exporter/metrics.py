@@ -22,12 +22,14 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from monitor.adapters.exporter.known import DeviceView, Known
 from monitor.wire import stats
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format Prometheus 2.x reads
+# The text format generate_latest writes, which Prometheus 2.x reads; named here rather than
+# imported because prometheus_client's own constant for it is recent (and its LATEST moved on).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "hotplug_monitor_"
 GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
 
