@@ -21,6 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from monitor.cli.nomad import nomad_plugin
 
         return nomad_plugin(args)
+    if args.command == "exporter":
+        from monitor.cli.exporter import exporter
+
+        return exporter(args)
     from monitor.cli.commands import COMMANDS, CliError
 
     try:
