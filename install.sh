@@ -4,7 +4,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: ./install.sh [--root DIR] [--python PYTHON]
+usage: ./install.sh [--root DIR] [--python PYTHON] [--with ADAPTER[,ADAPTER...]]
 
 Installs hotplug-monitor as a systemd service (run as root):
   /opt/hotplug-monitor/                      a virtual environment with the daemon and its libraries
@@ -20,6 +20,9 @@ then creates the group, updates the journal catalog and reloads systemd. It star
                     paths, so they work once DIR is the root
   --python PYTHON   the interpreter for the virtual environment (default /usr/bin/python3). The
                     service cannot see /home, /root or /tmp, so it must live elsewhere.
+  --with ADAPTERS   also the libraries and units of these adapters (comma-separated):
+                    exporter  Prometheus exporter: hotplug-monitor-exporter.service and its user
+                    nomad     Nomad device plugin's libraries (Nomad starts it: no unit)
 EOF
 }
 
@@ -30,12 +33,15 @@ fail() {
 
 root=""
 python=/usr/bin/python3
+adapters=
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) [ $# -ge 2 ] || fail "--root needs a directory"; root="${2%/}"; shift 2 ;;
     --root=*) root="${1#--root=}"; root="${root%/}"; shift ;;
     --python) [ $# -ge 2 ] || fail "--python needs an interpreter"; python="$2"; shift 2 ;;
     --python=*) python="${1#--python=}"; shift ;;
+    --with) [ $# -ge 2 ] || fail "--with needs adapters"; adapters="$2"; shift 2 ;;
+    --with=*) adapters="${1#--with=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; fail "unknown argument: $1" ;;
   esac
@@ -43,6 +49,15 @@ done
 
 source="$(cd "$(dirname "$0")" && pwd)"
 venv=/opt/hotplug-monitor
+
+# Each adapter is a pip extra of the same name, with its units in systemd/ if it has any.
+extras=""
+for adapter in ${adapters//,/ }; do
+  case "$adapter" in
+    exporter|nomad) extras="${extras:+$extras,}$adapter" ;;
+    *) fail "unknown adapter: $adapter (known: exporter, nomad)" ;;
+  esac
+done
 
 [ -n "$root" ] || [ "$(id -u)" -eq 0 ] || fail "run as root (or with --root DIR to stage the files)"
 command -v "$python" >/dev/null || fail "no interpreter $python (apt-get install python3-venv)"
@@ -59,7 +74,7 @@ esac
 rm -rf "$root$venv"
 "$python" -m venv "$root$venv"
 "$root$venv/bin/pip" install --quiet --disable-pip-version-check --no-warn-script-location \
-  "$source"
+  "$source${extras:+[$extras]}"
 if [ -n "$root" ]; then
   # A venv's scripts name it by absolute path (shebangs, activate): make that the final one.
   grep -rlIZ -- "$root$venv" "$root$venv/bin" "$root$venv/pyvenv.cfg" \
@@ -73,6 +88,16 @@ install -D -m 0644 -t "$root/usr/local/lib/systemd/system" \
 install -D -m 0644 "$source/systemd/hotplug-monitor.sysusers" \
   "$root/usr/local/lib/sysusers.d/hotplug-monitor.conf"
 install -D -m 0644 -t "$root/usr/local/lib/systemd/catalog" "$source/systemd/hotplug-monitor.catalog"
+for adapter in ${extras//,/ }; do
+  for unit in "$source/systemd/hotplug-monitor-$adapter"*.service; do
+    if [ -e "$unit" ]; then install -D -m 0644 -t "$root/usr/local/lib/systemd/system" "$unit"; fi
+  done
+  for users in "$source/systemd/hotplug-monitor-$adapter"*.sysusers; do
+    if [ -e "$users" ]; then
+      install -D -m 0644 "$users" "$root/usr/local/lib/sysusers.d/$(basename "${users%.sysusers}").conf"
+    fi
+  done
+done
 install -D -m 0644 -t "$root/usr/local/share/doc/hotplug-monitor" "$source/README.md"
 
 if [ -n "$root" ]; then
@@ -80,7 +105,7 @@ if [ -n "$root" ]; then
   exit 0
 fi
 
-systemd-sysusers /usr/local/lib/sysusers.d/hotplug-monitor.conf
+systemd-sysusers /usr/local/lib/sysusers.d/hotplug-monitor*.conf
 journalctl --update-catalog
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload

@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "install.sh"
 VENV = "opt/hotplug-monitor"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+# --with: each adapter's extra, and the units it runs under (Nomad starts its plugin itself).
+ADAPTERS = {
+    "exporter": ("hotplug-monitor-exporter.service",),
+    "nomad": (),
+}
+UNITS = ("hotplug-monitor.service", "hotplug-monitor.socket")
 
 
 def tool(name: str) -> str:
@@ -39,7 +45,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "bin").symlink_to("usr/bin")
     shutil.copy(tool("kill"), root / "usr/bin/kill")
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    result = run(INSTALL, "--root", root)
+    result = run(INSTALL, "--root", root, "--with", ",".join(ADAPTERS))
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"installed hotplug-monitor under {root}\n"
     return root
@@ -52,10 +58,17 @@ def test_the_installed_units_verify_against_the_installed_command(installed: Pat
         tool("systemd-analyze"),
         "verify",
         f"--root={installed}",
-        "hotplug-monitor.service",
-        "hotplug-monitor.socket",
+        *UNITS,
+        *(unit for units in ADAPTERS.values() for unit in units),
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_adapters_asked_for_have_their_libraries(installed: Path) -> None:
+    python = installed / VENV / "bin/python"
+    for module in ("monitor.adapters.exporter.run", "monitor.adapters.nomad.plugin"):
+        found = run(python, "-c", f"import {module}")
+        assert found.returncode == 0, found.stderr
 
 
 def test_the_command_runs_from_the_venv_and_names_only_final_paths(installed: Path) -> None:
@@ -82,6 +95,10 @@ def test_the_group_catalog_and_docs_are_found_where_systemd_looks(installed: Pat
     assert sysusers.returncode == 0, sysusers.stderr
     groups = (installed / "etc/group").read_text().splitlines()
     assert any(line.startswith("hotplug-monitor:") for line in groups), groups
+    exporter = next(u for u in (installed / "etc/passwd").read_text().splitlines()
+                    if u.startswith("hotplug-monitor-exporter:"))  # fmt: skip
+    member = next(line for line in groups if line.startswith("hotplug-monitor:"))
+    assert "hotplug-monitor-exporter" in member.rsplit(":", 1)[1].split(","), (exporter, member)
 
     journalctl = tool("journalctl")
     assert run(journalctl, f"--root={installed}", "--update-catalog").returncode == 0
@@ -89,7 +106,7 @@ def test_the_group_catalog_and_docs_are_found_where_systemd_looks(installed: Pat
     assert "hotplug-monitor: Reservation @LEASE_ID@ granted" in catalog, catalog
 
     units = installed / "usr/local/lib/systemd/system"
-    for unit in ("hotplug-monitor.service", "hotplug-monitor.socket"):
+    for unit in UNITS:
         documentation = next(
             line.removeprefix("Documentation=file:")
             for line in (units / unit).read_text().splitlines()
@@ -108,6 +125,15 @@ def test_an_interpreter_the_service_cannot_see_is_refused(tmp_path: Path) -> Non
     assert result.stderr.splitlines() == [
         f"install.sh: error: {hidden} lives where the service cannot see it "
         "(ProtectHome=, PrivateTmp=); use --python /usr/bin/python3"
+    ]
+    assert not (tmp_path / "root").exists()
+
+
+def test_an_unknown_adapter_ends_with_one_error_line(tmp_path: Path) -> None:
+    result = run(INSTALL, "--root", tmp_path / "root", "--with", "exporter,slurm")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "install.sh: error: unknown adapter: slurm (known: exporter, nomad)"
     ]
     assert not (tmp_path / "root").exists()
 
