@@ -158,8 +158,11 @@ class Options:
         return device_id in self.ignored or (isinstance(uuid, str) and uuid in self.ignored)
 
     def endpoint(self, resource: str) -> str:
-        """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``."""
-        return "hotplug-monitor-" + re.sub(r"[^A-Za-z0-9._-]", "_", resource) + ".sock"
+        """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``:
+        ``hotplug-monitor-nvidia-gpu.sock`` for our domain's, with the domain otherwise."""
+        domain, _, name = resource.partition("/")
+        stem = name if domain == DOMAIN else f"{domain}_{name}"
+        return f"hotplug-monitor-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}.sock"
 
 
 def _absolute(flag: str, path: Path) -> Path:

@@ -32,7 +32,7 @@ import attrs
 import grpc
 
 from monitor.adapters.kubelet import reconcile
-from monitor.adapters.kubelet.options import API_VERSION, OWNER, Options
+from monitor.adapters.kubelet.options import API_VERSION, MAX_SOCKET_PATH, OWNER, Options
 from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
 from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
 from monitor.adapters.kubelet.protos import podresources_v1_pb2 as pr_v1
@@ -49,6 +49,7 @@ log = logging.getLogger("kubelet-plugin")
 
 WATCH_S = 0.2  # how often the plugin directory is looked at
 REGISTER_TIMEOUT_S = 5.0
+SERVE_RETRY_S = 2.0
 LIST_TIMEOUT_S = 5.0
 MAX_ANSWER = 16 << 20  # the largest PodResources answer taken
 
@@ -81,6 +82,7 @@ class Plugin:
         self.kubelet_seen_since: float | None = None  # when this kubelet.sock appeared
         self._kubelet: tuple[int, int] | None = None
         self._serve_failed: set[str] = set()
+        self._retry_at: dict[str, float] = {}
         self._pod_resources_version: str | None = None
         self._told: set[str] = set()
 
@@ -108,6 +110,16 @@ class Plugin:
 
     async def _serve(self, resource: str) -> Endpoint | None:
         path = self.options.kubelet_dir / self.options.endpoint(resource)
+        if len(str(path)) > MAX_SOCKET_PATH:
+            self._once(
+                f"long:{resource}",
+                logging.ERROR,
+                f"cannot serve {resource}: {path} is longer than a socket path may be "
+                f"({MAX_SOCKET_PATH} bytes); use a shorter --kubelet-dir",
+            )
+            return None
+        if time.monotonic() < self._retry_at.get(resource, 0.0):
+            return None
         with contextlib.suppress(FileNotFoundError):
             if path.is_socket():
                 path.unlink()
@@ -118,9 +130,13 @@ class Plugin:
             await server.start()
         except (RuntimeError, OSError) as error:
             await stop_quietly(server)
+            self._retry_at[resource] = time.monotonic() + SERVE_RETRY_S
             if resource not in self._serve_failed:
                 self._serve_failed.add(resource)
-                log.warning(f"cannot serve {resource} on {path} ({error}); trying again")
+                log.warning(
+                    f"cannot serve {resource} on {path} ({error}); "
+                    f"trying again every {SERVE_RETRY_S:g} s"
+                )
             return None
         self._serve_failed.discard(resource)
         log.info(f"serving {resource} on {path}")

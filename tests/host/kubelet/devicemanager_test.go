@@ -34,15 +34,16 @@ import (
 )
 
 type hmCommand struct {
-	Op          string `json:"op"`
-	Socket      string `json:"socket"`
-	NumaNodes   []int  `json:"numa_nodes"`
-	Resource    string `json:"resource"`
-	Capacity    *int64 `json:"capacity"`
-	Allocatable *int64 `json:"allocatable"`
-	TimeoutMs   int    `json:"timeout_ms"`
-	Pod         string `json:"pod"`
-	Count       int64  `json:"count"`
+	Op          string   `json:"op"`
+	Socket      string   `json:"socket"`
+	NumaNodes   []int    `json:"numa_nodes"`
+	Resource    string   `json:"resource"`
+	Capacity    *int64   `json:"capacity"`
+	Allocatable *int64   `json:"allocatable"`
+	TimeoutMs   int      `json:"timeout_ms"`
+	Pod         string   `json:"pod"`
+	Count       int64    `json:"count"`
+	Versions    []string `json:"versions"`
 }
 
 type hmDriver struct {
@@ -235,15 +236,26 @@ func (d *hmDriver) removePod(name string) {
 	d.pods = kept
 }
 
-func (d *hmDriver) servePodResources(socket string) error {
+// servePodResources serves the kubelet's PodResources servers of the versions asked (default
+// both, as kubelet 1.20 does).
+func (d *hmDriver) servePodResources(socket string, versions []string) error {
 	os.Remove(socket)
 	l, err := net.Listen("unix", socket)
 	if err != nil {
 		return err
 	}
+	if len(versions) == 0 {
+		versions = []string{"v1alpha1", "v1"}
+	}
 	s := grpc.NewServer()
-	podresourcesv1alpha1.RegisterPodResourcesListerServer(s, podresources.NewV1alpha1PodResourcesServer(d, d))
-	podresourcesv1.RegisterPodResourcesListerServer(s, podresources.NewV1PodResourcesServer(d, d, d))
+	for _, version := range versions {
+		switch version {
+		case "v1alpha1":
+			podresourcesv1alpha1.RegisterPodResourcesListerServer(s, podresources.NewV1alpha1PodResourcesServer(d, d))
+		case "v1":
+			podresourcesv1.RegisterPodResourcesListerServer(s, podresources.NewV1PodResourcesServer(d, d, d))
+		}
+	}
 	go s.Serve(l)
 	d.pr = s
 	return nil
@@ -281,7 +293,7 @@ func (d *hmDriver) handle(c hmCommand) interface{} {
 		d.manager().UpdateAllocatedDevices()
 		return map[string]interface{}{"ok": true}
 	case "serve_pod_resources":
-		if err := d.servePodResources(c.Socket); err != nil {
+		if err := d.servePodResources(c.Socket, c.Versions); err != nil {
 			return fail(err)
 		}
 		return map[string]interface{}{"ok": true}
