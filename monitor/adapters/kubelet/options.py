@@ -77,7 +77,7 @@ def default_resource(vendor: str, type_: str) -> str | None:
     """``hotplug-monitor.io/VENDOR-TYPE`` in the characters a resource name may have, or None
     if nothing usable is left of them."""
     raw = f"{vendor}-{type_}".lower()
-    name = re.sub(r"[^a-z0-9._-]+", "-", raw).strip("-_.")[:63].strip("-_.")
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9._-]+", "-", raw)).strip("-_.")[:63].strip("-_.")
     return f"{DOMAIN}/{name}" if name and _NAME.fullmatch(name) else None
 
 
