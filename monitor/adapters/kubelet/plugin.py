@@ -81,6 +81,7 @@ class Plugin:
         self.endpoints: dict[str, Endpoint] = {}
         self.kubelet_seen_since: float | None = None  # when this kubelet.sock appeared
         self._kubelet: tuple[int, int] | None = None
+        self._looked = False
         self._serve_failed: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._pod_resources_version: str | None = None
@@ -169,7 +170,8 @@ class Plugin:
 
     async def keep_registered_once(self) -> None:
         kubelet = _identity(self.options.kubelet_socket)
-        if kubelet != self._kubelet:
+        if kubelet != self._kubelet or not self._looked:
+            self._looked = True
             self._kubelet = kubelet
             self.kubelet_seen_since = time.monotonic() if kubelet is not None else None
             if kubelet is None:
@@ -180,6 +182,8 @@ class Plugin:
                 )
             else:
                 self._told.discard("no-kubelet")
+        if kubelet is None:
+            return  # served once it is there: a kubelet that starts removes what it finds
         wanted = set(self.state.inventory.resources) | set(self.endpoints)
         for resource in sorted(wanted):
             endpoint = self.endpoints.get(resource)
