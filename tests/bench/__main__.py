@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.sim.umockdev import umockdev_missing
-from tests.bench import fanout, kernel, lifecycle, nomad, reserve, simulated, telemetry
+from tests.bench import fanout, kernel, kubelet, lifecycle, nomad, reserve, simulated, telemetry
 from tests.bench.common import (
     Daemon,
     Results,
@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fewer samples, no 100k storm, no 10,000 subscribers, 5 s idle instead of 60 s",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run, e.g. 1,4")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6,7,8,9,10,12", help="scenarios to run, e.g. 1,4"
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -284,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                     nomad.SCENARIO,
                     lambda: nomad.nomad_plugin(
                         results, work / "s10", 300 if quick else 1000, 3 if quick else 20, quick
+                    ),
+                )
+
+        if 12 in only:
+            if no_sim:
+                skipped(kubelet.SCENARIO, no_sim)
+            else:
+                guarded(
+                    kubelet.SCENARIO,
+                    lambda: kubelet.kubelet_plugin(
+                        results, work / "s12", 300 if quick else 1000, 3 if quick else 20, quick
                     ),
                 )
 

@@ -19,7 +19,7 @@ from tests.host.kubelet.test_devicemanager import daemon, gpus, manager_binary, 
 
 __all__ = ["daemon", "gpus", "manager_binary", "named", "nvml"]  # fixtures used here
 
-pytestmark = pytest.mark.umockdev
+pytestmark = [pytest.mark.umockdev, pytest.mark.kubelet]
 
 REPO = Path(__file__).resolve().parents[3]
 UNIT = "hotplug-monitor-kubelet-plugin.service"
