@@ -54,8 +54,10 @@ type hmDriver struct {
 	numaNodes []int
 	pods      []*v1.Pod
 	updates   int
-	changed   chan struct{}
-	pr        *grpc.Server
+	// When the last ListAndWatch message reached the callback (CLOCK_MONOTONIC ns).
+	arrivedMono int64
+	changed     chan struct{}
+	pr          *grpc.Server
 }
 
 func (d *hmDriver) activePods() []*v1.Pod {
@@ -89,6 +91,11 @@ func (d *hmDriver) start() error {
 	}
 	original := m.callback
 	m.callback = func(resourceName string, devices []pluginapi.Device) {
+		// The ListAndWatch message, stamped before the manager applies it (GetCapacity may
+		// show the new devices while the callback still writes the checkpoint).
+		d.mu.Lock()
+		d.arrivedMono = monotonicNs()
+		d.mu.Unlock()
 		original(resourceName, devices)
 		d.mu.Lock()
 		d.updates++
@@ -116,11 +123,11 @@ func quantities(list v1.ResourceList) map[string]int64 {
 func (d *hmDriver) capacity() map[string]interface{} {
 	capacity, allocatable, _ := d.manager().GetCapacity()
 	d.mu.Lock()
-	updates := d.updates
+	updates, arrived := d.updates, d.arrivedMono
 	d.mu.Unlock()
 	return map[string]interface{}{
 		"capacity": quantities(capacity), "allocatable": quantities(allocatable),
-		"updates": updates,
+		"updates": updates, "message_mono_ns": arrived,
 	}
 }
 
