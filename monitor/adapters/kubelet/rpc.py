@@ -159,9 +159,10 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
         while True:
             seen = await self._state.newer_than(seen)
             devices = self._state.inventory.devices(self.resource)
-            if devices == sent:
+            said = [(d.id, d.healthy, d.numa_node) for d in devices]  # what the kubelet sees
+            if said == sent:
                 continue
-            sent = devices
+            sent = said
             log.debug(
                 f"ListAndWatch {self.resource}: {sum(d.healthy for d in devices)} of "
                 f"{len(devices)} healthy"
