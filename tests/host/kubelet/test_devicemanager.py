@@ -296,7 +296,7 @@ def test_a_restarted_device_manager_gets_the_plugin_back_each_time(
     for attempt in range(3):
         restarted = manager.request("restart")
         assert restarted["ok"], restarted
-        back = manager.wait(capacity=2, allocatable=2, timeout=10)
+        back = manager.wait(capacity=2, allocatable=2, timeout=30)
         gaps.append(round((back["received_unix_ns"] - restarted["restarted_unix_ns"]) / 1e6))
         plugin.until_logged(f"registered {RESOURCE} with the kubelet", count=attempt + 2)
     assert plugin.process.poll() is None  # it never exited
