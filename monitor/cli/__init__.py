@@ -21,6 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from monitor.cli.nomad import nomad_plugin
 
         return nomad_plugin(args)
+    if args.command == "exporter":
+        from monitor.cli.exporter import exporter
+
+        return exporter(args)
     if args.command == "kubelet-plugin":
         from monitor.cli.kubelet import kubelet_plugin
 

@@ -54,6 +54,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "stats": _stats(commands),
         "demo": _demo(commands),
         "nomad-plugin": _nomad_plugin(commands),
+        "exporter": _exporter(commands),
         "kubelet-plugin": _kubelet_plugin(commands),
     }
     return parser, parsers
@@ -204,6 +205,28 @@ def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:
         "device block; repeatable (config: groups; default: every group)",
     )
     return plugin
+
+
+def _exporter(commands: Commands) -> argparse.ArgumentParser:
+    exporter: argparse.ArgumentParser = commands.add_parser(
+        "exporter",
+        help="serve the daemon's devices, health and telemetry to Prometheus (/metrics)",
+        description="A Prometheus exporter: a process of its own (run it as an unprivileged "
+        "user in the daemon's group, never as root) that subscribes to the daemon and serves "
+        "the Prometheus text format at /metrics: each device's identity, health, reservation, "
+        "XIDs and telemetry, and the daemon's own counters. A scrape answers from what the "
+        "exporter already holds: while the daemon is away it answers hotplug_monitor_up 0 and "
+        "the last known devices, marked stale. Needs the exporter extra.",
+    )
+    exporter.add_argument("--socket", type=Path, metavar="PATH", help=CLIENT_SOCKET_HELP)
+    exporter.add_argument(
+        "--listen",
+        default="localhost:10082",
+        metavar="HOST:PORT",
+        help="where to serve HTTP: HOST:PORT, [IPV6]:PORT, or :PORT for every address "
+        "(default: localhost:10082)",
+    )
+    return exporter
 
 
 def _kubelet_plugin(commands: Commands) -> argparse.ArgumentParser:

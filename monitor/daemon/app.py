@@ -25,6 +25,7 @@ from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
 from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings, resolve_group
+from monitor.daemon.memory import GiveBack
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, Item, Outbox
 from monitor.engine.reducer_task import run_engine
@@ -281,7 +282,11 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
 
     telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
     spec = CdiSpec(claimed.cdi_dir) if claimed.cdi_dir is not None else None
-    server = Server(hub, inbox.clone(), limits=limits, cdi=spec, telemetry=telemetry)
+    give_back = GiveBack()
+    server = Server(
+        hub, inbox.clone(), limits=limits, cdi=spec, telemetry=telemetry,
+        on_close=give_back.activity,
+    )  # fmt: skip
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     sock = socket_file = None
     try:
@@ -294,6 +299,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 await run_tasks(
                     nursery, settings, claimed, hub, inbox, receive, telemetry, nvml_stats, spec
                 )
+                nursery.start_soon(give_back.run)
+                nursery.start_soon(give_back.follow, hub.changes())
                 gc.freeze()  # what start-up built lives as long as we do: never scan it again
                 systemd.notify(READY=1, STATUS=status_line(hub))
                 where = str(settings.socket) if socket_file else "the socket systemd passed"

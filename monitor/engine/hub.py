@@ -70,7 +70,7 @@ class Hub:
             self._changed()
         if not state.naming:
             self.ready.set()
-        if patch is None:
+        if patch is None or not self.subscribers:  # nobody to encode it for
             return
         params = {"base": base, "generation": state.generation, "patch": patch}
         message = encode_raw_notification("fingerprint", dumps(params))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from typing import Protocol
 
@@ -20,6 +19,7 @@ from monitor.core.access import Peer
 from monitor.engine.hub import Hub, Subscriber
 from monitor.engine.stats import StatsHub
 from monitor.serving.limits import ConnectionLimits
+from monitor.serving.timeouts import Timeouts
 from monitor.wire.errors import INTERNAL_ERROR, INVALID_REQUEST, SERVER_BUSY, RpcError
 from monitor.wire.framing import (
     LineBuffer,
@@ -65,6 +65,7 @@ class Host(Protocol):
     limits: ConnectionLimits
     requests_per_second: float
     unfinished: UnfinishedInput
+    timeouts: Timeouts
 
     async def dispatch(self, request: Request, connection: Connection) -> bytes | None: ...
 
@@ -100,6 +101,14 @@ class Connection:
         self.subscriber: Subscriber | None = None
         self.streams_stats = False  # whether it gets stats notifications
         self.nursery: trio.Nursery | None = None
+        # What the timeouts look at (``overdue``): when it last finished something, when its
+        # unfinished line began, the read it waits in, and since when a notification is stuck.
+        self.active = self.line_begun = 0.0
+        self.pending_line = False
+        self.reading: trio.CancelScope | None = None
+        self.timed_out: str | None = None
+        self.sending_since: float | None = None
+        self._waits = 0  # reads and sends now watched by the timeouts
 
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
@@ -135,36 +144,84 @@ class Connection:
         """Answer each request line until EOF; the error to close with, if the client is refused.
 
         Returns before the refusal is sent, so that no received data is held while we linger."""
-        timeout = self.server.limits.timeout
-        active = trio.current_time()  # when the connection last finished something
-        line_begun = active  # when its unfinished line began, if it has one
+        self.active = self.line_begun = trio.current_time()
         while True:
-            if buffer.pending:
-                deadline, why = line_begun + timeout, "finished no request line"
-            elif self.subscriber is not None or self.bound_leases or self.streams_stats:
-                deadline, why = math.inf, ""  # it has a reason to stay quiet
-            else:
-                deadline, why = active + timeout, "sent nothing"
-            with trio.move_on_at(deadline):
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return None
-                had_pending = buffer.pending
-                try:
-                    lines = self._take_lines(buffer, data)
-                except RpcError as refusal:
-                    return refusal.with_traceback(None)  # its frames would keep ``data`` alive
-                for line in lines:
-                    if line.strip():
-                        wait = self.budget.wait_before_next(trio.current_time())
-                        if wait > 0:
-                            await trio.sleep(wait)
-                        await self.answer(line)
-                active = trio.current_time()
-                if buffer.pending and (lines or not had_pending):
-                    line_begun = active
-                continue
-            return RpcError(SERVER_BUSY, f"This connection {why} for {timeout:g} s; closing.")
+            data = await self._read(buffer)
+            if data is None:
+                timeout = self.server.limits.timeout
+                return RpcError(
+                    SERVER_BUSY, f"This connection {self.timed_out} for {timeout:g} s; closing."
+                )
+            if not data:
+                return None
+            had_pending = buffer.pending
+            try:
+                lines = self._take_lines(buffer, data)
+            except RpcError as refusal:
+                return refusal.with_traceback(None)  # its frames would keep ``data`` alive
+            for line in lines:
+                if line.strip():
+                    wait = self.budget.wait_before_next(trio.current_time())
+                    if wait > 0:
+                        await trio.sleep(wait)
+                    await self.answer(line)
+            self.active = trio.current_time()
+            self.pending_line = bool(buffer.pending)
+            if buffer.pending and (lines or not had_pending):
+                self.line_begun = self.active
+
+    async def _read(self, buffer: LineBuffer) -> bytes | None:
+        """What the client sends next (empty at EOF); None if it waited too long to."""
+        quiet_allowed = self.subscriber is not None or self.bound_leases or self.streams_stats
+        watched = bool(buffer.pending) or not quiet_allowed
+        with trio.CancelScope() as self.reading:
+            if watched:
+                self._watch(+1)
+            try:
+                return await self.stream.receive_some(RECEIVE_SIZE)
+            finally:
+                if watched:
+                    self._watch(-1)
+                self.reading = None
+        return None  # cancelled by the timeouts
+
+    def overdue(self, now: float) -> str | None:
+        timeout = self.server.limits.timeout
+        if self.sending_since is not None and now - self.sending_since >= timeout:
+            return "stopped reading"
+        if self.reading is not None:
+            if self.pending_line and now - self.line_begun >= timeout:
+                return "finished no request line"
+            if not self.pending_line and now - self.active >= timeout:
+                return "sent nothing"
+        return None
+
+    def time_out(self, why: str) -> None:
+        if why == "stopped reading":
+            uid, pid = self.peer.uid, self.peer.pid
+            log.info("closing a subscriber that stopped reading (uid %d, pid %d)", uid, pid)
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
+        elif self.reading is not None:
+            self.timed_out = why
+            self.reading.cancel()
+
+    def _watch(self, step: int) -> None:
+        before, self._waits = self._waits, self._waits + step
+        if before == 0:
+            self.server.timeouts.watch(self)
+        elif self._waits == 0:
+            self.server.timeouts.unwatch(self)
+
+    async def _notify(self, message: bytes) -> None:
+        """Send a notification; a client that reads none for the timeout is closed."""
+        self.sending_since = trio.current_time()
+        self._watch(+1)
+        try:
+            await self.send(message)
+        finally:
+            self._watch(-1)
+            self.sending_since = None
 
     def _take_lines(self, buffer: LineBuffer, data: bytes) -> list[bytes]:
         """The lines ``data`` completes; RpcError, and the unfinished line dropped, when the
@@ -236,24 +293,9 @@ class Connection:
         self.nursery.start_soon(stats.stream, interval, self._send_stats, trio.current_time())
 
     async def _send_stats(self, params: bytes) -> None:
-        """One stats notification; a client that reads nothing for the timeout is closed."""
-        with trio.move_on_after(self.server.limits.timeout) as stuck:
-            await self.send(encode_raw_notification("stats", params))
-        if stuck.cancelled_caught:
-            uid, pid = self.peer.uid, self.peer.pid
-            log.info("closing a stats subscriber that stopped reading (uid %d, pid %d)", uid, pid)
-            assert self.nursery is not None
-            self.nursery.cancel_scope.cancel()
+        await self._notify(encode_raw_notification("stats", params))
 
     async def _pump(self, subscriber: Subscriber) -> None:
-        """Write notifications; a subscriber that reads nothing for the timeout is closed."""
+        """Write notifications as they come."""
         while True:
-            message = await subscriber.next_message(self.server.hub)
-            with trio.move_on_after(self.server.limits.timeout) as stuck:
-                await self.send(message)
-            if stuck.cancelled_caught:
-                uid, pid = self.peer.uid, self.peer.pid
-                log.info("closing a subscriber that stopped reading (uid %d, pid %d)", uid, pid)
-                assert self.nursery is not None
-                self.nursery.cancel_scope.cancel()
-                return
+            await self._notify(await subscriber.next_message(self.server.hub))

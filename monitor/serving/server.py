@@ -13,6 +13,7 @@ import itertools
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -36,6 +37,7 @@ from monitor.serving.connection import Connection, UnfinishedInput
 from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
 from monitor.serving.peers import peer_of
+from monitor.serving.timeouts import Timeouts
 from monitor.sources import holders
 from monitor.wire.errors import (
     DEVICE_RESERVED,
@@ -137,8 +139,10 @@ class Server:
         requests_per_second: float = REQUESTS_PER_SECOND,
         cdi: CdiSpec | None = None,
         telemetry: Telemetry | None = None,
+        on_close: Callable[[], object] = lambda: None,
     ) -> None:
         self.hub = hub
+        self.on_close = on_close  # told after each connection ends (memory.GiveBack)
         self.telemetry = telemetry or Telemetry(StatsHub(hub, ()))
         self.cdi = cdi  # the CDI spec of the devices, if one is kept: reserve names its entries
         self.inbox = inbox
@@ -148,6 +152,7 @@ class Server:
         self.unfinished = UnfinishedInput()
         self.refusing = 0  # refused connections lingering so that they read why
         self.node_exists = RecentNodeCheck()
+        self.timeouts = Timeouts()
         self._connections: trio.Nursery  # set by serve()
         self._accepting: trio.CancelScope | None = None  # the listener now accepting
         # Reservation IDs unique across restarts without a random read per reservation.
@@ -164,6 +169,7 @@ class Server:
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.telemetry.stats.run)  # samples outlive who asked
+            connections.start_soon(self.timeouts.run)
             await connections.start(self._accept, sock)
             task_status.started()
 
@@ -211,6 +217,7 @@ class Server:
             await trio.aclose_forcefully(stream)
             if connection.bound_leases:
                 await self._tell_reducer(ConnectionClosed(connection.number))
+            self.on_close()
 
     async def _refuse(self, connection: Connection, refusal: str) -> None:
         """Tell a client it is refused. Each lingering refusal holds a file descriptor, so past

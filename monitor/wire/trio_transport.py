@@ -69,7 +69,10 @@ class TrioClient:
         """The method's result; ``RpcError`` if refused, ``DaemonUnavailable`` if it is gone."""
         request_id, data = self._protocol.request(method, params)
         async with self._lock:  # whole lines
-            await self._stream.send_all(data)
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise DaemonUnavailable(f"the connection to {self.path} broke: {exc}") from None
         while request_id not in self._answers:
             if self._closed is not None:
                 raise self._closed

@@ -76,6 +76,10 @@ def fmt_ms(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
+SETTLE_SECONDS = 10.0  # after a burst, before its memory is judged
+RSS_SLACK_MIB = 5
+
+
 @dataclass
 class Row:
     """One line of the table. ``verdict`` is "met", "MISSED", "info", "n/a", or "before: ..."
@@ -129,6 +133,18 @@ class Results:
                 data={"p50": p50, "p99": p99},
             )
         )
+
+    def memory_after(self, scenario: str, what: str, idle: int, daemon: Daemon) -> None:
+        """RSS ``SETTLE_SECONDS`` after ``what``, against ``idle`` (its RSS before)."""
+        time.sleep(SETTLE_SECONDS)
+        after = daemon.rss_bytes()
+        grown = (after - idle) / 2**20
+        self.add(
+            Row(scenario, f"RSS {SETTLE_SECONDS:g} s after {what}, against idle before",
+                f"{idle / 2**20:.1f} -> {after / 2**20:.1f} MiB ({grown:+.1f})",
+                f"<= idle + {RSS_SLACK_MIB} MiB", "met" if grown <= RSS_SLACK_MIB else "MISSED",
+                {"idle_bytes": idle, "after_bytes": after}),
+        )  # fmt: skip
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -232,6 +248,8 @@ class Daemon:
             *log_to_stderr(), *args,
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
+        # As the systemd unit runs it: glibc's allocator, which gives freed pages back.
+        env = {**(os.environ if env is None else env), "PYTHONMALLOC": "malloc"}
         self.process = subprocess.Popen(self.command, stderr=self._log, env=env, cwd=REPO)
         self.psutil = psutil.Process(self.process.pid)
         if wait:

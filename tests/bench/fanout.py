@@ -173,6 +173,7 @@ def fanout(
                     f"in its socket after {patches} patches", data={"unread_bytes": queued}),
             )  # fmt: skip
             first = counts[0]
+            idle = daemon.rss_bytes()
             print(f"[{scenario}] {first:,} subscribers")
             subscribers.connect(daemon.socket, first)
             measure(2)  # warm-up, unrecorded
@@ -205,6 +206,9 @@ def fanout(
                     with PySpy(daemon.pid, workdir / f"fanout-{count}.pyspy") as spy:
                         measure(rounds)
                     profiles[f"fan-out to {count:,} subscribers"] = spy.summary()
+            left = len(subscribers.socks)
+            subscribers.close()
+            results.memory_after(scenario, f"{left:,} subscribers left", idle, daemon)
             results.note(
                 "scenario 4: every subscriber is a non-blocking socket in the benchmark process, "
                 "read by one epoll loop; a subscriber's time is stamped when its read returns, so "

@@ -301,6 +301,7 @@ def storm(
         truth = sysfs_truth(pci_class)
         subscriber = SubscriberProcess(daemon.socket)
         actions = storm_actions(events)
+        idle = daemon.rss_bytes()
         cpu_before = daemon.cpu_seconds()
         started = time.monotonic()
         with uevent_file(address) as fd:
@@ -377,6 +378,7 @@ def storm(
                  "snapshots": snapshots, "wrong_bases": wrong, "consistent": consistent},
             )
         )  # fmt: skip
+        results.memory_after(scenario, f"the storm of {label}", idle, daemon)
     finally:
         foreign.close()
         if subscriber is not None:

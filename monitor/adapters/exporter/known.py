@@ -103,6 +103,7 @@ class Known:
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
+        self.daemon: DaemonCounters | None = None  # the status answer, checked
 
     # --- the snapshot ---
 
@@ -112,6 +113,7 @@ class Known:
         if mirror is None:
             self.up = False
             self.sample, self.sample_time, self.status = {}, None, None
+            self.daemon = None
             return
         self.up = self.ever_up = True
         devices: dict[str, DeviceView] = {}
@@ -178,6 +180,92 @@ class Known:
     def counters(self, result: Any) -> None:
         """A ``status`` answer; kept only if it has the shape the protocol gives it."""
         self.status = result if isinstance(result, dict) else None
+        self.daemon = DaemonCounters.of(result)
 
     def no_counters(self) -> None:
         self.status = None
+        self.daemon = None
+
+
+@attrs.frozen
+class Histogram:
+    """Cumulative bucket counts by upper bound (ascending), the sum and the count."""
+
+    buckets: tuple[tuple[float, int], ...]
+    sum: float
+    count: int
+
+    @classmethod
+    def of(cls, value: Any) -> Histogram | None:
+        """None unless ``value`` is a histogram as the daemon sends one: finite ascending
+        bounds, counts that never fall, at most MAX_BUCKETS of them."""
+        if not isinstance(value, dict) or not isinstance(value.get("buckets"), list):
+            return None
+        total, count = number(value.get("sum")), _count(value.get("count"))
+        if total is None or count is None or len(value["buckets"]) > MAX_BUCKETS:
+            return None
+        buckets: list[tuple[float, int]] = []
+        for entry in value["buckets"]:
+            if not isinstance(entry, list) or len(entry) != 2:
+                return None
+            bound, below = number(entry[0]), _count(entry[1])
+            if bound is None or below is None:
+                return None
+            if buckets and (bound <= buckets[-1][0] or below < buckets[-1][1]):
+                return None
+            buckets.append((bound, below))
+        if buckets and buckets[-1][1] > count:
+            return None
+        return cls(tuple(buckets), total, count)
+
+
+MAX_BUCKETS = 64
+MAX_CAUSES = 16
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer (a counter's value, a number of things), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        return None
+    return value
+
+
+@attrs.frozen
+class DaemonCounters:
+    """The daemon's own counters, from its ``status`` answer; None where one is missing or
+    not what the protocol says it is (a number of things, a finite time)."""
+
+    started: float | None
+    generation: int | None
+    uevents: int | None
+    resyncs: dict[str, int]  # by cause
+    subscribers: int | None
+    stats_subscribers: int | None
+    leases: int | None
+    nvml_worker_restarts: int | None
+    publish_latency: Histogram | None
+
+    @classmethod
+    def of(cls, result: Any) -> DaemonCounters | None:
+        if not isinstance(result, dict):
+            return None
+        resyncs = result.get("resyncs")
+        causes: dict[str, int] = {}
+        for cause, times in (resyncs if isinstance(resyncs, dict) else {}).items():
+            value = _count(times)
+            if len(causes) < MAX_CAUSES and _CAUSE.fullmatch(str(cause)) and value is not None:
+                causes[cause] = value
+        return cls(
+            started=number(result.get("started")),
+            generation=_count(result.get("generation")),
+            uevents=_count(result.get("uevents")),
+            resyncs=causes,
+            subscribers=_count(result.get("subscribers")),
+            stats_subscribers=_count(result.get("stats_subscribers")),
+            leases=_count(result.get("leases")),
+            nvml_worker_restarts=_count(result.get("nvml_worker_restarts")),
+            publish_latency=Histogram.of(result.get("publish_latency_seconds")),
+        )
+
+
+_CAUSE = re.compile(r"[a-z][a-z0-9_]{0,31}")
