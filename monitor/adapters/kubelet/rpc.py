@@ -155,6 +155,7 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
     async def ListAndWatch(
         self, request: api.Empty, context: Context[api.Empty, api.ListAndWatchResponse]
     ) -> AsyncIterator[api.ListAndWatchResponse]:
+        log.info(f"the kubelet watches {self.resource}")
         seen, sent = -1, None
         while True:
             seen = await self._state.newer_than(seen)

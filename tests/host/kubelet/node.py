@@ -234,8 +234,12 @@ state = "{self.top}/containerd/state"
             "plugin", [*PLUGIN, "--socket", command["daemon_socket"], *command["plugin_args"]], env
         )
         plugin_log = self.top / "plugin.log"
+        # Registered, and the kubelet's device manager watching (its ListAndWatch open): a pod
+        # admitted before the manager has the list would be refused for want of the resource.
         registered_s = _wait(
-            lambda: "registered " in plugin_log.read_text(errors="replace"), 30, "registration"
+            lambda: "the kubelet watches " in plugin_log.read_text(errors="replace"),
+            30,
+            "registration and ListAndWatch",
         )
         _wait(
             lambda: "kubelet_device_plugin_registration_total" in _get(f"{READ_ONLY}/metrics"),
