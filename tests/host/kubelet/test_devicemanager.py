@@ -20,8 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from monitor.adapters.kubelet.options import Options
+from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
+from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
 from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator
 from monitor.wire import requests
@@ -337,3 +341,42 @@ def test_a_killed_daemon_turns_the_devices_unhealthy_and_they_come_back(
         f"capacity kept at 2, allocatable 0 {down_ms:.0f} ms after the kill; allocatable 2 "
         f"again {back_ms:.0f} ms after the restart began; the plugin never exited",
     )
+
+
+def test_allocate_names_the_cdi_devices_for_kubelets_that_take_them(
+    manager: DeviceManager,
+    gpus: Simulator,
+    nvml: FakeNvml,
+    start_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+    tmp_path: Path,
+    dirs: dict[str, Path],
+) -> None:
+    with_cdi = start_daemon(
+        "--udev-source", "udev", "--cdi-dir", str(tmp_path / "cdi"),
+        env={**gpus.daemon_env(), **nvml.env()}, nvml=True, socket=tmp_path / "cdi.sock",
+    )  # fmt: skip
+    named(subscribe(with_cdi), A, B)
+    plugin = PluginProcess(
+        ["--socket", str(with_cdi.socket), "--kubelet-dir", str(dirs["plugins"])],
+        tmp_path / "plugin-cdi.log",
+    )
+    try:
+        manager.wait(capacity=2, allocatable=2)
+        # kubelet 1.20 has no cdi_devices field and skips it: its Allocate works as before.
+        one = manager.request("allocate", pod="cdi", resource=RESOURCE, count=1)
+        assert "error" not in one, one
+        # A newer kubelet reads field 5: ask the plugin's socket as it would.
+        channel = grpc.insecure_channel(f"unix://{dirs['plugins'] / Options().endpoint(RESOURCE)}")
+        with channel:
+            answer = api_grpc.DevicePluginStub(channel).Allocate(
+                api.AllocateRequest(
+                    container_requests=[api.ContainerAllocateRequest(devicesIDs=[B])]
+                ),
+                timeout=10,
+            )
+        (container,) = answer.container_responses
+        assert [c.name for c in container.cdi_devices] == [f"hotplug-monitor.io/gpu={B}"]
+        assert dict(container.envs) == {"NVIDIA_VISIBLE_DEVICES": UUIDS[B]}
+    finally:
+        assert plugin.stop() == 0, plugin.log()
