@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from monitor.cli.exporter import exporter
 
         return exporter(args)
+    if args.command == "kubelet-plugin":
+        from monitor.cli.kubelet import kubelet_plugin
+
+        return kubelet_plugin(args)
     from monitor.cli.commands import COMMANDS, CliError
 
     try:

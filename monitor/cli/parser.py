@@ -55,6 +55,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "demo": _demo(commands),
         "nomad-plugin": _nomad_plugin(commands),
         "exporter": _exporter(commands),
+        "kubelet-plugin": _kubelet_plugin(commands),
     }
     return parser, parsers
 
@@ -226,3 +227,71 @@ def _exporter(commands: Commands) -> argparse.ArgumentParser:
         "(default: localhost:10082)",
     )
     return exporter
+
+
+def _kubelet_plugin(commands: Commands) -> argparse.ArgumentParser:
+    plugin: argparse.ArgumentParser = commands.add_parser(
+        "kubelet-plugin",
+        help="serve the daemon's devices to the kubelet as a Kubernetes device plugin",
+        description="A Kubernetes device plugin (API v1beta1), run beside the kubelet (as "
+        "hotplug-monitor-kubelet-plugin.service). Each daemon group becomes a resource "
+        "(default hotplug-monitor.io/VENDOR-TYPE, e.g. hotplug-monitor.io/nvidia-gpu), served "
+        "on a socket in the kubelet's plugin directory and registered with its kubelet.sock. "
+        "ListAndWatch reports every change (hotplug, health both ways, devices held outside "
+        "Kubernetes as Unhealthy) with each device's NUMA node; Allocate reserves the devices "
+        "(leases of owner 'kubelet'), which end once the kubelet's PodResources no longer "
+        "lists them. A kubelet restart makes it register again; it never exits for one.",
+    )
+    plugin.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help=f"the daemon's socket (default: {SYSTEM_SOCKET})",
+    )
+    plugin.add_argument(
+        "--kubelet-dir",
+        type=Path,
+        metavar="DIR",
+        help="the kubelet's device plugin directory, with its kubelet.sock "
+        "(default: /var/lib/kubelet/device-plugins)",
+    )
+    plugin.add_argument(
+        "--pod-resources-socket",
+        type=Path,
+        metavar="PATH",
+        help="the kubelet's PodResources socket, to end the leases of containers that are gone "
+        "(default: /var/lib/kubelet/pod-resources/kubelet.sock)",
+    )
+    plugin.add_argument(
+        "--resource",
+        action="append",
+        metavar="GROUP=NAME",
+        help="offer a group (TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME) as this resource, e.g. "
+        "nvidia/gpu=nvidia.com/gpu; GROUP= leaves it out; the first that matches wins; "
+        "repeatable (default: hotplug-monitor.io/VENDOR-TYPE for every group)",
+    )
+    plugin.add_argument(
+        "--only-listed",
+        action="store_true",
+        help="offer only the groups a --resource names (default: every group)",
+    )
+    plugin.add_argument(
+        "--ignore-device",
+        action="append",
+        metavar="ID",
+        help="leave a device out: PCI address or GPU UUID; repeatable (default: none)",
+    )
+    plugin.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between two looks at the kubelet's PodResources (default: 10)",
+    )
+    plugin.add_argument(
+        "--no-cdi",
+        action="store_true",
+        help="leave CDI device names out of Allocate's answer (default: given when the daemon "
+        "writes a CDI spec; kubelets without the DevicePluginCDIDevices gate ignore them)",
+    )
+    return plugin

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from monitor.sim.umockdev import umockdev_missing
-from tests.bench import exporter, fanout, kernel, lifecycle, nomad, reserve, simulated, telemetry
+from tests.bench import (
+    exporter,
+    fanout,
+    kernel,
+    kubelet,
+    lifecycle,
+    nomad,
+    reserve,
+    simulated,
+    telemetry,
+)
 from tests.bench.common import (
     Daemon,
     Results,
@@ -46,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8,9,10,11", help="scenarios to run, e.g. 1,4"
+        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="scenarios to run, e.g. 1,4"
     )
     parser.add_argument(
         "--profile",
@@ -297,6 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                     exporter.SCENARIO,
                     lambda: exporter.exporter(
                         results, work / "s11", 200 if quick else 1000, 5.0 if quick else 20.0
+                    ),
+                )
+
+        if 12 in only:
+            if no_sim:
+                skipped(kubelet.SCENARIO, no_sim)
+            else:
+                guarded(
+                    kubelet.SCENARIO,
+                    lambda: kubelet.kubelet_plugin(
+                        results, work / "s12", 300 if quick else 1000, 3 if quick else 20, quick
                     ),
                 )
 

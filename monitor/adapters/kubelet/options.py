@@ -1,0 +1,221 @@
+"""The kubelet plugin's settings, and which daemon group becomes which Kubernetes resource.
+
+| setting | flag | default |
+| --- | --- | --- |
+| the daemon's socket | ``--socket PATH`` | the system daemon's |
+| the kubelet's plugin directory | ``--kubelet-dir DIR`` | ``/var/lib/kubelet/device-plugins`` |
+| the kubelet's PodResources | ``--pod-resources-socket PATH`` | its ``/var/lib/kubelet`` one |
+| a group's resource name | ``--resource GROUP=NAME`` | ``hotplug-monitor.io/VENDOR-TYPE`` |
+| only the groups named | ``--only-listed`` | every group |
+| devices left out | ``--ignore-device ID`` | none |
+| seconds between reconciles | ``--reconcile-interval S`` | 10 |
+| CDI names in Allocate | ``--no-cdi`` | given when the daemon writes a CDI spec |
+
+Resource names: each group ``VENDOR/TYPE/NAME`` of the daemon (``nvidia/gpu/NVIDIA H100 80GB
+HBM3``) goes to the first ``--resource`` whose GROUP (``TYPE``, ``VENDOR/TYPE`` or
+``VENDOR/TYPE/NAME``) matches it, else to ``hotplug-monitor.io/VENDOR-TYPE``
+(``hotplug-monitor.io/nvidia-gpu``), so that it never clashes with NVIDIA's own plugin's
+``nvidia.com/gpu`` unless the operator maps a group to that name. ``--resource GROUP=`` (empty)
+leaves a group out. Pure: no I/O; every refusal is an ``OptionError`` saying which flag.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+from monitor.wire.paths import SYSTEM_SOCKET
+
+KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
+POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+KUBELET_SOCKET_NAME = "kubelet.sock"
+DOMAIN = "hotplug-monitor.io"
+OWNER = "kubelet"  # the daemon lease owner of every Allocate
+API_VERSION = "v1beta1"
+MAX_SOCKET_PATH = 107  # sun_path, its NUL excluded
+RECONCILE_RANGE = (0.1, 3600.0)
+
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
+# Kubernetes' extended resource names: a DNS subdomain prefix, a qualified name after it.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_PREFIX = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+class OptionError(ValueError):
+    """A flag the plugin cannot use; the message says which and why."""
+
+
+def check_resource_name(text: str) -> str:
+    """``text`` if the kubelet takes it as an extended resource name, else ``OptionError``."""
+    prefix, slash, name = text.partition("/")
+    if not slash or len(prefix) > 253 or not _PREFIX.fullmatch(prefix) or "." not in prefix:
+        raise OptionError(
+            f"{text!r} is not a resource name DOMAIN/NAME with a domain of your own "
+            f"(e.g. {DOMAIN}/nvidia-gpu)"
+        )
+    if not _NAME.fullmatch(name):
+        raise OptionError(
+            f"{text!r}: after the domain, up to 63 letters, digits, '-', '_' or '.', "
+            "beginning and ending with a letter or digit"
+        )
+    if (
+        prefix == "kubernetes.io"
+        or prefix.endswith((".kubernetes.io", ".k8s.io"))
+        or (prefix == "k8s.io")
+    ):
+        raise OptionError(f"{text!r}: the kubernetes.io and k8s.io domains are Kubernetes' own")
+    return text
+
+
+def default_resource(vendor: str, type_: str) -> str | None:
+    """``hotplug-monitor.io/VENDOR-TYPE`` in the characters a resource name may have, or None
+    if nothing usable is left of them."""
+    raw = f"{vendor}-{type_}".lower()
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9._-]+", "-", raw)).strip("-_.")[:63].strip("-_.")
+    return f"{DOMAIN}/{name}" if name and _NAME.fullmatch(name) else None
+
+
+@attrs.frozen
+class GroupPattern:
+    """``TYPE``, ``VENDOR/TYPE`` or ``VENDOR/TYPE/NAME``, as a Nomad job names a device group."""
+
+    type: str
+    vendor: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GroupPattern:
+        parts = text.split("/", 2)
+        if any(not p or not p.isprintable() for p in parts) or len(text) > 256:
+            raise OptionError(
+                f"--resource: {text!r} is not TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME "
+                "(e.g. gpu, nvidia/gpu, nvidia/gpu/NVIDIA H100 80GB HBM3)"
+            )
+        if len(parts) == 1:
+            return cls(type=parts[0])
+        if len(parts) == 2:
+            return cls(vendor=parts[0], type=parts[1])
+        return cls(vendor=parts[0], type=parts[1], name=parts[2])
+
+    def matches(self, vendor: str, type_: str, name: str) -> bool:
+        return self.type == type_ and self.vendor in (None, vendor) and self.name in (None, name)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.vendor, self.type, self.name) if p is not None)
+
+
+@attrs.frozen
+class Rule:
+    pattern: GroupPattern
+    resource: str | None  # None: the group is not offered
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        group, equals, resource = text.rpartition("=")
+        if not equals or not group:
+            raise OptionError(
+                f"--resource {text!r}: write GROUP=RESOURCE, e.g. nvidia/gpu=nvidia.com/gpu "
+                "(or GROUP= to leave the group out)"
+            )
+        pattern = GroupPattern.parse(group)
+        if not resource:
+            return cls(pattern, None)
+        try:
+            return cls(pattern, check_resource_name(resource))
+        except OptionError as error:
+            raise OptionError(f"--resource {text!r}: {error}") from None
+
+
+@attrs.frozen
+class Options:
+    socket: Path = SYSTEM_SOCKET
+    kubelet_dir: Path = KUBELET_DIR
+    pod_resources_socket: Path = POD_RESOURCES_SOCKET
+    rules: tuple[Rule, ...] = ()
+    only_listed: bool = False
+    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case) and GPU UUIDs
+    reconcile_interval: float = 10.0
+    cdi: bool = True
+
+    @property
+    def kubelet_socket(self) -> Path:
+        return self.kubelet_dir / KUBELET_SOCKET_NAME
+
+    def resource_for(self, vendor: str, type_: str, name: str) -> str | None:
+        """The resource a group's devices are offered as, or None: not offered."""
+        for rule in self.rules:
+            if rule.pattern.matches(vendor, type_, name):
+                return rule.resource
+        return None if self.only_listed else default_resource(vendor, type_)
+
+    def ignores(self, device_id: str, uuid: object = None) -> bool:
+        return device_id in self.ignored or (isinstance(uuid, str) and uuid in self.ignored)
+
+    def endpoint(self, resource: str) -> str:
+        """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``:
+        ``hotplug-monitor-nvidia-gpu.sock`` for our domain's, with the domain otherwise."""
+        domain, _, name = resource.partition("/")
+        stem = name if domain == DOMAIN else f"{domain}_{name}"
+        return f"hotplug-monitor-{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}.sock"
+
+
+def _absolute(flag: str, path: Path) -> Path:
+    if not path.is_absolute():
+        raise OptionError(f"{flag} must be an absolute path, not {str(path)!r}")
+    return path
+
+
+def build(
+    *,
+    socket: Path | None = None,
+    kubelet_dir: Path | None = None,
+    pod_resources_socket: Path | None = None,
+    resources: Iterable[str] = (),
+    only_listed: bool = False,
+    ignore_devices: Iterable[str] = (),
+    reconcile_interval: float = 10.0,
+    cdi: bool = True,
+) -> Options:
+    """The options from the command line's words, each checked."""
+    options = Options()
+    if socket is not None:
+        options = attrs.evolve(options, socket=_absolute("--socket", socket))
+    if kubelet_dir is not None:
+        options = attrs.evolve(options, kubelet_dir=_absolute("--kubelet-dir", kubelet_dir))
+    if pod_resources_socket is not None:
+        path = _absolute("--pod-resources-socket", pod_resources_socket)
+        options = attrs.evolve(options, pod_resources_socket=path)
+    rules = tuple(Rule.parse(text) for text in resources)
+    if only_listed and not any(rule.resource for rule in rules):
+        raise OptionError("--only-listed needs at least one --resource GROUP=RESOURCE")
+    ignored = set()
+    for device_id in ignore_devices:
+        if PCI_ADDRESS.fullmatch(device_id.lower()):
+            ignored.add(device_id.lower())
+        elif GPU_UUID.fullmatch(device_id):
+            ignored.add(device_id)
+        else:
+            raise OptionError(
+                f"--ignore-device {device_id!r} is neither a PCI address (0000:3b:00.0) "
+                "nor a GPU UUID (GPU-...)"
+            )
+    low, high = RECONCILE_RANGE
+    if not (math.isfinite(reconcile_interval) and low <= reconcile_interval <= high):
+        raise OptionError(f"--reconcile-interval must be {low:g} to {high:g} seconds")
+    options = attrs.evolve(
+        options,
+        rules=rules,
+        only_listed=only_listed,
+        ignored=frozenset(ignored),
+        reconcile_interval=reconcile_interval,
+        cdi=cdi,
+    )
+    if len(str(options.kubelet_socket)) > MAX_SOCKET_PATH:
+        raise OptionError(f"--kubelet-dir {str(options.kubelet_dir)!r} is too long for a socket")
+    return options

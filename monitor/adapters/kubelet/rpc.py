@@ -1,0 +1,259 @@
+"""The DevicePlugin service the kubelet calls, one servicer per resource name, all sharing one
+``PluginState`` (the daemon's devices as the kubelet sees them, kept current by ``plugin``).
+
+Allocate reserves through ``monitor.wire`` with the owner ``kubelet`` (DESIGN section 3a): the
+lease ends when the kubelet's PodResources no longer lists the device (``plugin.reconcile``),
+and a second Allocate of the same devices (a restarted container) replaces it. What the daemon
+answers is checked (``check_reservation``) before the kubelet sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from monitor.adapters.kubelet import preferred as preference
+from monitor.adapters.kubelet.inventory import Inventory, KubeDevice, inventory, unreachable
+from monitor.adapters.kubelet.options import OWNER, PCI_ADDRESS, Options
+from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
+from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
+from monitor.wire import errors, requests
+from monitor.wire.asyncio_transport import AsyncioClient
+from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.mirror import Mirror
+from monitor.wire.reservations import BadAnswer, check_reservation
+
+log = logging.getLogger("kubelet-plugin")
+
+HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
+ALLOCATE_TIMEOUT_S = 10.0
+MAX_REQUEST_DEVICES = 1024
+OPTIONS = api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+STATUS_BY_CODE = {
+    errors.UNKNOWN_DEVICE: grpc.StatusCode.NOT_FOUND,
+    errors.DEVICE_UNHEALTHY: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DEVICE_RESERVED: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    errors.INVALID_PARAMS: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.SERVER_BUSY: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class PluginState:
+    """The latest inventory (and a version that grows with each change), and when each device
+    was last allocated (for reconcile's grace period)."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.inventory = Inventory()
+        self.reachable: bool | None = None  # None: not answered yet
+        self.version = 0
+        self.allocated_at: dict[str, float] = {}
+        self.resources_changed = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._skipped: tuple[str, ...] = ()
+        self._last_snapshot: object = None
+
+    async def emit(self, mirror: Mirror | None) -> None:
+        """A new snapshot from the daemon (``None``: it cannot be reached)."""
+        if mirror is None:
+            if self.reachable is not False:
+                log.warning(
+                    f"the hotplug-monitor daemon is not reachable on {self.options.socket}: "
+                    "its devices are Unhealthy for the kubelet until it answers again"
+                )
+            self.reachable = False
+            await self.publish(unreachable(self.inventory))
+            return
+        if self.reachable is False:
+            log.info(f"the hotplug-monitor daemon answers again on {self.options.socket}")
+        self.reachable = True
+        offer = inventory(mirror.snapshot, self.options)
+        if offer.skipped != self._skipped:
+            for reason in offer.skipped[:20]:
+                log.warning(f"left out: {reason}")
+        self._skipped = offer.skipped
+        await self.publish(offer)
+
+    async def publish(self, offer: Inventory) -> None:
+        if offer == self.inventory:
+            return
+        if set(offer.resources) - set(self.inventory.resources):
+            self.resources_changed.set()
+        self.inventory = offer
+        async with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    async def newer_than(self, seen: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version != seen)
+            return self.version
+
+
+def list_response(devices: Sequence[KubeDevice]) -> api.ListAndWatchResponse:
+    return api.ListAndWatchResponse(
+        devices=[
+            api.Device(
+                ID=d.id,
+                health=HEALTHY if d.healthy else UNHEALTHY,
+                topology=(
+                    api.TopologyInfo(nodes=[api.NUMANode(ID=d.numa_node)])
+                    if d.numa_node is not None
+                    else None
+                ),
+            )
+            for d in devices
+        ]
+    )
+
+
+def container_response(result: Mapping[str, Any], cdi: bool) -> api.ContainerAllocateResponse:
+    """A ``reserve`` answer, already checked, as what the kubelet adds to the container."""
+    return api.ContainerAllocateResponse(
+        envs=dict(result["envs"]),
+        mounts=[
+            api.Mount(
+                container_path=m["task_path"], host_path=m["host_path"], read_only=m["read_only"]
+            )
+            for m in result["mounts"]
+        ],
+        devices=[
+            api.DeviceSpec(
+                container_path=d["task_path"],
+                host_path=d["host_path"],
+                permissions=d["cgroup_perms"],
+            )
+            for d in result["devices"]
+        ],
+        cdi_devices=[api.CDIDevice(name=n) for n in result.get("cdi_devices", [])] if cdi else [],
+    )
+
+
+Context = grpc.aio.ServicerContext
+
+
+class ResourcePlugin(api_grpc.DevicePluginServicer):
+    """The DevicePlugin service for one resource name."""
+
+    def __init__(self, resource: str, state: PluginState) -> None:
+        self.resource = resource
+        self._state = state
+
+    async def GetDevicePluginOptions(
+        self, request: api.Empty, context: Context[api.Empty, api.DevicePluginOptions]
+    ) -> api.DevicePluginOptions:
+        return OPTIONS
+
+    async def ListAndWatch(
+        self, request: api.Empty, context: Context[api.Empty, api.ListAndWatchResponse]
+    ) -> AsyncIterator[api.ListAndWatchResponse]:
+        log.info(f"the kubelet watches {self.resource}")
+        seen, sent = -1, None
+        while True:
+            seen = await self._state.newer_than(seen)
+            devices = self._state.inventory.devices(self.resource)
+            said = [(d.id, d.healthy, d.numa_node) for d in devices]  # what the kubelet sees
+            if said == sent:
+                continue
+            sent = said
+            log.debug(
+                f"ListAndWatch {self.resource}: {sum(d.healthy for d in devices)} of "
+                f"{len(devices)} healthy"
+            )
+            yield list_response(devices)
+
+    async def GetPreferredAllocation(
+        self,
+        request: api.PreferredAllocationRequest,
+        context: Context[api.PreferredAllocationRequest, api.PreferredAllocationResponse],
+    ) -> api.PreferredAllocationResponse:
+        devices = self._state.inventory.devices(self.resource)
+        return api.PreferredAllocationResponse(
+            container_responses=[
+                api.ContainerPreferredAllocationResponse(
+                    deviceIDs=preference.preferred(
+                        list(r.available_deviceIDs)[:MAX_REQUEST_DEVICES],
+                        list(r.must_include_deviceIDs)[:MAX_REQUEST_DEVICES],
+                        min(r.allocation_size, MAX_REQUEST_DEVICES),
+                        devices,
+                    )
+                )
+                for r in request.container_requests
+            ]
+        )
+
+    async def Allocate(
+        self,
+        request: api.AllocateRequest,
+        context: Context[api.AllocateRequest, api.AllocateResponse],
+    ) -> api.AllocateResponse:
+        state = self._state
+        wanted = [list(r.devicesIDs) for r in request.container_requests]
+        for ids in wanted:
+            if not ids or len(ids) > MAX_REQUEST_DEVICES:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "each container asks for 1 to 1024 devices"
+                )
+            for device_id in ids:
+                if state.inventory.find(self.resource, device_id) is None:
+                    await context.abort(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"{device_id[:80]!r} is not a device of {self.resource}",
+                    )
+        responses = []
+        try:
+            async with asyncio.timeout(ALLOCATE_TIMEOUT_S):
+                async with AsyncioClient.open(state.options.socket) as client:
+                    for ids in wanted:
+                        result = check_reservation(
+                            await client.ask(requests.reserve(ids, owner=OWNER))
+                        )
+                        granted = result["device_ids"]
+                        if all(PCI_ADDRESS.fullmatch(i) for i in ids) and set(granted) != set(ids):
+                            raise BadAnswer(
+                                f"refusing the daemon's reservation: it is for {granted}"
+                            )
+                        now = time.monotonic()
+                        for device_id in ids:
+                            state.allocated_at[device_id] = now
+                        log.info(
+                            f"allocated {', '.join(ids)} ({self.resource}): "
+                            f"reservation {result['reservation_id']}"
+                        )
+                        responses.append(container_response(result, state.options.cdi))
+        except RpcError as error:
+            code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
+            message = error.message[:1024] if error.message.isprintable() else "refused"
+            log.warning(f"Allocate of {wanted} refused by the daemon: {message}")
+            await context.abort(code, message)
+        except DaemonUnavailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the daemon did not answer within {ALLOCATE_TIMEOUT_S:g} s",
+            )
+        except BadAnswer as error:
+            log.error(f"Allocate: {error}")
+            await context.abort(grpc.StatusCode.INTERNAL, str(error))
+        return api.AllocateResponse(container_responses=responses)
+
+    async def PreStartContainer(
+        self,
+        request: api.PreStartContainerRequest,
+        context: Context[api.PreStartContainerRequest, api.PreStartContainerResponse],
+    ) -> api.PreStartContainerResponse:
+        return api.PreStartContainerResponse()
+
+
+async def stop_quietly(server: grpc.aio.Server) -> None:
+    with contextlib.suppress(Exception):
+        await server.stop(0.2)
