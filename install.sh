@@ -22,6 +22,7 @@ then creates the group, updates the journal catalog and reloads systemd. It star
                     service cannot see /home, /root or /tmp, so it must live elsewhere.
   --with ADAPTERS   also the libraries and units of these adapters (comma-separated):
                     exporter  Prometheus exporter: hotplug-monitor-exporter.service and its user
+                    kubelet   Kubernetes device plugin: hotplug-monitor-kubelet-plugin.service
                     nomad     Nomad device plugin's libraries (Nomad starts it: no unit)
 EOF
 }
@@ -54,8 +55,8 @@ venv=/opt/hotplug-monitor
 extras=""
 for adapter in ${adapters//,/ }; do
   case "$adapter" in
-    exporter|nomad) extras="${extras:+$extras,}$adapter" ;;
-    *) fail "unknown adapter: $adapter (known: exporter, nomad)" ;;
+    exporter|kubelet|nomad) extras="${extras:+$extras,}$adapter" ;;
+    *) fail "unknown adapter: $adapter (known: exporter, kubelet, nomad)" ;;
   esac
 done
 

@@ -195,6 +195,9 @@ def fanout(
                 with PySpy(daemon.pid, workdir / f"fanout-{first}.pyspy") as spy:
                     measure(rounds)
                 profiles[f"fan-out to {first:,} subscribers"] = spy.summary()
+            subscribers.close()
+            results.memory_after(scenario, f"{first:,} subscribers left", idle, daemon)
+            subscribers = Subscribers()
             for count in counts[1:]:
                 print(f"[{scenario}] {count:,} subscribers")
                 subscribers.connect(daemon.socket, count - len(subscribers.socks))
@@ -206,9 +209,6 @@ def fanout(
                     with PySpy(daemon.pid, workdir / f"fanout-{count}.pyspy") as spy:
                         measure(rounds)
                     profiles[f"fan-out to {count:,} subscribers"] = spy.summary()
-            left = len(subscribers.socks)
-            subscribers.close()
-            results.memory_after(scenario, f"{left:,} subscribers left", idle, daemon)
             results.note(
                 "scenario 4: every subscriber is a non-blocking socket in the benchmark process, "
                 "read by one epoll loop; a subscriber's time is stamped when its read returns, so "

@@ -18,6 +18,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 # --with: each adapter's extra, and the units it runs under (Nomad starts its plugin itself).
 ADAPTERS = {
     "exporter": ("hotplug-monitor-exporter.service",),
+    "kubelet": ("hotplug-monitor-kubelet-plugin.service",),
     "nomad": (),
 }
 UNITS = ("hotplug-monitor.service", "hotplug-monitor.socket")
@@ -66,7 +67,8 @@ def test_the_installed_units_verify_against_the_installed_command(installed: Pat
 
 def test_the_adapters_asked_for_have_their_libraries(installed: Path) -> None:
     python = installed / VENV / "bin/python"
-    for module in ("monitor.adapters.exporter.run", "monitor.adapters.nomad.plugin"):
+    adapters = ("exporter.run", "kubelet.plugin", "nomad.plugin")
+    for module in (f"monitor.adapters.{adapter}" for adapter in adapters):
         found = run(python, "-c", f"import {module}")
         assert found.returncode == 0, found.stderr
 
@@ -133,7 +135,7 @@ def test_an_unknown_adapter_ends_with_one_error_line(tmp_path: Path) -> None:
     result = run(INSTALL, "--root", tmp_path / "root", "--with", "exporter,slurm")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "install.sh: error: unknown adapter: slurm (known: exporter, nomad)"
+        "install.sh: error: unknown adapter: slurm (known: exporter, kubelet, nomad)"
     ]
     assert not (tmp_path / "root").exists()
 
