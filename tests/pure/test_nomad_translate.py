@@ -14,10 +14,11 @@ import msgpack
 import pytest
 
 from monitor.adapters.nomad import config, translate
-from monitor.adapters.nomad.config import ConfigRefused, GroupPattern, Overrides, PluginConfig
+from monitor.adapters.nomad.config import ConfigRefused, Overrides, PluginConfig
 from monitor.adapters.nomad.daemon_view import throttle_delay
 from monitor.wire import errors, stats
 from monitor.wire.paths import SYSTEM_SOCKET
+from monitor.wire.snapshot import GroupPattern
 
 A, B, C = "0000:3b:00.0", "0000:86:00.0", "0000:af:00.0"
 UUID_A = "GPU-0a0a0a0a-1111-2222-3333-444444444444"

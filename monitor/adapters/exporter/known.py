@@ -16,6 +16,7 @@ import attrs
 
 from monitor.wire import stats
 from monitor.wire.mirror import Mirror
+from monitor.wire.snapshot import PCI_ADDRESS
 
 MAX_DEVICES = 4096
 MAX_TEXT = 256  # a label value
@@ -89,9 +90,6 @@ def _small_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _XID_LIMIT
 
 
-_PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
-
-
 class Known:
     """The exporter's picture of the daemon, as of the last answers."""
 
@@ -121,7 +119,7 @@ class Known:
         for key, group in (groups if isinstance(groups, dict) else {}).items():
             members = group.get("devices") if isinstance(group, dict) else None
             for device_id, device in (members if isinstance(members, dict) else {}).items():
-                if len(devices) >= MAX_DEVICES or not _PCI_ADDRESS.fullmatch(str(device_id)):
+                if len(devices) >= MAX_DEVICES or not PCI_ADDRESS.fullmatch(str(device_id)):
                     continue
                 view = DeviceView.of(device_id, key, group, device)
                 if view is not None:

@@ -13,24 +13,16 @@ stays Healthy (the kubelet decides among its own pods).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from monitor.adapters.kubelet.options import OWNER, PCI_ADDRESS, Options
+from monitor.adapters.kubelet.options import OWNER, Options
+from monitor.wire.snapshot import devices, groups, pci_bus_id, problems, uuid_of
 
 UNREACHABLE = "hotplug-monitor daemon not reachable"
-MAX_TEXT = 256
 MAX_NUMA_NODE = 1023
-_DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
-
-
-def _text(value: object, limit: int = MAX_TEXT) -> str | None:
-    if isinstance(value, str) and value and len(value) <= limit and value.isprintable():
-        return value
-    return None
 
 
 @attrs.frozen
@@ -56,12 +48,6 @@ class Inventory:
         return next((d for d in self.devices(resource) if d.id == device_id), None)
 
 
-def _uuid(raw: Mapping[str, Any]) -> object:
-    attributes = raw.get("attributes")
-    uuid = attributes.get("uuid") if isinstance(attributes, Mapping) else None
-    return uuid.get("value") if isinstance(uuid, Mapping) else None
-
-
 def _numa(raw: Mapping[str, Any]) -> int | None:
     attributes = raw.get("attributes")
     node = attributes.get("numa_node") if isinstance(attributes, Mapping) else None
@@ -72,58 +58,27 @@ def _numa(raw: Mapping[str, Any]) -> int | None:
 
 
 def _device(device_id: str, raw: Mapping[str, Any]) -> KubeDevice:
-    problems = []
-    if raw.get("healthy") is not True:
-        problems.append(_text(raw.get("health_desc"), 1024) or "unhealthy")
-    holder, owner = raw.get("reserved_by"), raw.get("reserved_owner")
-    if holder is not None and owner != OWNER:
-        who = f"reservation {_text(holder, 64) or 'unknown'}"
-        if owner is not None:
-            who += f", owner {_text(owner, 64) or 'unknown'}"
-        problems.append(f"reserved outside Kubernetes ({who})")
-    locality = raw.get("hw_locality")
-    bus_id = locality.get("pci_bus_id") if isinstance(locality, Mapping) else None
-    if not (isinstance(bus_id, str) and PCI_ADDRESS.fullmatch(bus_id)):
-        bus_id = device_id if PCI_ADDRESS.fullmatch(device_id) else None
+    why = problems(raw, OWNER, "Kubernetes")
     return KubeDevice(
         id=device_id,
-        healthy=not problems,
+        healthy=not why,
         numa_node=_numa(raw),
-        pci_address=bus_id,
-        why="; ".join(problems),
+        pci_address=pci_bus_id(device_id, raw),
+        why="; ".join(why),
     )
 
 
 def inventory(snapshot: object, options: Options) -> Inventory:
     """The daemon's snapshot as the kubelet's resources, by ``options``' naming rules."""
-    groups = snapshot.get("groups") if isinstance(snapshot, Mapping) else None
-    if not isinstance(groups, Mapping):
-        return Inventory(skipped=("the snapshot has no groups",))
     skipped: list[str] = []
     resources: dict[str, dict[str, KubeDevice]] = {}
     seen: set[str] = set()
-    for key in sorted(k for k in groups if isinstance(k, str)):
-        group = groups[key]
-        if not isinstance(group, Mapping):
-            skipped.append(f"group {key[:80]!r}: not an object")
-            continue
-        vendor, type_, name = (_text(group.get(k)) for k in ("vendor", "type", "name"))
-        if vendor is None or type_ is None or name is None:
-            skipped.append(f"group {key[:80]!r}: no usable vendor, type and name")
-            continue
-        resource = options.resource_for(vendor, type_, name)
+    for group in groups(snapshot, skipped):
+        resource = options.resource_for(group.vendor, group.type, group.name)
         if resource is None:
             continue
-        devices = group.get("devices")
-        if not isinstance(devices, Mapping):
-            skipped.append(f"group {key[:80]!r}: devices is not an object")
-            continue
-        for device_id in sorted(d for d in devices if isinstance(d, str)):
-            raw = devices[device_id]
-            if not _DEVICE_ID.fullmatch(device_id) or not isinstance(raw, Mapping):
-                skipped.append(f"device {device_id[:80]!r} in {key[:80]!r}: unusable")
-                continue
-            if options.ignores(device_id, _uuid(raw)) or device_id in seen:
+        for device_id, raw in devices(group, skipped):
+            if options.ignores(device_id, uuid_of(raw)) or device_id in seen:
                 continue
             seen.add(device_id)
             resources.setdefault(resource, {})[device_id] = _device(device_id, raw)

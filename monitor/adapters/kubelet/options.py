@@ -29,6 +29,7 @@ from pathlib import Path
 import attrs
 
 from monitor.wire.paths import SYSTEM_SOCKET
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern
 
 KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
 POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
@@ -39,7 +40,6 @@ API_VERSION = "v1beta1"
 MAX_SOCKET_PATH = 107  # sun_path, its NUL excluded
 RECONCILE_RANGE = (0.1, 3600.0)
 
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
 # Kubernetes' extended resource names: a DNS subdomain prefix, a qualified name after it.
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
@@ -82,35 +82,6 @@ def default_resource(vendor: str, type_: str) -> str | None:
 
 
 @attrs.frozen
-class GroupPattern:
-    """``TYPE``, ``VENDOR/TYPE`` or ``VENDOR/TYPE/NAME``, as a Nomad job names a device group."""
-
-    type: str
-    vendor: str | None = None
-    name: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> GroupPattern:
-        parts = text.split("/", 2)
-        if any(not p or not p.isprintable() for p in parts) or len(text) > 256:
-            raise OptionError(
-                f"--resource: {text!r} is not TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME "
-                "(e.g. gpu, nvidia/gpu, nvidia/gpu/NVIDIA H100 80GB HBM3)"
-            )
-        if len(parts) == 1:
-            return cls(type=parts[0])
-        if len(parts) == 2:
-            return cls(vendor=parts[0], type=parts[1])
-        return cls(vendor=parts[0], type=parts[1], name=parts[2])
-
-    def matches(self, vendor: str, type_: str, name: str) -> bool:
-        return self.type == type_ and self.vendor in (None, vendor) and self.name in (None, name)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.vendor, self.type, self.name) if p is not None)
-
-
-@attrs.frozen
 class Rule:
     pattern: GroupPattern
     resource: str | None  # None: the group is not offered
@@ -123,7 +94,10 @@ class Rule:
                 f"--resource {text!r}: write GROUP=RESOURCE, e.g. nvidia/gpu=nvidia.com/gpu "
                 "(or GROUP= to leave the group out)"
             )
-        pattern = GroupPattern.parse(group)
+        try:
+            pattern = GroupPattern.parse(group)
+        except ValueError as error:
+            raise OptionError(f"--resource: {error}") from None
         if not resource:
             return cls(pattern, None)
         try:

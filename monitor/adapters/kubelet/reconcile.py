@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from monitor.adapters.kubelet.inventory import _DEVICE_ID
+from monitor.wire.snapshot import DEVICE_ID
 
 MAX_IDS = 65536
 
@@ -26,7 +26,7 @@ def in_use(answer: Any, resources: Iterable[str]) -> set[str]:
                 if devices.resource_name not in ours:
                     continue
                 for device_id in devices.device_ids:
-                    if _DEVICE_ID.fullmatch(device_id) and len(used) < MAX_IDS:
+                    if DEVICE_ID.fullmatch(device_id) and len(used) < MAX_IDS:
                         used.add(device_id)
     return used
 

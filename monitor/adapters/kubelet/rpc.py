@@ -20,7 +20,7 @@ import grpc
 
 from monitor.adapters.kubelet import preferred as preference
 from monitor.adapters.kubelet.inventory import Inventory, KubeDevice, inventory, unreachable
-from monitor.adapters.kubelet.options import OWNER, PCI_ADDRESS, Options
+from monitor.adapters.kubelet.options import OWNER, Options
 from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
 from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
 from monitor.wire import errors, requests
@@ -28,6 +28,7 @@ from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.mirror import Mirror
 from monitor.wire.reservations import BadAnswer, check_reservation
+from monitor.wire.snapshot import PCI_ADDRESS
 
 log = logging.getLogger("kubelet-plugin")
 

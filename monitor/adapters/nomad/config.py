@@ -23,11 +23,11 @@ import msgpack
 
 from monitor.adapters.nomad.protos import hclspec_pb2
 from monitor.wire.paths import SYSTEM_SOCKET
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern
 
 # Nomad's own device plugin API version, the one its loader accepts for device plugins.
 DEVICE_API_VERSION = "v0.1.0"
 
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 # NVIDIA's identifiers, as nvidia-smi -L and nomad-device-nvidia's ignored_gpu_ids write them.
 GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
 # sun_path is 108 bytes on Linux, with its terminating NUL.
@@ -38,36 +38,6 @@ KEYS = ("socket", "ignored_device_ids", "groups")
 
 class ConfigRefused(ValueError):
     """A setting Nomad (or the command line) gave that the plugin cannot use; says which."""
-
-
-@attrs.frozen
-class GroupPattern:
-    """``TYPE``, ``VENDOR/TYPE`` or ``VENDOR/TYPE/NAME``, matched as Nomad matches the name in a
-    job's ``device`` block."""
-
-    type: str
-    vendor: str | None = None
-    name: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> GroupPattern:
-        parts = text.split("/", 2)
-        if not text or any(not p or not p.isprintable() for p in parts) or len(text) > 256:
-            raise ConfigRefused(
-                f"groups: {text!r} is not TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME "
-                "(e.g. gpu, nvidia/gpu, nvidia/gpu/NVIDIA H100 80GB HBM3)"
-            )
-        if len(parts) == 1:
-            return cls(type=parts[0])
-        if len(parts) == 2:
-            return cls(vendor=parts[0], type=parts[1])
-        return cls(vendor=parts[0], type=parts[1], name=parts[2])
-
-    def matches(self, vendor: str, type_: str, name: str) -> bool:
-        return self.type == type_ and self.vendor in (None, vendor) and self.name in (None, name)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.vendor, self.type, self.name) if p is not None)
 
 
 @attrs.frozen
@@ -187,7 +157,7 @@ def settle(config: Mapping[str, Any], flags: Overrides = Overrides()) -> PluginC
         ignored=frozenset(
             _device_id(i) for i in _strings("ignored_device_ids", pick("ignored_device_ids"))
         ),
-        groups=tuple(GroupPattern.parse(g) for g in _strings("groups", pick("groups"))),
+        groups=tuple(_group_pattern(g) for g in _strings("groups", pick("groups"))),
     )
 
 
@@ -209,3 +179,10 @@ def flags_from(
         ignored_device_ids=tuple(ignore) if ignore is not None else None,
         groups=tuple(offer) if offer is not None else None,
     )
+
+
+def _group_pattern(text: str) -> GroupPattern:
+    try:
+        return GroupPattern.parse(text)
+    except ValueError as error:
+        raise ConfigRefused(f"groups: {error}") from None

@@ -23,6 +23,7 @@ from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.backoff import Backoff
 from monitor.wire.errors import METHOD_NOT_FOUND, DaemonUnavailable, RpcError
 from monitor.wire.reservations import BadAnswer, check_reservation
+from monitor.wire.snapshot import PCI_ADDRESS
 
 log = logging.getLogger("nomad-plugin")
 
@@ -154,7 +155,7 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
                 async with AsyncioClient.open(view.config.socket) as client:
                     result = await client.ask(requests.reserve(ids, owner=translate.NOMAD_OWNER))
             check_reservation(result)
-            by_address = all(translate.PCI_ADDRESS.fullmatch(i) for i in ids)
+            by_address = all(PCI_ADDRESS.fullmatch(i) for i in ids)
             if by_address and set(result["device_ids"]) != set(ids):
                 raise BadAnswer(
                     f"refusing the daemon's reservation: it is for {result['device_ids']}"

@@ -11,7 +11,6 @@ so one bad entry never costs the others.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +21,9 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 from monitor.adapters.nomad.config import PluginConfig
 from monitor.adapters.nomad.protos import device_pb2, structs_pb2
 from monitor.wire import errors, stats
+from monitor.wire.snapshot import MAX_TEXT, pci_bus_id, problems, text, uuid_of
+from monitor.wire.snapshot import devices as group_devices
+from monitor.wire.snapshot import groups as snapshot_groups
 
 NOMAD_OWNER = "nomad"  # the owner name the plugin's leases carry
 UNREACHABLE = "hotplug-monitor daemon not reachable"
@@ -35,10 +37,7 @@ NOMAD_UNITS = frozenset((
     "MHz", "GHz", "mW", "W", "kW", "MW", "GW",
 ))
 # fmt: on
-MAX_TEXT = 256
 INT64 = (-(1 << 63), (1 << 63) - 1)
-_DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 # Stats Nomad shows as a fraction (used / total), by the numerator's name: the denominator's.
 FRACTIONS = {
@@ -49,13 +48,6 @@ FRACTIONS = {
 SUMMARY = (stats.MEMORY_USED.name, stats.GPU_UTILIZATION.name)
 
 Triple = tuple[str, str, str]  # vendor, type, name
-
-
-def _text(value: object, limit: int = MAX_TEXT) -> str | None:
-    """``value`` if it is a non-empty printable string of at most ``limit`` characters."""
-    if isinstance(value, str) and value and len(value) <= limit and value.isprintable():
-        return value
-    return None
 
 
 def attribute(raw: object) -> structs_pb2.Attribute | None:
@@ -104,13 +96,6 @@ class Offered:
         return device_pb2.FingerprintResponse(device_group=list(self.groups))
 
 
-def _uuid(device: Mapping[str, Any]) -> object:
-    """An NVIDIA GPU's UUID, from its ``uuid`` attribute (None when it has none)."""
-    attributes = device.get("attributes")
-    uuid = attributes.get("uuid") if isinstance(attributes, Mapping) else None
-    return uuid.get("value") if isinstance(uuid, Mapping) else None
-
-
 def not_offered(device_id: str, snapshot: object, config: PluginConfig) -> str | None:
     """Why Nomad may not have ``device_id`` though the daemon may know it (ignored, or in a
     group not offered), or None: then the daemon decides."""
@@ -122,7 +107,7 @@ def not_offered(device_id: str, snapshot: object, config: PluginConfig) -> str |
         device = devices.get(device_id) if isinstance(devices, Mapping) else None
         if not isinstance(device, Mapping):
             continue
-        if config.ignores(device_id, _uuid(device)):
+        if config.ignores(device_id, uuid_of(device)):
             return f"{device_id} is not offered to Nomad: its UUID is in ignored_device_ids"
         triple = tuple(str(group.get(k)) for k in ("vendor", "type", "name"))
         if not config.offers(*triple):
@@ -134,28 +119,12 @@ def _device(
     device_id: str, raw: Mapping[str, Any]
 ) -> tuple[device_pb2.DetectedDevice, Mapping[str, Any]]:
     """One device for Nomad, and its attributes (to find the group's common ones)."""
-    healthy = raw.get("healthy") is True
-    problems = []
-    if not healthy:
-        problems.append(_text(raw.get("health_desc"), 1024) or "unhealthy")
-    holder = raw.get("reserved_by")
-    owner = raw.get("reserved_owner")
-    if holder is not None and owner != NOMAD_OWNER:
-        # Someone else holds it: Nomad must not place a task on it.
-        named = _text(holder, 64) or "unknown"
-        who = f"reservation {named}"
-        if owner is not None:
-            who += f", owner {_text(owner, 64) or 'unknown'}"
-        problems.append(f"reserved outside Nomad ({who})")
-    locality = raw.get("hw_locality")
-    bus_id = locality.get("pci_bus_id") if isinstance(locality, Mapping) else None
-    if not (isinstance(bus_id, str) and PCI_ADDRESS.fullmatch(bus_id)):
-        bus_id = device_id if PCI_ADDRESS.fullmatch(device_id) else ""
+    why = problems(raw, NOMAD_OWNER, "Nomad")  # someone else's lease: no task goes there
     detected = device_pb2.DetectedDevice(
         ID=device_id,
-        healthy=not problems,
-        health_description="; ".join(problems),
-        hw_locality=device_pb2.DeviceLocality(pci_bus_id=bus_id),
+        healthy=not why,
+        health_description="; ".join(why),
+        hw_locality=device_pb2.DeviceLocality(pci_bus_id=pci_bus_id(device_id, raw) or ""),
     )
     attributes = raw.get("attributes")
     return detected, attributes if isinstance(attributes, Mapping) else {}
@@ -165,34 +134,16 @@ def offered(snapshot: object, config: PluginConfig) -> Offered:
     """The daemon's snapshot as Nomad's device groups, filtered by the config: ignored devices
     and groups not offered are left out, as are groups left with no device."""
     skipped: list[str] = []
-    groups_raw = snapshot.get("groups") if isinstance(snapshot, Mapping) else None
-    if not isinstance(groups_raw, Mapping):
-        return Offered(skipped=("the snapshot has no groups",))
     groups: list[device_pb2.DeviceGroup] = []
     by_device: dict[str, Triple] = {}
-    for key in sorted(k for k in groups_raw if isinstance(k, str)):
-        group = groups_raw[key]
-        if not isinstance(group, Mapping):
-            skipped.append(f"group {key[:80]!r}: not an object")
-            continue
-        vendor, type_, name = (_text(group.get(k)) for k in ("vendor", "type", "name"))
-        if vendor is None or type_ is None or name is None:
-            skipped.append(f"group {key[:80]!r}: no usable vendor, type and name")
-            continue
+    for group in snapshot_groups(snapshot, skipped):
+        key, vendor, type_, name = group.key, group.vendor, group.type, group.name
         if not config.offers(vendor, type_, name):
-            continue
-        devices_raw = group.get("devices")
-        if not isinstance(devices_raw, Mapping):
-            skipped.append(f"group {key[:80]!r}: devices is not an object")
             continue
         devices: list[device_pb2.DetectedDevice] = []
         attribute_sets: list[Mapping[str, Any]] = []
-        for device_id in sorted(d for d in devices_raw if isinstance(d, str)):
-            raw = devices_raw[device_id]
-            if not _DEVICE_ID.fullmatch(device_id) or not isinstance(raw, Mapping):
-                skipped.append(f"device {device_id[:80]!r} in {key[:80]!r}: unusable")
-                continue
-            if config.ignores(device_id, _uuid(raw)) or device_id in by_device:
+        for device_id, raw in group_devices(group, skipped):
+            if config.ignores(device_id, uuid_of(raw)) or device_id in by_device:
                 continue
             detected, attributes = _device(device_id, raw)
             devices.append(detected)
@@ -201,10 +152,10 @@ def offered(snapshot: object, config: PluginConfig) -> Offered:
             by_device[device_id] = (vendor, type_, name)
         if not devices:
             continue
-        shared = _common(attribute_sets) if attribute_sets else group.get("attributes")
+        shared = _common(attribute_sets) if attribute_sets else group.raw.get("attributes")
         converted: dict[str, structs_pb2.Attribute] = {}
         for attr_name, raw_attribute in shared.items() if isinstance(shared, Mapping) else ():
-            value = attribute(raw_attribute) if _text(attr_name, 128) else None
+            value = attribute(raw_attribute) if text(attr_name, 128) else None
             if value is None:
                 skipped.append(
                     f"attribute {str(attr_name)[:80]!r} of {key[:80]!r}: not one Nomad takes"
@@ -270,7 +221,7 @@ STATUS_BY_CODE = {
 
 def status_for(error: errors.RpcError) -> tuple[grpc.StatusCode, str]:
     code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
-    return code, _text(error.message, 1024) or f"the daemon refused (code {error.code})"
+    return code, text(error.message, 1024) or f"the daemon refused (code {error.code})"
 
 
 def stat_value(raw: object, name: str) -> structs_pb2.StatValue | None:
@@ -323,7 +274,7 @@ def device_stats(
     """One device's sample (``{NAME: {"value", "unit"}}``) as Nomad's device stats."""
     values: dict[str, structs_pb2.StatValue] = {}
     for name, raw in sample.items():
-        if _text(name, 128) is None:
+        if text(name, 128) is None:
             continue
         value = stat_value(raw, name)
         if value is not None:
