@@ -6,19 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from monitor.cli.parser import PROG
+from monitor.cli.parser import PROG, missing_extra
 
 
 def kubelet_plugin(args: argparse.Namespace) -> int:
     try:
         from monitor.adapters.kubelet import options, plugin
     except ImportError as exc:  # the kubelet extra is not installed
-        print(
-            f"{PROG}: error: kubelet-plugin needs the kubelet extra: "
-            f"pip install 'hotplug-monitor[kubelet]' ({exc})",
-            file=sys.stderr,
-        )
-        return 1
+        return missing_extra("kubelet-plugin", "kubelet", exc)
     try:
         settings = options.build(
             socket=args.socket,

@@ -4,19 +4,13 @@ whenever its client starts, so it imports the plugin and nothing of the rest."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from monitor.cli.parser import PROG
+from monitor.cli.parser import missing_extra
 
 
 def nomad_plugin(args: argparse.Namespace) -> int:
     try:
         from monitor.adapters.nomad import config, plugin
     except ImportError as exc:  # the nomad extra is not installed
-        print(
-            f"{PROG}: error: nomad-plugin needs the nomad extra: "
-            f"pip install 'hotplug-monitor[nomad]' ({exc})",
-            file=sys.stderr,
-        )
-        return 1
+        return missing_extra("nomad-plugin", "nomad", exc)
     return plugin.run(config.flags_from(args.socket, args.ignore_device, args.offer))

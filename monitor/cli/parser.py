@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import sys
 from pathlib import Path
 from typing import TypeAlias
 
@@ -12,6 +13,18 @@ from monitor.wire.paths import SYSTEM_SOCKET
 from monitor.wire.reservations import CDI_KIND
 
 PROG = "hotplug-monitor"
+
+
+def missing_extra(command: str, extra: str, error: ImportError) -> int:
+    """Say in one line that ``command`` needs ``extra`` installed; the exit status."""
+    print(
+        f"{PROG}: error: {command} needs the {extra} extra: "
+        f"pip install 'hotplug-monitor[{extra}]' ({error})",
+        file=sys.stderr,
+    )
+    return 1
+
+
 CLIENT_SOCKET_HELP = (
     f"the daemon's socket (default: your own daemon's if it runs, else {SYSTEM_SOCKET})"
 )
