@@ -494,7 +494,10 @@ def test_an_unprivileged_member_of_the_group_exports_and_an_outsider_cannot(
         exporter_as(MALLORY, [MALLORY], shared_socket, outsider, tmp_path / "outsider.log"),
     ]
     try:
-        text = scrape_until(member, lambda t: "hotplug_monitor_up 1.0" in t)
+        # up once subscribed; the daemon's counters once its first status answer is in
+        text = scrape_until(
+            member, lambda t: "hotplug_monitor_up 1.0" in t and "hotplug_monitor_leases " in t
+        )
         assert text.count("hotplug_monitor_device_info{") == devices
         assert "hotplug_monitor_leases 0.0" in text
         # The socket is the group's (0660): the outsider's exporter answers, with up 0.
