@@ -1,4 +1,5 @@
-"""Run the benchmarks: ``python -m tests.bench [--quick] [--json OUT] [--only 1,4] [--profile]``.
+"""Run the benchmarks: ``python -m tests.bench [--quick] [--json OUT] [--only 1,4] [--against REV]
+[--profile]``.
 
 Prints one table (Markdown, so it pastes into the README) and writes every figure, with the
 machine's details, to a JSON file. Latencies are p50 / p99 / max over at least 1,000 samples in
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     parser.add_argument(
         "--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="scenarios to run, e.g. 1,4"
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REVISION",
+        help="scenario 1 also runs this tree's daemon against the daemon of a git revision "
+        "(a temporary worktree), alternating, and says whether it is worse beyond the noise",
     )
     parser.add_argument(
         "--profile",
@@ -128,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 results, work / "s1-cdi", address, cls, samples, quick
             ),
         )  # fmt: skip
+
+        if args.against:
+            kernel_scenario(
+                1, "1 kernel event -> subscriber",
+                lambda address, cls: kernel.kernel_against(
+                    results, work / "s1-against", address, cls, samples, quick, args.against
+                ),
+            )  # fmt: skip
 
         floor_rates: dict[tuple[str, int], float] = {}
 

@@ -12,8 +12,10 @@ import platform
 import queue
 import resource
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -194,12 +196,12 @@ def machine() -> dict[str, Any]:
 
 
 @functools.cache
-def log_to_stderr() -> tuple[str, ...]:
-    """``--log-target stderr`` where the daemon has that flag (it may log to the journal by
-    default): the storm scenario counts overflows in the daemon's log."""
+def log_to_stderr(repo: Path = REPO) -> tuple[str, ...]:
+    """``--log-target stderr`` where the daemon in ``repo`` has that flag (it may log to the
+    journal by default): the storm scenario counts overflows in the daemon's log."""
     usage = subprocess.run(
         [sys.executable, "-m", "monitor", "serve", "--help"],
-        capture_output=True, text=True, cwd=REPO, check=True,
+        capture_output=True, text=True, cwd=repo, check=True,
     ).stdout  # fmt: skip
     return ("--log-target", "stderr") if "--log-target" in usage else ()
 
@@ -230,9 +232,11 @@ class Daemon:
         tune: str | None = None,
         cdi: bool = False,
         nvml: bool = False,
+        repo: Path = REPO,
     ) -> None:
         """``nvml``: with the NVML source (give ``env`` the stand-in's, FakeNvml.env());
-        ``cdi``: keeping a CDI spec in ``workdir/cdi``."""
+        ``cdi``: keeping a CDI spec in ``workdir/cdi``; ``repo``: the source tree whose daemon
+        runs (another commit's worktree, for ``--against``)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / f"{name}.sock"
         self.log_path = workdir / f"{name}.log"
@@ -245,12 +249,12 @@ class Daemon:
             "--state-dir", str(workdir / "state"), *([] if nvml else ["--no-nvml"]),
             *(("--cdi-dir", str(workdir / "cdi")) if cdi else ("--no-cdi",)),
             "--log-level", log_level,
-            *log_to_stderr(), *args,
+            *log_to_stderr(repo), *args,
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
         # As the systemd unit runs it: glibc's allocator, which gives freed pages back.
         env = {**(os.environ if env is None else env), "PYTHONMALLOC": "malloc"}
-        self.process = subprocess.Popen(self.command, stderr=self._log, env=env, cwd=REPO)
+        self.process = subprocess.Popen(self.command, stderr=self._log, env=env, cwd=repo)
         self.psutil = psutil.Process(self.process.pid)
         if wait:
             self.wait_ready()
@@ -403,6 +407,38 @@ def emit(fd: int, action: str) -> None:
     os.pwrite(fd, action.encode(), 0)
 
 
+def alternate(
+    start: Callable[[str, bool], Daemon],
+    one: Callable[[int, SubscriberProcess], int],
+    samples: int,
+    rounds: int,
+) -> dict[bool, list[list[int]]]:
+    """The latencies of ``one`` event (``one(i, subscriber)``: its latency in ns) from daemons
+    of two kinds, ``start(folder, kind)``, one daemon per round, each for its share of the
+    samples after 20 unrecorded. The kinds go False, True, True, False, ...: drift in the
+    machine's load falls on both alike. Returns each kind's samples, round by round."""
+    latencies: dict[bool, list[list[int]]] = {False: [], True: []}
+    for round_ in range(rounds):
+        kind = round_ % 4 in (1, 2)
+        with start(f"round-{round_}", kind) as daemon:
+            subscriber = SubscriberProcess(daemon.socket)
+            taken: list[int] = []
+            try:
+                for i in range(samples // rounds + 20):
+                    latency = one(i, subscriber)
+                    if i >= 20:
+                        taken.append(latency)
+                    time.sleep(0.002)  # one event at a time
+            finally:
+                subscriber.stop()
+            latencies[kind].append(taken)
+    return latencies
+
+
+def pooled(rounds: list[list[int]]) -> Stats:
+    return Stats.of_ns([sample for taken in rounds for sample in taken])
+
+
 def cdi_on_off(
     results: Results,
     scenario: str,
@@ -413,24 +449,10 @@ def cdi_on_off(
     quick: bool,
     target_p99_ms: float | None = None,
 ) -> None:
-    """The latency of ``one`` event (``one(i, subscriber)``: its latency in ns) with the CDI
-    spec kept and with ``--no-cdi``. Four daemons from ``start(folder, cdi)``, off and on
-    alternating, each for a quarter of the samples after 20 unrecorded: drift in the machine's
-    load falls on both alike."""
-    latencies: dict[bool, list[int]] = {False: [], True: []}
-    for round_ in range(4):
-        cdi = round_ % 2 == 1
-        with start(f"cdi-{round_}", cdi) as daemon:
-            subscriber = SubscriberProcess(daemon.socket)
-            try:
-                for i in range(samples // 4 + 20):
-                    latency = one(i, subscriber)
-                    if i >= 20:
-                        latencies[cdi].append(latency)
-                    time.sleep(0.002)  # one event at a time
-            finally:
-                subscriber.stop()
-    off, on = Stats.of_ns(latencies[False]), Stats.of_ns(latencies[True])
+    """``one`` event's latency with the CDI spec kept (``start(folder, True)``) and with
+    ``--no-cdi``, from four daemons alternating."""
+    latencies = alternate(start, one, samples, rounds=4)
+    off, on = pooled(latencies[False]), pooled(latencies[True])
     results.latency(scenario, f"{what}, --no-cdi", off, quick=quick)
     results.latency(
         scenario, f"{what}, CDI spec kept", on, target_p99_ms=target_p99_ms, quick=quick
@@ -441,3 +463,54 @@ def cdi_on_off(
             f"x{on.p50_ms / off.p50_ms:.2f} at p50, x{ratio:.2f} at p99", "p99 <= x1.20",
             "met" if ratio <= 1.2 else "MISSED", {"p50": on.p50_ms / off.p50_ms, "p99": ratio}),
     )  # fmt: skip
+
+
+def against(
+    results: Results,
+    scenario: str,
+    what: str,
+    revision: str,
+    start: Callable[[str, Path], Daemon],
+    one: Callable[[int, SubscriberProcess], int],
+    samples: int,
+    quick: bool,
+    rounds: int = 8,
+) -> None:
+    """``one`` event's latency with this tree's daemon and with the daemon of git ``revision``
+    (checked out in a temporary worktree), ``start(folder, repo)``, alternating over ``rounds``
+    daemons. The noise is how far the paired rounds' p50 ratios spread: the new daemon is worse
+    beyond it only when every pair has it slower."""
+    with worktree(revision) as other:
+        latencies = alternate(
+            lambda folder, old: start(folder, other if old else REPO), one, samples, rounds
+        )
+    new, old = pooled(latencies[False]), pooled(latencies[True])
+    label = f"{what}, {revision}"
+    results.latency(scenario, f"{what}, this tree", new, quick=quick)
+    results.latency(scenario, label, old, quick=quick)
+    pairs = sorted(
+        Stats.of_ns(mine).p50_ms / Stats.of_ns(theirs).p50_ms
+        for mine, theirs in zip(latencies[False], latencies[True], strict=True)
+    )
+    p50, p99 = new.p50_ms / old.p50_ms, new.p99_ms / old.p99_ms
+    median = statistics.median(pairs)
+    results.add(
+        Row(scenario, f"ratio {what}, this tree / {revision}",
+            f"x{p50:.2f} at p50 ({len(pairs)} paired rounds: x{pairs[0]:.2f} to x{pairs[-1]:.2f},"
+            f" median x{median:.2f}), x{p99:.2f} at p99", "p50 not worse in every pair",
+            "MISSED" if pairs[0] > 1.0 else "met",
+            {"p50": p50, "p99": p99, "pairs": pairs, "median_pair": median}),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def worktree(revision: str) -> Iterator[Path]:
+    """``revision`` checked out (detached) in a temporary git worktree of this repository."""
+    with tempfile.TemporaryDirectory(prefix="hotplug-against-") as tmp:
+        path = Path(tmp) / "tree"
+        git = ["git", "-C", str(REPO), "worktree"]
+        subprocess.run([*git, "add", "--detach", "--quiet", str(path), revision], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run([*git, "remove", "--force", str(path)], check=True)

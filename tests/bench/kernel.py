@@ -17,6 +17,7 @@ import selectors
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.bench.common import (
     Row,
     Stats,
     SubscriberProcess,
+    against,
     cdi_on_off,
     digest,
     emit,
@@ -220,6 +222,23 @@ def kernel_to_subscriber(
         daemon.stop()
 
 
+def add_remove(fd: int) -> Callable[[int, SubscriberProcess], int]:
+    """One event of the add/remove rounds: write ``remove`` (even ``i``) or ``add`` to the
+    device's uevent file; its latency in ns to the subscriber's patch."""
+
+    def one(i: int, subscriber: SubscriberProcess) -> int:
+        action = "remove" if i % 2 == 0 else "add"
+        start = now_ns()
+        emit(fd, action)
+        seen = subscriber.next(timeout=5)
+        expected = subscriber.initial.devices - (action == "remove")
+        if (seen.kind, seen.devices) != ("P", expected):
+            raise RuntimeError(f"{action}: the subscriber saw {seen}")
+        return seen.t_ns - start
+
+    return one
+
+
 def cdi_cost(
     results: Results, workdir: Path, address: str, pci_class: str, samples: int, quick: bool
 ) -> None:
@@ -227,21 +246,31 @@ def cdi_cost(
     changes with every add and remove."""
     args = ["--udev-source", "kernel", "--match-class", pci_class]
     with uevent_file(address) as fd:
-
-        def one(i: int, subscriber: SubscriberProcess) -> int:
-            action = "remove" if i % 2 == 0 else "add"
-            start = now_ns()
-            emit(fd, action)
-            seen = subscriber.next(timeout=5)
-            expected = subscriber.initial.devices - (action == "remove")
-            if (seen.kind, seen.devices) != ("P", expected):
-                raise RuntimeError(f"{action}: the subscriber saw {seen}")
-            return seen.t_ns - start
-
         cdi_on_off(
             results, "1 kernel event -> subscriber", "kernel add/remove -> subscriber",
             lambda folder, cdi: Daemon(workdir / folder, args, log_level="warning", cdi=cdi),
-            one, samples, quick, target_p99_ms=1.0,
+            add_remove(fd), samples, quick, target_p99_ms=1.0,
+        )  # fmt: skip
+
+
+def kernel_against(
+    results: Results,
+    workdir: Path,
+    address: str,
+    pci_class: str,
+    samples: int,
+    quick: bool,
+    revision: str,
+) -> None:
+    """Kernel add and remove to a subscriber, this tree's daemon against ``revision``'s: a
+    full run takes ``samples`` from each over 16 daemons (8 pairs), a quick one over 8."""
+    args = ["--udev-source", "kernel", "--match-class", pci_class]
+    rounds = 8 if quick else 16
+    with uevent_file(address) as fd:
+        against(
+            results, "1 kernel event -> subscriber", "kernel add/remove -> subscriber", revision,
+            lambda folder, repo: Daemon(workdir / folder, args, log_level="warning", repo=repo),
+            add_remove(fd), samples * rounds // 8, quick, rounds,
         )  # fmt: skip
 
 
