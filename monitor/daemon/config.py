@@ -289,7 +289,8 @@ class Settings:
         "auto",
         live=True,
         kind=choice(LOG_TARGETS),
-        help="journal: native entries with fields; stderr: text with <N> priority prefixes; "
+        help="journal: native entries with fields; stderr: text, with <N> priority prefixes "
+        "unless stderr is a terminal; "
         "auto: stderr when it is a terminal, else the journal when it runs (default)",
     )
 

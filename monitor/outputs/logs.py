@@ -90,9 +90,11 @@ def setup(level: str, target: str = "auto") -> str:
     """Route the root logger to the journal or stderr; returns the target chosen.
 
     ``auto`` is stderr when it is a terminal (a person is watching), else the journal when it
-    runs (under systemd, stderr is the journal's stream anyway)."""
+    runs (under systemd, stderr is the journal's stream anyway). On stderr, lines carry ``<N>``
+    priority prefixes for a journal or syslog reading the stream, but not on a terminal, where a
+    person reads them."""
+    watched = sys.stderr.isatty()
     if target == "auto":
-        watched = sys.stderr.isatty()
         target = "journal" if not watched and journal_available() else "stderr"
     handler: logging.Handler
     if target == "journal":
@@ -100,7 +102,8 @@ def setup(level: str, target: str = "auto") -> str:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(PriorityFormatter("%(levelname)s %(name)s: %(message)s"))
+        text = "%(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(text) if watched else PriorityFormatter(text))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -84,6 +84,10 @@ def test_a_person_watching_sees_the_log_and_one_line_that_says_it_is_up(tmp_path
         os.close(leader)
     text = seen.decode()
     assert f"serving 0 devices on {sock} (uevents from the kernel, NVML off, no CDI spec)" in text
+    # the journal's <N> priority prefixes are for readers of a stream, not for a person
+    lines = text.splitlines()
+    assert any(line.startswith("INFO monitor.daemon.app: serving") for line in lines), lines
+    assert not any(line.startswith("<") for line in lines), lines
 
 
 def test_udev_source_udev_without_udevd_warns_and_says_what_auto_would_do(
