@@ -55,11 +55,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _hung_up(self) -> DaemonUnavailable:
+        return DaemonUnavailable(f"the daemon on {self.path} closed the connection")
+
     def _next(self) -> Response | Notification:
         while not self._pending:
-            data = self._sock.recv(RECEIVE_SIZE)
+            try:
+                data = self._sock.recv(RECEIVE_SIZE)
+            except ConnectionError:  # reset: it closed with our request unread
+                raise self._hung_up() from None
             if not data:
-                raise DaemonUnavailable(f"the daemon on {self.path} closed the connection")
+                raise self._hung_up()
             self._pending.extend(self._protocol.receive(data))
         return self._pending.pop(0)
 
@@ -67,7 +73,10 @@ class Client:
         """The method's result; ``RpcError`` if it was refused. Notifications that come before
         the answer are kept for ``notifications``."""
         request_id, data = self._protocol.request(method, params)
-        self._sock.sendall(data)
+        try:
+            self._sock.sendall(data)
+        except ConnectionError:  # a broken pipe here is the daemon's, not stdout's
+            raise self._hung_up() from None
         kept: list[Response | Notification] = []
         try:
             while True:

@@ -163,8 +163,9 @@ def test_the_socket_never_exists_with_another_mode_and_is_never_chmodded_by_name
 # --- 3. a socket where another user can pose as the daemon, and output for a shell ------------
 
 
-def fake_daemon(path: Path, answer: dict[str, Any], calls: list[str]) -> Callable[[], None]:
-    """A server at ``path`` answering every request with ``answer``; stop with the result."""
+def fake_daemon(path: Path, answers: dict[str, Any], calls: list[str]) -> Callable[[], None]:
+    """A server at ``path`` answering each request on a connection with ``answers[method]``
+    until the client hangs up, and appending each method to ``calls``; stop with the result."""
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen()
@@ -176,14 +177,13 @@ def fake_daemon(path: Path, answer: dict[str, Any], calls: list[str]) -> Callabl
                 conn, _ = server.accept()
             except OSError:
                 return
-            with conn:
-                line = conn.makefile("rb").readline()
-                if not line:
-                    continue
-                request = json.loads(line)
-                calls.append(request["method"])
-                reply = {"jsonrpc": "2.0", "id": request["id"], "result": answer}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+            with conn, conn.makefile("rb") as lines:
+                for line in lines:
+                    request = json.loads(line)
+                    calls.append(request["method"])
+                    result = answers[request["method"]]
+                    reply = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -210,7 +210,9 @@ def test_no_one_can_pose_as_alices_daemon_in_tmp(fallback_dir: Path, shared_tmp:
     can create the directory first and serve a fake daemon in it."""
     chown(fallback_dir, MALLORY, 0o777)
     calls: list[str] = []
-    stop = fake_daemon(fallback_dir / "hotplug-monitor.sock", {"generation": 1}, calls)
+    fingerprint = {"generation": 1, "snapshot": {"groups": {}}}
+    answers = {"fingerprint": fingerprint, "leases": {"leases": []}}
+    stop = fake_daemon(fallback_dir / "hotplug-monitor.sock", answers, calls)
     home = chown(shared_tmp / "alice", ALICE, 0o700)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
     try:
@@ -225,12 +227,13 @@ def test_no_one_can_pose_as_alices_daemon_in_tmp(fallback_dir: Path, shared_tmp:
     # Alice's own private directory there is hers to use
     subprocess.run(["rm", "-rf", str(fallback_dir)], check=True)
     chown(fallback_dir, ALICE, 0o700)
-    stop = fake_daemon(fallback_dir / "hotplug-monitor.sock", {"generation": 1}, calls)
+    stop = fake_daemon(fallback_dir / "hotplug-monitor.sock", answers, calls)
     try:
         status, out, err = cli_as(ALICE, [ALICE], ["devices", "--json"], env)
     finally:
         stop()
-    assert status == 0 and calls == ["fingerprint"], (out, err)
+    assert status == 0 and calls == ["fingerprint", "leases"], (out, err)
+    assert json.loads(out) == fingerprint
     record(
         "Security",
         "Another user's directory at the /tmp fallback socket path, with a fake daemon in it",
@@ -273,7 +276,7 @@ def test_what_reserve_prints_for_a_shell_or_an_engine_is_checked(shared_tmp: Pat
     work = chown(shared_tmp / "alice", ALICE, 0o700)
     sock = shared_tmp / "fake.sock"
     for output, changes, complaint in HOSTILE_RESERVATIONS:
-        stop = fake_daemon(sock, reservation(**changes), [])
+        stop = fake_daemon(sock, {"reserve": reservation(**changes)}, [])
         try:
             argv = ["reserve", "--socket", str(sock), output, "0000:3b:00.0"]
             status, out, err = cli_as(ALICE, [ALICE], argv)
@@ -283,7 +286,8 @@ def test_what_reserve_prints_for_a_shell_or_an_engine_is_checked(shared_tmp: Pat
         assert status == 1 and out == "", (output, out, err)
         assert f"refusing the daemon's reservation: {complaint}" in err, err
     # a value is data, whatever it holds: quoted, so eval runs nothing
-    stop = fake_daemon(sock, reservation(envs={"GPUS": "$(id>PWNED)`id>PWNED`'\""}), [])
+    hostile = reservation(envs={"GPUS": "$(id>PWNED)`id>PWNED`'\""})
+    stop = fake_daemon(sock, {"reserve": hostile}, [])
     try:
         argv = ["reserve", "--socket", str(sock), "--env", "0000:3b:00.0"]
         status, out, _ = cli_as(ALICE, [ALICE], argv)
