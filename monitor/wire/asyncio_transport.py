@@ -76,8 +76,12 @@ class AsyncioClient:
         request_id, data = self._protocol.request(method, params)
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        self._writer.write(data)  # one write per line: lines stay whole
-        await self._writer.drain()
+        try:
+            self._writer.write(data)  # one write per line: lines stay whole
+            await self._writer.drain()
+        except OSError as exc:  # it hung up before our reader saw the end
+            self._waiting.pop(request_id, None)
+            raise DaemonUnavailable(f"the connection to {self.path} broke: {exc}") from None
         return (await future).value()
 
     async def ask(self, call: Call) -> Any:
