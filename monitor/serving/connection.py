@@ -3,7 +3,8 @@
 A reader answers each request line in order and, once the connection subscribes, a writer task
 drains its subscriber buffer; a per-connection lock keeps their lines whole. Whatever a client
 sends, the worst it gets is an error and a closed connection: nothing it does reaches the daemon
-or another client. What a request means is the server's to say (``dispatch``).
+or another client. What a request means is the request table's to say
+(``monitor.serving.requests``); the server's ``dispatch`` waits for its answer.
 """
 
 from __future__ import annotations
