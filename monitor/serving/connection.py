@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 64 * 1024
 LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close on it
 # Unfinished lines across all connections. Each may be up to 1 MiB, but a thousand clients each
-# sending most of one and stopping would hold a gigabyte (tests/test_abuse.py).
+# sending most of one and stopping would hold a gigabyte (tests/daemon/test_abuse.py).
 UNFINISHED_INPUT_BUDGET = 64 * 1024 * 1024
 
 
