@@ -245,7 +245,6 @@ def _reconcile(given: Given) -> Ask:
 class Method:
     params: tuple[Param[Any], ...]  # what it takes; any other param is refused
     call: Callable[[Given], Call]  # reads each param through its ``Param``, checking it
-    refuses_unknown: bool = True
     names: frozenset[str] = attrs.field(init=False)
 
     @names.default
@@ -258,7 +257,7 @@ METHODS: Mapping[str, Method] = {
     "subscribe": Method((), lambda _: Read.SUBSCRIBE),
     "leases": Method((), lambda _: Read.LEASES),
     "reserve": Method((DEVICE_IDS, HOLDER_PID, BIND, MAYBE_OWNER), _reserve),
-    "release": Method((DEVICE_IDS, RESERVATION_ID, MAYBE_OWNER), _release, refuses_unknown=False),
+    "release": Method((DEVICE_IDS, RESERVATION_ID, MAYBE_OWNER), _release),
     "stats": Method((INTERVAL,), lambda given: StreamStats(given[INTERVAL])),
     "status": Method((), lambda _: Read.STATUS),
     "reconcile": Method((OWNER_NAME, DEVICES_IN_USE), _reconcile),
@@ -271,7 +270,7 @@ def parse(method: str, params: Mapping[str, Any]) -> Call | Refusal:
     if known is None:
         return Refusal(Reason.UNKNOWN_METHOD, f"Unknown method {method!r}.")
     unknown = sorted(set(params) - known.names)
-    if unknown and known.refuses_unknown:
+    if unknown:
         return Refusal(Reason.INVALID, f"Unknown params: {', '.join(unknown)}.")
     try:
         return known.call(Given(params))

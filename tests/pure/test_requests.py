@@ -203,9 +203,11 @@ def test_a_release_is_refused_for_each_bad_param(params: dict[str, Any], message
     assert refused("release", params) == message
 
 
-def test_a_release_with_params_it_does_not_take_is_refused() -> None:
-    assert refused("release", {"nope": 1}) == RELEASE
-    assert refused("release", {"device_ids": [ID], "nope": 1}) == RELEASE
+def test_a_release_with_params_it_does_not_take_is_refused_naming_them() -> None:
+    assert refused("release", {"nope": 1}) == "Unknown params: nope."
+    assert refused("release", {"device_ids": [ID], "b": 1, "a": 2}) == "Unknown params: a, b."
+    # before any other check, as for every method
+    assert refused("release", {"owner": "Bad Name", "nope": 1}) == "Unknown params: nope."
 
 
 def test_a_reconcile_names_the_owner_and_the_devices_still_in_use() -> None:
