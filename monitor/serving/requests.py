@@ -243,6 +243,8 @@ def _reconcile(given: Given) -> Ask:
 
 @attrs.frozen
 class Method:
+    """A method's row of the table: the params it takes, and what it makes of them."""
+
     params: tuple[Param[Any], ...]  # what it takes; any other param is refused
     call: Callable[[Given], Call]  # reads each param through its ``Param``, checking it
     names: frozenset[str] = attrs.field(init=False)
