@@ -17,6 +17,7 @@ from monitor.core.model import Device, DeviceGroup, frozen_mapping, frozen_tuple
 
 
 class Reason(enum.Enum):
+    UNKNOWN_METHOD = "unknown method"
     UNKNOWN_DEVICE = "unknown device"
     UNHEALTHY = "device unhealthy"
     RESERVED = "device already reserved"

@@ -79,3 +79,18 @@ def plan(
         mounts=[Mount(task_path=link, host_path=link, read_only=True) for link in links],
         devices=[DeviceSpec(task_path=n, host_path=n, cgroup_perms="rwm") for n in unique],
     )
+
+
+def with_edits(
+    devices: Iterable[tuple[DeviceGroup, Device]],
+    *,
+    minor_of: Callable[[str], int | None],
+    exists: Exists,
+) -> list[str]:
+    """The IDs of the devices that have something of their own to inject: those a CDI spec has
+    an entry for, since a container engine refuses a whole spec for one empty entry."""
+    return [
+        device.id
+        for group, device in devices
+        if not plan([(group, device)], minor_of=minor_of, exists=exists).empty
+    ]

@@ -3,7 +3,8 @@
 A reader answers each request line in order and, once the connection subscribes, a writer task
 drains its subscriber buffer; a per-connection lock keeps their lines whole. Whatever a client
 sends, the worst it gets is an error and a closed connection: nothing it does reaches the daemon
-or another client. What a request means is the server's to say (``dispatch``).
+or another client. What a request means is the request table's to say
+(``monitor.serving.requests``); the server's ``dispatch`` waits for its answer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 64 * 1024
 LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close on it
 # Unfinished lines across all connections. Each may be up to 1 MiB, but a thousand clients each
-# sending most of one and stopping would hold a gigabyte (tests/test_abuse.py).
+# sending most of one and stopping would hold a gigabyte (tests/daemon/test_abuse.py).
 UNFINISHED_INPUT_BUDGET = 64 * 1024 * 1024
 
 

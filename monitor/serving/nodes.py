@@ -15,8 +15,8 @@ class RecentNodeCheck:
     """``os.path.exists`` for vendor device nodes, each answer kept for a second.
 
     Drivers make those nodes when they load (``/dev/nvidia-uvm`` often only at first CUDA use),
-    not per request, while a stat of each node on every request was a quarter of what a
-    reservation cost (tests/bench, scenario 5).
+    not per request, while a stat of each node on every request was much of what a reservation
+    cost (tests/bench, scenario 5; the figures are in the README).
     """
 
     def __init__(

@@ -1,9 +1,10 @@
-"""The Unix socket server: accepts clients, checks each method's params, and hands requests to
-the core through the reducer task.
+"""The Unix socket server: accepts clients, and answers each request as the request table says
+(``monitor.serving.requests``), waiting where it must.
 
-The server says who asks (the peer the kernel saw) and what is asked, in the core's terms; the
-core decides (``monitor.core.rules``), and the server writes its answer in the protocol's terms:
-a refusal's reason becomes a JSON-RPC error code here.
+The table says what a method asks, in the core's terms, and what its answer is on the wire;
+the core decides (``monitor.core.rules``). The server supplies what only the edge knows (who
+asks, as the kernel saw it; the holder process a lease follows; which device nodes exist) and
+does the waiting: for the first state, for the reducer's answer, for the CDI spec.
 """
 
 from __future__ import annotations
@@ -18,115 +19,31 @@ from typing import Any
 
 import trio
 
-from monitor.core.answers import Answer, Grant, Reason, Refusal, Released
-from monitor.core.events import (
-    ConnectionClosed,
-    Event,
-    ReconcileRequested,
-    ReleaseRequested,
-    ReserveRequested,
-)
-from monitor.core.leases import MAX_DEVICES, OWNER, Holder
-from monitor.core.plan import plan
+from monitor.core.access import Peer
+from monitor.core.answers import Refusal, Released
+from monitor.core.events import ConnectionClosed, Event
+from monitor.core.leases import Holder
 from monitor.core.rules.leasing import may_reserve
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, ask
 from monitor.engine.stats import StatsHub, Telemetry
 from monitor.outputs.cdi import CdiSpec
+from monitor.serving import requests
 from monitor.serving.connection import Connection, UnfinishedInput
 from monitor.serving.limits import ConnectionCount, ConnectionLimits
 from monitor.serving.nodes import RecentNodeCheck
 from monitor.serving.peers import peer_of
+from monitor.serving.requests import Ask, Asked, Read, StreamStats, rpc_error
 from monitor.serving.timeouts import Timeouts
 from monitor.sources import holders
-from monitor.wire.errors import (
-    DEVICE_RESERVED,
-    DEVICE_UNHEALTHY,
-    INTERNAL_ERROR,
-    INVALID_PARAMS,
-    METHOD_NOT_FOUND,
-    PERMISSION_DENIED,
-    SERVER_BUSY,
-    UNKNOWN_DEVICE,
-    RpcError,
-)
+from monitor.wire.errors import SERVER_BUSY, RpcError
 from monitor.wire.framing import Request, encode_raw_result, encode_result
-from monitor.wire.reservations import cdi_name
-from monitor.wire.stats import MAX_INTERVAL, MIN_INTERVAL
 
 # Per connection. Every request is a checkpoint, so busy connections already share the loop in
 # turn; beyond this rate a connection also waits (its socket buffer fills and its writes stop),
 # so a client stuck in a loop cannot keep the daemon busy alone.
 REQUESTS_PER_SECOND = 10_000.0
 MAX_LINGERING = 256  # refused connections given time to read why, at once
-
-ERROR_CODES = {
-    Reason.UNKNOWN_DEVICE: UNKNOWN_DEVICE,
-    Reason.UNHEALTHY: DEVICE_UNHEALTHY,
-    Reason.RESERVED: DEVICE_RESERVED,
-    Reason.FORBIDDEN: PERMISSION_DENIED,
-    Reason.INVALID: INVALID_PARAMS,
-    Reason.NOT_RECORDED: INTERNAL_ERROR,
-}
-
-
-def rpc_error(refusal: Refusal) -> RpcError:
-    data = dict(refusal.data) if refusal.data is not None else None
-    return RpcError(ERROR_CODES[refusal.reason], refusal.message, data)
-
-
-def _device_ids(params: dict[str, Any]) -> tuple[str, ...]:
-    ids = params.get("device_ids")
-    if (
-        not isinstance(ids, list)
-        or not ids
-        or len(ids) > MAX_DEVICES
-        or not all(isinstance(i, str) and i for i in ids)
-    ):
-        raise RpcError(
-            INVALID_PARAMS,
-            f"device_ids must be a non-empty list of device ID strings (at most {MAX_DEVICES}).",
-        )
-    return tuple(ids)
-
-
-def _expect_params(params: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise RpcError(INVALID_PARAMS, f"Unknown params: {', '.join(unknown)}.")
-
-
-def _owner(params: dict[str, Any], required: bool = False) -> str | None:
-    owner: Any = params.get("owner")
-    if owner is None and not required:
-        return None
-    if not isinstance(owner, str) or not OWNER.fullmatch(owner):
-        raise RpcError(
-            INVALID_PARAMS,
-            "owner must be a scheduler's name: 1 to 64 of a-z, 0-9, '.', '_' and '-'.",
-        )
-    return owner
-
-
-def _interval(params: dict[str, Any]) -> float:
-    interval: Any = params.get("interval")
-    if (
-        not isinstance(interval, int | float)
-        or isinstance(interval, bool)
-        or not MIN_INTERVAL <= interval <= MAX_INTERVAL
-    ):
-        raise RpcError(
-            INVALID_PARAMS,
-            f"interval must be a number of seconds from {MIN_INTERVAL} to {MAX_INTERVAL}.",
-        )
-    return float(interval)
-
-
-def _holder_pid(params: dict[str, Any]) -> int | None:
-    pid: Any = params.get("holder_pid")
-    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
-        raise RpcError(INVALID_PARAMS, "holder_pid must be a positive process ID.")
-    return pid
 
 
 class Server:
@@ -240,143 +157,56 @@ class Server:
 
     async def dispatch(self, request: Request, connection: Connection) -> bytes | None:
         """The response to send, or None when the method has sent it already."""
-        params = request.params
-        if request.method == "fingerprint":
-            _expect_params(params, set())
-            await self.hub.ready.wait()
+        call = requests.parse(request.method, request.params)
+        if isinstance(call, Refusal):
+            raise rpc_error(call)
+        await self.hub.ready.wait()
+        if call is Read.SNAPSHOT:
             return encode_raw_result(request.id, self.hub.snapshot_result())
-        if request.method == "subscribe":
-            _expect_params(params, set())
-            await self.hub.ready.wait()
+        if call is Read.SUBSCRIBE:
             await connection.subscribe(request)
             return None
-        if request.method == "leases":
-            _expect_params(params, set())
-            await self.hub.ready.wait()
-            return encode_result(request.id, self.leases())
-        if request.method == "reserve":
-            _expect_params(params, {"device_ids", "holder_pid", "bind", "owner"})
-            await self.hub.ready.wait()
-            return encode_result(request.id, await self.reserve(params, connection))
-        if request.method == "release":
-            await self.hub.ready.wait()
-            return encode_result(request.id, await self.release(params, connection))
-        if request.method == "stats":
-            _expect_params(params, {"interval"})
-            interval = _interval(params)
-            await self.hub.ready.wait()
-            await connection.stream_stats(request, interval, self.telemetry.stats)
-            return None
-        if request.method == "status":
-            _expect_params(params, set())
-            await self.hub.ready.wait()
+        if call is Read.LEASES:
+            return encode_result(request.id, requests.leases(self.hub.state))
+        if call is Read.STATUS:
             return encode_result(request.id, self.telemetry.status())
-        if request.method == "reconcile":
-            _expect_params(params, {"owner", "device_ids"})
-            await self.hub.ready.wait()
-            return encode_result(request.id, await self.reconcile(params, connection))
-        raise RpcError(METHOD_NOT_FOUND, f"Unknown method {request.method!r}.")
+        if isinstance(call, StreamStats):
+            await connection.stream_stats(request, call.interval, self.telemetry.stats)
+            return None
+        return encode_result(request.id, await self._ask(call, connection))
 
-    async def reserve(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
-        ids = _device_ids(params)
-        bind = params.get("bind")
-        if bind not in (None, "connection"):
-            raise RpcError(INVALID_PARAMS, 'bind must be "connection" when given.')
-        owner = _owner(params)
+    async def _ask(self, call: Ask, connection: Connection) -> dict[str, Any]:
+        """Hand the request to the reducer; its answer, or its refusal raised."""
         peer = connection.peer
-        holder_pid = _holder_pid(params)
-        holder: Holder | None = None
-        if holder_pid is not None:
-            # the core's rule first: an outsider learns nothing of which PIDs exist
-            refusal = may_reserve(self.hub.state.access, peer, holder_pid)
-            if refusal is not None:
-                raise rpc_error(refusal)
-            try:
-                holder = holders.identify(holder_pid)
-            except holders.HolderRefused as exc:
-                raise RpcError(INVALID_PARAMS, str(exc), {"holder_pid": holder_pid}) from None
-        request = ReserveRequested(
-            token=next(self._serial),
+        holder = None if call.holder_pid is None else self._holder(peer, call.holder_pid)
+        asked = Asked(
             peer=peer,
-            device_ids=ids,
+            connection=connection.number,
+            token=next(self._serial),
             lease_id=f"{self._lease_prefix}-{next(self._serial)}",
             created=time.time(),
             holder=holder,
-            connection=connection.number if bind else None,
-            owner=owner,
         )
-        answer = await ask(self.inbox, request)
+        answer = await ask(self.inbox, call.request(asked))
         if isinstance(answer, Refusal):
             raise rpc_error(answer)
-        assert isinstance(answer, Grant)
-        if bind:
+        if isinstance(answer, Released):
+            return requests.released(answer)
+        if answer.lease.connection is not None:
             connection.bound_leases = True
-        minors, exists = answer.nvidia_minors.get, self.node_exists
-        edits = plan(answer.devices, minor_of=minors, exists=exists)
-        lease = answer.lease
-        result = {"reservation_id": lease.id, "device_ids": list(lease.devices), **edits.to_json()}
+        result = requests.reserved(answer, self.node_exists)
         if self.cdi is not None:  # the spec's entries: devices with something to inject
             await self.cdi.wait_until_current(self.hub.state)  # named once they are there
-            result["cdi_devices"] = [
-                cdi_name(device.id)
-                for group, device in answer.devices
-                if not plan([(group, device)], minor_of=minors, exists=exists).empty
-            ]
+            result["cdi_devices"] = requests.cdi_devices(answer, self.node_exists)
         return result
 
-    async def release(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
-        token, peer = next(self._serial), connection.peer
-        owner = _owner(params)
-        which = set(params) - {"owner"}
-        if which == {"reservation_id"} and isinstance(params["reservation_id"], str):
-            lease_id = params["reservation_id"]
-            request = ReleaseRequested(token, peer, lease_id=lease_id, owner=owner)
-        elif which == {"device_ids"}:
-            request = ReleaseRequested(token, peer, device_ids=_device_ids(params), owner=owner)
-        elif not which and owner is not None:  # every lease of that owner
-            request = ReleaseRequested(token, peer, owner=owner)
-        else:
-            raise RpcError(
-                INVALID_PARAMS,
-                'release takes "device_ids" (a list) or "reservation_id", optionally with '
-                '"owner"; or "owner" alone, for all its leases.',
-            )
-        return self._released(await ask(self.inbox, request))
-
-    async def reconcile(self, params: dict[str, Any], connection: Connection) -> dict[str, Any]:
-        ids: Any = params.get("device_ids")
-        if (
-            not isinstance(ids, list)
-            or len(ids) > MAX_DEVICES
-            or not all(isinstance(i, str) for i in ids)
-        ):
-            raise RpcError(
-                INVALID_PARAMS,
-                f"device_ids must be a list of the device IDs in use (at most {MAX_DEVICES}).",
-            )
-        owner = _owner(params, required=True)
-        assert owner is not None
-        request = ReconcileRequested(next(self._serial), connection.peer, owner, tuple(ids))
-        return self._released(await ask(self.inbox, request))
-
-    @staticmethod
-    def _released(answer: Answer) -> dict[str, Any]:
-        if isinstance(answer, Refusal):
-            raise rpc_error(answer)
-        assert isinstance(answer, Released)
-        return {"released": list(answer.released), "not_reserved": list(answer.not_reserved)}
-
-    def leases(self) -> dict[str, Any]:
-        """Every lease, with the devices of it that are no longer on the host."""
-        state = self.hub.state
-        present = set(state.devices)
-        return {
-            "leases": [
-                {
-                    **lease.to_json(),
-                    "bind": "connection" if lease.connection is not None else None,
-                    "orphaned": [d for d in lease.devices if d not in present],
-                }
-                for lease in state.leases.values()
-            ]
-        }
+    def _holder(self, peer: Peer, holder_pid: int) -> Holder:
+        """The process a lease is to follow; the core's rule first, so that a client that may
+        not reserve learns nothing of which PIDs exist."""
+        refusal = may_reserve(self.hub.state.access, peer, holder_pid)
+        if refusal is None:
+            try:
+                return holders.identify(holder_pid)
+            except holders.HolderRefused as exc:
+                refusal = requests.holder_refused(holder_pid, str(exc))
+        raise rpc_error(refusal)

@@ -25,8 +25,8 @@ from monitor.outputs.files import UnsafePath, secure_directory
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
-# Seconds between looks at the path. Each look wakes an idle daemon; at 1 s that was 0.05 % of
-# a core in the benchmark's idle scenario, against 0.000 % without, so: rarely.
+# Seconds between looks at the path. Each look wakes an idle daemon, which otherwise stays
+# asleep (tests/bench's idle scenario; the figures are in the README), so: rarely.
 CHECK_INTERVAL = 5.0
 
 Listen = Callable[[socket.socket], Awaitable[None]]

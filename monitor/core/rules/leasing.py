@@ -278,6 +278,11 @@ def connection_closed(draft: Draft, event: ConnectionClosed) -> None:
             _take(draft, lease, lease.device_ids, "ended", "its connection closed")
 
 
+def orphaned(state: State, lease: Lease) -> tuple[str, ...]:
+    """The devices ``lease`` holds that are no longer on the host: held still, until released."""
+    return tuple(d for d in lease.devices if d not in state.devices)
+
+
 RULES: dict[type, Rule] = {
     LeaseEnded: lease_ended,
     ConnectionClosed: connection_closed,
