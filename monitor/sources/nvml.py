@@ -1,11 +1,12 @@
 """NVML source: runs the NVML worker process and passes its events on.
 
 NVML is a vendor library loaded into whatever process calls it, and a crash in it (a segfault, an
-abort) would end that process. So the daemon never loads it: ``monitor/sources/nvml_worker.py``
-does, in a child process. This side tells the worker which GPUs to watch (the core's
-``nvml_targets``: the NVIDIA devices udev shows bound to the ``nvidia`` driver, and which of them a
-PCI recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
-crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
+abort) would end that process. So the daemon never loads it: the worker
+(``monitor.sources.nvml_worker``, spoken to as its ``pipe`` module says) does, in a child
+process. This side tells the worker which GPUs to watch (the core's ``nvml_targets``: the NVIDIA
+devices udev shows bound to the ``nvidia`` driver, and which of them a PCI recovery reset), reads
+the events it writes, and if it dies, marks those GPUs "NVML worker crashed" and starts a new one.
+It also ends the wait of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
 (a recovery that cleared its problems), never on a timer. Its statistics are read only when
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import signal
 import subprocess
@@ -31,7 +31,14 @@ from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreach
 from monitor.core.rules.nvidia import nvml_targets
 from monitor.core.state import State
 from monitor.sources.counts import SourceCounts
-from monitor.sources.nvml_worker import EXIT_NO_NVML, SAMPLE_WINDOW, StatsSample, decode_event
+from monitor.sources.nvml_worker.pipe import (
+    EXIT_NO_NVML,
+    SAMPLE_WINDOW,
+    StatsSample,
+    decode_event,
+    encode_sample_request,
+    encode_targets,
+)
 from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger(__name__)
@@ -54,9 +61,9 @@ class WorkerPipe:
         self.stdin = stdin
         self._lock = trio.Lock()
 
-    async def send_line(self, message: dict[str, Any]) -> None:
+    async def send_line(self, line: bytes) -> None:
         async with self._lock:
-            await self.stdin.send_all(json.dumps(message).encode() + b"\n")
+            await self.stdin.send_all(line)
 
 
 class NvmlStats:
@@ -77,7 +84,7 @@ class NvmlStats:
         self._waiting[seq] = (answered, found)
         try:
             with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
-                await pipe.send_line({"sample": seq})
+                await pipe.send_line(encode_sample_request(seq))
                 await answered.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # it died; the source starts another
@@ -101,7 +108,7 @@ async def _tell_targets(pipe: WorkerPipe, states: AsyncIterator[State], watched:
             if targets == told:
                 continue
             reset = sorted(a for a, n in targets.items() if told and told.get(a, n) != n)
-            await pipe.send_line({"watch": sorted(targets), "reset": reset})
+            await pipe.send_line(encode_targets(targets, reset))
             told = targets
             watched.clear()
             watched.update(targets)
