@@ -4,9 +4,9 @@ NVML is a vendor library loaded into whatever process calls it, and a crash in i
 abort) would end that process. So the daemon never loads it: the worker
 (``monitor.sources.nvml_worker``, spoken to as its ``pipe`` module says) does, in a child
 process. This side tells the worker which GPUs to watch (the core's ``nvml_targets``: the NVIDIA
-devices udev shows bound to the ``nvidia`` driver, and which of them a PCI recovery reset), reads
-the events it writes, and if it dies, marks those GPUs "NVML worker crashed" and starts a new one.
-It also ends the wait of a GPU that NVML has not named in time.
+devices udev shows bound to the ``nvidia`` driver, and ``nvml_resets``: which of them a PCI
+recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
+crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
 (a recovery that cleared its problems), never on a timer. Its statistics are read only when
@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreachable
-from monitor.core.rules.nvidia import nvml_targets
+from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
 from monitor.sources.counts import SourceCounts
 from monitor.sources.nvml_worker.pipe import (
@@ -107,8 +107,7 @@ async def _tell_targets(pipe: WorkerPipe, states: AsyncIterator[State], watched:
             targets = nvml_targets(state)
             if targets == told:
                 continue
-            reset = sorted(a for a, n in targets.items() if told and told.get(a, n) != n)
-            await pipe.send_line(encode_targets(targets, reset))
+            await pipe.send_line(encode_targets(targets, nvml_resets(told, targets)))
             told = targets
             watched.clear()
             watched.update(targets)

@@ -5,11 +5,16 @@ another binding), so what NVML says of any other device is ignored. A GPU waitin
 gets NVML's; once the wait is over (NVML did not answer within ``--nvml-timeout``, cannot watch
 the GPU, or is absent) it gets the hardware database's, and keeps the name it got.
 
+Which GPUs the worker watches, and which it must watch afresh after a reset, is decided here
+too (``nvml_targets``, ``nvml_resets``).
+
 Recovery: NVML's recovery action "none" clears XID errors; NVML answering again clears "not
 responding"; a rebind or a successful PCI recovery clears the rest (inventory's rules).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import attrs
 
@@ -155,6 +160,15 @@ def nvml_targets(state: State) -> dict[str, int]:
         and facts.driver == "nvidia"
         and class_matches(facts.pci_class, state.match_classes)
     }
+
+
+def nvml_resets(told: Mapping[str, int] | None, targets: Mapping[str, int]) -> list[str]:
+    """The targets to watch afresh, sorted: those the worker was told of before (``told``, the
+    previous ``nvml_targets``; None before the first) whose PCI recoveries have changed since. A
+    GPU new to the worker is watched afresh anyway; the first targets reset none."""
+    if not told:
+        return []
+    return sorted(a for a, resets in targets.items() if told.get(a, resets) != resets)
 
 
 RULES: dict[type, Rule] = {
