@@ -37,7 +37,11 @@ async def _targets(
     buffer = LineBuffer()
     while data := await stdin.receive_some(1 << 16):
         for line in buffer.feed(data):
-            request = decode_request(line)
+            try:
+                request = decode_request(line)
+            except ValueError as exc:
+                log.error("ignoring a line from the daemon: %s", exc)
+                continue
             if isinstance(request, SampleRequest):
                 assert source.nursery is not None  # the first watch line came before
                 source.nursery.start_soon(source.sample, request.seq)

@@ -15,8 +15,9 @@ Nothing here loads NVML: the daemon imports this module alone.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -78,11 +79,38 @@ def encode_sample_request(seq: int) -> bytes:
 
 
 def decode_request(line: bytes) -> Request:
-    """One line of the worker's input as the request it stands for."""
-    message = json.loads(line)
-    if "sample" in message:
-        return SampleRequest(int(message["sample"]))
-    return Targets(set(message["watch"]), set(message["reset"]))
+    """One line of the worker's input as the request it stands for; ValueError if it is none."""
+    message = _loads(line)
+    if isinstance(message, dict) and "sample" in message:
+        seq = message["sample"]
+        if _is(seq, int):
+            return SampleRequest(seq)
+    elif isinstance(message, dict):
+        watch, reset = message.get("watch"), message.get("reset")
+        if _texts(watch) and _texts(reset):
+            return Targets(set(watch), set(reset))
+    raise ValueError(f"not a request to the NVML worker: {line[:200]!r}")
+
+
+def _loads(line: bytes) -> Any:
+    """JSON; ValueError for anything else, a nesting too deep for the parser included."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError(f"nested too deeply: {line[:200]!r}") from None
+
+
+def _is(value: Any, *types: type) -> bool:
+    """``isinstance``, where a bool is not an int, and a float is finite."""
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, types)
+
+
+def _texts(value: Any) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 # --- from the worker -------------------------------------------------------------------------
@@ -107,21 +135,53 @@ def encode_event(event: Output) -> bytes:
     return json.dumps(fields, default=_plain).encode() + b"\n"
 
 
+# The fields of each event the worker writes, with the types each may have.
+_NONE = type(None)
+_FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
+    XidReported: {"address": (str,), "xid": (int,)},
+    NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
+    NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},
+    NvmlReachable: {"address": (str,)},
+    NvmlGpu: {"address": (str,), "uuid": (str,), "name": (str,), "minor": (int, _NONE)},
+    Attribute: {"value": (str, int, float, bool), "unit": (str, _NONE)},
+}
+
+
+def _checked(cls: type, fields: Any) -> dict[str, Any]:
+    """``fields`` if they are a mapping of ``cls``'s fields, each of its type; else TypeError.
+    (A missing field is found by ``cls`` itself.)"""
+    if not isinstance(fields, dict):
+        raise TypeError(f"{cls.__name__}: not an object")
+    types = _FIELDS[cls]
+    for name, value in fields.items():
+        if name not in types or not _is(value, *types[name]):
+            raise TypeError(f"{cls.__name__}: {name!r} is not one of its fields, of its type")
+    return fields
+
+
 def decode_event(line: bytes) -> Output:
-    """One line of the worker's output as the event it stands for; ValueError if it is none."""
+    """One line of the worker's output as the event it stands for; ValueError if it is none.
+
+    The worker loads a vendor library, so what it writes is checked like any input: an event
+    with a field of the wrong type would otherwise reach the reducer."""
     try:
-        fields = json.loads(line)
+        fields = _loads(line)
         name = fields.pop("event")
         if name == "StatsSample":
             seq, devices = fields["seq"], fields["devices"]
-            if not isinstance(seq, int) or not isinstance(devices, dict):
+            if not _is(seq, int) or not isinstance(devices, dict):
                 raise TypeError("malformed sample")
             return StatsSample(seq, devices)
         cls = _EVENT_TYPES[name]
         if cls is NvmlGpuSeen:
             gpu = fields["gpu"]
-            attributes = {k: Attribute(**v) for k, v in gpu.pop("attributes").items()}
-            return NvmlGpuSeen(NvmlGpu(**gpu, attributes=attributes))
-        return cls(**fields)
+            if not isinstance(gpu, dict):
+                raise TypeError("NvmlGpu: not an object")
+            attributes = gpu.pop("attributes")
+            if not isinstance(attributes, dict):
+                raise TypeError("NvmlGpu: its attributes are not an object")
+            found = {k: Attribute(**_checked(Attribute, v)) for k, v in attributes.items()}
+            return NvmlGpuSeen(NvmlGpu(**_checked(NvmlGpu, gpu), attributes=found))
+        return cls(**_checked(cls, fields))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an NVML event: {line[:200]!r} ({exc!r})") from None
