@@ -34,12 +34,11 @@ from monitor.sources.counts import SourceCounts
 from monitor.sources.nvml_worker.pipe import (
     EXIT_NO_NVML,
     SAMPLE_WINDOW,
+    OutputReader,
     StatsSample,
-    decode_event,
     encode_sample_request,
     encode_targets,
 )
-from monitor.wire.framing import LineBuffer
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +133,17 @@ async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
 async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats) -> None:
     """Send on each batch of events the worker writes, until its stdout ends; hand samples to
     whoever asked for them."""
-    buffer = LineBuffer(MAX_WORKER_LINE)
+    reader = OutputReader(MAX_WORKER_LINE)
     while data := await stdout.receive_some(1 << 16):
+        outputs, errors = reader.feed(data)
+        for error in errors:
+            log.error("ignoring a line from the NVML worker: %s", error)
         events = []
-        for line in buffer.feed(data):
-            try:
-                decoded = decode_event(line)
-            except ValueError as exc:
-                log.error("ignoring a line from the NVML worker: %s", exc)
-                continue
-            if isinstance(decoded, StatsSample):
-                stats.deliver(decoded)
+        for output in outputs:
+            if isinstance(output, StatsSample):
+                stats.deliver(output)
             else:
-                events.append(decoded)
+                events.append(output)
         if events:
             await send.send(tuple(events))
 

@@ -20,6 +20,7 @@ from monitor.core.events import (
 from monitor.core.model import Attribute
 from monitor.sources.nvml_worker.pipe import (
     Output,
+    OutputReader,
     SampleRequest,
     StatsSample,
     Targets,
@@ -200,3 +201,35 @@ REQUEST_GARBAGE = [
 def test_a_line_that_is_no_request_is_a_value_error(line: bytes) -> None:
     with pytest.raises(ValueError):  # and nothing else: the worker logs it and reads on
         decode_request(line)
+
+
+def test_the_reader_gives_each_line_s_event_however_the_bytes_are_cut() -> None:
+    written = b"".join(encode_event(e) for e in EVENTS)
+    for size in (1, 7, 64, len(written)):
+        reader, found = OutputReader(1 << 16), []
+        for start in range(0, len(written), size):
+            outputs, errors = reader.feed(written[start : start + size])
+            assert errors == []
+            found += outputs
+        assert found == EVENTS
+
+
+def test_the_reader_says_why_a_line_is_no_event_and_reads_on() -> None:
+    reader = OutputReader(1 << 16)
+    ok = encode_event(NvmlReachable(A))
+    outputs, errors = reader.feed(b"\xff\xfe garbage\n" + ok + b"[" * 50_000 + b"\n" + ok)
+    assert outputs == [NvmlReachable(A), NvmlReachable(A)]
+    assert len(errors) == 2
+
+
+def test_an_over_long_line_is_skipped_to_its_end_and_reading_goes_on() -> None:
+    reader = OutputReader(1000)
+    ok = encode_event(XidReported(A, 79))
+    assert reader.feed(ok) == ([XidReported(A, 79)], [])
+    outputs, errors = reader.feed(b'{"event": "NvmlUnreachable", "reason": "' + b"x" * 2000)
+    assert outputs == [] and errors == ["a line is longer than 1000 bytes: skipped"]
+    assert reader.feed(b"y" * 5000) == ([], [])  # still the same line
+    assert reader.feed(b'yyy"}\n' + ok) == ([XidReported(A, 79)], [])
+    outputs, errors = reader.feed(b"z" * 2000 + b"\n" + ok)  # ended within one feed
+    assert outputs == [] and len(errors) == 1
+    assert reader.feed(ok) == ([XidReported(A, 79)], [])

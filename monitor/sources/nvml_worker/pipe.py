@@ -30,6 +30,7 @@ from monitor.core.events import (
     XidReported,
 )
 from monitor.core.model import Attribute
+from monitor.wire.framing import LineBuffer, LineTooLong
 
 NvmlEvent = NvmlGpuSeen | XidReported | NvmlEventReported | NvmlUnreachable | NvmlReachable
 Stats = dict[str, dict[str, Any]]  # stat name -> {"value", "unit"}
@@ -185,3 +186,34 @@ def decode_event(line: bytes) -> Output:
         return cls(**_checked(cls, fields))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an NVML event: {line[:200]!r} ({exc!r})") from None
+
+
+class OutputReader:
+    """The worker's output without I/O: bytes in; each line's event or sample out, and for each
+    line that is none, why. A line longer than ``limit`` is skipped to its end, with whatever
+    else the same ``feed`` held, and reading goes on."""
+
+    def __init__(self, limit: int) -> None:
+        self._buffer = LineBuffer(limit)
+        self._skipping = False  # to the end of an over-long line
+
+    def feed(self, data: bytes | bytearray) -> tuple[list[Output], list[str]]:
+        outputs: list[Output] = []
+        errors: list[str] = []
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return outputs, errors
+            data, self._skipping = data[end + 1 :], False
+        try:
+            lines = self._buffer.feed(data)
+        except LineTooLong as exc:
+            self._buffer.clear()
+            self._skipping = not data.endswith(b"\n")
+            return outputs, [f"{exc}: skipped"]
+        for line in lines:
+            try:
+                outputs.append(decode_event(line))
+            except ValueError as exc:
+                errors.append(str(exc))
+        return outputs, errors
