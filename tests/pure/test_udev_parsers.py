@@ -371,14 +371,14 @@ def test_a_hostile_wedged_method_is_a_bounded_token_or_nothing(wedged: Any) -> N
 
 
 @pytest.mark.parametrize("subsystem", ["pci", "drm"])
-@pytest.mark.parametrize("action", ["", "\x00", "add\n", "x" * 100_000, 5])
+@pytest.mark.parametrize("action", [Raises(), "", "\x00", "add\n", "x" * 100_000, 5])
 def test_a_hostile_action_is_a_change_at_most(subsystem: str, action: Any) -> None:
     device = gpu(action=action) if subsystem == "pci" else drm(action=action)
     events = translate(device)
     assert all(isinstance(e, DeviceSeen | DrmNodeSeen) for e in events)
 
 
-@pytest.mark.parametrize("subsystem", ["", "pci\n", 5, None])
+@pytest.mark.parametrize("subsystem", [Raises(), "", "pci\n", 5, None])
 def test_a_hostile_subsystem_means_nothing(subsystem: Any) -> None:
     device = gpu(action="add")
     device._values["subsystem"] = subsystem
@@ -388,6 +388,9 @@ def test_a_hostile_subsystem_means_nothing(subsystem: Any) -> None:
 @pytest.mark.parametrize(
     "content",
     [
+        b"Model: H100\nDevice Minor: \xff\xfe\n",
+        NOT_UTF8 * 1000,
+        b"Device Minor: " + b"9" * 100_000 + b"\n",
         "Device Minor: \u0663\n".encode(),
         b"Device Minor: -1\n",
         b"Device Minor:\n",
