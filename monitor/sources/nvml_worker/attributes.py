@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,8 @@ import pynvml
 from monitor.core.events import NvmlGpu
 from monitor.core.model import Attribute
 from monitor.sources.nvml_worker.library import MIB, is_lost, text
+
+_DOMAIN = re.compile(r"[0-9a-f]{1,8}")  # int(x, 16) would also take "1_0" and " +1"
 
 # PCIe throughput per lane and direction, MB/s, by generation (after line encoding).
 LANE_MB_PER_S = {1: 250, 2: 500, 3: 985, 4: 1969, 5: 3938, 6: 7877}
@@ -20,7 +23,9 @@ def normalise_bus_id(raw: str | bytes) -> str:
     bus_id = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
     bus_id = bus_id.split("\x00", 1)[0].strip().lower()
     domain, _, rest = bus_id.partition(":")
-    return f"{int(domain, 16):04x}:{rest}" if rest else bus_id
+    if not rest or not _DOMAIN.fullmatch(domain):
+        return bus_id  # not a bus ID: matches no GPU's address, and read_gpu says so
+    return f"{int(domain, 16):04x}:{rest}"
 
 
 def read_gpu(address: str, handle: Any) -> NvmlGpu:
