@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import trio
 
+from monitor.core.rules.nvidia import sysfs_stats_targets
 from monitor.core.state import State
 from monitor.engine.hub import Hub
 from monitor.sources import sysfs_stats
@@ -31,7 +32,6 @@ Sample = dict[str, dict[str, dict[str, Any]]]  # device ID -> stat name -> {"val
 Sampler = Callable[[State], Awaitable[Sample]]
 
 FRESH_SECONDS = 0.5  # a sample younger than this serves whoever asks (less than any interval)
-NVIDIA_DRIVER = "nvidia"  # its GPUs' numbers come from NVML, not sysfs
 
 
 class Histogram:
@@ -82,24 +82,16 @@ def clean(sample: Sample, present: Iterable[str]) -> Sample:
 
 
 def sysfs_sampler(root: str = sysfs_stats.PCI_DEVICES) -> Sampler:
-    """Statistics of the devices not bound to NVIDIA's driver, from sysfs, in a thread."""
+    """Statistics of the devices NVML does not read (the core's ``sysfs_stats_targets``), from
+    sysfs, in a thread."""
 
     async def sample(state: State) -> Sample:
-        addresses = [
-            device.id
-            for _, device in state.fingerprint.devices().values()
-            if _driver(device.attributes) != NVIDIA_DRIVER
-        ]
+        addresses = sysfs_stats_targets(state)
         if not addresses:
             return {}
         return await trio.to_thread.run_sync(sysfs_stats.read_devices, addresses, root)
 
     return sample
-
-
-def _driver(attributes: Any) -> Any:
-    attribute = attributes.get("driver")
-    return None if attribute is None else attribute.value
 
 
 @attrs.frozen

@@ -1,10 +1,11 @@
 """NVML source: runs the NVML worker process and passes its events on.
 
 NVML is a vendor library loaded into whatever process calls it, and a crash in it (a segfault, an
-abort) would end that process. So the daemon never loads it: ``monitor/sources/nvml_worker.py``
-does, in a child process. This side tells the worker which GPUs to watch (the core's
-``nvml_targets``: the NVIDIA devices udev shows bound to the ``nvidia`` driver, and which of them a
-PCI recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
+abort) would end that process. So the daemon never loads it: the worker
+(``monitor.sources.nvml_worker``, spoken to as its ``pipe`` module says) does, in a child
+process. This side tells the worker which GPUs to watch (the core's ``nvml_targets``: the NVIDIA
+devices udev shows bound to the ``nvidia`` driver, and ``nvml_resets``: which of them a PCI
+recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
 crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import signal
 import subprocess
@@ -28,11 +28,17 @@ from typing import Any
 import trio
 
 from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreachable
-from monitor.core.rules.nvidia import nvml_targets
+from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
 from monitor.sources.counts import SourceCounts
-from monitor.sources.nvml_worker import EXIT_NO_NVML, SAMPLE_WINDOW, StatsSample, decode_event
-from monitor.wire.framing import LineBuffer
+from monitor.sources.nvml_worker.pipe import (
+    EXIT_NO_NVML,
+    SAMPLE_WINDOW,
+    OutputReader,
+    StatsSample,
+    encode_sample_request,
+    encode_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +60,9 @@ class WorkerPipe:
         self.stdin = stdin
         self._lock = trio.Lock()
 
-    async def send_line(self, message: dict[str, Any]) -> None:
+    async def send_line(self, line: bytes) -> None:
         async with self._lock:
-            await self.stdin.send_all(json.dumps(message).encode() + b"\n")
+            await self.stdin.send_all(line)
 
 
 class NvmlStats:
@@ -77,7 +83,7 @@ class NvmlStats:
         self._waiting[seq] = (answered, found)
         try:
             with trio.move_on_after(SAMPLE_ANSWER_SECONDS):
-                await pipe.send_line({"sample": seq})
+                await pipe.send_line(encode_sample_request(seq))
                 await answered.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # it died; the source starts another
@@ -100,8 +106,7 @@ async def _tell_targets(pipe: WorkerPipe, states: AsyncIterator[State], watched:
             targets = nvml_targets(state)
             if targets == told:
                 continue
-            reset = sorted(a for a, n in targets.items() if told and told.get(a, n) != n)
-            await pipe.send_line({"watch": sorted(targets), "reset": reset})
+            await pipe.send_line(encode_targets(targets, nvml_resets(told, targets)))
             told = targets
             watched.clear()
             watched.update(targets)
@@ -128,19 +133,17 @@ async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
 async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats) -> None:
     """Send on each batch of events the worker writes, until its stdout ends; hand samples to
     whoever asked for them."""
-    buffer = LineBuffer(MAX_WORKER_LINE)
+    reader = OutputReader(MAX_WORKER_LINE)
     while data := await stdout.receive_some(1 << 16):
+        outputs, errors = reader.feed(data)
+        for error in errors:
+            log.error("ignoring a line from the NVML worker: %s", error)
         events = []
-        for line in buffer.feed(data):
-            try:
-                decoded = decode_event(line)
-            except ValueError as exc:
-                log.error("ignoring a line from the NVML worker: %s", exc)
-                continue
-            if isinstance(decoded, StatsSample):
-                stats.deliver(decoded)
+        for output in outputs:
+            if isinstance(output, StatsSample):
+                stats.deliver(output)
             else:
-                events.append(decoded)
+                events.append(output)
         if events:
             await send.send(tuple(events))
 

@@ -55,7 +55,7 @@ MAX_TOKEN = 64
 BATCH_LIMIT = 512
 UDEV_CONTROL = "/run/udev/control"
 NVIDIA_GPU_INFO = "/proc/driver/nvidia/gpus/{address}/information"
-_DEVICE_MINOR = re.compile(r"^Device Minor:\s*(\d+)\s*$", re.MULTILINE)
+_DEVICE_MINOR = re.compile(r"^Device Minor:[ \t]*([0-9]{1,7})[ \t]*$", re.MULTILINE)
 UEVENTS_LOST_MESSAGE_ID = MESSAGE_IDS["uevents_lost"]
 
 
@@ -143,10 +143,12 @@ def _int(value: str | None) -> int | None:
 def nvidia_minor(address: str) -> int | None:
     """The N of /dev/nvidiaN for a GPU the NVIDIA driver has bound, from its proc file."""
     try:
-        with open(NVIDIA_GPU_INFO.format(address=address)) as info:
-            found = _DEVICE_MINOR.search(info.read())
+        # bounded, and decoded leniently: the file is the driver's, but a read must not fail
+        with open(NVIDIA_GPU_INFO.format(address=address), "rb") as info:
+            text = info.read(_READ_LIMIT).decode("utf-8", errors="replace")
     except OSError:
         return None
+    found = _DEVICE_MINOR.search(text)
     return int(found.group(1)) if found else None
 
 
@@ -236,8 +238,8 @@ def _online(value: str | None) -> bool | None:
 
 def translate(device: pyudev.Device) -> list[Event]:
     """The events one uevent means; malformed or foreign devices mean none."""
-    action = device.action
-    if device.subsystem == "pci":
+    action, subsystem = _decoded(lambda: device.action), _decoded(lambda: device.subsystem)
+    if subsystem == "pci":
         if action == "remove":
             address = pci_address(device)
             return [DeviceGone(address)] if address else []
@@ -250,7 +252,7 @@ def translate(device: pyudev.Device) -> list[Event]:
         if action == "change" and (error_event is not None or online is not None):
             events.append(PciErrorReported(facts.address, error_event, online))
         return events
-    if device.subsystem == "drm":
+    if subsystem == "drm":
         name = drm_minor_name(device)
         if name is None:
             return []

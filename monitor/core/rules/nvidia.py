@@ -5,11 +5,17 @@ another binding), so what NVML says of any other device is ignored. A GPU waitin
 gets NVML's; once the wait is over (NVML did not answer within ``--nvml-timeout``, cannot watch
 the GPU, or is absent) it gets the hardware database's, and keeps the name it got.
 
+Which devices NVML reads (``read_by_nvml``) is decided here too: the GPUs the worker watches
+and those it must watch afresh after a reset (``nvml_targets``, ``nvml_resets``), and the
+devices whose statistics come from sysfs instead (``sysfs_stats_targets``).
+
 Recovery: NVML's recovery action "none" clears XID errors; NVML answering again clears "not
 responding"; a rebind or a successful PCI recovery clears the rest (inventory's rules).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -21,6 +27,7 @@ from monitor.core.events import (
     NvmlNameWaitOver,
     NvmlReachable,
     NvmlUnreachable,
+    PciFacts,
     XidPolicyChanged,
     XidReported,
 )
@@ -144,6 +151,16 @@ def xid_policy_changed(draft: Draft, event: XidPolicyChanged) -> None:
             clear_problems(draft, address, (CAUSE_XID,), reason)
 
 
+def read_by_nvml(facts: PciFacts, match_classes: Iterable[str]) -> bool:
+    """Whether NVML reads this device (its names, health and statistics): an NVIDIA GPU of the
+    class filter bound to ``nvidia``. Every other device's statistics come from sysfs."""
+    return (
+        facts.vendor_id == NVIDIA_VENDOR_ID
+        and facts.driver == "nvidia"
+        and class_matches(facts.pci_class, match_classes)
+    )
+
+
 def nvml_targets(state: State) -> dict[str, int]:
     """The GPUs the NVML worker is to watch: NVIDIA GPUs of the class filter bound to
     ``nvidia``, shown or waiting for a name; each with the PCI recoveries the kernel reported for
@@ -151,10 +168,23 @@ def nvml_targets(state: State) -> dict[str, int]:
     return {
         address: state.resets.get(address, 0)
         for address, facts in state.devices.items()
-        if facts.vendor_id == NVIDIA_VENDOR_ID
-        and facts.driver == "nvidia"
-        and class_matches(facts.pci_class, state.match_classes)
+        if read_by_nvml(facts, state.match_classes)
     }
+
+
+def nvml_resets(told: Mapping[str, int] | None, targets: Mapping[str, int]) -> list[str]:
+    """The targets to watch afresh, sorted: those the worker was told of before (``told``, the
+    previous ``nvml_targets``; None before the first) whose PCI recoveries have changed since. A
+    GPU new to the worker is watched afresh anyway; the first targets reset none."""
+    if not told:
+        return []
+    return sorted(a for a, resets in targets.items() if told.get(a, resets) != resets)
+
+
+def sysfs_stats_targets(state: State) -> list[str]:
+    """The shown devices whose statistics come from sysfs: all but those NVML reads."""
+    nvml = nvml_targets(state)
+    return [device_id for device_id in state.fingerprint.devices() if device_id not in nvml]
 
 
 RULES: dict[type, Rule] = {

@@ -1,0 +1,5 @@
+"""``python -m monitor.sources.nvml_worker``: the worker process the daemon runs."""
+
+from monitor.sources.nvml_worker.main import main
+
+main()
