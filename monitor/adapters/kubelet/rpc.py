@@ -19,7 +19,13 @@ from typing import Any
 import grpc
 
 from monitor.adapters.kubelet import preferred as preference
-from monitor.adapters.kubelet.inventory import Inventory, KubeDevice, inventory, unreachable
+from monitor.adapters.kubelet.inventory import (
+    UNREACHABLE,
+    Inventory,
+    KubeDevice,
+    inventory,
+    unreachable,
+)
 from monitor.adapters.kubelet.options import OWNER, Options
 from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
 from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
@@ -28,7 +34,7 @@ from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.mirror import Mirror
 from monitor.wire.reservations import BadAnswer, check_reservation
-from monitor.wire.snapshot import PCI_ADDRESS
+from monitor.wire.snapshot import PCI_ADDRESS, text
 
 log = logging.getLogger("kubelet-plugin")
 
@@ -232,11 +238,11 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
                         responses.append(container_response(result, state.options.cdi))
         except RpcError as error:
             code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
-            message = error.message[:1024] if error.message.isprintable() else "refused"
+            message = text(error.message, 1024) or f"the daemon refused (code {error.code})"
             log.warning(f"Allocate of {wanted} refused by the daemon: {message}")
             await context.abort(code, message)
         except DaemonUnavailable as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{UNREACHABLE}: {error}")
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
