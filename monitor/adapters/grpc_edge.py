@@ -5,7 +5,9 @@ share, written once.
   ladder around a call to the daemon (``ask``: a refusal, an unreachable or silent daemon, an
   answer no client should use, each aborting the call with its status);
 - a reservation asked for and checked (``reserve``), and turned into the container edits of
-  either scheduler's protocol (``container_edits``).
+  either scheduler's protocol (``container_edits``);
+- following the daemon for good (``follow``), with its reachability and what a snapshot left
+  out said once per change (``Reachability``).
 
 Imports monitor.wire and grpc only. The adapters that import it are imported by their own
 commands alone (``monitor/cli/kubelet.py``, ``monitor/cli/nomad.py``), so no other command
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 
-from monitor.wire import errors, requests
+from monitor.wire import asyncio_transport, errors, requests
 from monitor.wire.asyncio_transport import AsyncioClient
+from monitor.wire.backoff import Backoff
 from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.follow import Emit
 from monitor.wire.reservations import BadAnswer, check_reservation
 from monitor.wire.snapshot import PCI_ADDRESS, text
 
@@ -30,6 +35,7 @@ T = TypeVar("T")
 M = TypeVar("M")
 
 UNREACHABLE = "hotplug-monitor daemon not reachable"
+MAX_SKIPPED_SAID = 20  # of a snapshot's left-out entries, the ones logged
 
 # The daemon's refusals as gRPC statuses (the scheduler shows the message with the code); any
 # other code is the daemon's fault as far as the scheduler can tell: INTERNAL.
@@ -130,3 +136,59 @@ def container_edits(
             for d in result["devices"]
         ],
     )
+
+
+class Reachability:
+    """Whether the daemon answered last (None: not asked yet), each change said once in the
+    adapter's words: ``lost``, ``back``, and ``left_out`` for what a snapshot left out (when
+    that changed; the first ``MAX_SKIPPED_SAID`` entries)."""
+
+    def __init__(
+        self,
+        *,
+        lost: Callable[[], object],
+        back: Callable[[], object],
+        left_out: Callable[[str], object],
+    ) -> None:
+        self.reachable: bool | None = None
+        self._lost, self._back, self._left_out = lost, back, left_out
+        self._skipped: tuple[str, ...] = ()
+
+    def unreachable(self) -> None:
+        """The daemon could not be asked."""
+        if self.reachable is not False:
+            self._lost()
+        self.reachable = False
+
+    def answered(self, skipped: tuple[str, ...]) -> None:
+        """The daemon answered with a snapshot that left ``skipped`` out."""
+        if self.reachable is False:
+            self._back()
+        self.reachable = True
+        if skipped != self._skipped:
+            for reason in skipped[:MAX_SKIPPED_SAID]:
+                self._left_out(reason)
+        self._skipped = skipped
+
+    def forget(self) -> None:
+        """Not asked yet (another daemon is followed from now on)."""
+        self.reachable = None
+
+
+async def follow(
+    socket: Path,
+    emit: Emit,
+    unreadable: Callable[[Exception], object],
+) -> NoReturn:
+    """Follow the daemon on ``socket`` for good (``monitor.wire.asyncio_transport.follow``):
+    ``emit`` each snapshot, and None while it cannot be reached. An answer that cannot be read
+    (told to ``unreadable``) counts as the daemon gone, and it is followed again after a
+    backoff."""
+    backoff = Backoff()
+    while True:
+        try:
+            await asyncio_transport.follow(socket, emit, backoff)
+        except Exception as error:
+            unreadable(error)
+            await emit(None)
+            await asyncio.sleep(backoff.delay())

@@ -42,33 +42,34 @@ class PluginState:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.inventory = Inventory()
-        self.reachable: bool | None = None  # None: not answered yet
         self.version = 0
         self.allocated_at: dict[str, float] = {}
         self.resources_changed = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._skipped: tuple[str, ...] = ()
-        self._last_snapshot: object = None
+        self.link = grpc_edge.Reachability(
+            lost=lambda: log.warning(
+                f"the hotplug-monitor daemon is not reachable on {self.options.socket}: "
+                "its devices are Unhealthy for the kubelet until it answers again"
+            ),
+            back=lambda: log.info(
+                f"the hotplug-monitor daemon answers again on {self.options.socket}"
+            ),
+            left_out=lambda reason: log.warning(f"left out: {reason}"),
+        )
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the daemon answered last (None: not answered yet)."""
+        return self.link.reachable
 
     async def emit(self, mirror: Mirror | None) -> None:
         """A new snapshot from the daemon (``None``: it cannot be reached)."""
         if mirror is None:
-            if self.reachable is not False:
-                log.warning(
-                    f"the hotplug-monitor daemon is not reachable on {self.options.socket}: "
-                    "its devices are Unhealthy for the kubelet until it answers again"
-                )
-            self.reachable = False
+            self.link.unreachable()
             await self.publish(unreachable(self.inventory))
             return
-        if self.reachable is False:
-            log.info(f"the hotplug-monitor daemon answers again on {self.options.socket}")
-        self.reachable = True
         offer = inventory(mirror.snapshot, self.options)
-        if offer.skipped != self._skipped:
-            for reason in offer.skipped[:20]:
-                log.warning(f"left out: {reason}")
-        self._skipped = offer.skipped
+        self.link.answered(offer.skipped)
         await self.publish(offer)
 
     async def publish(self, offer: Inventory) -> None:
