@@ -24,10 +24,10 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 
 from monitor.wire import asyncio_transport, errors, requests
-from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.backoff import Backoff
 from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.follow import Emit
+from monitor.wire.requests import Call
 from monitor.wire.reservations import BadAnswer, check_reservation
 from monitor.wire.snapshot import PCI_ADDRESS, text
 
@@ -103,7 +103,13 @@ async def ask(
         await context.abort(code, message)
 
 
-async def reserve(client: AsyncioClient, ids: Sequence[str], owner: str) -> dict[str, Any]:
+class Asker(Protocol):
+    """What ``reserve`` needs of a connection to the daemon (``AsyncioClient``)."""
+
+    async def ask(self, call: Call) -> Any: ...
+
+
+async def reserve(client: Asker, ids: Sequence[str], owner: str) -> dict[str, Any]:
     """The daemon's reservation of ``ids`` for ``owner``, checked before a container gets it:
     of a shape the daemon plans, and, when asked by PCI address, for exactly those devices."""
     result = check_reservation(await client.ask(requests.reserve(ids, owner=owner)))
@@ -179,12 +185,13 @@ async def follow(
     socket: Path,
     emit: Emit,
     unreadable: Callable[[Exception], object],
+    backoff: Backoff | None = None,
 ) -> NoReturn:
     """Follow the daemon on ``socket`` for good (``monitor.wire.asyncio_transport.follow``):
     ``emit`` each snapshot, and None while it cannot be reached. An answer that cannot be read
     (told to ``unreadable``) counts as the daemon gone, and it is followed again after a
     backoff."""
-    backoff = Backoff()
+    backoff = backoff or Backoff()
     while True:
         try:
             await asyncio_transport.follow(socket, emit, backoff)
