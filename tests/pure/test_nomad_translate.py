@@ -13,6 +13,7 @@ import grpc
 import msgpack
 import pytest
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.nomad import config, translate
 from monitor.adapters.nomad.config import ConfigRefused, Overrides, PluginConfig
 from monitor.adapters.nomad.daemon_view import throttle_delay
@@ -324,9 +325,9 @@ def test_the_daemons_refusals_as_grpc_statuses_with_its_sentence() -> None:
         errors.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
     }
     for code, status in cases.items():
-        assert translate.status_for(errors.RpcError(code, "A sentence.")) == (status, "A sentence.")
+        assert grpc_edge.status_for(errors.RpcError(code, "A sentence.")) == (status, "A sentence.")
     assert (
-        translate.status_for(errors.RpcError(-32001, "bad\x1b[2J"))[1]
+        grpc_edge.status_for(errors.RpcError(-32001, "bad\x1b[2J"))[1]
         == "the daemon refused (code -32001)"
     )
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import attrs
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.kubelet.options import OWNER, Options
 from monitor.wire.snapshot import devices, groups, pci_bus_id, problems, uuid_of
 
-UNREACHABLE = "hotplug-monitor daemon not reachable"
+UNREACHABLE = grpc_edge.UNREACHABLE
 MAX_NUMA_NODE = 1023
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import grpc
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.kubelet import reconcile
 from monitor.adapters.kubelet.options import API_VERSION, MAX_SOCKET_PATH, OWNER, Options
 from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
@@ -40,9 +41,8 @@ from monitor.adapters.kubelet.protos import podresources_v1_pb2_grpc as pr_v1_gr
 from monitor.adapters.kubelet.protos import podresources_v1alpha1_pb2 as pr_alpha
 from monitor.adapters.kubelet.protos import podresources_v1alpha1_pb2_grpc as pr_alpha_grpc
 from monitor.adapters.kubelet.rpc import OPTIONS, PluginState, ResourcePlugin, stop_quietly
-from monitor.wire import asyncio_transport, requests
+from monitor.wire import requests
 from monitor.wire.asyncio_transport import AsyncioClient
-from monitor.wire.backoff import Backoff
 from monitor.wire.errors import DaemonUnavailable, RpcError
 
 log = logging.getLogger("kubelet-plugin")
@@ -95,17 +95,14 @@ class Plugin:
     # --- following the daemon ---------------------------------------------------------------
 
     async def follow(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                await asyncio_transport.follow(self.options.socket, self.state.emit, backoff)
-            except Exception as error:  # an answer we could not read: as if the daemon were gone
-                log.error(
-                    f"the daemon's answer could not be read ({type(error).__name__}: "
-                    f"{str(error)[:300]}); trying again"
-                )
-                await self.state.emit(None)
-                await asyncio.sleep(backoff.delay())
+        await grpc_edge.follow(
+            self.options.socket,
+            self.state.emit,
+            unreadable=lambda error: log.error(
+                f"the daemon's answer could not be read ({type(error).__name__}: "
+                f"{str(error)[:300]}); trying again"
+            ),
+        )
 
     # --- serving and registering ------------------------------------------------------------
 

@@ -18,17 +18,14 @@ from typing import Any
 
 import grpc
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.kubelet import preferred as preference
 from monitor.adapters.kubelet.inventory import Inventory, KubeDevice, inventory, unreachable
 from monitor.adapters.kubelet.options import OWNER, Options
 from monitor.adapters.kubelet.protos import deviceplugin_pb2 as api
 from monitor.adapters.kubelet.protos import deviceplugin_pb2_grpc as api_grpc
-from monitor.wire import errors, requests
 from monitor.wire.asyncio_transport import AsyncioClient
-from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.mirror import Mirror
-from monitor.wire.reservations import BadAnswer, check_reservation
-from monitor.wire.snapshot import PCI_ADDRESS
 
 log = logging.getLogger("kubelet-plugin")
 
@@ -36,15 +33,6 @@ HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 ALLOCATE_TIMEOUT_S = 10.0
 MAX_REQUEST_DEVICES = 1024
 OPTIONS = api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
-
-STATUS_BY_CODE = {
-    errors.UNKNOWN_DEVICE: grpc.StatusCode.NOT_FOUND,
-    errors.DEVICE_UNHEALTHY: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.DEVICE_RESERVED: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    errors.INVALID_PARAMS: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.SERVER_BUSY: grpc.StatusCode.UNAVAILABLE,
-}
 
 
 class PluginState:
@@ -54,33 +42,34 @@ class PluginState:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.inventory = Inventory()
-        self.reachable: bool | None = None  # None: not answered yet
         self.version = 0
         self.allocated_at: dict[str, float] = {}
         self.resources_changed = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._skipped: tuple[str, ...] = ()
-        self._last_snapshot: object = None
+        self.link = grpc_edge.Reachability(
+            lost=lambda: log.warning(
+                f"the hotplug-monitor daemon is not reachable on {self.options.socket}: "
+                "its devices are Unhealthy for the kubelet until it answers again"
+            ),
+            back=lambda: log.info(
+                f"the hotplug-monitor daemon answers again on {self.options.socket}"
+            ),
+            left_out=lambda reason: log.warning(f"left out: {reason}"),
+        )
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the daemon answered last (None: not answered yet)."""
+        return self.link.reachable
 
     async def emit(self, mirror: Mirror | None) -> None:
         """A new snapshot from the daemon (``None``: it cannot be reached)."""
         if mirror is None:
-            if self.reachable is not False:
-                log.warning(
-                    f"the hotplug-monitor daemon is not reachable on {self.options.socket}: "
-                    "its devices are Unhealthy for the kubelet until it answers again"
-                )
-            self.reachable = False
+            self.link.unreachable()
             await self.publish(unreachable(self.inventory))
             return
-        if self.reachable is False:
-            log.info(f"the hotplug-monitor daemon answers again on {self.options.socket}")
-        self.reachable = True
         offer = inventory(mirror.snapshot, self.options)
-        if offer.skipped != self._skipped:
-            for reason in offer.skipped[:20]:
-                log.warning(f"left out: {reason}")
-        self._skipped = offer.skipped
+        self.link.answered(offer.skipped)
         await self.publish(offer)
 
     async def publish(self, offer: Inventory) -> None:
@@ -118,24 +107,12 @@ def list_response(devices: Sequence[KubeDevice]) -> api.ListAndWatchResponse:
 
 def container_response(result: Mapping[str, Any], cdi: bool) -> api.ContainerAllocateResponse:
     """A ``reserve`` answer, already checked, as what the kubelet adds to the container."""
-    return api.ContainerAllocateResponse(
-        envs=dict(result["envs"]),
-        mounts=[
-            api.Mount(
-                container_path=m["task_path"], host_path=m["host_path"], read_only=m["read_only"]
-            )
-            for m in result["mounts"]
-        ],
-        devices=[
-            api.DeviceSpec(
-                container_path=d["task_path"],
-                host_path=d["host_path"],
-                permissions=d["cgroup_perms"],
-            )
-            for d in result["devices"]
-        ],
-        cdi_devices=[api.CDIDevice(name=n) for n in result.get("cdi_devices", [])] if cdi else [],
+    response = grpc_edge.container_edits(
+        result, api.ContainerAllocateResponse, api.Mount, api.DeviceSpec, path="container_path"
     )
+    if cdi:
+        response.cdi_devices.extend(api.CDIDevice(name=n) for n in result.get("cdi_devices", []))
+    return response
 
 
 Context = grpc.aio.ServicerContext
@@ -209,42 +186,31 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
                         grpc.StatusCode.NOT_FOUND,
                         f"{device_id[:80]!r} is not a device of {self.resource}",
                     )
-        responses = []
-        try:
-            async with asyncio.timeout(ALLOCATE_TIMEOUT_S):
-                async with AsyncioClient.open(state.options.socket) as client:
-                    for ids in wanted:
-                        result = check_reservation(
-                            await client.ask(requests.reserve(ids, owner=OWNER))
-                        )
-                        granted = result["device_ids"]
-                        if all(PCI_ADDRESS.fullmatch(i) for i in ids) and set(granted) != set(ids):
-                            raise BadAnswer(
-                                f"refusing the daemon's reservation: it is for {granted}"
-                            )
-                        now = time.monotonic()
-                        for device_id in ids:
-                            state.allocated_at[device_id] = now
-                        log.info(
-                            f"allocated {', '.join(ids)} ({self.resource}): "
-                            f"reservation {result['reservation_id']}"
-                        )
-                        responses.append(container_response(result, state.options.cdi))
-        except RpcError as error:
-            code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
-            message = error.message[:1024] if error.message.isprintable() else "refused"
-            log.warning(f"Allocate of {wanted} refused by the daemon: {message}")
-            await context.abort(code, message)
-        except DaemonUnavailable as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}")
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the daemon did not answer within {ALLOCATE_TIMEOUT_S:g} s",
-            )
-        except BadAnswer as error:
-            log.error(f"Allocate: {error}")
-            await context.abort(grpc.StatusCode.INTERNAL, str(error))
+
+        async def allocate() -> list[api.ContainerAllocateResponse]:
+            responses = []
+            async with AsyncioClient.open(state.options.socket) as client:
+                for ids in wanted:
+                    result = await grpc_edge.reserve(client, ids, OWNER)
+                    now = time.monotonic()
+                    for device_id in ids:
+                        state.allocated_at[device_id] = now
+                    log.info(
+                        f"allocated {', '.join(ids)} ({self.resource}): "
+                        f"reservation {result['reservation_id']}"
+                    )
+                    responses.append(container_response(result, state.options.cdi))
+            return responses
+
+        responses = await grpc_edge.ask(
+            context,
+            ALLOCATE_TIMEOUT_S,
+            allocate,
+            refused=lambda message: log.warning(
+                f"Allocate of {wanted} refused by the daemon: {message}"
+            ),
+            bad_answer=lambda error: log.error(f"Allocate: {error}"),
+        )
         return api.AllocateResponse(container_responses=responses)
 
     async def PreStartContainer(

@@ -12,10 +12,9 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.nomad import translate
 from monitor.adapters.nomad.config import PluginConfig
-from monitor.wire import asyncio_transport
-from monitor.wire.backoff import Backoff
 from monitor.wire.mirror import Mirror
 
 log = logging.getLogger("nomad-plugin")
@@ -34,12 +33,28 @@ class DaemonView:
         self.config = config
         self.offer = translate.Offered()
         self.version = 0
-        self.reachable: bool | None = None  # None: not asked yet
+        self.link = grpc_edge.Reachability(
+            lost=lambda: log.warning(
+                f"{translate.UNREACHABLE} on {self.config.socket}: its devices are marked "
+                "unhealthy until it answers again"
+            ),
+            back=lambda: log.info(
+                "hotplug-monitor daemon reachable again",
+                extra={"socket": str(self.config.socket)},
+            ),
+            left_out=lambda reason: log.warning(
+                "left out of the fingerprint", extra={"reason": reason}
+            ),
+        )
         self._mirror: Mirror | None = None
         self._changed = asyncio.Condition()
         self._answered = asyncio.Event()  # the daemon answered once, or could not be reached
         self._task: asyncio.Task[None] | None = None
-        self._skipped: tuple[str, ...] = ()
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the daemon answered last (None: not asked yet)."""
+        return self.link.reachable
 
     def start(self) -> None:
         """Follow the daemon from now on (once; later calls do nothing)."""
@@ -60,7 +75,8 @@ class DaemonView:
         self.config = config
         if moved and self._task is not None:
             await self.stop()
-            self._mirror, self.reachable = None, None
+            self._mirror = None
+            self.link.forget()
             self._answered.clear()
             await self._publish(translate.Offered())
             self.start()
@@ -68,44 +84,27 @@ class DaemonView:
             await self._emit(self._mirror if self.reachable else None)
 
     async def _follow(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                await asyncio_transport.follow(self.config.socket, self._emit, backoff)
-            except Exception as error:  # an answer we could not read: as if the daemon were gone
-                log.error(
-                    "the daemon's answer could not be read; trying again",
-                    extra={"error": f"{type(error).__name__}: {error}"[:500]},
-                )
-                await self._emit(None)
-                await asyncio.sleep(backoff.delay())
+        await grpc_edge.follow(
+            self.config.socket,
+            self._emit,
+            unreadable=lambda error: log.error(
+                "the daemon's answer could not be read; trying again",
+                extra={"error": f"{type(error).__name__}: {error}"[:500]},
+            ),
+        )
 
     async def _emit(self, mirror: Mirror | None) -> None:
         if mirror is None:
-            if self.reachable is not False:
-                log.warning(
-                    f"{translate.UNREACHABLE} on {self.config.socket}: its devices are marked "
-                    "unhealthy until it answers again"
-                )
-            self.reachable = False
+            self.link.unreachable()
             offer = translate.unreachable(
                 translate.offered(self._mirror.snapshot, self.config)
                 if self._mirror is not None
                 else self.offer
             )
         else:
-            if self.reachable is False:
-                log.info(
-                    "hotplug-monitor daemon reachable again",
-                    extra={"socket": str(self.config.socket)},
-                )
-            self.reachable = True
             self._mirror = mirror
             offer = translate.offered(mirror.snapshot, self.config)
-            if offer.skipped != self._skipped:
-                for reason in offer.skipped[:20]:
-                    log.warning("left out of the fingerprint", extra={"reason": reason})
-            self._skipped = offer.skipped
+            self.link.answered(offer.skipped)
         self._answered.set()
         await self._publish(offer)
 

@@ -11,9 +11,11 @@ import asyncio
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.nomad import config as settings
 from monitor.adapters.nomad import translate
 from monitor.adapters.nomad.daemon_view import DaemonView, fingerprints
@@ -22,8 +24,6 @@ from monitor.wire import requests
 from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.backoff import Backoff
 from monitor.wire.errors import METHOD_NOT_FOUND, DaemonUnavailable, RpcError
-from monitor.wire.reservations import BadAnswer, check_reservation
-from monitor.wire.snapshot import PCI_ADDRESS
 
 log = logging.getLogger("nomad-plugin")
 
@@ -150,30 +150,22 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
             refused = translate.not_offered(device_id, view.snapshot(), view.config)
             if refused is not None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
-        try:
-            async with asyncio.timeout(RESERVE_TIMEOUT_S):
-                async with AsyncioClient.open(view.config.socket) as client:
-                    result = await client.ask(requests.reserve(ids, owner=translate.NOMAD_OWNER))
-            check_reservation(result)
-            by_address = all(PCI_ADDRESS.fullmatch(i) for i in ids)
-            if by_address and set(result["device_ids"]) != set(ids):
-                raise BadAnswer(
-                    f"refusing the daemon's reservation: it is for {result['device_ids']}"
-                )
-        except RpcError as error:
-            code, message = translate.status_for(error)
-            log.warning("reserve refused", extra={"devices": ids, "reason": message})
-            await context.abort(code, message)
-        except DaemonUnavailable as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{translate.UNREACHABLE}: {error}")
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the daemon did not answer within {RESERVE_TIMEOUT_S:g} s",
-            )
-        except BadAnswer as error:
-            log.error("reserve answer refused", extra={"devices": ids, "reason": str(error)})
-            await context.abort(grpc.StatusCode.INTERNAL, str(error))
+
+        async def reserve() -> dict[str, Any]:
+            async with AsyncioClient.open(view.config.socket) as client:
+                return await grpc_edge.reserve(client, ids, translate.NOMAD_OWNER)
+
+        result = await grpc_edge.ask(
+            context,
+            RESERVE_TIMEOUT_S,
+            reserve,
+            refused=lambda message: log.warning(
+                "reserve refused", extra={"devices": ids, "reason": message}
+            ),
+            bad_answer=lambda error: log.error(
+                "reserve answer refused", extra={"devices": ids, "reason": str(error)}
+            ),
+        )
         log.info(
             "reserved",
             extra={"devices": result["device_ids"], "reservation": result["reservation_id"]},

@@ -1,5 +1,6 @@
 """From the daemon's words to Nomad's: the snapshot as device groups, a reservation as a
-container reservation, a stats sample as Nomad's stat objects, a refusal as a gRPC status.
+container reservation, and a stats sample as Nomad's stat objects (a refusal as a gRPC status is
+``grpc_edge``'s, shared with the kubelet plugin).
 
 Pure: plain data in, protobuf messages out. What the daemon sends is checked here as a
 stranger's input: a group, device or attribute Nomad would reject (its client drops a plugin
@@ -15,18 +16,18 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
-import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from monitor.adapters import grpc_edge
 from monitor.adapters.nomad.config import PluginConfig
 from monitor.adapters.nomad.protos import device_pb2, structs_pb2
-from monitor.wire import errors, stats
+from monitor.wire import stats
 from monitor.wire.snapshot import MAX_TEXT, pci_bus_id, problems, text, uuid_of
 from monitor.wire.snapshot import devices as group_devices
 from monitor.wire.snapshot import groups as snapshot_groups
 
 NOMAD_OWNER = "nomad"  # the owner name the plugin's leases carry
-UNREACHABLE = "hotplug-monitor daemon not reachable"
+UNREACHABLE = grpc_edge.UNREACHABLE
 
 # Nomad's units (plugins/shared/structs/units.go): an attribute with any other is invalid.
 # fmt: off
@@ -191,37 +192,13 @@ def unreachable(last: Offered) -> Offered:
 def container_reservation(result: Mapping[str, Any]) -> device_pb2.ContainerReservation:
     """A ``reserve`` answer, already checked (``monitor.wire.reservations.check_reservation``),
     as what the task driver adds to the task's container."""
-    return device_pb2.ContainerReservation(
-        envs=dict(result["envs"]),
-        mounts=[
-            device_pb2.Mount(
-                task_path=m["task_path"], host_path=m["host_path"], read_only=m["read_only"]
-            )
-            for m in result["mounts"]
-        ],
-        devices=[
-            device_pb2.DeviceSpec(
-                task_path=d["task_path"], host_path=d["host_path"], permissions=d["cgroup_perms"]
-            )
-            for d in result["devices"]
-        ],
+    return grpc_edge.container_edits(
+        result,
+        device_pb2.ContainerReservation,
+        device_pb2.Mount,
+        device_pb2.DeviceSpec,
+        path="task_path",
     )
-
-
-# The daemon's refusals as gRPC statuses (Nomad shows the message with the code).
-STATUS_BY_CODE = {
-    errors.UNKNOWN_DEVICE: grpc.StatusCode.NOT_FOUND,
-    errors.DEVICE_UNHEALTHY: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.DEVICE_RESERVED: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    errors.INVALID_PARAMS: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.SERVER_BUSY: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_for(error: errors.RpcError) -> tuple[grpc.StatusCode, str]:
-    code = STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
-    return code, text(error.message, 1024) or f"the daemon refused (code {error.code})"
 
 
 def stat_value(raw: object, name: str) -> structs_pb2.StatValue | None:
