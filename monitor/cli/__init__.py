@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from monitor.cli.parser import PROG, build_parser
+from monitor.cli.terminal import say
 from monitor.daemon.config import ConfigError
 from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.reservations import BadAnswer
@@ -34,10 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (CliError, ConfigError, DaemonUnavailable, BadAnswer) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {exc}", err=True)
         return 1
     except RpcError as exc:
-        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        say(f"{PROG}: {exc.message}", err=True)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from monitor.cli import show
+from monitor.cli.terminal import say
 from monitor.daemon.config import ConfigError, flag_values, load_settings
 from monitor.daemon.systemd import ActivationError
 from monitor.outputs import logs
@@ -33,12 +34,12 @@ def _connect(args: argparse.Namespace, timeout: float | None = 10.0) -> Client:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+    say(json.dumps(value, indent=2))
 
 
 def _note(text: str) -> None:
     """A line for the person, on stderr: stdout stays what a shell or script takes."""
-    print(f"hotplug-monitor: {text}", file=sys.stderr)
+    say(f"hotplug-monitor: {text}", err=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -67,7 +68,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(fingerprint)
     else:
-        print(show.devices_table(fingerprint, leases))
+        say(show.devices_table(fingerprint, leases))
 
 
 def cmd_watch(args: argparse.Namespace) -> None:
@@ -75,20 +76,20 @@ def cmd_watch(args: argparse.Namespace) -> None:
         result = client.ask(requests.subscribe())
         mirror = Mirror(result)
         if args.json:
-            print(json.dumps(result), flush=True)
+            say(json.dumps(result), flush=True)
         else:
             for line in show.describe_changes(None, mirror) or [
                 f"[{mirror.generation}] no devices"
             ]:
-                print(line, flush=True)
+                say(line, flush=True)
         for params in client.notifications():
             if args.json:
-                print(json.dumps(params), flush=True)
+                say(json.dumps(params), flush=True)
                 continue
             before = mirror.copy()
             mirror.apply(params)
             for line in show.describe_changes(before, mirror):
-                print(line, flush=True)
+                say(line, flush=True)
 
 
 def cmd_reserve(args: argparse.Namespace) -> None:
@@ -114,7 +115,7 @@ def cmd_reserve(args: argparse.Namespace) -> None:
         _print_json(result)
         return
     if not (args.env or args.cdi or args.docker_args):
-        print("\n".join(show.reservation_lines(result)))
+        say("\n".join(show.reservation_lines(result)))
         return
     # stdout is for the shell or engine; the person learns on stderr what was reserved
     _note(f"reserved {', '.join(result['device_ids'])} as {lease} "
@@ -123,14 +124,14 @@ def cmd_reserve(args: argparse.Namespace) -> None:
         lines = show.env_lines(result)
         if not lines:
             _note("these devices need no environment variables")
-        print("\n".join(lines))
+        say("\n".join(lines))
     elif args.cdi:
-        print(show.cdi_arguments(result["cdi_devices"]))
+        say(show.cdi_arguments(result["cdi_devices"]))
     else:
         arguments = show.engine_arguments(result)
         if not arguments:
             _note("these devices have nothing a container engine could be given")
-        print(arguments)
+        say(arguments)
 
 
 def cmd_leases(args: argparse.Namespace) -> None:
@@ -139,7 +140,7 @@ def cmd_leases(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(result)
     else:
-        print(show.leases_table(result["leases"]))
+        say(show.leases_table(result["leases"]))
 
 
 def cmd_release(args: argparse.Namespace) -> None:
@@ -155,11 +156,11 @@ def cmd_release(args: argparse.Namespace) -> None:
         result = client.ask(call)
     released, not_reserved = result["released"], result.get("not_reserved", [])
     if released:
-        print(f"released {', '.join(released)}")
+        say(f"released {', '.join(released)}")
     for device_id in not_reserved:
-        print(f"{device_id} was not reserved")
+        say(f"{device_id} was not reserved")
     if not released and not not_reserved:
-        print(f"{args.owner} held no reservations" if args.all else "nothing was released")
+        say(f"{args.owner} held no reservations" if args.all else "nothing was released")
 
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -173,11 +174,12 @@ def cmd_stats(args: argparse.Namespace) -> None:
         first = client.ask(requests.stats(args.interval))
         for params in itertools.chain([first], client.notifications("stats")):
             if args.json:
-                print(json.dumps(params), flush=True)
+                say(json.dumps(params), flush=True)
             elif screen:
-                print(CLEAR_SCREEN + show.stats_table(params), flush=True)
+                sys.stdout.write(CLEAR_SCREEN)  # ours, the one escape sequence let through
+                say(show.stats_table(params), flush=True)
             else:
-                print(show.stats_table(params) + "\n", flush=True)
+                say(show.stats_table(params) + "\n", flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

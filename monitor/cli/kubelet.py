@@ -4,9 +4,9 @@ gRPC) only when asked for, and says in one line when the kubelet extra is missin
 from __future__ import annotations
 
 import argparse
-import sys
 
 from monitor.cli.parser import PROG, missing_extra
+from monitor.cli.terminal import say
 
 
 def kubelet_plugin(args: argparse.Namespace) -> int:
@@ -26,6 +26,6 @@ def kubelet_plugin(args: argparse.Namespace) -> int:
             cdi=not args.no_cdi,
         )
     except options.OptionError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {exc}", err=True)
         return 2
     return plugin.run(settings)

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from typing import Any
 
+import attrs
 import json_merge_patch
 
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
-from monitor.core.health import device_problems
+from monitor.core.health import CAUSE_NVML_UUID, device_problems
 from monitor.core.leases import Lease
 from monitor.core.model import (
     Attribute,
@@ -62,7 +63,8 @@ def device_attributes(
             attributes[attribute] = Attribute(",".join(paths))
     if gpu is not None:
         attributes.update(gpu.attributes)
-        attributes["uuid"] = Attribute(gpu.uuid)
+        if gpu.uuid:
+            attributes["uuid"] = Attribute(gpu.uuid)
     if xids is not None:
         attributes["last_xid"] = Attribute(xids[0])
         attributes["xid_count"] = Attribute(xids[1])
@@ -80,8 +82,11 @@ def build_device(
     so that a change of its lease or health leaves them, and its group's, as they were."""
     address = facts.address
     descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
+    gpu = state.nvml.get(address)
+    if gpu is not None and CAUSE_NVML_UUID in state.problems.get(address, {}):
+        gpu = attrs.evolve(gpu, uuid="")  # it names no GPU (monitor.core.rules.nvidia)
     attributes: Mapping[str, Attribute] = device_attributes(
-        facts, nodes, state.nvml.get(address), state.xids.get(address)
+        facts, nodes, gpu, state.xids.get(address)
     )
     if before is not None and before.attributes == attributes:
         attributes = before.attributes

@@ -22,7 +22,8 @@ CAUSE_DRM_WEDGED = "drm_wedged"
 CAUSE_XID = "xid"  # an XID or double-bit ECC error that needs a reset
 CAUSE_RECOVERY_ACTION = "recovery_action"  # NVML says the GPU needs an action
 CAUSE_NVML = "nvml"  # NVML cannot reach the GPU (lost, hanging, cannot be watched)
-NVIDIA_CAUSES = (CAUSE_XID, CAUSE_RECOVERY_ACTION, CAUSE_NVML)
+CAUSE_NVML_UUID = "nvml_uuid"  # NVML's UUID for the GPU cannot name it
+NVIDIA_CAUSES = (CAUSE_XID, CAUSE_RECOVERY_ACTION, CAUSE_NVML, CAUSE_NVML_UUID)
 
 
 @attrs.frozen

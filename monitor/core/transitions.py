@@ -93,7 +93,7 @@ def device_moves(old: State, new: State) -> list[DeviceMoved]:
 
 def _uuid(state: State, device_id: str) -> str | None:
     gpu = state.nvml.get(device_id)
-    return gpu.uuid if gpu else None
+    return gpu.uuid or None if gpu else None
 
 
 def health_transitions(

@@ -4,7 +4,7 @@ A record is one line: the CRC-32 of its payload in 8 hex digits, a space, the pa
 holds no newline). Appending costs one write and one ``fdatasync``, against a temporary file, two
 ``fsync``s and a rename for rewriting a whole file. A crash in the middle of an append leaves a
 torn last line, which ``decode`` tells apart from damage anywhere else: a torn record was never
-acknowledged and is dropped; damage before the end is corruption.
+acknowledged and is dropped; a damaged line before the end is corruption of that record alone.
 """
 
 from __future__ import annotations
@@ -28,30 +28,35 @@ def encode(payload: bytes) -> bytes:
 
 @attrs.frozen
 class Decoded:
-    payloads: list[bytes]
-    good: int  # bytes of whole, sound records from the start
+    # Each whole line's payload in order, or None where its checksum fails (a damaged record,
+    # which still stands in its place in the sequence).
+    payloads: list[bytes | None]
+    good: int  # bytes of whole lines from the start, sound or damaged: where appends go on
     torn: int = 0  # bytes of a torn last record after them (dropped)
-    damaged: str | None = None  # what is wrong before the end, if anything
+    damaged: list[bytes] = attrs.Factory(list)  # the damaged lines, as they are
 
 
 def decode(data: bytes) -> Decoded:
-    """The records in a file's bytes, up to the first that is not sound."""
-    payloads: list[bytes] = []
+    """The sound records in a file's bytes. A damaged line before the end is one record lost,
+    never the records after it: each line carries its own checksum."""
+    payloads: list[bytes | None] = []
+    damaged: list[bytes] = []
     offset = 0
     while offset < len(data):
         end = data.find(b"\n", offset)
         if end < 0:  # no newline: the last append never finished
-            return Decoded(payloads, offset, torn=len(data) - offset)
+            return Decoded(payloads, offset, torn=len(data) - offset, damaged=damaged)
         line = data[offset:end]
         crc, space, payload = line[:CRC_DIGITS], line[CRC_DIGITS : CRC_DIGITS + 1], line[9:]
         if space != b" " or not _is_crc(crc) or int(crc, 16) != zlib.crc32(payload):
             if end + 1 == len(data):  # the last line: torn inside, its newline came first
-                return Decoded(payloads, offset, torn=len(data) - offset)
-            why = f"record {len(payloads) + 1} (at byte {offset}) fails its checksum"
-            return Decoded(payloads, offset, damaged=why)
-        payloads.append(payload)
+                return Decoded(payloads, offset, torn=len(data) - offset, damaged=damaged)
+            damaged.append(line)
+            payloads.append(None)
+        else:
+            payloads.append(payload)
         offset = end + 1
-    return Decoded(payloads, offset)
+    return Decoded(payloads, offset, damaged=damaged)
 
 
 def _is_crc(text: bytes) -> bool:

@@ -6,8 +6,10 @@ the journal outgrows ``COMPACT_AT``, the leases are written whole to ``leases.js
 file, ``fsync``, rename, ``fsync`` of the directory: the old file or the new, whatever the moment
 of a crash) and the journal is emptied. Records and snapshot are numbered, so a crash between the
 two leaves records the snapshot already holds, which are skipped. A torn last record was never
-answered and is dropped; anything else that cannot be read back, or that holds anything but valid
-leases, is moved aside: never trusted and never fatal.
+answered and is dropped. What cannot be read back is copied aside and left out, and only that: a
+damaged record, a lease that is not valid; the records and leases around it are kept. Never
+trusted and never fatal. The writer checks each record and snapshot with the reader's own
+function before it writes, so that what the daemon writes it can always read back.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from monitor.core.leases import Holder, Lease
+from monitor.core.text import shown
 from monitor.outputs.files import UnsafePath, read_regular_file, write_atomically
-from monitor.outputs.records import RecordFile, decode
+from monitor.outputs.records import RecordFile, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ MAX_FILE = 16 << 20
 COMPACT_AT = 1 << 20  # journal bytes; or four times the snapshot, if that is more
 LOST_ALL = "starting with no leases, every reservation it held is lost"
 LOST_SINCE = "the reservation changes since the last snapshot are lost"
-LOST_FROM = "the changes before the damage are kept, those from it on are lost"
+LOST_THOSE = "every other lease and change is kept"
 
 
 LegacyHolder = Callable[[int, float], Holder | None]
@@ -75,8 +78,10 @@ class LeaseStore:
             self.compact(durable.values())
             return
         record = {"seq": self._seq + 1, "put": [lease.to_json() for lease in put], "end": ended}
+        payload = _dumps(record)
+        _unreadable(_record(payload)[1])
         try:
-            self.journal.append(_dumps(record))
+            self.journal.append(payload)
         except OSError as exc:
             raise StoreError(f"cannot write {self.journal.path}: {exc.strerror or exc}") from None
         self._seq += 1
@@ -92,6 +97,7 @@ class LeaseStore:
             "leases": [lease.to_json() for lease in durable.values()],
         }
         data = json.dumps(document, indent=1).encode()
+        _unreadable(_snapshot(data, None)[1])
         try:
             write_atomically(self.path, data)
         except OSError as exc:
@@ -131,29 +137,29 @@ class LeaseStore:
             return None
         self._snapshot_size = len(raw)
         try:
-            document = json.loads(raw, parse_constant=_not_json)
-            if not isinstance(document, dict) or document.get("version") not in (1, 2, 3):
-                raise ValueError(f"it is not a version {FORMAT_VERSION} lease file")
-            entries = document.get("leases")
-            if not isinstance(entries, list):
-                raise ValueError("it has no list of leases")
-            seq = document.get("seq", 0)
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise ValueError("its seq is not a count")
-            if document["version"] == 1:
-                entries = [_from_version_1(e, legacy_holder) for e in entries]
-                entries = [e for e in entries if e is not None]
-            leases = [Lease.from_json(entry) for entry in entries]
-            if len({lease.id for lease in leases}) != len(leases):
-                raise ValueError("a reservation ID appears twice")
+            seq, entries = _snapshot(raw, legacy_holder)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             self._set_aside(self.path, f"is corrupt ({exc})", LOST_ALL)
             return None
-        return {lease.id: lease for lease in leases}, seq
+        leases: dict[str, Lease] = {}
+        bad = []
+        for entry in entries:
+            if isinstance(entry, str):
+                bad.append(entry)
+            elif entry.id in leases:
+                bad.append(f"reservation {entry.id} appears twice")
+            else:
+                leases[entry.id] = entry
+        if bad:
+            self._copy_aside(self.path, raw, f"has leases that are not valid ({'; '.join(bad)})")
+        return leases, seq
 
     def _replay(self, leases: dict[str, Lease]) -> dict[str, Lease]:
         """The leases after the journal's records past the snapshot; the journal is then open
-        to append after its last sound record."""
+        to append after its last whole line.
+
+        Records are numbered one after another, so a damaged or lying record is one number's
+        change lost: the records after it still apply."""
         path = self.journal.path
         try:
             data = read_regular_file(path, MAX_FILE, follow_symlinks=False)
@@ -163,43 +169,63 @@ class LeaseStore:
             self._set_aside(path, f"cannot be used ({exc})", LOST_SINCE)
             data = b""
         decoded = decode(data)
-        damage = decoded.damaged
+        bad: list[str] = []
+        bad_lines: list[bytes] = list(decoded.damaged)
+        expected = self._seq + 1  # the number the next record must have
+        applied = False  # whether a record past the snapshot came yet
         for number, payload in enumerate(decoded.payloads, 1):
             try:
+                if payload is None:
+                    raise ValueError("fails its checksum")
                 seq, put, ended = _record(payload)
+                if seq <= self._seq and not applied:
+                    continue  # already in the snapshot: a crash came between the two
+                if seq != expected and (applied or not expected < seq <= expected + len(bad)):
+                    raise ValueError(f"number {seq} where {expected} was due")
             except (ValueError, RecursionError) as exc:
-                damage = f"record {number} ({exc})"
-                break
-            if seq <= self._seq:
-                continue  # already in the snapshot: a crash came between the two
-            if seq != self._seq + 1:
-                damage = f"record {number}, number {seq} after {self._seq} (changes are missing)"
-                break
+                bad.append(f"record {number} {exc}")
+                if payload is not None:
+                    bad_lines.append(encode(payload).rstrip(b"\n"))
+                expected += applied
+                continue
             for lease_id in ended:
                 leases.pop(lease_id, None)
-            leases.update((lease.id, lease) for lease in put)
-            self._seq = seq
-        if damage is not None:
-            self._set_aside(path, f"is corrupt from {damage}", LOST_FROM)
-            good = 0
-        else:
-            good = decoded.good
-            if decoded.torn:
-                log.warning(
-                    "lease journal %s: dropped a torn last record (%d bytes): a change "
-                    "interrupted before it was answered",
-                    path,
-                    decoded.torn,
-                )
+            for lease in put:
+                if isinstance(lease, str):
+                    bad.append(f"record {number}: {lease}")
+                else:
+                    leases[lease.id] = lease
+            if any(isinstance(lease, str) for lease in put):
+                bad_lines.append(encode(payload).rstrip(b"\n"))
+            self._seq, expected, applied = seq, seq + 1, True
+        if bad:
+            aside = b"".join(line + b"\n" for line in bad_lines)
+            self._copy_aside(path, aside, f"has records that are not valid ({'; '.join(bad)})")
+        if decoded.torn:
+            log.warning(
+                "lease journal %s: dropped a torn last record (%d bytes): a change "
+                "interrupted before it was answered",
+                path,
+                decoded.torn,
+            )
         try:
-            self.journal.start(good)
+            self.journal.start(decoded.good)
         except OSError as exc:
             log.error("cannot open %s: %s", path, exc.strerror or exc)
         return leases
 
+    def _copy_aside(self, path: Path, data: bytes, problem: str) -> None:
+        """Keep what could not be used for a person to look at, beside ``path``."""
+        aside = _aside(path)
+        try:
+            write_atomically(aside, data)
+            where = f"copied to {aside}"
+        except OSError as exc:
+            where = f"and could not be copied aside ({exc.strerror})"
+        log.critical("lease file %s %s: %s; %s", path, shown(problem, 2000), where, LOST_THOSE)
+
     def _set_aside(self, path: Path, problem: str, lost: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        aside = _aside(path)
         try:
             os.replace(path, aside)
             where = f"moved to {aside}"
@@ -208,8 +234,57 @@ class LeaseStore:
         log.critical("lease file %s %s: %s; %s", path, problem, where, lost)
 
 
-def _record(payload: bytes) -> tuple[int, list[Lease], list[str]]:
-    """A journal record's number, the leases it puts and the reservation IDs it ends."""
+def _aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return path.with_name(f"{path.name}.corrupt-{stamp}")
+
+
+def _lease(entry: Any) -> Lease | str:
+    """A lease read back, or what is wrong with it."""
+    try:
+        return Lease.from_json(entry)
+    except (ValueError, RecursionError) as exc:
+        return str(exc)
+
+
+def _unreadable(leases: list[Lease | str]) -> None:
+    """Refuse to write leases the reader would not take back (``StoreError``)."""
+    bad = [entry for entry in leases if isinstance(entry, str)]
+    if bad:
+        raise StoreError(f"a lease would not read back from disk: {shown(bad[0])}")
+
+
+def _snapshot(raw: bytes, legacy_holder: LegacyHolder | None) -> tuple[int, list[Lease | str]]:
+    """A snapshot's number and its leases, each a ``Lease`` or what is wrong with it;
+    ``ValueError`` when it is no lease file at all."""
+    document = json.loads(raw, parse_constant=_not_json)
+    if not isinstance(document, dict) or document.get("version") not in (1, 2, 3):
+        raise ValueError(f"it is not a version {FORMAT_VERSION} lease file")
+    entries = document.get("leases")
+    if not isinstance(entries, list):
+        raise ValueError("it has no list of leases")
+    seq = document.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError("its seq is not a count")
+    if document["version"] == 1:
+        if legacy_holder is None:
+            raise ValueError("a version 1 file is read, never written")
+        leases: list[Lease | str] = []
+        for entry in entries:
+            try:
+                converted = _from_version_1(entry, legacy_holder)
+            except ValueError as exc:
+                leases.append(str(exc))
+                continue
+            if converted is not None:  # else its holder has exited
+                leases.append(_lease(converted))
+        return seq, leases
+    return seq, [_lease(entry) for entry in entries]
+
+
+def _record(payload: bytes) -> tuple[int, list[Lease | str], list[str]]:
+    """A journal record's number, the leases it puts (each a ``Lease`` or what is wrong with
+    it) and the reservation IDs it ends; ``ValueError`` when it is no record at all."""
     record = json.loads(payload, parse_constant=_not_json)
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
@@ -220,7 +295,7 @@ def _record(payload: bytes) -> tuple[int, list[Lease], list[str]]:
         raise ValueError("it has no lists put and end")
     if not all(isinstance(i, str) for i in ended):
         raise ValueError("end holds something but reservation IDs")
-    return seq, [Lease.from_json(entry) for entry in put], ended
+    return seq, [_lease(entry) for entry in put], ended
 
 
 def _from_version_1(entry: Any, legacy_holder: LegacyHolder) -> Any:

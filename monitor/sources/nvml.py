@@ -25,11 +25,20 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import attrs
 import trio
 
-from monitor.core.events import Event, NvmlAbsent, NvmlNameWaitOver, NvmlUnreachable
+from monitor.core.events import (
+    Event,
+    NvmlAbsent,
+    NvmlGpu,
+    NvmlGpuSeen,
+    NvmlNameWaitOver,
+    NvmlUnreachable,
+)
 from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
+from monitor.core.text import printable, shown
 from monitor.sources.counts import SourceCounts
 from monitor.sources.nvml_worker.pipe import (
     EXIT_NO_NVML,
@@ -130,6 +139,26 @@ async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
             timed &= set(state.naming.items())
 
 
+def checked_gpu(gpu: NvmlGpu) -> NvmlGpu:
+    """What NVML said of a GPU, its text made safe as udev's is: printable and bounded. A name
+    with nothing left is empty (the core gives the GPU the hardware database's name). The UUID
+    is an identity, never cleaned into one: the core judges its form as it came
+    (``monitor.core.rules.nvidia``)."""
+    name = printable(gpu.name) or ""
+    if name != gpu.name:
+        log.warning(
+            "NVML reported the name %s for the GPU at %s; %s",
+            shown(gpu.name),
+            gpu.address,
+            f"using {name!r}" if name else "using the hardware database's name",
+        )
+    attributes = {
+        key: attrs.evolve(a, value=printable(a.value) or "") if isinstance(a.value, str) else a
+        for key, a in gpu.attributes.items()
+    }
+    return attrs.evolve(gpu, name=name, attributes=attributes)
+
+
 async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats) -> None:
     """Send on each batch of events the worker writes, until its stdout ends; hand samples to
     whoever asked for them."""
@@ -138,10 +167,12 @@ async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlSt
         outputs, errors = reader.feed(data)
         for error in errors:
             log.error("ignoring a line from the NVML worker: %s", error)
-        events = []
+        events: list[Event] = []
         for output in outputs:
             if isinstance(output, StatsSample):
                 stats.deliver(output)
+            elif isinstance(output, NvmlGpuSeen):
+                events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
             else:
                 events.append(output)
         if events:

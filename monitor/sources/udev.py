@@ -32,6 +32,7 @@ from monitor.core.events import (
     Resync,
 )
 from monitor.core.model import PCI_ADDRESS
+from monitor.core.text import READ_LIMIT, printable, shown
 from monitor.outputs.logs import MESSAGE_IDS
 from monitor.sources.counts import Received, SourceCounts
 from monitor.sources.hwdb import pci_model_name
@@ -44,10 +45,6 @@ DRM_MINOR = re.compile(r"(card|renderD)[0-9]{1,7}")  # minors are 20 bits
 # int(x, 16) would also take "1_0de", " +10de" and non-ASCII digits.
 _HEX_NUMBER = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,8})")
 _DECIMAL = re.compile(r"-?[0-9]{1,6}")  # NUMA nodes, link widths: small, so JSON-safe
-MAX_TEXT = 256
-# What of a value is looked at: enough for MAX_TEXT printable characters in all sane cases,
-# and a 2 MiB attribute costs no more than a short one.
-_READ_LIMIT = 16 * MAX_TEXT
 # ERROR_EVENT and WEDGED are short words in the kernel; bounded so that health_desc, which
 # quotes them, stays within MAX_TEXT.
 MAX_TOKEN = 64
@@ -64,22 +61,6 @@ def pick_source(requested: str) -> str:
     if requested != "auto":
         return requested
     return "udev" if os.path.exists(UDEV_CONTROL) else "kernel"
-
-
-def _text(value: Any) -> str | None:
-    """A property or attribute as printable text, or None: no control characters, bounded."""
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value[:_READ_LIMIT].decode("utf-8", errors="replace")
-    text = "".join(ch for ch in str(value)[:_READ_LIMIT] if ch.isprintable()).strip()
-    return text[:MAX_TEXT] or None
-
-
-def _shown(text: str) -> str:
-    """Device text for a log line: control characters escaped, bounded."""
-    escaped = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:MAX_TEXT])
-    return escaped if len(text) <= MAX_TEXT else f"{escaped}..."
 
 
 def _decoded(read: Callable[[], Any]) -> Any:
@@ -107,16 +88,16 @@ def _sys_path(device: pyudev.Device) -> str:
 
 
 def _raw_attribute(device: pyudev.Device, name: str) -> str | None:
-    """A sysfs attribute as it is (not sanitised, but at most _READ_LIMIT bytes), or None."""
+    """A sysfs attribute as it is (not sanitised, but at most READ_LIMIT bytes), or None."""
     try:
         value = device.attributes.get(name)
     except (OSError, UnicodeError, KeyError):
         return None
-    return value[:_READ_LIMIT].decode("utf-8", errors="replace") if value is not None else None
+    return value[:READ_LIMIT].decode("utf-8", errors="replace") if value is not None else None
 
 
 def _attribute(device: pyudev.Device, name: str) -> str | None:
-    return _text(_raw_attribute(device, name))
+    return printable(_raw_attribute(device, name))
 
 
 def _hex(value: str | None, bits: int) -> int | None:
@@ -145,7 +126,7 @@ def nvidia_minor(address: str) -> int | None:
     try:
         # bounded, and decoded leniently: the file is the driver's, but a read must not fail
         with open(NVIDIA_GPU_INFO.format(address=address), "rb") as info:
-            text = info.read(_READ_LIMIT).decode("utf-8", errors="replace")
+            text = info.read(READ_LIMIT).decode("utf-8", errors="replace")
     except OSError:
         return None
     found = _DEVICE_MINOR.search(text)
@@ -174,13 +155,15 @@ def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | Non
     if address is None or vendor_id is None or device_id is None or pci_class is None:
         log.warning(
             "skipping PCI device %s: missing or malformed identity",
-            _shown(_sys_path(device)),
+            shown(_sys_path(device)),
         )
         return None
     sub_vendor, sub_device = _id_pair(_property(device, "PCI_SUBSYS_ID"))
     driver = None
     if not unbound:
-        driver = _text(_property(device, "DRIVER")) or _text(_decoded(lambda: device.driver))
+        driver = printable(_property(device, "DRIVER")) or printable(
+            _decoded(lambda: device.driver)
+        )
     return PciFacts(
         address=address,
         vendor_id=vendor_id,
@@ -189,7 +172,7 @@ def pci_facts(device: pyudev.Device, *, unbound: bool = False) -> PciFacts | Non
         subsystem_vendor_id=sub_vendor,
         subsystem_device_id=sub_device,
         driver=driver,
-        model=_text(pci_model_name(vendor_id, device_id)),
+        model=printable(pci_model_name(vendor_id, device_id)),
         numa_node=_int(_raw_attribute(device, "numa_node")),
         link_speed=_attribute(device, "current_link_speed"),
         link_width=_int(_raw_attribute(device, "current_link_width")),
@@ -203,7 +186,7 @@ def drm_minor_name(device: pyudev.Device) -> str | None:
     if DRM_MINOR.fullmatch(name):
         return name
     # connectors (card0-DP-1) are DRM devices too: not worth more than a debug line
-    log.debug("ignoring DRM device %s: not a card or render minor", _shown(_sys_path(device)))
+    log.debug("ignoring DRM device %s: not a card or render minor", shown(_sys_path(device)))
     return None
 
 
@@ -216,19 +199,19 @@ def drm_node(device: pyudev.Device) -> DrmNode | None:
     pci = device.find_parent("pci")
     parent = pci_address(pci) if pci is not None else None
     if parent is None:
-        log.debug("skipping DRM node %s: no sane PCI parent", _shown(_sys_path(device)))
+        log.debug("skipping DRM node %s: no sane PCI parent", shown(_sys_path(device)))
         return None
     # The kernel names every DRM minor's node dri/NAME (drm_devnode); udev cannot rename it.
     # A DEVNAME saying otherwise is not followed: reservations hand this path to containers.
     devnode = f"/dev/dri/{name}"
     devname = (_property(device, "DEVNAME") or devnode).strip()
     if devname not in (devnode, devnode.removeprefix("/dev/")):
-        log.warning("DRM node %s: ignoring DEVNAME %s, using %s", name, _shown(devname), devnode)
+        log.warning("DRM node %s: ignoring DEVNAME %s, using %s", name, shown(devname), devnode)
     return DrmNode(name=name, parent=parent, devnode=devnode)
 
 
 def _token(value: str | None) -> str | None:
-    text = _text(value)
+    text = printable(value)
     return text[:MAX_TOKEN] if text else None
 
 
@@ -248,7 +231,7 @@ def translate(device: pyudev.Device) -> list[Event]:
             return []
         events: list[Event] = [DeviceSeen(facts)]
         error_event = _token(_property(device, "ERROR_EVENT"))
-        online = _online(_text(_property(device, "DEVICE_ONLINE")))
+        online = _online(printable(_property(device, "DEVICE_ONLINE")))
         if action == "change" and (error_event is not None or online is not None):
             events.append(PciErrorReported(facts.address, error_event, online))
         return events

@@ -1,5 +1,6 @@
 """The lease snapshot and journal on real files: a crash at any moment loses no answered change,
-a torn last record is dropped, and damage anywhere else is set aside, never trusted."""
+a torn last record is dropped, and damage anywhere else is that record or lease set aside, never
+trusted, while every other is kept; what the store writes it reads back."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from unittest import mock
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor.core.leases import Lease
+from monitor.core.leases import Holder, Lease
 from monitor.outputs import records, store
 from monitor.outputs.store import LeaseStore, StoreError
 
@@ -172,24 +174,30 @@ def journal_lines(state_dir: Path) -> list[bytes]:
 
 @pytest.fixture
 def three_records(tmp_path: Path) -> Iterator[Path]:
+    """Records that put a, then b, then c (ending nothing)."""
     kept = started(tmp_path)
     kept.save([lease("a", DEVICES[0])])
     kept.save([lease("a", DEVICES[0]), lease("b", DEVICES[1])])
-    kept.save([lease("b", DEVICES[1])])
+    kept.save([lease("a", DEVICES[0]), lease("b", DEVICES[1]), lease("c", DEVICES[2])])
     assert len(journal_lines(tmp_path)) == 3
     yield tmp_path
 
 
-def test_damage_before_the_end_keeps_what_came_before_and_sets_the_rest_aside(
+A_AND_C = each([lease("a", DEVICES[0]), lease("c", DEVICES[2])])  # the second record lost
+
+
+def test_damage_before_the_end_loses_that_record_alone_and_sets_it_aside(
     three_records: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     lines = journal_lines(three_records)
-    damaged = lines[1].replace(b'"b"', b'"c"')  # same length, wrong checksum
+    damaged = lines[1].replace(b'"b"', b'"x"')  # same length, wrong checksum
     (three_records / "leases.journal").write_bytes(lines[0] + damaged + lines[2])
     with caplog.at_level(logging.CRITICAL):
-        assert read_back(three_records) == each([lease("a", DEVICES[0])])
+        assert read_back(three_records) == A_AND_C
     assert "fails its checksum" in caplog.text
-    assert len(list(three_records.glob("leases.journal.corrupt-*"))) == 1
+    (aside,) = three_records.glob("leases.journal.corrupt-*")
+    assert aside.read_bytes() == damaged  # kept for a person to look at
+    assert journal_lines(three_records) == [lines[0], damaged, lines[2]]  # read, not rewritten
 
 
 @pytest.mark.parametrize(
@@ -204,7 +212,7 @@ def test_damage_before_the_end_keeps_what_came_before_and_sets_the_rest_aside(
             "not a PCI address",
         ),
         ({"seq": 2, "put": [], "end": [7]}, "reservation IDs"),
-        ({"seq": 5, "put": [], "end": []}, "number 5 after 1 (changes are missing)"),
+        ({"seq": 5, "put": [], "end": ["a"]}, "number 5 where 2 was due"),
         ([], "not a JSON object"),
     ],
 )
@@ -215,8 +223,44 @@ def test_a_record_with_a_sound_checksum_that_lies_is_not_trusted(
     lie = records.encode(json.dumps(record).encode())
     (three_records / "leases.journal").write_bytes(lines[0] + lie + lines[2])
     with caplog.at_level(logging.CRITICAL):
-        assert read_back(three_records) == each([lease("a", DEVICES[0])])
+        assert read_back(three_records) == A_AND_C
     assert complaint in caplog.text, caplog.text
+    (aside,) = three_records.glob("leases.journal.corrupt-*")
+    assert aside.read_bytes() == lie
+
+
+def test_a_lease_that_is_not_valid_is_left_out_alone_from_snapshot_and_record(
+    three_records: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = LeaseStore(three_records)
+    kept.compact([lease("a", DEVICES[0]), lease("b", DEVICES[1])])
+    snapshot = json.loads((three_records / "leases.json").read_text())
+    snapshot["leases"][0]["devices"] = {DEVICES[0]: "nvidia/gpu/\x1b[2J"}
+    (three_records / "leases.json").write_text(json.dumps(snapshot))
+    bad_put = {"seq": snapshot["seq"] + 1, "put": [{"reservation_id": "y"}], "end": []}
+    good_put = {"seq": snapshot["seq"] + 2, "put": [lease("c", DEVICES[2]).to_json()], "end": []}
+    journal = b"".join(records.encode(json.dumps(r).encode()) for r in (bad_put, good_put))
+    (three_records / "leases.journal").write_bytes(journal)
+    with caplog.at_level(logging.CRITICAL):
+        assert read_back(three_records) == each([lease("b", DEVICES[1]), lease("c", DEVICES[2])])
+    assert "lease a: '" in caplog.text and "is not a vendor/type/name" in caplog.text
+    assert "lease y: devices is not a map" in caplog.text
+    assert len(list(three_records.glob("leases.json.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("write", ["save", "compact"])
+def test_the_writer_refuses_a_lease_its_reader_would_not_take_back(
+    tmp_path: Path, write: str
+) -> None:
+    kept = started(tmp_path)
+    good = lease("a", DEVICES[0])
+    kept.save([good])
+    unreadable = attrs.evolve(lease("b", DEVICES[1]), devices={DEVICES[1]: "nvidia/gpu/\a"})
+    with pytest.raises(StoreError, match="would not read back"):
+        getattr(kept, write)([good, unreadable])
+    assert read_back(tmp_path) == each([good])
+    kept.save([good, lease("c", DEVICES[2])])  # the store goes on
+    assert read_back(tmp_path) == each([good, lease("c", DEVICES[2])])
 
 
 def test_a_journal_that_is_a_symlink_is_set_aside_and_the_snapshot_kept(
@@ -271,3 +315,33 @@ def test_the_journal_is_compacted_once_it_outgrows_its_bound(tmp_path: Path) -> 
     assert max(sizes) < max(1000, 4 * snapshot) + 400  # the bound, and one record past it
     assert sizes.count(0) >= 5  # emptied into the snapshot again and again
     assert read_back(tmp_path) == each([lease("L49", DEVICES[1])])
+
+
+def every_kind_of_lease() -> list[Lease]:
+    holder = Holder(pid=4000, start_ticks=123456, boot_id="5d1e3a4b-0000-4000-8000-000000000000")
+    return [
+        lease("plain", DEVICES[0]),
+        attrs.evolve(lease("held", DEVICES[1]), holder=holder),
+        attrs.evolve(lease("owned", DEVICES[2]), owner="nomad"),
+        attrs.evolve(
+            lease("named", DEVICES[3]), devices={DEVICES[3]: "1af4/pci/Ñame: with/slashes ü"}
+        ),
+        attrs.evolve(lease("bound", "0000:0a:00.0"), connection=7),  # never on disk
+    ]
+
+
+def test_every_kind_of_record_the_writer_writes_is_read_back_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = started(tmp_path)
+    held: list[Lease] = []
+    for each_lease in every_kind_of_lease():  # one record each: puts
+        held.append(each_lease)
+        kept.save(held)
+    kept.save(held[1:])  # and a record that ends one
+    durable = [x for x in held[1:] if x.durable]
+    with caplog.at_level(logging.WARNING):
+        assert read_back(tmp_path) == each(durable)  # from the journal
+        again = started(tmp_path)  # compacted into the snapshot
+        assert each(again.load(no_legacy)) == each(durable)  # from the snapshot
+    assert not caplog.records, caplog.text

@@ -40,7 +40,8 @@ NIC = PciFacts(address="0000:01:00.0", vendor_id=0x8086, device_id=0x1592, pci_c
 GROUP = "nvidia/gpu/H100 SXM5 80GB"
 NVML_NAME = "NVIDIA H100 80GB HBM3"
 NVML_GROUP = f"nvidia/gpu/{NVML_NAME}"
-GPU = NvmlGpu(address=H100.address, uuid="GPU-a", name=NVML_NAME, minor=5)
+GPU_UUID = "GPU-0a0a0a0a-1111-2222-3333-444444444444"
+GPU = NvmlGpu(address=H100.address, uuid=GPU_UUID, name=NVML_NAME, minor=5)
 
 GROUP_ID = 4242
 ROOT = Peer(pid=1, uid=0, gid=0)

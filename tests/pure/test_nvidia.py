@@ -23,6 +23,7 @@ from monitor.core.state import State
 from monitor.core.xids import XidPolicy
 from tests.pure.examples import (
     GPU,
+    GPU_UUID,
     GROUP,
     H100,
     H100_B,
@@ -48,7 +49,7 @@ def test_nvml_names_a_waiting_gpu_and_it_appears_once_in_its_group() -> None:
     assert seen is None  # hidden while it waits
     assert nvml is not None and list(nvml["groups"]) == [NVML_GROUP]
     device = device_json(state, H100.address)
-    assert device["attributes"]["uuid"] == {"value": "GPU-a"}
+    assert device["attributes"]["uuid"] == {"value": GPU.uuid}
     assert state.naming == {} and state.names == {H100.address: "NVIDIA H100 80GB HBM3"}
 
 
@@ -192,3 +193,44 @@ def test_nvml_targets_are_the_nvidia_bound_gpus_with_their_resets() -> None:
         state=WAITING,
     )
     assert nvml_targets(state) == {H100.address: 1}  # waiting for a name, and reset once
+
+
+def test_an_empty_nvml_name_leaves_the_database_name() -> None:
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(attrs.evolve(GPU, name="")), state=WAITING)
+    assert group_of(state, H100.address) == GROUP
+    assert device_json(state, H100.address)["attributes"]["uuid"] == {"value": GPU.uuid}
+
+
+@pytest.mark.parametrize(
+    "uuid", ["GPU-a", H100_B.address, f"{GPU_UUID},all", f"{GPU_UUID}\x1b", "", "MIG-" + "0" * 8]
+)
+def test_a_uuid_not_in_nvidias_form_names_no_gpu_and_makes_it_unhealthy(uuid: str) -> None:
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(attrs.evolve(GPU, uuid=uuid)), state=WAITING)
+    device = device_json(state, H100.address)
+    assert device["healthy"] is False
+    assert device["health_desc"].startswith("NVML reported a malformed UUID (")
+    assert "\x1b" not in device["health_desc"]
+    assert "uuid" not in device["attributes"]
+    state, _ = run(NvmlGpuSeen(GPU), state=state)  # read again, sound: healthy again
+    device = device_json(state, H100.address)
+    assert device["healthy"] is True and device["attributes"]["uuid"] == {"value": GPU_UUID}
+
+
+def test_a_uuid_nvml_gives_two_gpus_names_neither_until_they_differ() -> None:
+    other = attrs.evolve(GPU, address=H100_B.address)
+    state, _ = run(
+        DeviceSeen(H100), DeviceSeen(H100_B), NvmlGpuSeen(GPU), NvmlGpuSeen(other), state=WAITING
+    )
+    for address in (H100.address, H100_B.address):
+        device = device_json(state, address)
+        assert device["healthy"] is False
+        assert (
+            device["health_desc"] == f"NVML reported one UUID for {H100.address}, {H100_B.address}"
+        )
+        assert "uuid" not in device["attributes"]
+    state, _ = run(NvmlGpuSeen(GPU), state=state)  # read again: still shared, still refused
+    assert device_json(state, H100.address)["healthy"] is False
+    apart = attrs.evolve(other, uuid="GPU-0b0b0b0b-5555-6666-7777-888888888888")
+    state, _ = run(NvmlGpuSeen(apart), state=state)
+    assert device_json(state, H100.address)["attributes"]["uuid"] == {"value": GPU_UUID}
+    assert all(device_json(state, a)["healthy"] for a in (H100.address, H100_B.address))

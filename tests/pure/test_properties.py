@@ -50,6 +50,7 @@ from monitor.core.xids import XidPolicy
 from tests.pure.examples import ACCESS, HOLDER, MEMBER, OTHER_MEMBER, OUTSIDER, ROOT
 
 ADDRESSES = ["0000:3b:00.0", "0000:5e:00.0", "0000:af:00.0", "0000:01:00.0"]
+UUIDS = ["GPU-0a0a0a0a-1111-2222-3333-444444444444", "GPU-0b0b0b0b-5555-6666-7777-888888888888"]
 DRM_NAMES = ["card0", "card1", "renderD128", "renderD129", "card0-DP-1"]
 LEASE_IDS = ["lease-1", "lease-2", "lease-3"]
 PEERS = [ROOT, MEMBER, OTHER_MEMBER, OUTSIDER, attrs.evolve(MEMBER, in_our_pid_namespace=False)]
@@ -103,7 +104,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         device_ids=st.lists(
-            st.sampled_from([*ADDRESSES, "GPU-a", "0000:ee:00.0"]), min_size=1, max_size=3
+            st.sampled_from([*ADDRESSES, *UUIDS, "0000:ee:00.0"]), min_size=1, max_size=3
         ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
@@ -124,7 +125,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         owner=st.sampled_from(["nomad", "kubelet"]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES, "GPU-a"]), max_size=3),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES, *UUIDS]), max_size=3),
     ),
     st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
     st.builds(ConnectionClosed, st.just(7)),
@@ -133,7 +134,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         st.builds(
             NvmlGpu,
             address=st.sampled_from(ADDRESSES),
-            uuid=st.sampled_from(["GPU-a", "GPU-b"]),
+            uuid=st.sampled_from([*UUIDS, "GPU-a", ADDRESSES[0]]),  # two malformed
             name=st.sampled_from(["NVIDIA H100 80GB HBM3", "NVIDIA A100"]),
             attributes=st.sampled_from([{}, {"memory": Attribute(81559, "MiB")}]),
         ),

@@ -21,6 +21,7 @@ from monitor.core.events import (
     PciErrorReported,
     PciFacts,
 )
+from monitor.core.text import MAX_TEXT
 from monitor.sources import udev
 from monitor.sources.udev import drm_node, pci_address, pci_facts, translate
 
@@ -283,7 +284,7 @@ def test_text_is_printable_and_bounded(value: Any) -> None:
     facts = pci_facts(gpu(current_link_speed=value))
     assert facts is not None
     text = facts.link_speed
-    assert text is None or (text.isprintable() and 0 < len(text) <= udev.MAX_TEXT)
+    assert text is None or (text.isprintable() and 0 < len(text) <= MAX_TEXT)
 
 
 @pytest.mark.parametrize(

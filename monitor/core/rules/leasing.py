@@ -63,12 +63,13 @@ def may_change(access: Access, peer: Peer, action: str) -> Refusal | None:
 
 
 def device_index(fingerprint: Fingerprint) -> dict[str, Found]:
-    """Every device by PCI address and, where it has one, by GPU UUID."""
+    """Every device by PCI address and, where it has one, by GPU UUID: an ID names one device,
+    and a PCI address first."""
     index = dict(fingerprint.devices())
     for group, device in fingerprint.devices().values():
         uuid = device.attributes.get("uuid")
         if uuid is not None:
-            index[str(uuid.value)] = (group, device)
+            index.setdefault(str(uuid.value), (group, device))
     return index
 
 

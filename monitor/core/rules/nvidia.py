@@ -33,6 +33,7 @@ from monitor.core.events import (
 )
 from monitor.core.health import (
     CAUSE_NVML,
+    CAUSE_NVML_UUID,
     CAUSE_RECOVERY_ACTION,
     CAUSE_XID,
     Problem,
@@ -41,6 +42,7 @@ from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
 from monitor.core.state import State
+from monitor.core.text import is_gpu_uuid, shown
 from monitor.core.xids import REBOOT, RESET, judge
 
 F = attrs.fields(State)
@@ -72,10 +74,39 @@ def _name_from_database(draft: Draft, address: str) -> None:
 
 
 def nvml_gpu_seen(draft: Draft, event: NvmlGpuSeen) -> None:
+    """Take NVML's facts; an empty name (nothing printable was left) leaves the database's.
+    A UUID that is not in NVIDIA's form is dropped, and its GPU is unhealthy."""
     gpu = event.gpu
-    if _bound_to_nvidia(draft, gpu.address):
-        draft.put(F.nvml, gpu.address, gpu)
+    if not _bound_to_nvidia(draft, gpu.address):
+        return
+    if not is_gpu_uuid(gpu.uuid):
+        desc = f"NVML reported a malformed UUID ({shown(gpu.uuid, 80)})"
+        set_problem(draft, gpu.address, CAUSE_NVML_UUID, Problem(desc))
+        gpu = attrs.evolve(gpu, uuid="")
+    draft.put(F.nvml, gpu.address, gpu)
+    _judge_shared_uuids(draft)
+    if gpu.name:
         _name(draft, gpu.address, gpu.name)
+    else:
+        _name_from_database(draft, gpu.address)
+
+
+def _judge_shared_uuids(draft: Draft) -> None:
+    """A UUID that NVML gives two GPUs names neither: no container runtime could be told which
+    is meant, so both are unhealthy (and the fingerprint shows neither UUID) until NVML tells
+    them apart."""
+    holders: dict[str, list[str]] = {}
+    for address, gpu in draft.get(F.nvml).items():
+        if gpu.uuid:
+            holders.setdefault(gpu.uuid.lower(), []).append(address)
+    for addresses in holders.values():
+        if len(addresses) == 1:
+            reason = "NVML reports a UUID of its own for it"
+            clear_problems(draft, addresses[0], (CAUSE_NVML_UUID,), reason)
+            continue
+        problem = Problem(f"NVML reported one UUID for {', '.join(sorted(addresses))}")
+        for address in addresses:
+            set_problem(draft, address, CAUSE_NVML_UUID, problem)
 
 
 def nvml_name_wait_over(draft: Draft, event: NvmlNameWaitOver) -> None:
