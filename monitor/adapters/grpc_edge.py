@@ -111,11 +111,24 @@ class Asker(Protocol):
 
 async def reserve(client: Asker, ids: Sequence[str], owner: str) -> dict[str, Any]:
     """The daemon's reservation of ``ids`` for ``owner``, checked before a container gets it:
-    of a shape the daemon plans, and, when asked by PCI address, for exactly those devices."""
-    result = check_reservation(await client.ask(requests.reserve(ids, owner=owner)))
-    granted = result["device_ids"]
-    if all(PCI_ADDRESS.fullmatch(i) for i in ids) and set(granted) != set(ids):
-        raise BadAnswer(f"refusing the daemon's reservation: it is for {granted}")
+    of a shape the daemon plans, and, when asked by PCI address, for exactly those devices. A
+    lease the container will not get is released before the refusal is raised, so that no
+    device stays held for nobody."""
+    answer = await client.ask(requests.reserve(ids, owner=owner))
+    try:
+        result = check_reservation(answer)
+        granted = result["device_ids"]
+        if all(PCI_ADDRESS.fullmatch(i) for i in ids) and set(granted) != set(ids):
+            raise BadAnswer(f"refusing the daemon's reservation: it is for {granted}, not {ids}")
+    except BadAnswer as refused:
+        lease = answer.get("reservation_id") if isinstance(answer, dict) else None
+        if not isinstance(lease, str):
+            raise
+        try:
+            await client.ask(requests.release(reservation_id=lease, owner=owner))
+        except (RpcError, DaemonUnavailable, BadAnswer) as exc:
+            raise BadAnswer(f"{refused}; and releasing {lease} failed: {exc}") from None
+        raise BadAnswer(f"{refused}; released it ({lease})") from None
     return result
 
 

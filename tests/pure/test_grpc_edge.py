@@ -223,9 +223,14 @@ def test_a_reservation_is_asked_for_the_owner_and_returned_checked() -> None:
     assert asked == [Call("reserve", {"device_ids": [A], "owner": "kubelet"})]
 
 
-def test_a_reservation_for_other_devices_than_asked_by_address_is_refused() -> None:
-    with pytest.raises(BadAnswer, match="it is for"):
-        reserve({**copy.deepcopy(RESERVATION), "device_ids": [B]}, [A])
+def test_a_reservation_for_other_devices_than_asked_by_address_is_released_then_refused() -> None:
+    client = Client({**copy.deepcopy(RESERVATION), "device_ids": [B]})
+    with pytest.raises(BadAnswer, match=r"it is for \['.*'\], not \['.*'\]; released it"):
+        asyncio.run(grpc_edge.reserve(client, [A], "kubelet"))
+    lease = RESERVATION["reservation_id"]
+    assert client.asked[1:] == [
+        Call("release", {"reservation_id": lease, "owner": "kubelet"})
+    ]  # no device stays held for a container that never gets it
     # Asked by a MIG UUID, the daemon names what it reserved: its own ID for the instance.
     result, _ = reserve(copy.deepcopy(RESERVATION), [MIG])
     assert result["device_ids"] == [A]
@@ -236,8 +241,22 @@ def test_a_reservation_of_a_shape_the_daemon_never_plans_is_refused() -> None:
         **copy.deepcopy(RESERVATION),
         "mounts": [{"task_path": "/etc", "host_path": "/etc", "read_only": True}],
     }
-    with pytest.raises(BadAnswer, match="a mount"):
-        reserve(mounts_etc, [A])
+    client = Client(mounts_etc)
+    with pytest.raises(BadAnswer, match=r"a mount.*released it"):
+        asyncio.run(grpc_edge.reserve(client, [A], "kubelet"))
+    assert [call.method for call in client.asked] == ["reserve", "release"]
+
+
+def test_a_grant_that_cannot_be_released_says_so() -> None:
+    class Gone(Client):
+        async def ask(self, call: Call) -> Any:
+            if call.method == "release":
+                raise DaemonUnavailable("the daemon closed the connection")
+            return await super().ask(call)
+
+    client = Gone({**copy.deepcopy(RESERVATION), "device_ids": [B]})
+    with pytest.raises(BadAnswer, match=r"releasing .* failed: the daemon closed"):
+        asyncio.run(grpc_edge.reserve(client, [A], "kubelet"))
 
 
 def test_the_container_edits_for_the_kubelet_and_for_nomad_say_the_same() -> None:
