@@ -11,8 +11,6 @@ responding"; a rebind or a successful PCI recovery clears the rest (inventory's 
 
 from __future__ import annotations
 
-import attrs
-
 from monitor.core.draft import Draft, Rule
 from monitor.core.events import (
     NvmlAbsent,
@@ -33,10 +31,8 @@ from monitor.core.health import (
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
-from monitor.core.state import State
+from monitor.core.state import F, State
 from monitor.core.xids import REBOOT, RESET, judge
-
-F = attrs.fields(State)
 
 # NVML's recovery actions (nvmlDeviceGpuRecoveryAction_t), as a person would say them.
 RECOVERY_ACTIONS = {
