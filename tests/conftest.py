@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -28,6 +29,7 @@ from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
 from monitor.wire.mirror import Mirror
 from tests import reliability
+from tests.waiting import wait_until
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
 IN_CI = os.environ.get("CI") == "true"
@@ -240,17 +242,19 @@ class Daemon:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.log()}")
-            try:
-                with Client(self.socket) as client:
-                    client.call("fingerprint")
-                return
-            except DaemonUnavailable:
-                time.sleep(0.02)
-        raise AssertionError(f"daemon not ready within {timeout} s:\n{self.log()}")
+            with Client(self.socket) as client:
+                client.call("fingerprint")
+            return True
+
+        wait_until(
+            answers,
+            timeout,
+            lambda: f"the daemon to answer:\n{self.log()}",
+            ignoring=(DaemonUnavailable,),
+        )
 
     def client(self, timeout: float | None = 10.0) -> Client:
         return Client(self.socket, timeout=timeout)
@@ -273,9 +277,8 @@ class Daemon:
     def settle_fds(self, baseline: int, timeout: float = 5.0) -> int:
         """The fd count once it is back to ``baseline`` (closes finish after the client's), or
         what it is at the deadline."""
-        deadline = time.monotonic() + timeout
-        while self.fd_count() > baseline and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # the caller says what the count must be
+            wait_until(lambda: self.fd_count() <= baseline, timeout, interval=0.05)
         return self.fd_count()
 
     def rss_mib(self) -> float:

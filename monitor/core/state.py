@@ -93,6 +93,9 @@ class State:
         return nvidia_minor(self.devices, self.nvml, address)
 
 
+F = attrs.fields(State)  # the fields by name, for the rules: ``draft.get(F.devices)``
+
+
 def nvidia_minor(
     devices: Mapping[str, PciFacts], nvml: Mapping[str, NvmlGpu], address: str
 ) -> int | None:

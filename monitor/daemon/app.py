@@ -27,7 +27,7 @@ from monitor.daemon import systemd
 from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings, resolve_group
 from monitor.daemon.memory import GiveBack
 from monitor.engine.hub import Hub
-from monitor.engine.inbox import Inbox, Item, Outbox
+from monitor.engine.inbox import Inbox, InboxReader, Item
 from monitor.engine.reducer_task import run_engine
 from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
@@ -212,7 +212,7 @@ async def run_tasks(
     claimed: Claimed,
     hub: Hub,
     inbox: Inbox,
-    receive: Outbox,
+    receive: InboxReader,
     telemetry: Telemetry,
     nvml_stats: NvmlStats,
     spec: CdiSpec | None,

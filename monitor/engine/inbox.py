@@ -21,7 +21,7 @@ class Pending:
 
 Item = tuple[Event, ...] | Received | Pending
 Inbox = trio.MemorySendChannel[Item]
-Outbox = trio.MemoryReceiveChannel[Item]
+InboxReader = trio.MemoryReceiveChannel[Item]  # the receiving end: the reducer task reads it
 
 
 async def ask(inbox: Inbox, request: Request) -> Answer:

@@ -17,7 +17,7 @@ from monitor.core.reducer import Reduction, durable_leases, fold, fold_unrecorde
 from monitor.core.state import State
 from monitor.core.transitions import journal_entries
 from monitor.engine.hub import Hub
-from monitor.engine.inbox import Outbox, Pending
+from monitor.engine.inbox import InboxReader, Pending
 from monitor.engine.stats import Histogram
 from monitor.outputs import logs
 from monitor.outputs.store import LeaseStore, StoreError
@@ -31,7 +31,7 @@ MAX_COALESCED = 4096  # events folded into one patch when they are already waiti
 
 async def run_engine(
     hub: Hub,
-    receive: Outbox,
+    receive: InboxReader,
     store: LeaseStore,
     watch: HolderWatch | None = None,
     latency: Histogram | None = None,

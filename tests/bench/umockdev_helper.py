@@ -1,4 +1,4 @@
-"""The umockdev helper of ``monitor.sim.umockdev`` with one addition: each reply carries the
+"""The umockdev helper of ``monitor.sim.testbed`` with one addition: each reply carries the
 CLOCK_MONOTONIC time at which the helper started the command (for pci_error: two property sets,
 then ``umockdev_testbed_uevent``), so latencies start at the emitter, not at our pipe to it.
 
@@ -12,11 +12,11 @@ import sys
 import time
 from typing import Any
 
-from monitor.sim.umockdev import _Helper
+from monitor.sim.testbed import Helper
 
 
 def main() -> None:
-    helper = _Helper()
+    helper = Helper()
     print(json.dumps({"root": helper.bed.root}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)

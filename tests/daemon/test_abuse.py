@@ -5,8 +5,12 @@ held, with the daemon's file descriptors and resident memory before and after.""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import socket
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +22,7 @@ from monitor.wire.framing import MAX_LINE
 from tests.conftest import Daemon, Subscription, connect, read_line
 from tests.reliability import record
 from tests.sysfs import reservable
+from tests.waiting import wait_until
 
 FINGERPRINT = b'{"jsonrpc":"2.0","id":1,"method":"fingerprint"}\n'
 
@@ -65,6 +70,12 @@ def test_five_thousand_connections_at_once_are_served_or_refused_cleanly(
     )
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read yet (SIOCOUTQ)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+    return queued
+
+
 def test_unfinished_lines_cost_bounded_memory(
     host: tuple[Daemon, list[str]], subscribe: Callable[[Daemon], Subscription]
 ) -> None:
@@ -78,7 +89,10 @@ def test_unfinished_lines_cost_bounded_memory(
         sockets.append(sock)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused already
             sock.sendall(half)
-    time.sleep(0.5)
+    # once the daemon has read (or refused) every line: nothing left queued for it to read
+    wait_until(
+        lambda: all(unread(sock) == 0 for sock in sockets), what="the lines read", interval=0.05
+    )
     peak_rss = daemon.rss_mib()
     # others are served while the unfinished lines wait
     assert daemon.fingerprint()["snapshot"] == bystander.mirror.snapshot
@@ -184,9 +198,9 @@ def test_reserving_and_going_away_in_a_loop_leaves_nothing_behind(
         for _ in range(durable):
             lease = client.call("reserve", {"device_ids": [devices[1]]})
             client.call("release", {"reservation_id": lease["reservation_id"]})
-    deadline = time.monotonic() + 5
-    while daemon.client().call("leases")["leases"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: daemon.client().call("leases") == {"leases": []}, 5, "every lease to end", 0.05
+    )
     assert daemon.client().call("leases") == {"leases": []}
     left, size = leases_on_disk(daemon)
     assert left == [] and size < COMPACT_AT + 64 * 1024, (left, size)  # the journal is bounded

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -12,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from monitor.daemon import config
-from monitor.wire import paths
 from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, hotplug_monitor, need, two_pci_classes
 
@@ -175,17 +172,6 @@ def test_config_file_applies_and_flags_win(
 def _ids(daemon: Daemon) -> set[str]:
     groups = daemon.fingerprint()["snapshot"]["groups"]
     return {device_id for group in groups.values() for device_id in group["devices"]}
-
-
-def test_default_paths_depend_on_who_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert paths.default_socket() == Path("/run/hotplug-monitor/hotplug-monitor.sock")
-    assert config.default_state_dir() == Path("/var/lib/hotplug-monitor")
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.state")
-    assert paths.default_socket() == Path("/run/user/1000/hotplug-monitor.sock")
-    assert config.default_state_dir() == Path("/home/u/.state/hotplug-monitor")
 
 
 def test_python_dash_m_and_the_console_script_are_the_same_program() -> None:

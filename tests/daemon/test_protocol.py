@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 
-from monitor.wire.errors import RpcError
-from monitor.wire.framing import LineBuffer, LineTooLong, parse_request
 from tests.conftest import Daemon
 
 
@@ -164,25 +162,3 @@ def test_requests_split_across_writes_and_pipelined_in_one_write(daemon: Daemon)
     raw.send(request[10:] + request.replace(b'"id": 1', b'"id": 2'))
     assert [raw.read()["id"], raw.read()["id"]] == [1, 2]
     raw.close()
-
-
-# --- the sans-I/O pieces, directly ---------------------------------------------------------
-
-
-def test_line_buffer_splits_and_limits() -> None:
-    buffer = LineBuffer(limit=8)
-    assert buffer.feed(b"ab") == []
-    assert buffer.feed(b"c\nde\nf") == [b"abc", b"de"]
-    assert buffer.feed(b"\n") == [b"f"]
-    with pytest.raises(LineTooLong):
-        buffer.feed(b"123456789")
-    with pytest.raises(LineTooLong):  # a long line between two short ones, in one read
-        LineBuffer(limit=8).feed(b"1234567\n123456789\n12\n")
-
-
-def test_parse_request_keeps_the_id_of_an_invalid_request() -> None:
-    with pytest.raises(RpcError) as caught:
-        parse_request(b'{"id": "abc", "method": "fingerprint"}')
-    assert caught.value.request_id == "abc" and caught.value.code == -32600
-    request = parse_request(b'{"jsonrpc": "2.0", "id": 3, "method": "fingerprint"}')
-    assert (request.id, request.method, request.params) == (3, "fingerprint", {})

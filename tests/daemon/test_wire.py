@@ -4,7 +4,6 @@ kept through a daemon killed and started again under the client."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from monitor.wire.requests import fingerprint, release, reserve, subscribe
 from monitor.wire.trio_transport import TrioClient
 from tests.conftest import Daemon
 from tests.sysfs import reservable
+from tests.waiting import wait_until
 
 
 def reserved_by(mirror: Mirror, device: str) -> str | None:
@@ -76,10 +76,12 @@ def test_asyncio_client_calls_and_follows_notifications(
 
     lease, seen = asyncio.run(scenario())
     assert seen == lease
-    deadline = time.monotonic() + 10  # bound to the closed connection: it ends once seen closed
-    while daemon.client().call("leases") != {"leases": []}:
-        assert time.monotonic() < deadline, "the lease outlived its connection"
-        time.sleep(0.01)
+    # bound to the closed connection: it ends once seen closed
+    wait_until(
+        lambda: daemon.client().call("leases") == {"leases": []},
+        what="the lease to end with its connection",
+        interval=0.01,
+    )
 
 
 async def test_trio_follow_keeps_a_snapshot_through_a_daemon_restart(

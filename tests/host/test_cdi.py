@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tests.container import (
     run_with_cdi,
     validate_cdi_spec,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
 
@@ -39,16 +39,11 @@ def gpus(sim: Simulator) -> Simulator:
 
 
 def read_spec(path: Path, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            spec: dict[str, Any] = json.loads(path.read_text())
-            if condition(spec):
-                return spec
-        except FileNotFoundError:
-            pass
-        assert time.monotonic() < deadline, f"{path} never met the condition"
-        time.sleep(0.02)
+    def met() -> dict[str, Any] | None:
+        spec: dict[str, Any] = json.loads(path.read_text())
+        return spec if condition(spec) else None
+
+    return wait_until(met, what=f"{path} to meet the condition", ignoring=(FileNotFoundError,))
 
 
 def names(spec: dict[str, Any]) -> list[str]:
@@ -90,10 +85,11 @@ def test_the_cdi_spec_is_valid_matches_reserve_and_follows_hotplug(
     assert names(spec) == ["0000:3b:00.0", "0000:9a:00.0"]  # reserved, but gone: not listed
     gpus.add("nvidia-h100", "0000:bb:00.0", 1)
     with daemon.client() as client:  # reserved the moment it is shown
-        deadline = time.monotonic() + 10
-        while "0000:bb:00.0" not in Mirror(client.call("fingerprint")).devices():
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
+        wait_until(
+            lambda: "0000:bb:00.0" in Mirror(client.call("fingerprint")).devices(),
+            what="0000:bb:00.0 to be shown",
+            interval=0.002,
+        )
         answer = client.call("reserve", {"device_ids": ["0000:bb:00.0"]})
     assert answer["cdi_devices"] == ["hotplug-monitor.io/gpu=0000:bb:00.0"]
     spec = json.loads(path.read_text())  # read once: the answer waited until the spec named it
@@ -271,10 +267,11 @@ def test_reserve_prints_cdi_names_and_container_engine_arguments(
     assert len(table) == 3 and all(line.rstrip().endswith("held") for line in table[1:])
     assert "0000:3b:00.0,0000:9a:00.0" in table[1] or "0000:3b:00.0,0000:9a:00.0" in table[2]
     gpus.remove("0000:5b:00.0")
-    deadline = time.monotonic() + 10
-    while "orphaned" not in (listed := daemon.cli("leases").stdout):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    listed = wait_until(
+        lambda: out if "orphaned" in (out := daemon.cli("leases").stdout) else None,
+        what="an orphaned lease in `leases`",
+        interval=0.05,
+    )
     assert "orphaned: 0000:5b:00.0 gone" in listed
     as_json = json.loads(daemon.cli("leases", "--json").stdout)
     assert sorted(len(lease["devices"]) for lease in as_json["leases"]) == [1, 2]

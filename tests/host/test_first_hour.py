@@ -19,6 +19,7 @@ import pytest
 from monitor.sim.umockdev import Simulator
 from tests.conftest import Daemon, hotplug_monitor, need
 from tests.sysfs import reservable
+from tests.waiting import wait_until
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -178,10 +179,11 @@ def test_the_log_tells_who_had_which_device_when(start_daemon: Callable[..., Dae
     finally:
         holder.kill()
         holder.wait()
-    deadline = time.monotonic() + 5
-    while "ends: its holder process" not in daemon.log():
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.02)
+    wait_until(
+        lambda: "ends: its holder process" in daemon.log(),
+        5,
+        lambda: f"the lease's end logged:\n{daemon.log()}",
+    )
     log = daemon.log()
     assert f"reservation {kept} granted to uid 0 (pid {os.getpid()}): {devices[0]}" in log
     assert f"reservation {kept} released by uid 0 (pid {os.getpid()}): {devices[0]}" in log

@@ -18,6 +18,7 @@ from monitor.wire.errors import RpcError
 from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, Subscription
 from tests.reliability import record
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
 
@@ -189,16 +190,18 @@ def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
     mirror = sub.until(lambda m: healthy(m, A) is True and value(m, A, "uuid") == UUID_A)
     assert device(mirror, A)["health_desc"] == ""
     if reason is not None:
-        deadline = time.monotonic() + 5
-        while not [
-            line
-            for line in daemon.log().splitlines()
-            if "is healthy again" in line
-            and "XID 94: contained ECC error" in line
-            and line.endswith(f"(evidence: {reason})")
-        ]:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
+        wait_until(
+            lambda: [
+                line
+                for line in daemon.log().splitlines()
+                if "is healthy again" in line
+                and "XID 94: contained ECC error" in line
+                and line.endswith(f"(evidence: {reason})")
+            ],
+            5,
+            lambda: f"the recovery logged:\n{daemon.log()}",
+            interval=0.05,
+        )
 
 
 def test_nvml_recovery_action_needed_makes_it_unhealthy_until_none(
@@ -227,10 +230,11 @@ def test_without_nvml_the_daemon_runs_on_udev_alone(
         daemon = start_daemon("--udev-source", "udev", env=env, nvml=True)
         snapshot = daemon.fingerprint()["snapshot"]
         assert set(snapshot["groups"]) == {"nvidia/gpu/H100 SXM5 80GB"}  # udev's name
-        deadline = time.monotonic() + 5
-        while daemon.log().count("NVML is not available") < started:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.02)
+        wait_until(
+            lambda: daemon.log().count("NVML is not available") >= started,  # noqa: B023
+            5,
+            lambda: f"'NVML is not available' logged:\n{daemon.log()}",  # noqa: B023
+        )
         time.sleep(0.2)
         assert daemon.log().count("NVML is not available") == started  # one line each
         assert "Traceback" not in daemon.log()

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator, umockdev_missing
 from monitor.wire import requests
 from tests.conftest import ALICE, GROUP, MALLORY, Daemon, need
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
 
@@ -66,16 +66,13 @@ def free_port() -> int:
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"{url}: exited {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+
+    wait_until(answers, timeout, lambda: f"{url} to answer:\n{log.read_text()}", 0.05, (OSError,))
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
@@ -127,14 +124,13 @@ class Stack:
         self, promql: str, condition: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
     ) -> list[dict[str, Any]]:
         """Ask again until the result satisfies ``condition``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.query(promql)
-            if condition(result):
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{promql}: still {result}")
-            time.sleep(0.25)
+        last: list[list[dict[str, Any]]] = []
+
+        def met() -> tuple[list[dict[str, Any]]] | None:  # in a tuple: [] may be the answer
+            last[:] = [self.query(promql)]
+            return (last[0],) if condition(last[0]) else None
+
+        return wait_until(met, timeout, lambda: f"{promql}: still {last}", interval=0.25)[0]
 
     def value(self, promql: str, expected: float, timeout: float = 30) -> list[dict[str, Any]]:
         """Wait until the query has exactly one series, of value ``expected``."""
@@ -467,18 +463,17 @@ def exporter_as(uid: int, groups: list[int], socket_path: Path, port: int, log: 
 
 
 def scrape_until(port: int, condition: Callable[[str], bool], timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
-                text = str(answer.read().decode())
-            if condition(text):
-                return text
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"no scrape met the condition; the last:\n{text[:2000]}")
+    last = [""]
+
+    def met() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            last[0] = str(answer.read().decode())
+        return last[0] if condition(last[0]) else None
+
+    return wait_until(
+        met, timeout, lambda: f"a scrape to meet the condition; the last:\n{last[0][:2000]}",
+        interval=0.1, ignoring=(OSError,),
+    )  # fmt: skip
 
 
 def test_an_unprivileged_member_of_the_group_exports_and_an_outsider_cannot(

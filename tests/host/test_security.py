@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.reliability import record
 from tests.sysfs import reservable
+from tests.waiting import wait_until
 
 
 def serve_refused(*args: str, env: dict[str, str] | None = None) -> str:
@@ -356,7 +357,10 @@ def test_holder_pids_must_be_processes_of_this_host(
         wanted = {"device_ids": [devices[0]]}
         refused = refusal(daemon, {**wanted, "holder_pid": thread_id})
         assert refused.code == -32602 and f"{thread_id} is a thread of process" in refused.message
-        time.sleep(0.1)  # let it become a zombie
+        wait_until(
+            lambda: Path(f"/proc/{zombie}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            what="the child to become a zombie",
+        )
         refused = refusal(daemon, {**wanted, "holder_pid": zombie})
         assert refused.code == -32602 and "zombie" in refused.message, refused.message
     finally:
@@ -431,9 +435,7 @@ def test_a_clock_step_while_stopped_keeps_living_holders_leases(
         holder.kill()
         holder.wait()
         with again.client() as client:
-            deadline = time.monotonic() + 5
-            while client.call("leases")["leases"] and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: not client.call("leases")["leases"], 5, "the lease to end")
             assert client.call("leases") == {"leases": []}  # and it still ends with its holder
     finally:
         holder.kill()
@@ -514,10 +516,10 @@ def test_a_hostile_config_never_ends_or_wedges_the_daemon(
     for done, (complaint, make) in enumerate(hostile, 1):
         make()
         daemon.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while daemon.log().count("reload refused") < done:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.02)
+        wait_until(
+            lambda: daemon.log().count("reload refused") >= done,  # noqa: B023 (called here)
+            what=lambda: f"reload {done} refused:\n{daemon.log()}",  # noqa: B023
+        )
         assert complaint in daemon.log().splitlines()[-1], daemon.log()
         assert daemon.fingerprint()["generation"] >= 0  # still answering
     assert daemon.rss_mib() < rss + 20
@@ -643,12 +645,11 @@ def test_one_user_cannot_keep_root_or_others_out(
         thread.join()
     assert results == [{"refused": 184, "closed": 16}], results
     # a connection that sends nothing is closed too; a subscriber that reads is not
-    with socket.socket(socket.AF_UNIX) as idle, daemon.client() as subscriber:
+    with daemon.client() as subscriber, socket.socket(socket.AF_UNIX) as idle:
+        subscriber.call("subscribe")  # before the idle one connects: its 2 s are over first
         idle.connect(str(shared_socket))
-        subscriber.call("subscribe")
-        time.sleep(2.5)
         idle.settimeout(5)
-        closed = json.loads(idle.makefile("rb").readline())
+        closed = json.loads(idle.makefile("rb").readline())  # the daemon closes it after 2 s
         assert "sent nothing for 2 s" in closed["error"]["message"], closed
         assert subscriber.call("fingerprint")["generation"] >= 0
     record(
@@ -669,10 +670,7 @@ def test_a_second_daemon_on_the_same_state_or_cdi_directory_refuses(
     cdi = tmp_path / "cdi"
     first = start_daemon("--cdi-dir", str(cdi))
     spec = cdi / "hotplug-monitor.json"
-    deadline = time.monotonic() + 5
-    while not spec.exists():
-        assert time.monotonic() < deadline, first.log()
-        time.sleep(0.02)
+    wait_until(spec.exists, 5, lambda: f"{spec}:\n{first.log()}")
     same_state = ["--socket", str(tmp_path / "b.sock"), "--state-dir", str(first.state_dir)]
     line = serve_refused(*same_state, "--no-cdi")
     assert f"is in use by another hotplug-monitor (pid {first.process.pid})" in line, line

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from monitor.sim.umockdev import Simulator
 from monitor.wire.errors import RpcError
 from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, Subscription
+from tests.waiting import wait_until
 
 H100 = "nvidia/gpu/H100 SXM5 80GB"
 MI300X = "amd/gpu/Instinct MI300X"
@@ -189,18 +189,19 @@ def test_reserve_refuses_unhealthy_devices_and_release_works(
 ) -> None:
     gpus.pci_error("0000:1b:00.0", "FAILED_RECOVERY")
     with daemon.client() as client:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def refused() -> RpcError | None:
             try:
                 client.call("reserve", {"device_ids": ["0000:1b:00.0", "0000:3b:00.0"]})
             except RpcError as failure:
-                assert failure.code == -32002
-                assert failure.data["device_ids"] == ["0000:1b:00.0"]
-                assert "recovery failed" in failure.message
-                break
-            assert time.monotonic() < deadline, "the daemon never saw the PCI error"
+                return failure
             client.call("release", {"device_ids": ["0000:1b:00.0", "0000:3b:00.0"]})
-            time.sleep(0.05)
+            return None
+
+        failure = wait_until(refused, what="the daemon to see the PCI error", interval=0.05)
+        assert failure.code == -32002
+        assert failure.data["device_ids"] == ["0000:1b:00.0"]
+        assert "recovery failed" in failure.message
         both = client.call("reserve", {"device_ids": ["0000:3b:00.0", "0000:9A:00.0"]})
         assert client.call("release", {"device_ids": ["0000:9a:00.0"]}) == {
             "released": ["0000:9a:00.0"],
@@ -220,9 +221,11 @@ def test_reserve_refuses_unhealthy_devices_and_release_works(
 
 def test_devices_prints_a_table_and_json(daemon: Daemon, gpus: Simulator) -> None:
     gpus.pci_error("0000:1b:00.0", "BEGIN_RECOVERY")
-    deadline = time.monotonic() + 10
-    while "UNHEALTHY" not in (table := daemon.cli("devices").stdout):
-        assert time.monotonic() < deadline
+    table = wait_until(
+        lambda: out if "UNHEALTHY" in (out := daemon.cli("devices").stdout) else None,
+        what="UNHEALTHY in `devices`",
+        interval=0,
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["ID", "GROUP", "DRIVER", "NUMA", "HEALTH", "HELD", "BY"]
     assert len(lines) == 5

@@ -22,6 +22,7 @@ from monitor.wire import stats
 from monitor.wire.blocking import Client
 from monitor.wire.errors import INVALID_PARAMS, INVALID_REQUEST, RpcError
 from tests.conftest import Daemon
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
 
@@ -186,12 +187,13 @@ def stats_client(daemon: Daemon) -> Iterator[Callable[[float], tuple[Client, dic
 
 def wait_for(sample: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> Any:
     """The first sample that satisfies ``ok`` (a liveness bound of 20 s)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = sample()
-        if ok(found):
-            return found
-    raise AssertionError(f"no such sample within 20 s; the last: {found}")
+    last: list[dict[str, Any]] = []
+
+    def satisfied() -> tuple[dict[str, Any]] | None:  # in a tuple: {} may be the answer
+        last[:] = [sample()]
+        return (last[0],) if ok(last[0]) else None
+
+    return wait_until(satisfied, 20, lambda: f"such a sample; the last: {last}", interval=0)[0]
 
 
 def test_every_statistic_has_its_known_value(

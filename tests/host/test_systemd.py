@@ -23,6 +23,7 @@ from monitor.sim.umockdev import Simulator
 from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
 from tests.conftest import Daemon, Subscription, need, two_pci_classes
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -124,10 +125,9 @@ def journald() -> Iterator[None]:
     process = subprocess.Popen(
         [str(JOURNALD)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 10
-    while not os.path.exists(logs.JOURNAL_SOCKET):
-        assert time.monotonic() < deadline, "systemd-journald did not start"
-        time.sleep(0.05)
+    wait_until(
+        lambda: os.path.exists(logs.JOURNAL_SOCKET), what="systemd-journald to start", interval=0.05
+    )
     try:
         yield
     finally:
@@ -141,17 +141,16 @@ def journald() -> Iterator[None]:
 def journal_entries(
     message_id: str, pid: int, count: int, timeout: float = 10
 ) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def entries() -> list[dict[str, Any]]:
         out = subprocess.run(
             ["journalctl", "-o", "json", "--no-pager", f"MESSAGE_ID={message_id}", f"_PID={pid}"],
             capture_output=True,
             text=True,
         ).stdout
-        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
-        if len(entries) >= count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+        found = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return found if len(found) >= count else []
+
+    return wait_until(entries, timeout, f"{count} journal entries {message_id}", interval=0.1)
 
 
 def test_health_transitions_are_structured_journal_entries(
@@ -200,10 +199,7 @@ def test_without_journald_stderr_lines_carry_priority_prefixes(
     sim.add("nvidia-h100", "0000:3b:00.0", 0)
     daemon = start_daemon("--udev-source", "udev", env=sim.daemon_env())
     sim.pci_error("0000:3b:00.0", "FAILED_RECOVERY")
-    deadline = time.monotonic() + 10
-    while "is lost" not in daemon.log():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: "is lost" in daemon.log(), what="'is lost' logged", interval=0.05)
     lines = daemon.log().splitlines()
     assert any(line.startswith("<6>INFO ") for line in lines)
     assert any(
@@ -223,10 +219,7 @@ def test_socket_activation_answers_early_clients_and_keeps_the_socket(tmp_path: 
         stderr=log,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
-            time.sleep(0.02)
+        wait_until(path.exists, what="systemd-socket-activate to listen")
         # The daemon starts only now, on this first connection: the client is early.
         with Client(path) as client:
             result = client.call("fingerprint")
@@ -271,10 +264,14 @@ class NotifySocket:
     def wait_for(self, text: str, timeout: float = 20, after: int = 0) -> None:
         """Until a message containing ``text`` has arrived (now, or before but not among the
         first ``after``)."""
-        deadline = time.monotonic() + timeout
-        while not any(text in m for _, m in self.messages[after:]):
-            assert time.monotonic() < deadline, f"{text!r} never arrived; got {self.messages}"
+
+        def arrived() -> bool:
+            if any(text in m for _, m in self.messages[after:]):
+                return True
             self.receive(0.1)
+            return False
+
+        wait_until(arrived, timeout, lambda: f"{text!r}; got {self.messages}", interval=0)
 
 
 def test_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
@@ -347,10 +344,7 @@ def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad(
 
     config.write_text('match_class = ["not hex"]\n')
     daemon.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "reload refused" not in daemon.log():
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.05)
+    wait_until(lambda: "reload refused" in daemon.log(), what=lambda: f"a refusal:\n{daemon.log()}")
     assert "invalid PCI class 'not hex'" in daemon.log()
     assert set(daemon.fingerprint()["snapshot"]["groups"]) == set(mirror.snapshot["groups"])
     assert daemon.process.poll() is None

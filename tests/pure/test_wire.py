@@ -1,4 +1,5 @@
-"""The client side of the protocol without I/O: framing, the mirror, the backoff."""
+"""The protocol without I/O: the server's line framing and request parsing; the client's
+framing, mirror and backoff."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import pytest
 
 from monitor.wire.backoff import Backoff
 from monitor.wire.errors import RpcError
-from monitor.wire.framing import ClientProtocol, Notification, ProtocolError, Response
+from monitor.wire.framing import (
+    ClientProtocol,
+    LineBuffer,
+    LineTooLong,
+    Notification,
+    ProtocolError,
+    Response,
+    parse_request,
+)
 from monitor.wire.mirror import Gap, Mirror
 from monitor.wire.requests import release, reserve
 
@@ -60,3 +69,25 @@ def test_backoff_doubles_up_to_its_most_and_starts_over_after_a_success() -> Non
     assert [backoff.delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     backoff.reset()
     assert backoff.delay() == 0.1
+
+
+# --- the server's side ------------------------------------------------------------------
+
+
+def test_line_buffer_splits_and_limits() -> None:
+    buffer = LineBuffer(limit=8)
+    assert buffer.feed(b"ab") == []
+    assert buffer.feed(b"c\nde\nf") == [b"abc", b"de"]
+    assert buffer.feed(b"\n") == [b"f"]
+    with pytest.raises(LineTooLong):
+        buffer.feed(b"123456789")
+    with pytest.raises(LineTooLong):  # a long line between two short ones, in one read
+        LineBuffer(limit=8).feed(b"1234567\n123456789\n12\n")
+
+
+def test_parse_request_keeps_the_id_of_an_invalid_request() -> None:
+    with pytest.raises(RpcError) as caught:
+        parse_request(b'{"id": "abc", "method": "fingerprint"}')
+    assert caught.value.request_id == "abc" and caught.value.code == -32600
+    request = parse_request(b'{"jsonrpc": "2.0", "id": 3, "method": "fingerprint"}')
+    assert (request.id, request.method, request.params) == (3, "fingerprint", {})

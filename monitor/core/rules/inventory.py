@@ -13,8 +13,6 @@ same address is another device: nothing of the first stays with it.
 
 from __future__ import annotations
 
-import attrs
-
 from monitor.core.draft import Draft, Rule
 from monitor.core.events import (
     ClassFilterChanged,
@@ -37,9 +35,7 @@ from monitor.core.health import (
 )
 from monitor.core.pci import NVIDIA_VENDOR_ID
 from monitor.core.rules.problems import clear_problems, set_problem
-from monitor.core.state import State
-
-F = attrs.fields(State)
+from monitor.core.state import F
 
 
 def database_name(facts: PciFacts) -> str:

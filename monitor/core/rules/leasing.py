@@ -31,9 +31,8 @@ from monitor.core.events import (
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_name
-from monitor.core.state import State, nvidia_minor
+from monitor.core.state import F, State, nvidia_minor
 
-F = attrs.fields(State)
 Found = tuple[DeviceGroup, Device]
 
 

@@ -41,11 +41,9 @@ from monitor.core.health import (
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
-from monitor.core.state import State
+from monitor.core.state import F, State
 from monitor.core.text import is_gpu_uuid, shown
 from monitor.core.xids import REBOOT, RESET, judge
-
-F = attrs.fields(State)
 
 # NVML's recovery actions (nvmlDeviceGpuRecoveryAction_t), as a person would say them.
 RECOVERY_ACTIONS = {

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import attrs
-
 from monitor.core.draft import Draft
 from monitor.core.health import Problem
-from monitor.core.state import State
-
-F = attrs.fields(State)
+from monitor.core.state import F
 
 
 def set_problem(draft: Draft, address: str, cause: str, problem: Problem) -> None:

@@ -27,11 +27,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from tests.conftest import need
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD = Path(__file__).resolve().parent / "build.sh"
@@ -158,11 +159,11 @@ class PluginProcess:
         return self.log_path.read_text(errors="replace")
 
     def until_logged(self, text: str, timeout: float = 20, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log().count(text) < count:
+        def logged() -> bool:
             assert self.process.poll() is None, f"the plugin exited:\n{self.log()}"
-            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()}"
-            time.sleep(0.05)
+            return self.log().count(text) >= count
+
+        wait_until(logged, timeout, lambda: f"{text!r} logged:\n{self.log()}", interval=0.05)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -174,14 +175,3 @@ class PluginProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    """``check()``'s first true value, trying every 50 ms up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.05)

@@ -40,6 +40,7 @@ import psutil
 
 from monitor.wire import requests
 from monitor.wire.blocking import Client
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 BUSYBOX = Path("/bin/busybox")
@@ -60,11 +61,9 @@ def _run(*command: str, timeout: float = 120) -> str:
 
 
 def _wait(check: Any, timeout: float, what: str) -> float:
+    """Seconds until ``check()`` is true (the node's start-up times are reported)."""
     began = time.monotonic()
-    while not check():
-        if time.monotonic() - began > timeout:
-            raise RuntimeError(f"{what} not within {timeout} s")
-        time.sleep(0.05)
+    wait_until(check, timeout, what, interval=0.05)
     return time.monotonic() - began
 
 

@@ -37,9 +37,9 @@ from tests.host.kubelet.harness import (
     DeviceManager,
     PluginProcess,
     build,
-    eventually,
 )
 from tests.reliability import record
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.kubelet]
 
@@ -269,7 +269,7 @@ def test_leases_of_pods_that_are_gone_end_by_reconcile(
     began = time.monotonic()
     manager.request("remove_pod", pod="first")
     gone = next(d for d, pod in held.items() if pod == "first")
-    eventually(lambda: set(kubelet_leases(daemon)) == {A, B} - {gone}, what="first's lease ended")
+    wait_until(lambda: set(kubelet_leases(daemon)) == {A, B} - {gone}, 20, "first's lease ended")
     keep("pod_gone_to_lease_ended_s", round(time.monotonic() - began, 2))
     plugin.until_logged(f"reconciled with the kubelet: released {gone}")
 
@@ -290,7 +290,7 @@ def test_reconcile_reads_v1alpha1_from_a_kubelet_without_v1(
     time.sleep(3)
     assert set(kubelet_leases(daemon)) == set(only["device_ids"])
     manager.request("remove_pod", pod="only")
-    eventually(lambda: not kubelet_leases(daemon), what="the lease ended")
+    wait_until(lambda: not kubelet_leases(daemon), 20, "the lease ended")
 
 
 def test_a_restarted_device_manager_gets_the_plugin_back_each_time(

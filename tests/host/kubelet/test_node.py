@@ -30,6 +30,7 @@ from tests.host.kubelet.harness import RESOURCE, Driven, build, plugin_env
 from tests.host.kubelet.node import NODE_NAME, READ_ONLY, SHELL_IMAGE
 from tests.host.kubelet.test_devicemanager import keep
 from tests.reliability import record
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.umockdev, pytest.mark.kubelet_node]
 
@@ -113,11 +114,12 @@ def phase_of(name: str) -> tuple[str, str, str]:
 
 
 def until_phase(name: str, *phases: str, timeout: float = 120) -> tuple[str, str, str]:
-    deadline = time.monotonic() + timeout
-    while (found := phase_of(name))[0] not in phases:
-        assert time.monotonic() < deadline, f"{name}: {found} after {timeout} s; {pods()}"
-        time.sleep(0.2)
-    return found
+    return wait_until(
+        lambda: found if (found := phase_of(name))[0] in phases else None,
+        timeout,
+        lambda: f"{name} {phases}: {phase_of(name)}; {pods()}",
+        interval=0.2,
+    )
 
 
 def manifest(name: str, script: str) -> dict[str, Any]:
@@ -173,15 +175,16 @@ def test_a_pod_gets_the_gpu_and_a_removed_gpu_leaves_allocatable(
     until_phase("gpu-one", "Running", "Failed")
     assert phase_of("gpu-one")[0] == "Running", (phase_of("gpu-one"), _tail(top, "kubelet"))
     running_s = time.monotonic() - began
-    deadline = time.monotonic() + 60
-    while "shown" not in container_log(top, "gpu-one"):
-        if time.monotonic() > deadline:
-            logs = sorted(str(p) for p in (top / "varlog").rglob("*"))
-            raise AssertionError(
-                f"no output from gpu-one: {pods().get(f'gpu-one-{NODE_NAME}')}\n{logs}\n"
-                f"{container_log(top, 'gpu-one')}\n{_tail(top, 'kubelet')}"
-            )
-        time.sleep(0.2)
+    wait_until(
+        lambda: "shown" in container_log(top, "gpu-one"),
+        60,
+        lambda: (
+            f"output from gpu-one: {pods().get(f'gpu-one-{NODE_NAME}')}\n"
+            f"{sorted(str(p) for p in (top / 'varlog').rglob('*'))}\n"
+            f"{container_log(top, 'gpu-one')}\n{_tail(top, 'kubelet')}"
+        ),
+        interval=0.2,
+    )
     pod_s = (time.time_ns() - dropped["unix_ns"]) / 1e9
     with monitor.client() as client:
         leases = client.ask(requests.leases())["leases"]
