@@ -88,8 +88,8 @@ async def ping_watchdog(interval: float) -> None:
 
 def _tune_gc() -> None:
     """Rarer cycle collections. Nearly all our garbage is freed by reference counting, but with a
-    thousand clients connected a full collection walks every task and socket object and paused
-    fan-out for tens of milliseconds (tests/bench); the thresholds make those rare."""
+    thousand clients connected a full collection walks every task and socket object and pauses
+    fan-out (the benchmark's fan-out scenario); the thresholds make those rare."""
     gc.set_threshold(50_000, 50, 1_000)
 
 
