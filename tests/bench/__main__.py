@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--against",
         metavar="REVISION",
-        help="scenario 1 also runs this tree's daemon against the daemon of a git revision "
-        "(a temporary worktree), alternating, and says whether it is worse beyond the noise",
+        help="scenarios 1 (the kernel path) and 5 (connection-bound pairs) also run this tree's "
+        "daemon against the daemon of a git revision (a temporary worktree), alternating, and "
+        "say whether it is worse beyond the noise",
     )
     parser.add_argument(
         "--profile",
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                         results, daemon, devices, pairs, quick, label,
                         None if bind else profiles, bind=bind,
                     )  # fmt: skip
+            if args.against:
+                reserve.pairs_against(
+                    results, work / "s5-against", sim.daemon_env(), devices, pairs,
+                    args.against, 8 if quick else 16,
+                )  # fmt: skip
             before, after = rates["s5-before"], rates["s5-bound"]
             for connections in after:
                 ratio = after[connections] / before[connections]

@@ -18,7 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import REPO, Daemon, Results, Row, Stats, now_ns, stop_process
+from tests.bench.common import (
+    REPO,
+    Daemon,
+    Results,
+    Row,
+    Stats,
+    now_ns,
+    stop_process,
+    worktree,
+)
 from tests.bench.profile import PySpy
 
 
@@ -225,3 +234,36 @@ def reservations(
                 run_pairs(daemon.socket, devices, connections, pairs, bind)
             profiles[f"reserve+release, {label}, {connections} connection(s)"] = spy.summary()
     return rates
+
+
+def pairs_against(
+    results: Results,
+    workdir: Path,
+    env: dict[str, str],
+    devices: list[str],
+    pairs: int,
+    revision: str,
+    rounds: int,
+) -> None:
+    """Connection-bound reserve+release pairs over one connection, this tree's daemon against
+    ``revision``'s, alternating over ``rounds`` daemons (False, True, True, False, ...) so that
+    drift in the machine's load falls on both alike. The noise is the paired rounds' spread."""
+    scenario = "5 reservations"
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    with worktree(revision) as other:
+        for round_ in range(rounds):
+            old = round_ % 4 in (1, 2)
+            args = ["--udev-source", "udev"]
+            with Daemon(workdir / f"round-{round_}", args, env=env, log_level="warning",
+                        repo=other if old else REPO) as daemon:  # fmt: skip
+                run_pairs(daemon.socket, devices, 1, 200, bind=True)  # warm-up
+                latencies, elapsed = run_pairs(daemon.socket, devices, 1, pairs // rounds, True)
+                rates[old].append(len(latencies) / elapsed)
+    ratios = sorted(new / old for new, old in zip(rates[False], rates[True], strict=True))
+    overall = sum(rates[False]) / sum(rates[True])
+    results.add(
+        Row(scenario, f"ratio connection-bound pairs/s, 1 connection, this tree / {revision}",
+            f"x{overall:.2f} ({len(ratios)} paired rounds: x{ratios[0]:.2f} to x{ratios[-1]:.2f})",
+            "not slower in every pair", "MISSED" if ratios[-1] < 1.0 else "met",
+            {"ratio": overall, "pairs": ratios}),
+    )  # fmt: skip
