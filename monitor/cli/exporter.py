@@ -14,4 +14,4 @@ def exporter(args: argparse.Namespace) -> int:
         from monitor.adapters.exporter import run
     except ImportError as exc:  # the exporter extra is not installed
         return missing_extra("exporter", "exporter", exc)
-    return run.main(args.socket or client_socket(), args.listen)
+    return run.main(args.socket or client_socket(), args.listen, args.head_timeout)

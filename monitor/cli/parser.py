@@ -239,6 +239,14 @@ def _exporter(commands: Commands) -> argparse.ArgumentParser:
         help="where to serve HTTP: HOST:PORT, [IPV6]:PORT, or :PORT for every address "
         "(default: localhost:10082)",
     )
+    exporter.add_argument(
+        "--head-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a request's head must arrive within this many seconds of its first byte, else "
+        "the connection is closed (default: 2; at most 10)",
+    )
     return exporter
 
 

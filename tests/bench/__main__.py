@@ -30,6 +30,7 @@ from tests.bench import (
     kubelet,
     lifecycle,
     nomad,
+    preferred,
     reserve,
     simulated,
     telemetry,
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="scenarios to run, e.g. 1,4"
+        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12,13", help="scenarios to run, e.g. 1,4"
     )
     parser.add_argument(
         "--against",
@@ -341,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                         results, work / "s12", 300 if quick else 1000, 3 if quick else 20, quick
                     ),
                 )
+
+        if 13 in only:
+            guarded(
+                preferred.SCENARIO,
+                lambda: preferred.preferred(results, 100 if quick else 1000, quick),
+            )
 
     # In scenario order (they run in the order that shares set-up).
     results.rows.sort(key=lambda row: int(row.scenario.split()[0]))

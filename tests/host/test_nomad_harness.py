@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -192,6 +193,26 @@ def test_socket_dir_group_and_multiplex_request_are_honoured(tmp_path: Path) -> 
         # The host's group may connect.
         assert socket_path.stat().st_gid == os.getgid()
         assert socket_path.stat().st_mode & 0o777 == 0o660
+    finally:
+        plugin.process.send_signal(signal.SIGTERM)
+        status, _, _ = plugin.finish()
+    assert status == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_socket_is_the_hosts_alone_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)  # an agent, or a person, that leaves the umask at 000
+    try:
+        plugin = DirectPlugin(_plugin_env(PLUGIN_UNIX_SOCKET_DIR=str(tmp_path)))
+    finally:
+        os.umask(old)
+    try:
+        socket_path = Path(plugin.line.split("|")[3])
+        assert socket_path.parent == tmp_path
+        made = socket_path.lstat()
+        assert stat.S_ISSOCK(made.st_mode)
+        assert (stat.S_IMODE(made.st_mode), made.st_uid) == (0o600, os.geteuid())
+        assert list(tmp_path.iterdir()) == [socket_path]  # no private directory left
     finally:
         plugin.process.send_signal(signal.SIGTERM)
         status, _, _ = plugin.finish()

@@ -96,34 +96,51 @@ async def test_a_daemon_answering_nonsense_or_hanging_up_leaves_the_exporter_ser
             nursery.cancel_scope.cancel()
 
 
-async def test_past_the_connection_cap_the_longest_idle_is_closed_else_503() -> None:
-    server = http.Server(lambda path: http.Page(200, b"ok\n"), max_connections=2)
+async def opened(server: http.Server, count: int) -> None:
+    with trio.fail_after(10):
+        while server.open != count:
+            await trio.sleep(0.01)
+
+
+async def test_past_the_connection_cap_the_longest_waiting_is_closed_else_503() -> None:
+    big = b"x" * (64 << 20)  # more than the kernel buffers: a client that does not read stalls
+    server = http.Server(
+        lambda path: http.Page(200, big if path == "/big" else b"ok\n"), max_connections=2
+    )
     listeners = await http.listen("127.0.0.1", 0)
     port = listeners[0].socket.getsockname()[1]
-
-    async def opened(count: int) -> None:
-        with trio.fail_after(10):
-            while server.open != count:
-                await trio.sleep(0.01)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(http.serve, server, listeners)
         idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
-        await opened(2)
+        await opened(server, 2)
         # Both idle: a new connection is served, and the oldest idle one is closed.
         assert await http_get(port, "/") == (200, b"ok\n")
         with trio.fail_after(10):
             assert await idle[0].receive_some(1024) == b""
-        await opened(1)
-        # Both busy (a request begun, not finished): the new one is refused.
-        busy = await trio.open_tcp_stream("127.0.0.1", port)
-        for stream in (idle[1], busy):
+        await opened(server, 1)
+        # A request begun and not finished is waiting too: the longest waiting goes first.
+        dribbling = await trio.open_tcp_stream("127.0.0.1", port)
+        await opened(server, 2)
+        for stream in (idle[1], dribbling):
             await stream.send_all(b"GET / HTTP/1.1\r\n")
-        await opened(2)
+        assert await http_get(port, "/") == (200, b"ok\n")
+        with trio.fail_after(10):
+            assert await idle[1].receive_some(1024) == b""
+        await opened(server, 1)
+        # Every slot answering (two clients that do not read their answers): 503.
+        await dribbling.aclose()
+        await opened(server, 0)
+        stalled = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        for stream in stalled:
+            await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            while server.open != 2 or any(c.waiting for c in server.connections):
+                await trio.sleep(0.01)
         assert (await http_get(port, "/"))[0] == 503
-        for stream in (*idle, busy):
+        for stream in (*idle, *stalled):
             await stream.aclose()
-        await opened(0)
+        await opened(server, 0)
         nursery.cancel_scope.cancel()
 
 
@@ -151,8 +168,10 @@ async def test_a_request_begun_must_end_within_the_request_timeout(
     async with trio.open_nursery() as nursery:
         await nursery.start(http.serve, server, listeners)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost:")  # and then nothing
+        # The head in time, then half of the body it announced, and then nothing.
+        await stream.send_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
         began = trio.current_time()
+        await stream.send_all(b"12345")
         assert await stream.receive_some(1024) == b""
         assert http.REQUEST_TIMEOUT <= trio.current_time() - began < http.IDLE_TIMEOUT
         nursery.cancel_scope.cancel()

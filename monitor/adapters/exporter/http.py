@@ -3,8 +3,12 @@
 It serves GET and HEAD of a few fixed pages and nothing else. Anyone on the network it listens
 on may connect, so every limit is explicit: request heads of at most MAX_HEAD bytes, bodies
 (which no page reads) of at most MAX_BODY, MAX_CONNECTIONS at once (``Server``), and a
-connection that sends nothing for IDLE_TIMEOUT seconds, takes longer than REQUEST_TIMEOUT over
-a request, or reads its answer slower than SEND_TIMEOUT, is closed.
+connection that sends nothing for IDLE_TIMEOUT seconds, takes longer than the head timeout
+(HEAD_TIMEOUT unless told) to finish a request's head once begun, or REQUEST_TIMEOUT over a
+whole request, or reads its answer slower than SEND_TIMEOUT, is closed. A connection is
+"waiting" from the end of its last answer (or its start) until its next request is complete:
+a waiting connection holds a slot only until someone needs it (``Server.handle``), so clients
+that dribble bytes (slowloris) cannot lock a scrape out.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 60.0  # seconds: Prometheus's connections are idle between scrapes
+HEAD_TIMEOUT = 2.0  # from a request's first byte to the end of its head
 REQUEST_TIMEOUT = 10.0  # from a request's first byte to its end
 SEND_TIMEOUT = 10.0
 RECEIVE_SIZE = 16 * 1024
@@ -65,20 +70,29 @@ class _Close(Exception):
 class Connection:
     """One client connection, one request at a time, kept open between them."""
 
-    def __init__(self, stream: trio.abc.Stream, site: Site) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, site: Site, head_timeout: float = HEAD_TIMEOUT
+    ) -> None:
         self.stream = stream
         self.site = site
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.waiting: trio.CancelScope | None = None  # set while idle: waiting for a request
+        self.head_timeout = head_timeout
+        # h11 refuses an incomplete head longer than this; ``_event`` never lets a complete one
+        # grow past MAX_HEAD either (h11 checks only incomplete heads).
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD - 1)
+        # Set while waiting for a complete request: the scope that ends the wait, and since when.
+        self.waiting: trio.CancelScope | None = None
+        self.waiting_since = 0.0
+        self._began: float | None = None  # when this request's first byte came
 
     async def serve(self) -> None:
         try:
             while True:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
-                    self.waiting = idle
+                self._began = None
+                with trio.move_on_after(IDLE_TIMEOUT) as wait:
+                    self.waiting, self.waiting_since = wait, trio.current_time()
                     request = await self._request()
                 self.waiting = None
-                if idle.cancelled_caught or request is None:
+                if wait.cancelled_caught or request is None:
                     return
                 method, target = request
                 await self._send_page(method, answer(self.site, method, target))
@@ -95,13 +109,17 @@ class Connection:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            size = RECEIVE_SIZE
+            if self.conn.their_state is h11.IDLE:  # a head: never more than MAX_HEAD buffered
+                size = max(1, MAX_HEAD - len(self.conn.trailing_data[0]))
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.stream.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 raise _Close from error
-            if self.waiting is not None and data:  # a request began: it has so long to arrive
-                self.waiting.deadline = trio.current_time() + REQUEST_TIMEOUT
-                self.waiting = None
+            if self.waiting is not None and data and self._began is None:
+                # A request began: its head has head_timeout to arrive, the rest longer.
+                self._began = trio.current_time()
+                self.waiting.deadline = self._began + self.head_timeout
             self.conn.receive_data(bytes(data))
 
     async def _request(self) -> tuple[str, str] | None:
@@ -112,6 +130,9 @@ class Connection:
             return None
         if not isinstance(event, h11.Request):
             raise _Close
+        if self.waiting is not None:  # the head is in (pipelined ones came with no wait)
+            began = trio.current_time() if self._began is None else self._began
+            self.waiting.deadline = began + REQUEST_TIMEOUT
         method, target = (
             event.method.decode("ascii", "replace"),
             event.target.decode("ascii", "replace"),
@@ -194,30 +215,40 @@ class Connection:
 
 class Server:
     """Connections to the site, at most MAX_CONNECTIONS at once. When they are all open, a new
-    one closes the longest idle (a client can reconnect, and connections held open doing
-    nothing cannot lock out a scrape); when none is idle, it is answered 503."""
+    one closes the one that has waited longest without a complete request, idle or dribbling
+    (a client can reconnect, and connections that hold a slot without asking cannot lock out a
+    scrape); when every one is being answered, the new one is answered 503."""
 
-    def __init__(self, site: Site, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        site: Site,
+        max_connections: int = MAX_CONNECTIONS,
+        head_timeout: float = HEAD_TIMEOUT,
+    ) -> None:
+        if not head_timeout > 0:
+            raise ValueError(f"the head timeout must be a positive number, not {head_timeout}")
         self.site = site
         self.max_connections = max_connections
-        self.connections: dict[Connection, None] = {}  # oldest first
+        self.head_timeout = head_timeout
+        self.connections: dict[Connection, None] = {}
 
     @property
     def open(self) -> int:
         return len(self.connections)
 
-    def _close_an_idle_one(self) -> bool:
-        for connection in self.connections:
-            if connection.waiting is not None:
-                connection.waiting.cancel()
-                connection.waiting = None
-                return True
-        return False
+    def _evict(self) -> bool:
+        waiting = (c for c in self.connections if c.waiting is not None)
+        longest = min(waiting, key=lambda c: c.waiting_since, default=None)
+        if longest is None or longest.waiting is None:
+            return False
+        longest.waiting.cancel()
+        longest.waiting = None
+        return True
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            connection = Connection(stream, self.site)
-            if self.open >= self.max_connections and not self._close_an_idle_one():
+            connection = Connection(stream, self.site, self.head_timeout)
+            if self.open >= self.max_connections and not self._evict():
                 await connection._refuse(503, "too many connections")
                 return
             self.connections[connection] = None

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ async def run(
     socket: Path,
     listeners: list[trio.SocketListener],
     *,
+    head_timeout: float = http.HEAD_TIMEOUT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     known = Known()
@@ -144,7 +146,8 @@ async def run(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(follow_snapshot, watcher, trio.sleep)
         nursery.start_soon(follow_telemetry, known, socket)
-        await nursery.start(http.serve, http.Server(site(known)), listeners)
+        server = http.Server(site(known), head_timeout=head_timeout)
+        await nursery.start(http.serve, server, listeners)
         task_status.started()
 
 
@@ -165,7 +168,7 @@ def describe(host: str, port: int) -> str:
     return f"http://{shown}:{port}/metrics"
 
 
-def main(socket: Path, listen: str) -> int:
+def main(socket: Path, listen: str, head_timeout: float = http.HEAD_TIMEOUT) -> int:
     """Run until SIGINT or SIGTERM; the exit status."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("hotplug-monitor exporter: %(message)s"))
@@ -176,6 +179,13 @@ def main(socket: Path, listen: str) -> int:
         host, port = parse_listen(listen)
     except ValueError as error:
         print(f"hotplug-monitor: error: {error}", file=sys.stderr)
+        return 2
+    if not 0 < head_timeout <= http.REQUEST_TIMEOUT:
+        print(
+            "hotplug-monitor: error: --head-timeout must be more than 0 and at most "
+            f"{http.REQUEST_TIMEOUT:g} seconds, not {head_timeout:g}",
+            file=sys.stderr,
+        )
         return 2
     if os.geteuid() == 0:
         log.warning("running as root: run it as its own user in the daemon's group instead")
@@ -188,7 +198,7 @@ def main(socket: Path, listen: str) -> int:
         log.info("serving %s for the daemon on %s", describe(host, port), socket)
         with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
             async with trio.open_nursery() as nursery:
-                await nursery.start(run, socket, listeners)
+                await nursery.start(partial(run, socket, listeners, head_timeout=head_timeout))
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

@@ -44,6 +44,7 @@ from monitor.adapters.kubelet.rpc import OPTIONS, PluginState, ResourcePlugin, s
 from monitor.wire import requests
 from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.errors import DaemonUnavailable, RpcError
+from monitor.wire.private_socket import bound_privately
 
 log = logging.getLogger("kubelet-plugin")
 
@@ -118,14 +119,15 @@ class Plugin:
             return None
         if time.monotonic() < self._retry_at.get(resource, 0.0):
             return None
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_socket():
-                path.unlink()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20)])
         api_grpc.add_DevicePluginServicer_to_server(ResourcePlugin(resource, self.state), server)
         try:
-            server.add_insecure_port(f"unix://{path}")
-            await server.start()
+            # Whoever may connect may Allocate, and get a lease made by root: the socket is
+            # root's alone (0600) from the moment its name exists, whatever the umask. The
+            # rename replaces a socket left there (ours, from before a restart).
+            with bound_privately(path, 0o600) as temporary:
+                server.add_insecure_port(f"unix:{temporary}")
+                await server.start()
         except (RuntimeError, OSError) as error:
             await stop_quietly(server)
             self._retry_at[resource] = time.monotonic() + SERVE_RETRY_S

@@ -32,6 +32,8 @@ log = logging.getLogger("kubelet-plugin")
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 ALLOCATE_TIMEOUT_S = 10.0
 MAX_REQUEST_DEVICES = 1024
+MAX_CONTAINER_REQUESTS = 16  # the kubelet sends one per call
+INLINE_RANKING = 16_384  # available x size below which ranking takes about a millisecond
 OPTIONS = api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
 
@@ -45,6 +47,7 @@ class PluginState:
         self.version = 0
         self.allocated_at: dict[str, float] = {}
         self.resources_changed = asyncio.Event()
+        self.ranking = asyncio.Lock()  # one preferred allocation ranked off the loop at a time
         self._changed = asyncio.Condition()
         self.link = grpc_edge.Reachability(
             lost=lambda: log.warning(
@@ -153,18 +156,43 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
         request: api.PreferredAllocationRequest,
         context: Context[api.PreferredAllocationRequest, api.PreferredAllocationResponse],
     ) -> api.PreferredAllocationResponse:
+        asked = list(request.container_requests)
+        if len(asked) > MAX_CONTAINER_REQUESTS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_CONTAINER_REQUESTS} container requests at once",
+            )
+        for r in asked:
+            if max(len(r.available_deviceIDs), len(r.must_include_deviceIDs)) > MAX_REQUEST_DEVICES:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"at most {MAX_REQUEST_DEVICES} device IDs per list in a container request",
+                )
         devices = self._state.inventory.devices(self.resource)
+        ours = {d.id for d in devices}
+        # Only this resource's devices are ranked: made-up IDs cost nothing and are never
+        # preferred (the kubelet offers only what we listed).
+        work = [
+            (
+                [i for i in r.available_deviceIDs if i in ours],
+                [i for i in r.must_include_deviceIDs if i in ours],
+                min(max(r.allocation_size, 0), MAX_REQUEST_DEVICES),
+            )
+            for r in asked
+        ]
+
+        def rank() -> list[list[str]]:
+            return [preference.preferred(a, m, n, devices) for a, m, n in work]
+
+        # Ranking takes O(available x size): past a few milliseconds, off the loop, one at a time.
+        if sum(len(a) * n for a, _, n in work) <= INLINE_RANKING:
+            chosen = rank()
+        else:
+            async with self._state.ranking:
+                chosen = await asyncio.to_thread(rank)
         return api.PreferredAllocationResponse(
             container_responses=[
-                api.ContainerPreferredAllocationResponse(
-                    deviceIDs=preference.preferred(
-                        list(r.available_deviceIDs)[:MAX_REQUEST_DEVICES],
-                        list(r.must_include_deviceIDs)[:MAX_REQUEST_DEVICES],
-                        min(r.allocation_size, MAX_REQUEST_DEVICES),
-                        devices,
-                    )
-                )
-                for r in request.container_requests
+                api.ContainerPreferredAllocationResponse(deviceIDs=ids) for ids in chosen
             ]
         )
 

@@ -10,7 +10,7 @@ docs, and Nomad's plugins/base):
   the plugin answers with the highest one it shares, or its own lowest so that the host can
   name the mismatch;
 - a Unix socket, in ``PLUGIN_UNIX_SOCKET_DIR`` when set (with ``PLUGIN_UNIX_SOCKET_GROUP``'s
-  group when set), serving gRPC;
+  group when set), serving gRPC; ours is 0600 (0660 with a group) whatever the umask;
 - exactly one stdout line, ``CORE|APP|unix|<socket>|grpc``; with ``PLUGIN_MULTIPLEX_GRPC``
   set, a sixth (server certificate, empty) and a seventh field saying whether brokered
   connections can be multiplexed (no: this side serves no broker);
@@ -49,6 +49,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.adapters.nomad.protos import goplugin_pb2, goplugin_pb2_grpc
+from monitor.wire.private_socket import bound_privately
 
 CORE_PROTOCOL_VERSION = 1
 # go-plugin's GRPCServiceName: the service its client's Ping asks the health service about.
@@ -308,14 +309,21 @@ class PluginServer:
         goplugin_pb2_grpc.add_GRPCStdioServicer_to_server(StdioServicer(self.stopping), server)
         for register in self._registrars:
             register(server)
-        if server.add_insecure_port(f"unix:{self.socket_path}") == 0:
-            raise PluginStartError(f"cannot listen on {self.socket_path}")
-        await server.start()
-        self._server = server
         group = self._env.get(ENV_UNIX_SOCKET_GROUP, "")
-        if group:
-            os.chown(self.socket_path, -1, _socket_group(group))
-            os.chmod(self.socket_path, 0o660)
+        gid = _socket_group(group) if group else None
+        self._server = server  # stopped by close(), whatever happens below
+        try:
+            # Whoever may connect may ask for devices: the socket has its mode (0600, or 0660
+            # for the host's group) from the moment its name exists, whatever the umask.
+            with bound_privately(
+                Path(self.socket_path), 0o600 if gid is None else 0o660, gid
+            ) as at:
+                if server.add_insecure_port(f"unix:{at}") == 0:
+                    raise PluginStartError(f"cannot listen on {self.socket_path}")
+                await server.start()
+        except (OSError, RuntimeError) as error:
+            why = error.strerror if isinstance(error, OSError) else None
+            raise PluginStartError(f"cannot listen on {self.socket_path}: {why or error}") from None
         log.debug("plugin serving", extra={"address": self.socket_path, "version": self.version})
         return self.socket_path
 

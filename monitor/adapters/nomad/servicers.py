@@ -36,6 +36,7 @@ FIRST_ANSWER_WAIT_S = 2.0
 RESERVE_TIMEOUT_S = 10.0
 # The daemon's range for a stats interval, in seconds.
 STATS_INTERVAL_RANGE = (1.0, 3600.0)
+MAX_DURATION_S = 315_576_000_000  # about 10,000 years
 
 
 def plugin_version() -> str:
@@ -177,7 +178,17 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
         request: device_pb2.StatsRequest,
         context: Context[device_pb2.StatsRequest, device_pb2.StatsResponse],
     ) -> AsyncIterator[device_pb2.StatsResponse]:
-        wanted = request.collection_interval.ToTimedelta().total_seconds()
+        asked = request.collection_interval
+        # Protobuf's range for a Duration; past it (int64's largest seconds, say) Python's
+        # timedelta overflows, so the fields are read as they are.
+        if abs(asked.seconds) > MAX_DURATION_S or abs(asked.nanos) >= 1_000_000_000:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"collection_interval is not a valid duration (at most {MAX_DURATION_S:,} s); "
+                f"the plugin samples every {STATS_INTERVAL_RANGE[0]:g} to "
+                f"{STATS_INTERVAL_RANGE[1]:g} s",
+            )
+        wanted = asked.seconds + asked.nanos / 1e9
         if wanted <= 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "collection_interval must be above 0"

@@ -1,11 +1,15 @@
 """``hotplug-monitor kubelet-plugin`` as an operator meets it: its systemd unit, its one-line
-refusals of bad flags, and a plugin started before the kubelet (the kubelet's own device
-manager, as in test_devicemanager) that registers once the kubelet is there."""
+refusals of bad flags, a plugin started before the kubelet (the kubelet's own device
+manager, as in test_devicemanager) that registers once the kubelet is there, and its sockets'
+mode under any umask."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -117,3 +121,30 @@ def test_without_a_daemon_it_waits_and_says_so_once(tmp_path: Path) -> None:
         assert plugin.stop() == 0
     assert plugin.log().count("not reachable") == 1
     assert "Traceback" not in plugin.log()
+
+
+def test_its_sockets_are_roots_alone_whatever_the_umask(daemon: Daemon, tmp_path: Path) -> None:
+    top = Path(tempfile.mkdtemp(prefix="hm-kubelet-"))  # short: a socket path has 107 bytes
+    plugins = top / "device-plugins"
+    plugins.mkdir()
+    kubelet = socket.socket(socket.AF_UNIX)  # a kubelet.sock to serve beside (it answers nothing)
+    kubelet.bind(str(plugins / "kubelet.sock"))
+    kubelet.listen()
+    old = os.umask(0)  # started by hand, or by an init that leaves the umask at 000
+    try:
+        plugin = PluginProcess(
+            ["--socket", str(daemon.socket), "--kubelet-dir", str(plugins)], tmp_path / "p.log"
+        )
+    finally:
+        os.umask(old)
+    try:
+        endpoint = plugins / "hotplug-monitor-nvidia-gpu.sock"
+        plugin.until_logged(f"serving {RESOURCE} on {endpoint}")
+        made = endpoint.lstat()
+        assert stat.S_ISSOCK(made.st_mode)
+        assert (stat.S_IMODE(made.st_mode), made.st_uid) == (0o600, os.geteuid())
+        assert sorted(p.name for p in plugins.iterdir()) == [endpoint.name, "kubelet.sock"]
+    finally:
+        assert plugin.stop() == 0, plugin.log()
+        kubelet.close()
+        shutil.rmtree(top)
