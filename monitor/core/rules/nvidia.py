@@ -130,12 +130,12 @@ def _driver_says(draft: Draft, address: str, action: int) -> None:
         verdict = driver_verdict(action)
         set_problem(draft, address, CAUSE_RECOVERY_ACTION, _problem(verdict, action=action))
         return
-    causes = draft.get(F.problems).get(address, {})
-    done = [
-        cause
-        for cause in (CAUSE_XID, CAUSE_RECOVERY_ACTION)
-        if cause in causes and causes[cause].health == NEEDS_RESET
-    ]
+    # NONE withdraws the driver's own request, whatever it was, and says a reset was done; an
+    # XID that needs a reboot stays until the GPU is re-added or the node rebooted.
+    xid = draft.get(F.problems).get(address, {}).get(CAUSE_XID)
+    done = [CAUSE_RECOVERY_ACTION]
+    if xid is not None and xid.health == NEEDS_RESET:
+        done.append(CAUSE_XID)
     clear_problems(
         draft, address, done, "the driver reports it usable again (recovery action NONE)"
     )
