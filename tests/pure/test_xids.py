@@ -122,3 +122,21 @@ def test_operator_overrides_and_xid_unknown() -> None:
     assert unknown.health == "needs reset" and "not in NVIDIA's XID catalog" in unknown.desc
     assert judge(109, XidPolicy(), recovery_action=0).decided_by == "catalog"  # NONE: no word
     assert judge(13, XidPolicy(), recovery_action=7).decided_by == "driver"
+
+
+def test_the_readme_xid_table_is_the_one_the_catalog_writes() -> None:
+    from pathlib import Path
+
+    from monitor.cli.xid_table import with_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert readme == with_table(readme), "run python -m monitor.cli.xid_table"
+
+
+def test_explain_xid_names_the_action_and_who_decided() -> None:
+    from monitor.cli.xid_table import explain
+
+    text = explain(109)
+    assert "catalog action: RESET_GPU" in text and "verdict: needs reset" in text
+    assert "decided by: xid_ignore" in explain(109, XidPolicy(ignore=frozenset({109})))
+    assert "not in NVIDIA's XID catalog" in explain(4000)
