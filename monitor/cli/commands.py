@@ -196,6 +196,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise CliError(f"demo failed: {exc}") from None
 
 
+def cmd_explain_xid(args: argparse.Namespace) -> None:
+    from monitor.cli.xid_table import explain
+    from monitor.core.xids import XidPolicy
+
+    policy = XidPolicy(
+        ignore=frozenset(args.xid_ignore), fatal=frozenset(args.xid_fatal), unknown=args.xid_unknown
+    )
+    sys.stdout.write(explain(args.xid, policy))
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "devices": cmd_devices,
@@ -205,4 +215,5 @@ COMMANDS = {
     "leases": cmd_leases,
     "stats": cmd_stats,
     "demo": cmd_demo,
+    "explain-xid": cmd_explain_xid,
 }

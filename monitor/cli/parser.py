@@ -66,6 +66,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "leases": _leases(commands),
         "stats": _stats(commands),
         "demo": _demo(commands),
+        "explain-xid": _explain_xid(commands),
         "nomad-plugin": _nomad_plugin(commands),
         "exporter": _exporter(commands),
         "kubelet-plugin": _kubelet_plugin(commands),
@@ -184,6 +185,20 @@ def _demo(commands: Commands) -> argparse.ArgumentParser:
     )
     demo.add_argument("--speed", type=float, default=1.0, help="faster (2) or slower (0.5)")
     return demo
+
+
+def _explain_xid(commands: Commands) -> argparse.ArgumentParser:
+    explain: argparse.ArgumentParser = commands.add_parser(
+        "explain-xid",
+        help="what the daemon does with an NVIDIA XID (no daemon needed)",
+        description="Print NVIDIA's catalog entry for XID N, its action, the daemon's verdict "
+        "and which policy decided it (--xid-ignore, --xid-fatal, --xid-unknown as the daemon's).",
+    )
+    explain.add_argument("xid", type=int, help="the XID number")
+    explain.add_argument("--xid-ignore", type=int, action="append", default=[], metavar="XID")
+    explain.add_argument("--xid-fatal", type=int, action="append", default=[], metavar="XID")
+    explain.add_argument("--xid-unknown", choices=("drain", "report"), default="drain")
+    return explain
 
 
 def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:

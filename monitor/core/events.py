@@ -116,8 +116,14 @@ class NvmlGpuSeen:
 
 @attrs.frozen
 class XidReported:
+    """An XID for the GPU at ``address``, from NVML's events (``source`` "nvml") or the kernel
+    log ("kmsg"); both are judged alike (``monitor.core.xids.judge``). ``recovery_action``: the
+    driver's, where the source reports one with the XID (XID 154's text in the kernel log)."""
+
     address: str
     xid: int
+    source: str = "nvml"
+    recovery_action: int | None = None
 
 
 @attrs.frozen
@@ -125,7 +131,7 @@ class NvmlEventReported:
     """An NVML health event other than an XID.
 
     kind: ``double_bit_ecc``, ``gpu_unavailable``, or ``recovery_action`` with ``action`` being
-    NVML's recovery action (0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset).
+    NVML's recovery action (``monitor.core.xids.RECOVERY_ACTIONS``: 0 none, 1 GPU reset, ...).
     """
 
     address: str

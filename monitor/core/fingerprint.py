@@ -13,7 +13,13 @@ import attrs
 import json_merge_patch
 
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
-from monitor.core.health import CAUSE_NVML_UUID, device_problems
+from monitor.core.health import (
+    CAUSE_NVML_UUID,
+    HEALTHY,
+    UNHEALTHY,
+    device_health,
+    device_problems,
+)
 from monitor.core.leases import Lease
 from monitor.core.model import (
     Attribute,
@@ -27,6 +33,7 @@ from monitor.core.model import (
 )
 from monitor.core.pci import class_matches, device_type, vendor_name
 from monitor.core.state import State
+from monitor.core.xids import xid_action
 
 Patch = dict[str, Any]
 
@@ -36,6 +43,7 @@ def device_attributes(
     nodes: list[DrmNode],
     gpu: NvmlGpu | None = None,
     xids: tuple[int, int] | None = None,
+    xid_action: str | None = None,
 ) -> dict[str, Attribute]:
     attributes = {
         "vendor_id": Attribute(f"0x{facts.vendor_id:04x}"),
@@ -68,6 +76,8 @@ def device_attributes(
     if xids is not None:
         attributes["last_xid"] = Attribute(xids[0])
         attributes["xid_count"] = Attribute(xids[1])
+    if xid_action is not None:
+        attributes["last_xid_action"] = Attribute(xid_action)  # the exporter's action label
     return attributes
 
 
@@ -81,12 +91,15 @@ def build_device(
     """The device as shown; its attributes are ``before``'s very mapping when they are equal,
     so that a change of its lease or health leaves them, and its group's, as they were."""
     address = facts.address
-    descs = [p.desc for p in device_problems(facts, state.problems.get(address, {}))]
+    problems = state.problems.get(address, {})
+    descs = [p.desc for p in device_problems(facts, problems)]
+    health = device_health(facts, problems)
     gpu = state.nvml.get(address)
     if gpu is not None and CAUSE_NVML_UUID in state.problems.get(address, {}):
         gpu = attrs.evolve(gpu, uuid="")  # it names no GPU (monitor.core.rules.nvidia)
+    xids = state.xids.get(address)
     attributes: Mapping[str, Attribute] = device_attributes(
-        facts, nodes, gpu, state.xids.get(address)
+        facts, nodes, gpu, xids, xid_action(xids[0]) if xids else None
     )
     if before is not None and before.attributes == attributes:
         attributes = before.attributes
@@ -98,6 +111,7 @@ def build_device(
         attributes=attributes,
         reserved_by=lease.id if lease else None,
         reserved_owner=lease.owner if lease else None,
+        health=None if health == HEALTHY else health,
     )
 
 
@@ -110,6 +124,7 @@ def departed_device(address: str, lease: Lease) -> Device:
         hw_locality=DeviceLocality(pci_bus_id=address),
         reserved_by=lease.id,
         reserved_owner=lease.owner,
+        health=UNHEALTHY,
     )
 
 

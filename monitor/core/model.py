@@ -64,6 +64,7 @@ class Device:
     attributes: Attributes = attrs.field(converter=frozen_mapping, factory=dict)
     reserved_by: str | None = None  # the lease holding it
     reserved_owner: str | None = None  # that lease's owner (a scheduler), if it has one
+    health: str | None = None  # when not healthy: "needs reset" or "unhealthy" (health.py)
 
     def to_json(self) -> JSON:
         json = {
@@ -77,6 +78,8 @@ class Device:
             json["reserved_by"] = self.reserved_by
         if self.reserved_owner is not None:
             json["reserved_owner"] = self.reserved_owner
+        if self.health is not None:
+            json["health"] = self.health
         return json
 
 

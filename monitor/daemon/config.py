@@ -234,13 +234,21 @@ class Settings:
         (),
         live=True,
         kind=list_of(XID, "XIDs", "XID"),
-        help="treat this XID as an application error (GPU stays healthy), repeatable",
+        help="keep GPUs schedulable on this XID, whatever NVIDIA's catalog says, repeatable",
     )
     xid_fatal: tuple[int, ...] = setting(
         (),
         live=True,
         kind=list_of(XID, "XIDs", "XID"),
-        help="treat this XID as fatal (GPU unhealthy until reset), repeatable",
+        help="take GPUs out on this XID until a reset (a reboot where the catalog says so), "
+        "repeatable",
+    )
+    xid_unknown: str = setting(
+        "drain",
+        live=True,
+        kind=choice(("drain", "report")),
+        help="XIDs not in NVIDIA's catalog, or whose action is for a person (CONTACT_SUPPORT, "
+        "...): drain the GPU until a reset, or only report them (default: drain)",
     )
     xid_health: bool = setting(
         True, live=True, kind=SWITCH, help="log and count XIDs but never change health on them"
@@ -296,7 +304,12 @@ class Settings:
 
     @property
     def xid_policy(self) -> XidPolicy:
-        return XidPolicy(self.xid_health, frozenset(self.xid_ignore), frozenset(self.xid_fatal))
+        return XidPolicy(
+            self.xid_health,
+            frozenset(self.xid_ignore),
+            frozenset(self.xid_fatal),
+            self.xid_unknown,
+        )
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

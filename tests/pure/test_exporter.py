@@ -17,7 +17,7 @@ from prometheus_client.samples import Sample
 from monitor.adapters.exporter import metrics
 from monitor.adapters.exporter.known import MAX_DEVICES, MAX_TEXT, MAX_XIDS, Known
 from monitor.adapters.exporter.run import parse_listen
-from monitor.core.xids import FATAL_XIDS
+from monitor.core.xid_catalog import ACTIONS
 from monitor.wire import stats
 from monitor.wire.mirror import Mirror
 
@@ -246,10 +246,15 @@ def test_while_the_daemon_is_away_the_last_devices_are_shown_stale() -> None:
 def test_xids_are_counted_by_xid_across_patches_and_daemon_restarts() -> None:
     known = Known()
 
+    actions = {13: "RESTART_APP", 48: "WORKFLOW_XID_48", 79: "RESTART_BM"}
+
     def xids(count: int, last: int) -> Mirror:
-        return mirror(
-            gpu(A, attributes={"xid_count": attribute(count), "last_xid": attribute(last)})
-        )
+        attributes = {
+            "xid_count": attribute(count),
+            "last_xid": attribute(last),
+            "last_xid_action": attribute(actions[last]),
+        }
+        return mirror(gpu(A, attributes=attributes))
 
     known.snapshot(mirror(gpu(A)))
     known.snapshot(xids(1, 79))
@@ -258,9 +263,9 @@ def test_xids_are_counted_by_xid_across_patches_and_daemon_restarts() -> None:
     known.snapshot(xids(1, 48))  # the daemon restarted: its count began again
     found = scrape(known)["hotplug_monitor_device_xids_total"]
     assert found == {
-        (("device", A), ("xid", "13")): 1,
-        (("device", A), ("xid", "48")): 1,
-        (("device", A), ("xid", "79")): 2,
+        (("action", "RESTART_APP"), ("device", A), ("xid", "13")): 1,
+        (("action", "WORKFLOW_XID_48"), ("device", A), ("xid", "48")): 1,
+        (("action", "RESTART_BM"), ("device", A), ("xid", "79")): 2,
     }
 
 
@@ -395,10 +400,13 @@ def test_any_answer_gives_an_exposition_prometheus_can_read(
 # --- what else is written in one place -------------------------------------------------------
 
 
-def test_the_fatal_xid_alert_names_the_catalogs_fatal_xids() -> None:
+def test_the_xid_alerts_name_only_the_catalogs_actions() -> None:
+    # Changed with NVIDIA's catalog (issue 34): the alerts match actions, not XID lists.
     rules = (ROOT / "prometheus" / "hotplug-monitor.rules.yml").read_text()
-    lists = set(re.findall(r'xid=~"([0-9|]+)"', rules))
-    assert lists == {"|".join(str(x) for x in sorted(FATAL_XIDS))}
+    named = {
+        a for found in re.findall(r'action=~?"([A-Z0-9_|]+)"', rules) for a in found.split("|")
+    }
+    assert {"RESET_GPU", "RESTART_BM", "RESTART_APP"} <= named <= set(ACTIONS)
 
 
 def test_the_readme_lists_every_metric_the_code_defines() -> None:

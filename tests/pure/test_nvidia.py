@@ -123,36 +123,70 @@ def test_the_nvidia_minor_comes_from_the_driver_else_from_nvml() -> None:
     assert state.nvidia_minor("0000:ee:00.0") is None
 
 
+# Changed with NVIDIA's catalog (issue 34): XID 48 and unknown XIDs need a reset (no longer
+# "unhealthy"), and every description names the catalog's action.
 @pytest.mark.parametrize(
-    ("xid", "healthy", "desc"),
+    ("xid", "health", "desc"),
     [
-        (13, True, "XID 13: graphics engine exception: an application error"),
-        (48, False, "XID 48: double-bit ECC error; recovery: reset the GPU"),
-        (79, False, "XID 79: GPU has fallen off the bus; recovery: reboot the node"),
-        (999, False, "XID 999: not in hotplug-monitor's catalog; recovery: reset the GPU"),
+        (13, None, ""),
+        (
+            48,
+            "needs reset",
+            "XID 48 (double-bit ECC error in GPU memory; NVIDIA: WORKFLOW_XID_48): "
+            "needs a reset; recovery: reset the GPU",
+        ),
+        (
+            79,
+            "unhealthy",
+            "XID 79 (the GPU has fallen off the bus; NVIDIA: RESTART_BM): "
+            "unhealthy; recovery: reboot the node",
+        ),
+        (
+            999,
+            "needs reset",
+            "XID 999 (not in NVIDIA's XID catalog): needs a reset; recovery: reset the GPU "
+            "(xid_unknown = drain)",
+        ),
     ],
 )
-def test_an_xid_is_counted_and_judged(xid: int, healthy: bool, desc: str) -> None:
+def test_an_xid_is_counted_and_judged(xid: int, health: str | None, desc: str) -> None:
     state, _ = run(XidReported(H100.address, xid), XidReported(H100.address, xid), state=named())
     attributes = device_json(state, H100.address)["attributes"]
     assert attributes["last_xid"] == {"value": xid} and attributes["xid_count"] == {"value": 2}
     device = device_json(state, H100.address)
-    assert device["healthy"] is healthy
-    assert healthy or device["health_desc"] == desc
+    assert device["healthy"] is (health is None)
+    assert device.get("health") == health and device["health_desc"] == desc
 
 
 @pytest.mark.parametrize(
-    ("kind", "action", "desc"),
+    ("kind", "action", "health", "desc"),
     [
-        ("double_bit_ecc", None, "double-bit ECC error; recovery: reset the GPU"),
-        ("gpu_unavailable", None, "NVML reports the GPU unavailable; recovery: reset the GPU"),
-        ("recovery_action", 2, "NVML asks to reboot the node"),
+        (
+            "double_bit_ecc",
+            None,
+            "needs reset",
+            "double-bit ECC error: needs a reset; recovery: reset the GPU",
+        ),
+        (
+            "gpu_unavailable",
+            None,
+            "unhealthy",
+            "NVML reports the GPU unavailable: unhealthy; recovery: reset the GPU",
+        ),
+        (
+            "recovery_action",
+            2,
+            "unhealthy",
+            "the driver asks to reboot the node (recovery action NODE_REBOOT): "
+            "unhealthy; recovery: reboot the node",
+        ),
     ],
 )
-def test_nvml_health_events(kind: str, action: int | None, desc: str) -> None:
+def test_nvml_health_events(kind: str, action: int | None, health: str, desc: str) -> None:
     state, _ = run(NvmlEventReported(H100.address, kind, action), state=named())
     device = device_json(state, H100.address)
     assert device["healthy"] is False and device["health_desc"] == desc
+    assert device["health"] == health
 
 
 def test_recovery_action_none_clears_xid_errors_and_says_why() -> None:
@@ -160,7 +194,7 @@ def test_recovery_action_none_clears_xid_errors_and_says_why() -> None:
     reduction = decide(state, NvmlEventReported(H100.address, "recovery_action", 0))
     assert device_json(reduction.state, H100.address)["healthy"] is True
     assert reduction.recoveries == {
-        H100.address: "NVML reports it usable again (recovery action: none)"
+        H100.address: "the driver reports it usable again (recovery action NONE)"
     }
 
 

@@ -61,6 +61,8 @@ class DeviceView:
     owner: str
     xid_count: int | None
     last_xid: int | None
+    xid_action: str = ""  # NVIDIA's catalog action for last_xid, as the daemon names it
+    health: str = "healthy"  # or "needs reset", "unhealthy"
 
     @classmethod
     def of(cls, device_id: str, group_key: str, group: Any, device: Any) -> DeviceView | None:
@@ -83,7 +85,15 @@ class DeviceView:
             owner=text(device.get("reserved_owner")),
             xid_count=xid_count if _small_int(xid_count) else None,
             last_xid=last_xid if _small_int(last_xid) else None,
+            xid_action=text(_attribute(device, "last_xid_action")),
+            health=_health(device),
         )
+
+
+def _health(device: dict[str, Any]) -> str:
+    if device.get("healthy") is True:
+        return "healthy"
+    return "needs reset" if device.get("health") == "needs reset" else "unhealthy"
 
 
 def _small_int(value: Any) -> bool:
@@ -97,7 +107,8 @@ class Known:
         self.up = False  # the snapshot connection is open
         self.ever_up = False
         self.devices: dict[str, DeviceView] = {}
-        self.xids: dict[str, dict[int, int]] = {}  # XIDs counted since the exporter began
+        # XIDs counted since the exporter began, by XID and the catalog's action
+        self.xids: dict[str, dict[tuple[int, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
@@ -141,8 +152,9 @@ class Known:
         if now.xid_count == seen:
             return
         counts = self.xids.setdefault(now.id, {})
-        if now.last_xid in counts or len(counts) < MAX_XIDS:
-            counts[now.last_xid] = counts.get(now.last_xid, 0) + now.xid_count - seen
+        key = (now.last_xid, now.xid_action)
+        if key in counts or len(counts) < MAX_XIDS:
+            counts[key] = counts.get(key, 0) + now.xid_count - seen
 
     @property
     def stale(self) -> bool:

@@ -116,9 +116,19 @@ RESERVED = _spec(
 XIDS = _spec(
     "device_xids_total",
     COUNTER,
-    "NVIDIA XID errors reported for the device, by XID, since the exporter started",
+    "NVIDIA XID errors reported for the device, by XID and NVIDIA's catalog action "
+    "(NOT_IN_CATALOG for others), since the exporter started",
     DEVICE,
     "xid",
+    "action",
+)
+HEALTH = _spec(
+    "device_health",
+    GAUGE,
+    "1 for the device's health state: healthy, needs reset (no new leases, current ones "
+    "kept) or unhealthy",
+    DEVICE,
+    "state",
 )
 THROTTLE = _spec(
     "device_clock_throttle_reason",
@@ -257,7 +267,7 @@ DAEMON = (
     PUBLISH_LATENCY,
     STATS_TIME,
 )
-DEVICES = (INFO, HEALTHY, PRESENT, STALE, RESERVED, XIDS)
+DEVICES = (INFO, HEALTHY, HEALTH, PRESENT, STALE, RESERVED, XIDS)
 
 
 def _unique(specs: Iterable[Spec]) -> tuple[Spec, ...]:
@@ -349,11 +359,13 @@ def _device(known: Known, view: DeviceView, out: Families) -> None:
     info = (view.group, view.vendor, view.type, view.name, view.driver, view.numa_node, view.uuid)
     out.add(INFO, [*device, *info], 1.0)
     out.add(HEALTHY, device, 1.0 if view.healthy else 0.0)
+    for state in ("healthy", "needs reset", "unhealthy"):
+        out.add(HEALTH, [*device, state], 1.0 if view.health == state else 0.0)
     out.add(PRESENT, device, 1.0 if view.present else 0.0)
     out.add(STALE, device, 1.0 if known.stale else 0.0)
     out.add(RESERVED, [*device, view.owner], 1.0 if view.reserved else 0.0)
-    for xid, times in sorted(known.xids.get(view.id, {}).items()):
-        out.add(XIDS, [*device, str(xid)], float(times))
+    for (xid, action), times in sorted(known.xids.get(view.id, {}).items()):
+        out.add(XIDS, [*device, str(xid), action], float(times))
     for name, value in known.sample.get(view.id, {}).items():
         if name == stats.THROTTLE_REASONS.name:
             active = set(str(value).split(","))

@@ -9,8 +9,10 @@ Which devices NVML reads (``read_by_nvml``) is decided here too: the GPUs the wo
 and those it must watch afresh after a reset (``nvml_targets``, ``nvml_resets``), and the
 devices whose statistics come from sysfs instead (``sysfs_stats_targets``).
 
-Recovery: NVML's recovery action "none" clears XID errors; NVML answering again clears "not
-responding"; a rebind or a successful PCI recovery clears the rest (inventory's rules).
+XIDs and the driver's recovery action are judged by ``monitor.core.xids``, whatever their source.
+Recovery: the driver's recovery action NONE clears what needs a reset (never what is unhealthy
+until the GPU is re-added or the node rebooted); NVML answering again clears "not responding";
+a rebind or a successful PCI recovery clears the rest (inventory's rules).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from monitor.core.health import (
     CAUSE_NVML_UUID,
     CAUSE_RECOVERY_ACTION,
     CAUSE_XID,
+    NEEDS_RESET,
     Problem,
 )
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
@@ -43,15 +46,7 @@ from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
 from monitor.core.state import F, State
 from monitor.core.text import is_gpu_uuid, shown
-from monitor.core.xids import REBOOT, RESET, judge
-
-# NVML's recovery actions (nvmlDeviceGpuRecoveryAction_t), as a person would say them.
-RECOVERY_ACTIONS = {
-    1: "reset the GPU",
-    2: "reboot the node",
-    3: "drain peer-to-peer traffic",
-    4: "drain work, then reset the GPU",
-}
+from monitor.core.xids import REBOOT, RECOVERY_NONE, RESET, Verdict, driver_verdict, judge
 
 
 def _bound_to_nvidia(draft: Draft, address: str) -> bool:
@@ -119,16 +114,55 @@ def nvml_absent(draft: Draft, event: NvmlAbsent) -> None:
         _name_from_database(draft, address)
 
 
+def _problem(verdict: Verdict, xid: int | None = None, action: int | None = None) -> Problem:
+    return Problem(verdict.desc, verdict.lost, verdict.recovery_action, xid, verdict.health, action)
+
+
+def _driver_action(draft: Draft, address: str) -> int | None:
+    problem = draft.get(F.problems).get(address, {}).get(CAUSE_RECOVERY_ACTION)
+    return problem.driver_action if problem is not None else None
+
+
+def _driver_says(draft: Draft, address: str, action: int) -> None:
+    """The driver's recovery action, the authority on what the GPU needs: NONE clears what
+    needs a reset (the reset was done); anything else drains the GPU as it says."""
+    if action != RECOVERY_NONE:
+        verdict = driver_verdict(action)
+        set_problem(draft, address, CAUSE_RECOVERY_ACTION, _problem(verdict, action=action))
+        return
+    # NONE withdraws the driver's own request, whatever it was, and says a reset was done; an
+    # XID that needs a reboot stays until the GPU is re-added or the node rebooted.
+    xid = draft.get(F.problems).get(address, {}).get(CAUSE_XID)
+    done = [CAUSE_RECOVERY_ACTION]
+    if xid is not None and xid.health == NEEDS_RESET:
+        done.append(CAUSE_XID)
+    clear_problems(
+        draft, address, done, "the driver reports it usable again (recovery action NONE)"
+    )
+
+
 def xid_reported(draft: Draft, event: XidReported) -> None:
+    """Count the XID, and judge it: by the operator's policy, the driver's recovery action (the
+    one reported with it, else the last one reported) and NVIDIA's catalog."""
     address, xid = event.address, event.xid
     if not _bound_to_nvidia(draft, address):
         return
     _, count = draft.get(F.xids).get(address, (0, 0))
     draft.put(F.xids, address, (xid, count + 1))
-    verdict = judge(xid, draft.get(F.xid_policy))
-    if verdict.fatal:
-        problem = Problem(verdict.desc, verdict.lost, verdict.recovery_action, xid)
-        set_problem(draft, address, CAUSE_XID, problem)
+    if event.recovery_action is not None:
+        _driver_says(draft, address, event.recovery_action)
+    action = event.recovery_action
+    verdict = judge(
+        xid, draft.get(F.xid_policy), _driver_action(draft, address) if action is None else action
+    )
+    current = draft.get(F.problems).get(address, {}).get(CAUSE_XID)
+    if verdict.fatal and not _milder(verdict, current):
+        set_problem(draft, address, CAUSE_XID, _problem(verdict, xid))
+
+
+def _milder(verdict: Verdict, current: Problem | None) -> bool:
+    """A reset-needing XID does not hide an earlier one that needs a reboot."""
+    return current is not None and verdict.health == NEEDS_RESET and current.health != NEEDS_RESET
 
 
 def nvml_event_reported(draft: Draft, event: NvmlEventReported) -> None:
@@ -136,18 +170,14 @@ def nvml_event_reported(draft: Draft, event: NvmlEventReported) -> None:
     if not _bound_to_nvidia(draft, address):
         return
     if kind == "double_bit_ecc":
-        problem = Problem(f"double-bit ECC error; recovery: {RESET}", recovery_action=RESET)
+        desc = f"double-bit ECC error: needs a reset; recovery: {RESET}"
+        problem = Problem(desc, recovery_action=RESET, health=NEEDS_RESET)
         set_problem(draft, address, CAUSE_XID, problem)
     elif kind == "gpu_unavailable":
-        desc = f"NVML reports the GPU unavailable; recovery: {RESET}"
+        desc = f"NVML reports the GPU unavailable: unhealthy; recovery: {RESET}"
         set_problem(draft, address, CAUSE_NVML, Problem(desc, lost=True, recovery_action=RESET))
-    elif kind == "recovery_action" and not action:
-        reason = "NVML reports it usable again (recovery action: none)"
-        clear_problems(draft, address, (CAUSE_XID, CAUSE_RECOVERY_ACTION), reason)
-    elif kind == "recovery_action" and action is not None:
-        needed = RECOVERY_ACTIONS.get(action, f"recovery action {action}")
-        problem = Problem(f"NVML asks to {needed}", recovery_action=needed)
-        set_problem(draft, address, CAUSE_RECOVERY_ACTION, problem)
+    elif kind == "recovery_action":
+        _driver_says(draft, address, action or RECOVERY_NONE)
 
 
 def nvml_unreachable(draft: Draft, event: NvmlUnreachable) -> None:
@@ -171,10 +201,9 @@ def xid_policy_changed(draft: Draft, event: XidPolicyChanged) -> None:
         problem = causes.get(CAUSE_XID)
         if problem is None or problem.xid is None:
             continue
-        verdict = judge(problem.xid, policy)
+        verdict = judge(problem.xid, policy, _driver_action(draft, address))
         if verdict.fatal:
-            again = Problem(verdict.desc, verdict.lost, verdict.recovery_action, problem.xid)
-            set_problem(draft, address, CAUSE_XID, again)
+            set_problem(draft, address, CAUSE_XID, _problem(verdict, problem.xid))
         else:
             reason = f"the XID policy no longer counts XID {problem.xid}"
             clear_problems(draft, address, (CAUSE_XID,), reason)

@@ -32,7 +32,7 @@ def translate(address: str, data: Any) -> NvmlEvent | None:
     """One NVML event as ours."""
     kind, value = data.eventType, int(data.eventData)
     if kind & EVENT_XID:
-        return XidReported(address, value)
+        return XidReported(address, value, source="nvml")
     if kind & EVENT_DOUBLE_BIT_ECC:
         return NvmlEventReported(address, "double_bit_ecc")
     if kind & EVENT_GPU_UNAVAILABLE:

@@ -139,7 +139,12 @@ def encode_event(event: Output) -> bytes:
 # The fields of each event the worker writes, with the types each may have.
 _NONE = type(None)
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
-    XidReported: {"address": (str,), "xid": (int,)},
+    XidReported: {
+        "address": (str,),
+        "xid": (int,),
+        "source": (str,),
+        "recovery_action": (int, _NONE),
+    },
     NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
     NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},
     NvmlReachable: {"address": (str,)},
