@@ -116,25 +116,37 @@ def test_nvml_enriches_the_fingerprint_and_a_driver_upgrade_is_a_patch(
 
 
 @pytest.mark.parametrize(
-    ("xid", "args", "stays_healthy", "desc"),
+    ("xid", "args", "health", "desc"),
     [
-        (13, (), True, None),  # application error
-        (43, (), True, None),
-        (79, (), False, "XID 79: GPU has fallen off the bus; recovery: reboot the node"),
-        (48, (), False, "XID 48: double-bit ECC error; recovery: reset the GPU"),
-        (999, (), False, "XID 999: not in hotplug-monitor's catalog; recovery: reset the GPU"),
-        (79, ("--xid-ignore", "79"), True, None),
-        (13, ("--xid-fatal", "13"), False, "XID 13: graphics engine exception"),
-        (79, ("--no-xid-health",), True, None),
+        # one XID of each of the catalog's actions, as the daemon judges it by default
+        (8, (), "healthy", None),  # RESTART_APP: the application failed, not the GPU
+        (14, (), "healthy", None),  # IGNORE
+        (45, (), "healthy", None),  # WORKFLOW_XID_45: cleanup after another error
+        (46, (), "needs reset", "XID 46 (the GPU stopped processing (timeout); NVIDIA: RESET_GPU)"),
+        (48, (), "needs reset", "XID 48 (double-bit ECC error in GPU memory; NVIDIA: WORKFLOW"),
+        (74, (), "needs reset", "XID 74 (NVLink error; NVIDIA: WORKFLOW_NVLINK_ERR)"),
+        (144, (), "needs reset", "XID 144 (NVLink error (SAW); NVIDIA: WORKFLOW_NVLINK5_ERR)"),
+        (79, (), "unhealthy", "XID 79 (the GPU has fallen off the bus; NVIDIA: RESTART_BM)"),
+        (151, (), "unhealthy", "XID 151 (confidential-computing key rotation failed; NVIDIA: "),
+        (1, (), "needs reset", "XID 1 (unused on these GPUs; NVIDIA: CONTACT_SUPPORT)"),
+        (54, (), "needs reset", "XID 54 (clocks reduced for power (check power and cooling); "),
+        (78, (), "needs reset", "XID 78 (a vGPU failed to start; NVIDIA: UPDATE_SWFW)"),
+        (159, (), "needs reset", "XID 159 (CHI non-data error; NVIDIA: CHECK_UVM)"),
+        (999, (), "needs reset", "XID 999 (not in NVIDIA's XID catalog): needs a reset"),
+        # the operator's word over the catalog's
+        (999, ("--xid-unknown", "report"), "healthy", None),
+        (79, ("--xid-ignore", "79"), "healthy", None),
+        (13, ("--xid-fatal", "13"), "needs reset", "XID 13 (graphics engine exception"),
+        (79, ("--no-xid-health",), "healthy", None),
     ],
 )
-def test_each_xid_class_does_the_right_thing(
+def test_each_xid_action_does_what_the_catalog_says(
     launch: Callable[..., Daemon],
     nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
     xid: int,
     args: tuple[str, ...],
-    stays_healthy: bool,
+    health: str,
     desc: str | None,
 ) -> None:
     daemon = launch(*args)
@@ -143,13 +155,17 @@ def test_each_xid_class_does_the_right_thing(
     nvml.xid(A, xid)
     mirror = sub.until(lambda m: value(m, A, "last_xid") == xid)
     assert value(mirror, A, "xid_count") == 1
-    assert healthy(mirror, A) is stays_healthy
+    assert healthy(mirror, A) is (health == "healthy")
+    assert device(mirror, A).get("health") == (None if health == "healthy" else health)
     if desc is not None:
-        assert device(mirror, A)["health_desc"].startswith(desc)
+        assert device(mirror, A)["health_desc"].startswith(desc), device(mirror, A)
     assert healthy(mirror, B) is True and value(mirror, B, "last_xid") is None
     log = daemon.log()
     assert f"{A} ({UUID_A}): XID {xid}" in log  # every XID is logged
-    if xid == 79 and not stays_healthy:
+    if health == "healthy":  # only the application's work was lost: the GPU is leased again
+        with daemon.client() as client:
+            assert client.call("reserve", {"device_ids": [A]})["device_ids"] == [A]
+    if xid == 79 and health != "healthy":
         lost = "0000:3b:00.0 (nvidia NVIDIA H100 80GB HBM3) is lost"
         assert f"<2>CRITICAL monitor.engine.reducer_task: {lost}" in log
 
@@ -165,15 +181,15 @@ def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
     daemon = launch()
     sub = subscribe(daemon)
     sub.until(enriched)
-    nvml.xid(A, 94)
+    nvml.xid(A, 109)  # RESET_GPU: needs a reset
     sub.until(lambda m: healthy(m, A) is False)
     with daemon.client() as client, pytest.raises(RpcError) as refused:
         client.call("reserve", {"device_ids": [UUID_A]})
-    assert refused.value.code == -32002 and "XID 94" in refused.value.message
+    assert refused.value.code == -32002 and "XID 109" in refused.value.message
     reason = {
         "rebind": "its driver was rebound",
         "pci_recovery": "the kernel reported a successful PCI error recovery",
-        "nvml_recovery_action": "NVML reports it usable again (recovery action: none)",
+        "nvml_recovery_action": "the driver reports it usable again (recovery action NONE)",
         "replug": None,
     }[evidence]
     if evidence == "rebind":
@@ -195,7 +211,7 @@ def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
                 line
                 for line in daemon.log().splitlines()
                 if "is healthy again" in line
-                and "XID 94: contained ECC error" in line
+                and "XID 109 (context-switch timeout" in line
                 and line.endswith(f"(evidence: {reason})")
             ],
             5,
@@ -204,14 +220,37 @@ def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
         )
 
 
-def test_nvml_recovery_action_needed_makes_it_unhealthy_until_none(
-    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
+@pytest.mark.parametrize(
+    ("action", "health", "desc"),
+    [
+        (1, "needs reset", "the driver asks to reset the GPU (recovery action GPU_RESET)"),
+        (2, "unhealthy", "the driver asks to reboot the node (recovery action NODE_REBOOT)"),
+        (
+            3,
+            "needs reset",
+            "the driver asks to drain peer-to-peer work (recovery action DRAIN_P2P)",
+        ),
+        (4, "needs reset", "the driver asks to drain peer-to-peer work, then reset the GPU"),
+        (5, "needs reset", "the driver asks to recover the IMEX domain"),
+        (6, "needs reset", "the driver asks to reset the GPU's PCIe bus (recovery action BUS_R"),
+        (7, "unhealthy", "the driver asks to reboot the system (recovery action SYSTEM_REBOOT)"),
+        (99, "needs reset", "the driver asks to reset the GPU (recovery action 99 (unknown"),
+    ],
+)
+def test_each_recovery_action_of_the_driver_drains_until_it_reads_none(
+    launch: Callable[..., Daemon],
+    nvml: FakeNvml,
+    subscribe: Callable[[Daemon], Subscription],
+    action: int,
+    health: str,
+    desc: str,
 ) -> None:
     sub = subscribe(launch())
     sub.until(enriched)
-    nvml.event(A, EVENT_GPU_RECOVERY_ACTION, 2)
+    nvml.event(A, EVENT_GPU_RECOVERY_ACTION, action)
     mirror = sub.until(lambda m: healthy(m, A) is False)
-    assert device(mirror, A)["health_desc"] == "NVML asks to reboot the node"
+    assert device(mirror, A)["health"] == health
+    assert device(mirror, A)["health_desc"].startswith(desc), device(mirror, A)
     nvml.event(A, EVENT_GPU_RECOVERY_ACTION, 0)
     sub.until(lambda m: healthy(m, A) is True)
 
