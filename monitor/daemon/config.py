@@ -12,6 +12,8 @@ from typing import Any
 
 import attrs
 
+from monitor.core.access import Identity
+from monitor.core.leases import OWNER
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.core.xids import XidPolicy
 from monitor.daemon.kinds import (
@@ -41,13 +43,15 @@ class ConfigError(Exception):
 
 
 DEFAULT_GROUP = "hotplug-monitor"
+DEFAULT_READ_GROUP = "hotplug-monitor-read"
 MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
+MAX_UID = (1 << 32) - 2
 
 
-def resolve_group(name: str | None) -> int | None:
-    """The gid of ``name``; with no name, that of ``hotplug-monitor`` if it exists, else None."""
+def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
+    """The gid of ``name``; with no name, that of ``default`` if it exists, else None."""
     try:
-        return grp.getgrnam(name or DEFAULT_GROUP).gr_gid
+        return grp.getgrnam(name or default).gr_gid
     except KeyError:
         if name is None:
             return None
@@ -102,6 +106,49 @@ def xid(value: Any) -> int:
 
 CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": flag_type(class_prefix)})
 XID = Kind(int, "an XID (a whole number)", xid, {"type": flag_type(lambda t: xid(int(t)))})
+
+
+def _owner_map(value: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{"batch": ["uid:1001", "group:batch"]}``, each name and identity checked; the groups
+    are looked up at start (``owner_identities``)."""
+    owners = []
+    for name, identities in value.items():
+        if not OWNER.fullmatch(name):
+            raise ValueError(f"{name!r} is not an owner name (1 to 64 of a-z, 0-9, '.', '_', '-')")
+        if not isinstance(identities, list) or not all(
+            isinstance(i, str) and _IDENTITY.fullmatch(i) for i in identities
+        ):
+            raise ValueError(
+                f'{name}: must be a list of identities such as "uid:1001" or "group:batch"'
+            )
+        for identity in identities:
+            if identity.startswith("uid:") and int(identity[4:]) > MAX_UID:
+                raise ValueError(f"{name}: {identity} is out of range (at most {MAX_UID})")
+        owners.append((name, tuple(identities)))
+    return tuple(owners)
+
+
+_IDENTITY = re.compile(r"uid:[0-9]{1,10}|group:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
+
+
+def owner_identities(
+    owners: tuple[tuple[str, tuple[str, ...]], ...],
+) -> dict[str, tuple[Identity, ...]]:
+    """The ``owners`` setting with its groups looked up; ``ConfigError`` naming a missing one."""
+    mapped = {}
+    for name, identities in owners:
+        found = []
+        for identity in identities:
+            kind, _, value = identity.partition(":")
+            if kind == "uid":
+                found.append(Identity(uid=int(value)))
+            else:
+                try:
+                    found.append(Identity(gid=resolve_group(value)))
+                except ConfigError as exc:
+                    raise ConfigError(f"owners: {name}: {exc}") from None
+        mapped[name] = tuple(found)
+    return mapped
 
 
 def _path_or_none(value: str) -> Path | None:
@@ -195,6 +242,19 @@ class Settings:
         help="group that may connect to the socket and reserve devices "
         "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
     )
+    read_group: str | None = setting(
+        None,
+        kind=Kind(str, "a group name or ID (a string)", flag={"metavar": "NAME"}),
+        help="group that may connect to the socket and read (fingerprint, subscribe, stats, "
+        "status, leases), and nothing else (default: hotplug-monitor-read if it exists)",
+    )
+    owners: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        kind=Kind(dict, 'a table of owner names, each a list such as ["uid:1001", "group:g"]',
+                  _owner_map),
+        flag=False,
+        help="who may use each owner name besides root (config file only)",
+    )  # fmt: skip
     cdi_dir: Path | None = setting(
         kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "DIR"}),
         factory=default_cdi_dir,
@@ -222,6 +282,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     what a flag does not say, the file or the default does."""
     for field in attrs.fields(Settings):
         meta = field.metadata
+        if not meta["flag"]:
+            continue
         name = flag_name(field)
         kind: Kind = meta["kind"]
         if kind is SWITCH:  # every switch is on by default: its flag turns it off
@@ -243,7 +305,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the flags gave (None: not given)."""
     values = {}
     for field in attrs.fields(Settings):
-        value = getattr(args, field.name)
+        value = getattr(args, field.name, None)
         values[field.name] = tuple(value) if isinstance(value, list) else value
     return values
 

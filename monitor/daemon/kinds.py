@@ -92,6 +92,7 @@ def setting(
     help: str,
     key: str | None = None,
     live: bool = False,
+    flag: bool = True,
     check: Callable[[Any], str | None] | None = None,
     factory: Callable[[], Any] | None = None,
     off: str | None = None,
@@ -99,8 +100,9 @@ def setting(
     """A setting: its key in the config file (``key``, else its name), its kind, its help for
     ``serve --help``, whether a reload applies it at once (``live``) or it takes a restart, what
     else its value must satisfy (``check``), and for a path that may be none, the flag that
-    turns it off (``off``)."""
+    turns it off (``off``). A table (``flag=False``) is given in the file only."""
     metadata = {"kind": kind, "help": help, "key": key, "live": live, "check": check, "off": off}
+    metadata["flag"] = flag
     if factory is not None:
         return attrs.field(factory=factory, metadata=metadata)
     return attrs.field(default=default, metadata=metadata)
