@@ -40,8 +40,9 @@ from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
 from monitor.outputs.cdi import CdiSpec
 from monitor.outputs.files import lock_directory, secure_directory
+from monitor.outputs.leaselog import LeaseLog
 from monitor.outputs.store import LeaseStore, StoreError
-from monitor.serving.limits import ConnectionLimits
+from monitor.serving.limits import ConnectionLimits, LeaseRate
 from monitor.serving.server import Server
 from monitor.serving.socketfile import ReadGroupRefused, SocketFile, let_read_group_in
 from monitor.sources import holders
@@ -257,7 +258,10 @@ async def run_tasks(
 
     watch = HolderWatch(nursery, holder_exited)
     watch.update(hub.state.leases)
-    nursery.start_soon(run_engine, hub, receive, claimed.store, watch, telemetry.latency)
+    lease_log = LeaseLog(logging.getLogger("monitor.engine.reducer_task"), os.geteuid())
+    nursery.start_soon(lease_log.run)
+    engine = partial(run_engine, report=lease_log.report)
+    nursery.start_soon(engine, hub, receive, claimed.store, watch, telemetry.latency)
     udev = partial(
         run_udev_source,
         inbox.clone(),
@@ -315,8 +319,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
     spec = CdiSpec(claimed.cdi_dir) if claimed.cdi_dir is not None else None
     give_back = GiveBack()
+    lease_rate = LeaseRate(settings.lease_rate, settings.lease_burst)
     server = Server(
-        hub, inbox.clone(), limits=limits, cdi=spec, telemetry=telemetry,
+        hub, inbox.clone(), limits=limits, lease_rate=lease_rate, cdi=spec, telemetry=telemetry,
         on_close=give_back.activity,
     )  # fmt: skip
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

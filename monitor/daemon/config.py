@@ -255,6 +255,21 @@ class Settings:
         flag=False,
         help="who may use each owner name besides root (config file only)",
     )  # fmt: skip
+    lease_rate: float = setting(
+        20.0,
+        kind=attrs.evolve(SECONDS, wanted="a number of requests a second", flag={
+            "type": float, "metavar": "PER_SECOND"}),
+        check=lambda v: None if v > 0 else "must be a positive number of requests a second",
+        help="reserve, release and reconcile requests a second of any one user other than "
+        "root and the daemon's; beyond it they are refused with -32000 (default: 20)",
+    )  # fmt: skip
+    lease_burst: int = setting(
+        100,
+        kind=COUNT,
+        check=at_least(1),
+        help="how many such requests a user may make at once before lease_rate applies "
+        "(default: 100)",
+    )
     cdi_dir: Path | None = setting(
         kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "DIR"}),
         factory=default_cdi_dir,

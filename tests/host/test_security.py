@@ -762,3 +762,63 @@ def test_the_read_only_group_reads_and_changes_nothing_and_outsiders_still_canno
     outsider = call_as(MALLORY, [MALLORY], shared_socket, "fingerprint", {})
     assert "PermissionError" in outsider.get("child_error", ""), outsider
     assert daemon.client().call("leases") == {"leases": []}
+
+
+# --- 13. one member flooding the journal (issue 24, item 5) ------------------------------------
+
+
+def test_one_member_cannot_flood_the_journal_and_root_keeps_a_line_per_change(
+    start_daemon: Callable[..., Daemon], shared_socket: Path
+) -> None:
+    """Alice loops over reserve and release as fast as she can while root reserves and releases
+    twenty times: her changes beyond the limit are refused (-32000), the rest summarised about
+    once a second; each of root's has its own line; the lease journal has every change."""
+    devices, flags = reservable()
+    daemon = start_daemon("--group", str(GROUP), *flags, socket=shared_socket)
+
+    def loop() -> dict[str, int]:
+        counts = {"granted": 0, "slow_down": 0}
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(shared_socket))
+            lines = sock.makefile("rb")
+            for n in range(300):
+                method = "reserve" if n % 2 == 0 else "release"
+                request = {"jsonrpc": "2.0", "id": n, "method": method,
+                           "params": {"device_ids": [devices[1]]}}  # fmt: skip
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                answer = json.loads(lines.readline())
+                counts["granted"] += "reservation_id" in answer.get("result", {})
+                error = answer.get("error", {})
+                counts["slow_down"] += error.get("code") == -32000 and "slow down" in error.get(
+                    "message", ""
+                )
+        return counts
+
+    results: list[dict[str, int]] = []
+    thread = threading.Thread(target=lambda: results.append(as_user(ALICE, [ALICE, GROUP], loop)))
+    thread.start()
+    roots = []
+    with daemon.client() as client:
+        for _ in range(20):
+            roots.append(client.call("reserve", {"device_ids": [devices[0]]})["reservation_id"])
+            client.call("release", {"device_ids": [devices[0]]})
+    thread.join()
+    [counts] = results
+    assert counts["slow_down"] > 0 and counts["granted"] > 0, counts
+    summary = f"uid {ALICE} made "  # the rest of her burst, within a second
+    wait_until(lambda: summary in daemon.log(), 5, daemon.log)
+    log = daemon.log()
+    alices = [line for line in log.splitlines() if f"uid {ALICE}" in line]
+    assert len(alices) <= 12, "\n".join(alices)  # one line, then a summary a second
+    for lease in roots:
+        assert f"reservation {lease} granted to uid 0" in log
+        assert f"reservation {lease} released by uid 0" in log
+    journal = (daemon.state_dir / "leases.journal").read_text()
+    assert journal.count(f'"uid":{ALICE},') >= counts["granted"]
+    record(
+        "Security",
+        "A group member reserving and releasing in a loop while root reserves",
+        "300 requests of one member, 20 reserve/release of root's",
+        f"{counts['slow_down']} refused with -32000; {len(alices)} log lines for the member's "
+        "changes; every one of root's on its own line; each change in the lease journal",
+    )
