@@ -84,6 +84,7 @@ def test_sysusers_snippet_declares_the_socket_group() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert ["g", "hotplug-monitor", "-"] in lines
+    assert ["g", "hotplug-monitor-read", "-"] in lines
     assert "SocketGroup=hotplug-monitor" in (UNITS / "hotplug-monitor.socket").read_text()
 
 
