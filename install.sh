@@ -10,18 +10,20 @@ Installs hotplug-monitor as a systemd service (run as root):
   /opt/hotplug-monitor/                      a virtual environment with the daemon and its libraries
   /usr/local/bin/hotplug-monitor             the command (a link into it)
   /usr/local/lib/systemd/system/             hotplug-monitor.service and hotplug-monitor.socket
-  /usr/local/lib/sysusers.d/                 the hotplug-monitor group (who may use the socket)
+  /usr/local/lib/sysusers.d/                 the hotplug-monitor group (who may reserve) and
+                                             hotplug-monitor-read (who may only read)
   /usr/local/lib/systemd/catalog/            the journal's explanations of its entries
   /usr/local/share/doc/hotplug-monitor/      README.md, which the units and entries point to
-then creates the group, updates the journal catalog and reloads systemd. It starts nothing.
+then creates the groups, updates the journal catalog and reloads systemd. It starts nothing.
 
   --root DIR        install under DIR instead of /, for an image or a check; the system is
-                    left alone (no group, catalog or reload), and the files name their final
+                    left alone (no groups, catalog or reload), and the files name their final
                     paths, so they work once DIR is the root
   --python PYTHON   the interpreter for the virtual environment (default /usr/bin/python3). The
                     service cannot see /home, /root or /tmp, so it must live elsewhere.
   --with ADAPTERS   also the libraries and units of these adapters (comma-separated):
-                    exporter  Prometheus exporter: hotplug-monitor-exporter.service and its user
+                    exporter  Prometheus exporter: hotplug-monitor-exporter.service and its
+                              user, in the read-only group
                     kubelet   Kubernetes device plugin: hotplug-monitor-kubelet-plugin.service
                     nomad     Nomad device plugin's libraries (Nomad starts it: no unit)
 EOF
@@ -107,6 +109,10 @@ if [ -n "$root" ]; then
 fi
 
 systemd-sysusers /usr/local/lib/sysusers.d/hotplug-monitor*.conf
+# Earlier versions put the exporter's user in the full group; it needs only the read-only one.
+if id -nG hotplug-monitor-exporter 2>/dev/null | tr ' ' '\n' | grep -qx hotplug-monitor; then
+  gpasswd -d hotplug-monitor-exporter hotplug-monitor >/dev/null
+fi
 journalctl --update-catalog
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
@@ -116,6 +122,7 @@ cat <<EOF
 installed hotplug-monitor $("$venv/bin/hotplug-monitor" --version | cut -d' ' -f2) in $venv
 next:
   systemctl enable --now hotplug-monitor.socket hotplug-monitor.service
-  usermod -aG hotplug-monitor USER    # who may use the socket (they log in again after)
+  usermod -aG hotplug-monitor USER    # who may reserve devices (they log in again after)
+  usermod -aG hotplug-monitor-read USER    # or: who may only read devices, leases and stats
   hotplug-monitor devices
 EOF

@@ -169,3 +169,9 @@ class LeaseChange:
     lease: Lease  # as it was before the change (as granted, for a grant)
     devices: tuple[str, ...]  # the devices it took or gave up
     reason: str  # who or what made the change: "released by uid 1000", "its holder exited"
+    by: int | None = None  # the uid that asked for it; None when no one did (its holder exited)
+
+    @property
+    def on_account_of(self) -> int:
+        """The uid whose doing it is: who asked, else the lease's own user."""
+        return self.by if self.by is not None else self.lease.uid

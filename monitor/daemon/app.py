@@ -19,12 +19,19 @@ from pathlib import Path
 import attrs
 import trio
 
-from monitor.core.access import Access
+from monitor.core.access import Access, stranded
 from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
 from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
-from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings, resolve_group
+from monitor.daemon.config import (
+    DEFAULT_READ_GROUP,
+    RESTART_ONLY,
+    ConfigError,
+    Settings,
+    owner_identities,
+    resolve_group,
+)
 from monitor.daemon.memory import GiveBack
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, InboxReader, Item
@@ -33,10 +40,11 @@ from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
 from monitor.outputs.cdi import CdiSpec
 from monitor.outputs.files import lock_directory, secure_directory
+from monitor.outputs.leaselog import LeaseLog
 from monitor.outputs.store import LeaseStore, StoreError
-from monitor.serving.limits import ConnectionLimits
+from monitor.serving.limits import ConnectionLimits, LeaseRate
 from monitor.serving.server import Server
-from monitor.serving.socketfile import SocketFile
+from monitor.serving.socketfile import ReadGroupRefused, SocketFile, let_read_group_in
 from monitor.sources import holders
 from monitor.sources.holders import HolderWatch
 from monitor.sources.nvml import NvmlStats, run_nvml_source
@@ -130,13 +138,18 @@ async def reload(current: Settings, load: Callable[[], Settings], events: Inbox)
         systemd.notify(READY=1)
 
 
-def _open_socket(settings: Settings, gid: int | None) -> tuple[socket.socket, SocketFile | None]:
+def _open_socket(settings: Settings, access: Access) -> tuple[socket.socket, SocketFile | None]:
     """systemd's socket if we were activated, else our own, with the file we keep for it."""
     passed = systemd.listen_socket()
     if passed is not None:
         log.info("serving on the socket systemd passed us")
+        if access.read_gid is not None:
+            try:
+                let_read_group_in(passed, access.read_gid)
+            except ReadGroupRefused as exc:
+                log.error("the read-only group %d cannot connect: %s", access.read_gid, exc)
         return passed, None
-    socket_file = SocketFile(settings.socket, gid)
+    socket_file = SocketFile(settings.socket, access.gid, access.read_gid)
     return socket_file.bind(), socket_file
 
 
@@ -196,13 +209,32 @@ async def claim(settings: Settings) -> Claimed:
     return Claimed(state_dir, cdi_dir, store, tuple(leases), locks)
 
 
-def first_state(settings: Settings, claimed: Claimed, gid: int | None) -> State:
+def access_of(settings: Settings) -> Access:
+    """Who may do what: the groups and owner names of the settings, looked up."""
+    gid = resolve_group(settings.group)
+    read_gid = resolve_group(settings.read_group, DEFAULT_READ_GROUP)
+    return Access(gid, os.geteuid(), read_gid, owner_identities(settings.owners))
+
+
+def warn_stranded(access: Access, leases: tuple[Lease, ...]) -> None:
+    """One warning naming the restored owner leases that their own user may no longer end."""
+    found = stranded(access, leases)
+    if found:
+        named = ", ".join(f"{lease.id} ({lease.owner}, uid {lease.uid})" for lease in found)
+        log.warning(
+            "reservations whose user may no longer use their owner name, kept until root or "
+            "the name's owner releases them: %s",
+            named,
+        )
+
+
+def first_state(settings: Settings, claimed: Claimed, access: Access) -> State:
     return State(
         match_classes=settings.match_classes,
         leases={lease.id: lease for lease in claimed.leases},
         xid_policy=settings.xid_policy,
         nvml_names=settings.nvml,
-        access=Access(gid, os.geteuid()),
+        access=access,
     )
 
 
@@ -226,7 +258,10 @@ async def run_tasks(
 
     watch = HolderWatch(nursery, holder_exited)
     watch.update(hub.state.leases)
-    nursery.start_soon(run_engine, hub, receive, claimed.store, watch, telemetry.latency)
+    lease_log = LeaseLog(logging.getLogger("monitor.engine.reducer_task"), os.geteuid())
+    nursery.start_soon(lease_log.run)
+    engine = partial(run_engine, report=lease_log.report)
+    nursery.start_soon(engine, hub, receive, claimed.store, watch, telemetry.latency)
     udev = partial(
         run_udev_source,
         inbox.clone(),
@@ -268,9 +303,10 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     """Run until SIGTERM or SIGINT; SIGHUP re-reads the config through ``load``."""
     _raise_fd_limit()
     _tune_gc()
-    gid = resolve_group(settings.group)
+    access = access_of(settings)
     claimed = await claim(settings)
-    hub = Hub(first_state(settings, claimed, gid))
+    warn_stranded(access, claimed.leases)
+    hub = Hub(first_state(settings, claimed, access))
     inbox, receive = trio.open_memory_channel[Item](EVENT_BUFFER)
     limits = ConnectionLimits(
         settings.max_clients, settings.max_clients_per_uid, settings.client_timeout
@@ -283,14 +319,15 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
     spec = CdiSpec(claimed.cdi_dir) if claimed.cdi_dir is not None else None
     give_back = GiveBack()
+    lease_rate = LeaseRate(settings.lease_rate, settings.lease_burst)
     server = Server(
-        hub, inbox.clone(), limits=limits, cdi=spec, telemetry=telemetry,
+        hub, inbox.clone(), limits=limits, lease_rate=lease_rate, cdi=spec, telemetry=telemetry,
         on_close=give_back.activity,
     )  # fmt: skip
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     sock = socket_file = None
     try:
-        sock, socket_file = _open_socket(settings, gid)
+        sock, socket_file = _open_socket(settings, access)
         with trio.open_signal_receiver(*handled) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, sock)

@@ -7,14 +7,28 @@ import grp
 import os
 import re
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from monitor.core.access import Identity
+from monitor.core.leases import OWNER
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.core.xids import XidPolicy
+from monitor.daemon.kinds import (
+    COUNT,
+    PATH,
+    SECONDS,
+    SWITCH,
+    Kind,
+    at_least,
+    choice,
+    flag_type,
+    list_of,
+    positive,
+    setting,
+)
 from monitor.outputs.files import UnsafePath, read_regular_file
 from monitor.wire.paths import SYSTEM_SOCKET, default_socket
 
@@ -29,13 +43,15 @@ class ConfigError(Exception):
 
 
 DEFAULT_GROUP = "hotplug-monitor"
+DEFAULT_READ_GROUP = "hotplug-monitor-read"
 MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
+MAX_UID = (1 << 32) - 2
 
 
-def resolve_group(name: str | None) -> int | None:
-    """The gid of ``name``; with no name, that of ``hotplug-monitor`` if it exists, else None."""
+def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
+    """The gid of ``name``; with no name, that of ``default`` if it exists, else None."""
     try:
-        return grp.getgrnam(name or DEFAULT_GROUP).gr_gid
+        return grp.getgrnam(name or default).gr_gid
     except KeyError:
         if name is None:
             return None
@@ -82,112 +98,61 @@ def class_prefix(text: str) -> str:
 # --- one definition per setting: its file key, how it is read, its flag, its help ------------
 
 
-def _toml_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    names |= {list: "a list", dict: "a table"}
-    return names.get(type(value), type(value).__name__)
-
-
-@attrs.frozen
-class Kind:
-    """How a setting's value is given: the TOML types the file may use, what a person is told
-    it must be, how it becomes the setting's value (``ValueError`` saying what is wanted), and
-    how its flag takes it (``argparse`` keywords)."""
-
-    types: type | tuple[type, ...]
-    wanted: str
-    convert: Callable[[Any], Any] = attrs.field(default=lambda v: v)
-    flag: dict[str, Any] = attrs.field(factory=dict)
-
-    def read(self, value: Any) -> Any:
-        if not isinstance(value, self.types) or (self.types is int and isinstance(value, bool)):
-            raise ValueError(f"must be {self.wanted}, not {_toml_type(value)}")
-        return self.convert(value)
-
-
-def _flag_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type from a converter that raises ValueError with a sentence."""
-
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def choice(choices: tuple[str, ...]) -> Kind:
-    def convert(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
-        return value
-
-    return Kind(str, f"one of {', '.join(choices)}", convert, {"choices": choices})
-
-
-def list_of(item: Kind, items: str, metavar: str) -> Kind:
-    """A list of ``items``, each of ``item``; an item's error names its index. Its flag is
-    given once per item."""
-
-    def convert(values: list[Any]) -> tuple[Any, ...]:
-        out = []
-        for index, value in enumerate(values):
-            try:
-                out.append(item.read(value))
-            except ValueError as exc:
-                raise ValueError(f"item {index} ({value!r}): {exc}") from None
-        return tuple(out)
-
-    flag = {"action": "append", "type": item.flag.get("type"), "metavar": metavar}
-    return Kind(list, f"a list of {items}", convert, flag)
-
-
 def xid(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 16:
         raise ValueError(f"an XID is a whole number from 1 to 65535, not {value!r}")
     return value
 
 
-PATH = Kind(str, "a path (a string)", Path, {"type": Path, "metavar": "PATH"})
-SECONDS = Kind((int, float), "a number of seconds", float, {"type": float, "metavar": "SECONDS"})
-COUNT = Kind(int, "a whole number", int, {"type": int, "metavar": "N"})
-SWITCH = Kind(bool, "true or false")
-CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": _flag_type(class_prefix)})
-XID = Kind(int, "an XID (a whole number)", xid, {"type": _flag_type(lambda t: xid(int(t)))})
+CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": flag_type(class_prefix)})
+XID = Kind(int, "an XID (a whole number)", xid, {"type": flag_type(lambda t: xid(int(t)))})
+
+
+def _owner_map(value: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{"batch": ["uid:1001", "group:batch"]}``, each name and identity checked; the groups
+    are looked up at start (``owner_identities``)."""
+    owners = []
+    for name, identities in value.items():
+        if not OWNER.fullmatch(name):
+            raise ValueError(f"{name!r} is not an owner name (1 to 64 of a-z, 0-9, '.', '_', '-')")
+        if not isinstance(identities, list) or not all(
+            isinstance(i, str) and _IDENTITY.fullmatch(i) for i in identities
+        ):
+            raise ValueError(
+                f'{name}: must be a list of identities such as "uid:1001" or "group:batch"'
+            )
+        for identity in identities:
+            if identity.startswith("uid:") and int(identity[4:]) > MAX_UID:
+                raise ValueError(f"{name}: {identity} is out of range (at most {MAX_UID})")
+        owners.append((name, tuple(identities)))
+    return tuple(owners)
+
+
+_IDENTITY = re.compile(r"uid:[0-9]{1,10}|group:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
+
+
+def owner_identities(
+    owners: tuple[tuple[str, tuple[str, ...]], ...],
+) -> dict[str, tuple[Identity, ...]]:
+    """The ``owners`` setting with its groups looked up; ``ConfigError`` naming a missing one."""
+    mapped = {}
+    for name, identities in owners:
+        found = []
+        for identity in identities:
+            kind, _, value = identity.partition(":")
+            if kind == "uid":
+                found.append(Identity(uid=int(value)))
+            else:
+                try:
+                    found.append(Identity(gid=resolve_group(value)))
+                except ConfigError as exc:
+                    raise ConfigError(f"owners: {name}: {exc}") from None
+        mapped[name] = tuple(found)
+    return mapped
 
 
 def _path_or_none(value: str) -> Path | None:
     return Path(value) if value else None
-
-
-def _at_least(low: float, unit: str = "") -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be at least {low:g}{unit}"
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be a positive number of seconds"
-
-
-def setting(
-    default: Any = None,
-    *,
-    kind: Kind,
-    help: str,
-    key: str | None = None,
-    live: bool = False,
-    check: Callable[[Any], str | None] | None = None,
-    factory: Callable[[], Any] | None = None,
-    off: str | None = None,
-) -> Any:
-    """A setting: its key in the config file (``key``, else its name), its kind, its help for
-    ``serve --help``, whether a reload applies it at once (``live``) or it takes a restart, what
-    else its value must satisfy (``check``), and for a path that may be none, the flag that
-    turns it off (``off``)."""
-    metadata = {"kind": kind, "help": help, "key": key, "live": live, "check": check, "off": off}
-    if factory is not None:
-        return attrs.field(factory=factory, metadata=metadata)
-    return attrs.field(default=default, metadata=metadata)
 
 
 @attrs.frozen
@@ -226,7 +191,7 @@ class Settings:
     nvml_timeout: float = setting(
         5.0,
         kind=SECONDS,
-        check=_positive,
+        check=positive,
         help="an NVML call slower than this marks its GPU 'NVML not responding', and a GPU "
         "NVML has not named by then is shown under the hardware database's name (default: 5)",
     )
@@ -258,23 +223,23 @@ class Settings:
     netlink_buffer: int = setting(
         8 * 1024 * 1024,
         kind=attrs.evolve(COUNT, flag={"type": int, "metavar": "BYTES"}),
-        check=_at_least(65536, " bytes"),
+        check=at_least(65536, " bytes"),
         help="uevent socket receive buffer (default: 8 MiB, at least 64 KiB)",
     )
     max_clients: int = setting(
         1024,
         kind=COUNT,
-        check=_at_least(1),
+        check=at_least(1),
         help="connections of users other than root and the daemon's, together; root and the "
         "daemon's user have as many of their own (default: 1024)",
     )
     max_clients_per_uid: int = setting(
-        64, kind=COUNT, check=_at_least(1), help="connections of any one such user (default: 64)"
+        64, kind=COUNT, check=at_least(1), help="connections of any one such user (default: 64)"
     )
     client_timeout: float = setting(
         60.0,
         kind=SECONDS,
-        check=_positive,
+        check=positive,
         help="close a connection that leaves a request line unfinished, or sends nothing, for "
         "this long; subscribers that read and holders of connection-bound leases may stay "
         "quiet (default: 60)",
@@ -284,6 +249,34 @@ class Settings:
         kind=Kind(str, "a group name or ID (a string)", flag={"metavar": "NAME"}),
         help="group that may connect to the socket and reserve devices "
         "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
+    )
+    read_group: str | None = setting(
+        None,
+        kind=Kind(str, "a group name or ID (a string)", flag={"metavar": "NAME"}),
+        help="group that may connect to the socket and read (fingerprint, subscribe, stats, "
+        "status, leases), and nothing else (default: hotplug-monitor-read if it exists)",
+    )
+    owners: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        kind=Kind(dict, 'a table of owner names, each a list such as ["uid:1001", "group:g"]',
+                  _owner_map),
+        flag=False,
+        help="who may use each owner name besides root (config file only)",
+    )  # fmt: skip
+    lease_rate: float = setting(
+        20.0,
+        kind=attrs.evolve(SECONDS, wanted="a number of requests a second", flag={
+            "type": float, "metavar": "PER_SECOND"}),
+        check=lambda v: None if v > 0 else "must be a positive number of requests a second",
+        help="reserve, release and reconcile requests a second of any one user other than "
+        "root and the daemon's; beyond it they are refused with -32000 (default: 20)",
+    )  # fmt: skip
+    lease_burst: int = setting(
+        100,
+        kind=COUNT,
+        check=at_least(1),
+        help="how many such requests a user may make at once before lease_rate applies "
+        "(default: 100)",
     )
     cdi_dir: Path | None = setting(
         kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "DIR"}),
@@ -317,6 +310,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     what a flag does not say, the file or the default does."""
     for field in attrs.fields(Settings):
         meta = field.metadata
+        if not meta["flag"]:
+            continue
         name = flag_name(field)
         kind: Kind = meta["kind"]
         if kind is SWITCH:  # every switch is on by default: its flag turns it off
@@ -338,7 +333,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the flags gave (None: not given)."""
     values = {}
     for field in attrs.fields(Settings):
-        value = getattr(args, field.name)
+        value = getattr(args, field.name, None)
         values[field.name] = tuple(value) if isinstance(value, list) else value
     return values
 

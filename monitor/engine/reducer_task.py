@@ -9,13 +9,15 @@ nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import trio
 
 from monitor.core.events import Event
 from monitor.core.reducer import Reduction, durable_leases, fold, fold_unrecorded
 from monitor.core.state import State
-from monitor.core.transitions import journal_entries
+from monitor.core.transitions import Entry, journal_entries
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import InboxReader, Pending
 from monitor.engine.stats import Histogram
@@ -35,8 +37,11 @@ async def run_engine(
     store: LeaseStore,
     watch: HolderWatch | None = None,
     latency: Histogram | None = None,
+    report: Callable[[Entry], None] | None = None,
 ) -> None:
-    """Fold what comes in; ``latency`` observes how long uevents took from netlink to publish."""
+    """Fold what comes in; ``latency`` observes how long uevents took from netlink to publish,
+    and ``report`` writes what each fold did to the journal (each entry as it is, if none)."""
+    report = report or partial(logs.report, log)
     async with receive:  # closed on exit, so that nobody waits on a task that is gone
         async for first in receive:
             events: list[Event] = []
@@ -61,7 +66,7 @@ async def run_engine(
             old = hub.state
             reduction = await _decide(old, events, store)
             for entry in journal_entries(old, reduction):
-                logs.report(log, entry)
+                report(entry)
             hub.publish(reduction.state, reduction.patch)
             if latency is not None:
                 published = trio.current_time()

@@ -44,6 +44,7 @@ MESSAGE_IDS = {
     "granted": "1c70986168ae44408d8f6cc6f4224274",
     "released": "ad179e5adeb94dab9f6162cf0f47b41e",
     "ended": "0035218812e04a9ba83314206956a04e",
+    "lease_summary": "b5e0f3a2c4d64e1f8a7b9c0d2e4f6a18",  # monitor.outputs.leaselog
 }
 LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
 

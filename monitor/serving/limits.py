@@ -47,3 +47,40 @@ class ConnectionLimits:
         if count.others >= self.max_clients:
             return f"Too many clients (limit {self.max_clients}); try again later."
         return None
+
+
+class LeaseRate:
+    """Lease-changing requests each uid may make: ``burst`` at once, then ``rate`` a second.
+
+    Every lease change is a record on disk and a line in the journal, and journald drops a
+    service's entries beyond its own rate limit; a group member in a loop must not take root's
+    grants or the health alerts with it. Root and the daemon's user are never asked here."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when counted)
+
+    def refusal(self, uid: int, now: float) -> str | None:
+        """Take one request of ``uid``'s; why it is refused, if it is."""
+        tokens, then = self._buckets.get(uid, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if tokens < 1:
+            self._buckets[uid] = (tokens, now)
+            return (
+                f"Too many reservation changes from uid {uid} (at most {self.rate:g} a second, "
+                f"{self.burst} at once); slow down."
+            )
+        self._buckets[uid] = (tokens - 1, now)
+        if len(self._buckets) > MAX_BUCKETS:
+            self._forget_full(now)
+        return None
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the uids whose bucket has filled up again: they are as good as new."""
+        for uid, (tokens, then) in list(self._buckets.items()):
+            if tokens + (now - then) * self.rate >= self.burst:
+                del self._buckets[uid]
+
+
+MAX_BUCKETS = 1024  # uids remembered before those at rest are forgotten

@@ -30,7 +30,7 @@ from monitor.engine.stats import StatsHub, Telemetry
 from monitor.outputs.cdi import CdiSpec
 from monitor.serving import requests
 from monitor.serving.connection import Connection, UnfinishedInput
-from monitor.serving.limits import ConnectionCount, ConnectionLimits
+from monitor.serving.limits import ConnectionCount, ConnectionLimits, LeaseRate
 from monitor.serving.nodes import RecentNodeCheck
 from monitor.serving.peers import peer_of
 from monitor.serving.requests import Ask, Asked, Read, StreamStats, rpc_error
@@ -53,6 +53,7 @@ class Server:
         inbox: Inbox,
         *,
         limits: ConnectionLimits | None = None,
+        lease_rate: LeaseRate | None = None,
         requests_per_second: float = REQUESTS_PER_SECOND,
         cdi: CdiSpec | None = None,
         telemetry: Telemetry | None = None,
@@ -64,6 +65,7 @@ class Server:
         self.cdi = cdi  # the CDI spec of the devices, if one is kept: reserve names its entries
         self.inbox = inbox
         self.limits = limits or ConnectionLimits()
+        self.lease_rate = lease_rate  # None: no limit on lease changes
         self.requests_per_second = requests_per_second
         self.connections = ConnectionCount()
         self.unfinished = UnfinishedInput()
@@ -178,6 +180,10 @@ class Server:
     async def _ask(self, call: Ask, connection: Connection) -> dict[str, Any]:
         """Hand the request to the reducer; its answer, or its refusal raised."""
         peer = connection.peer
+        if self.lease_rate is not None and not self.hub.state.access.privileged(peer):
+            slow_down = self.lease_rate.refusal(peer.uid, trio.current_time())
+            if slow_down is not None:
+                raise RpcError(SERVER_BUSY, slow_down)
         holder = None if call.holder_pid is None else self._holder(peer, call.holder_pid)
         asked = Asked(
             peer=peer,

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,6 +43,65 @@ class SocketPathError(Exception):
 
 MAX_PATH = 107  # sun_path holds 108 bytes, the terminating NUL among them
 
+# A POSIX access ACL as the kernel stores it (linux/posix_acl_xattr.h): a version, then
+# (tag, permissions, id) entries in tag order.
+ACL_XATTR = "system.posix_acl_access"
+_USER_OBJ, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def read_group_acl(mode: int, read_gid: int) -> bytes:
+    """The ACL of a socket of ``mode`` that also lets ``read_gid`` connect (connecting takes
+    write permission): the mode's own entries, and one for the read-only group."""
+    owner, group, other = (mode >> 6) & 7, (mode >> 3) & 7, mode & 7
+    entries = [
+        (_USER_OBJ, owner, _NO_ID),
+        (_GROUP_OBJ, group, _NO_ID),
+        (_GROUP, 6, read_gid),
+        (_MASK, group | 6, _NO_ID),
+        (_OTHER, other, _NO_ID),
+    ]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def _set_acl(where: str, acl: bytes, path: Path) -> None:
+    try:
+        os.setxattr(where, ACL_XATTR, acl, follow_symlinks=False)
+    except OSError as exc:
+        raise SocketPathError(
+            f"cannot let the read-only group connect to {path}: {exc.strerror or exc} (the "
+            "socket's file system must support POSIX ACLs)"
+        ) from None
+
+
+class ReadGroupRefused(Exception):
+    """The read-only group cannot be let in; the message says why."""
+
+
+def let_read_group_in(sock: socket.socket, read_gid: int) -> None:
+    """Give ``read_gid`` access to the socket systemd bound for us, at the path it is bound to.
+
+    Through its name, so only where no one but root or us could have swapped that name: its
+    directory must be ours and writable by nobody else, and the name a socket."""
+    path = sock.getsockname()
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ReadGroupRefused("the socket systemd passed has no path")
+    directory, name = os.path.split(path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        held = os.fstat(fd)
+        if held.st_uid not in (0, os.geteuid()) or held.st_mode & 0o022:
+            raise ReadGroupRefused(f"{directory} is writable by others")
+        bound = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISSOCK(bound.st_mode):
+            raise ReadGroupRefused(f"{path} is not a socket")
+        acl = read_group_acl(stat.S_IMODE(bound.st_mode), read_gid)
+        os.setxattr(f"/proc/self/fd/{fd}/{name}", ACL_XATTR, acl, follow_symlinks=False)
+    except OSError as exc:
+        raise ReadGroupRefused(f"cannot set an ACL on {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
 
 def _probe(path: Path) -> bool:
     """Whether a daemon answers on the socket at ``path``."""
@@ -59,10 +119,10 @@ def _probe(path: Path) -> bool:
 
 
 def bind_unix_socket(
-    path: Path, mode: int, gid: int | None
+    path: Path, mode: int, gid: int | None, read_gid: int | None = None
 ) -> tuple[socket.socket, os.stat_result]:
-    """Listen on ``path`` with this mode and group, replacing a stale socket but never a live
-    one; the socket and the file's stat.
+    """Listen on ``path`` with this mode and group (and an ACL that lets ``read_gid`` in too),
+    replacing a stale socket but never a live one; the socket and the file's stat.
 
     The socket is bound in a private directory, given its mode and group there, and renamed into
     place: the name never exists with another mode, and no chmod or chown goes through a name
@@ -105,6 +165,8 @@ def bind_unix_socket(
                 os.chmod("s", mode, dir_fd=fd)
                 if gid is not None:
                     os.chown("s", -1, gid, dir_fd=fd, follow_symlinks=False)
+                if read_gid is not None:
+                    _set_acl(f"/proc/self/fd/{fd}/s", read_group_acl(mode, read_gid), path)
                 bound = os.stat("s", dir_fd=fd)
                 sock.listen(LISTEN_BACKLOG)  # before the name appears: no client is refused
                 os.rename("s", path.name, src_dir_fd=fd, dst_dir_fd=parent)
@@ -127,15 +189,17 @@ def bind_unix_socket(
 class SocketFile:
     """Our listening socket's path, with the inode we bound there."""
 
-    def __init__(self, path: Path, gid: int | None) -> None:
+    def __init__(self, path: Path, gid: int | None, read_gid: int | None = None) -> None:
         self.path = path
         self.gid = gid
+        self.read_gid = read_gid
         self.bound: os.stat_result | None = None
 
     def bind(self) -> socket.socket:
-        """A new listening socket at the path: 0660 and our group's if we have one, else 0600."""
+        """A new listening socket at the path: 0660 and our group's if we have one, else 0600;
+        the read-only group's members may connect too (an ACL entry)."""
         mode = 0o660 if self.gid is not None else 0o600
-        sock, self.bound = bind_unix_socket(self.path, mode, self.gid)
+        sock, self.bound = bind_unix_socket(self.path, mode, self.gid, self.read_gid)
         return sock
 
     def _current(self) -> os.stat_result | None:

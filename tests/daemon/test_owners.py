@@ -1,13 +1,18 @@
 """Scheduler-owned leases against a real daemon: reserve as an owner, reconcile, an operator's
-release of an owner's leftovers, and durability across SIGKILL."""
+release of an owner's leftovers, durability across SIGKILL, and the config's owner map."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from monitor.core.access import Identity
+from monitor.core.leases import Lease
+from monitor.daemon.config import ConfigError, owner_identities, read_config
+from monitor.outputs.store import LeaseStore
 from monitor.wire.errors import RpcError
 from monitor.wire.requests import reconcile, release, reserve
 from tests.conftest import Daemon, Subscription
@@ -92,3 +97,45 @@ def test_an_operator_clears_a_schedulers_leftovers_and_they_survive_sigkill_unti
     with again.client() as client, pytest.raises(RpcError) as refused:
         client.ask(release(owner="Bad Name"))
     assert refused.value.code == -32602
+
+
+def test_the_config_maps_owner_names_and_refuses_what_is_not_an_identity(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[owners]\nbatch = ["uid:1001", "group:0"]\n"ml.jobs" = []\n')
+    owners = read_config(config)["owners"]
+    assert owner_identities(owners) == {
+        "batch": (Identity(uid=1001), Identity(gid=0)),
+        "ml.jobs": (),
+    }
+    for bad, says in (
+        ('[owners]\nbatch = ["user:1"]\n', 'such as "uid:1001" or "group:batch"'),
+        ('[owners]\nBatch = ["uid:1"]\n', "'Batch' is not an owner name"),
+        ('[owners]\nbatch = ["uid:9999999999"]\n', "out of range"),
+        ('owners = ["uid:1"]\n', "owners must be a table"),
+    ):
+        config.write_text(bad)
+        with pytest.raises(ConfigError) as refused:
+            read_config(config)
+        assert says in str(refused.value), refused.value
+    with pytest.raises(ConfigError) as missing:
+        owner_identities((("batch", ("group:no-such-group-here",)),))
+    assert str(missing.value) == "owners: batch: no group named 'no-such-group-here' on this host"
+
+
+def test_owner_leases_their_user_may_no_longer_use_stay_and_are_named_once_at_start(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A lease file from before owner names were bound: a member's kubelet lease."""
+    devices, flags = reservable()
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    old = Lease("old-1", {devices[0]: "x/gpu/old"}, 60001, 4242, 1, 1.0, owner="kubelet")
+    mine = Lease("old-2", {devices[1]: "x/gpu/old"}, 60001, 4242, 1, 1.0, owner="batch")
+    LeaseStore(state).compact([old, mine])
+    daemon = start_daemon(*flags)
+    warnings = [line for line in daemon.log().splitlines() if "may no longer use" in line]
+    assert len(warnings) == 1 and "old-1 (kubelet, uid 60001)" in warnings[0], warnings
+    assert "old-2" not in warnings[0]  # batch's first user is uid 60001 itself
+    held = [lease["reservation_id"] for lease in daemon.client().call("leases")["leases"]]
+    assert sorted(held) == ["old-1", "old-2"]
+    assert daemon.cli("release", "--owner", "kubelet", "--all").returncode == 0  # root may

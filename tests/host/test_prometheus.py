@@ -384,13 +384,14 @@ def test_the_unit_verifies_runs_as_its_own_user_in_the_group_and_is_hardened(
     found = re.search(rf"Overall exposure level for {unit}: ([0-9.]+)", security.stdout)
     assert found and float(found.group(1)) <= 2.0, security.stdout + security.stderr
     assert "User=hotplug-monitor-exporter\n" in text
-    assert "SupplementaryGroups=hotplug-monitor\n" in text
+    assert "SupplementaryGroups=hotplug-monitor-read\n" in text  # never the full group
     sysusers = [
         line.split()
         for line in (UNITS / "hotplug-monitor-exporter.sysusers").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert ["m", "hotplug-monitor-exporter", "hotplug-monitor"] in sysusers
+    assert ["m", "hotplug-monitor-exporter", "hotplug-monitor-read"] in sysusers
+    assert ["m", "hotplug-monitor-exporter", "hotplug-monitor"] not in sysusers
     assert sysusers[0][:2] == ["u", "hotplug-monitor-exporter"]
 
 

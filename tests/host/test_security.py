@@ -694,3 +694,131 @@ def test_a_bad_group_and_an_unreadable_home_are_one_line_errors(tmp_path: Path) 
     status, _, err = cli_as(BOB, [BOB], ["serve", "--no-nvml"], env)
     assert status == 1 and err.startswith("hotplug-monitor: error: cannot look for the config")
     assert err.count("\n") == 1, err
+
+
+# --- 11. owner names bound to identities (issue 24, item 1) -----------------------------------
+
+
+def test_a_member_cannot_speak_for_an_owner_name_that_is_not_its_own(
+    start_daemon: Callable[..., Daemon], shared_socket: Path
+) -> None:
+    """Alice, in the daemon's group, tries what any member could: release kubelet's leases,
+    reconcile root's Nomad leases away, reserve as kubelet a device a pod holds (two users on one
+    GPU), and end Bob's owner lease. Each is refused, naming the owner; nothing changes."""
+    devices, flags = reservable()
+    daemon = start_daemon("--group", str(GROUP), *flags, socket=shared_socket)
+    pods = daemon.client().call("reserve", {"device_ids": [devices[0]], "owner": "kubelet"})
+    bobs = call_as(BOB, [BOB, GROUP], shared_socket, "reserve",
+                   {"device_ids": [devices[1]], "owner": "bobs-batch"})  # fmt: skip
+    assert "result" in bobs, bobs
+    attacks: list[tuple[str, dict[str, Any], str]] = [
+        ("release", {"owner": "kubelet"}, "kubelet"),
+        ("release", {"device_ids": [devices[0]], "owner": "kubelet"}, "kubelet"),
+        ("reconcile", {"owner": "nomad", "device_ids": []}, "nomad"),
+        ("reconcile", {"owner": "kubelet", "device_ids": []}, "kubelet"),
+        ("reserve", {"device_ids": [devices[0]], "owner": "kubelet"}, "kubelet"),
+        ("release", {"owner": "bobs-batch"}, "bobs-batch"),
+        ("release", {"reservation_id": bobs["result"]["reservation_id"]}, "bobs-batch"),
+        ("reserve", {"device_ids": [devices[1]], "owner": "bobs-batch"}, "bobs-batch"),
+    ]
+    for method, params, owner in attacks:
+        answer = call_as(ALICE, [ALICE, GROUP], shared_socket, method, params)
+        assert answer.get("error", {}).get("code") == -32004, (method, params, answer)
+        assert f"owner name {owner} belongs to" in answer["error"]["message"], answer
+    held = {lease["reservation_id"] for lease in daemon.client().call("leases")["leases"]}
+    assert held == {pods["reservation_id"], bobs["result"]["reservation_id"]}
+    record(
+        "Security",
+        "A group member using owner names that are not its own (kubelet, nomad, another's)",
+        f"{len(attacks)} requests: release, reconcile and reserve as those owners",
+        "each refused with -32004 naming the owner; every lease kept",
+    )
+
+
+# --- 12. a read-only group (issue 24) -----------------------------------------------------------
+
+READERS = 4343  # a gid no account has
+
+
+def test_the_read_only_group_reads_and_changes_nothing_and_outsiders_still_cannot_connect(
+    start_daemon: Callable[..., Daemon], shared_socket: Path
+) -> None:
+    devices, flags = reservable()
+    daemon = start_daemon(
+        "--group", str(GROUP), "--read-group", str(READERS), *flags, socket=shared_socket
+    )
+    assert stat.S_IMODE(shared_socket.stat().st_mode) == 0o660
+    reader = [BOB, READERS]
+    for method in ("fingerprint", "leases", "status"):
+        assert "result" in call_as(BOB, reader, shared_socket, method, {}), method
+    for method, params in (
+        ("reserve", {"device_ids": [devices[0]]}),
+        ("release", {"device_ids": [devices[0]]}),
+        ("reconcile", {"owner": "nomad", "device_ids": []}),
+    ):
+        answer = call_as(BOB, reader, shared_socket, method, params)
+        assert answer["error"]["code"] == -32004, answer
+        assert "is in the daemon's read-only group" in answer["error"]["message"], answer
+    outsider = call_as(MALLORY, [MALLORY], shared_socket, "fingerprint", {})
+    assert "PermissionError" in outsider.get("child_error", ""), outsider
+    assert daemon.client().call("leases") == {"leases": []}
+
+
+# --- 13. one member flooding the journal (issue 24, item 5) ------------------------------------
+
+
+def test_one_member_cannot_flood_the_journal_and_root_keeps_a_line_per_change(
+    start_daemon: Callable[..., Daemon], shared_socket: Path
+) -> None:
+    """Alice loops over reserve and release as fast as she can while root reserves and releases
+    twenty times: her changes beyond the limit are refused (-32000), the rest summarised about
+    once a second; each of root's has its own line; the lease journal has every change."""
+    devices, flags = reservable()
+    daemon = start_daemon("--group", str(GROUP), *flags, socket=shared_socket)
+
+    def loop() -> dict[str, int]:
+        counts = {"granted": 0, "slow_down": 0}
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(shared_socket))
+            lines = sock.makefile("rb")
+            for n in range(300):
+                method = "reserve" if n % 2 == 0 else "release"
+                request = {"jsonrpc": "2.0", "id": n, "method": method,
+                           "params": {"device_ids": [devices[1]]}}  # fmt: skip
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                answer = json.loads(lines.readline())
+                counts["granted"] += "reservation_id" in answer.get("result", {})
+                error = answer.get("error", {})
+                counts["slow_down"] += error.get("code") == -32000 and "slow down" in error.get(
+                    "message", ""
+                )
+        return counts
+
+    results: list[dict[str, int]] = []
+    thread = threading.Thread(target=lambda: results.append(as_user(ALICE, [ALICE, GROUP], loop)))
+    thread.start()
+    roots = []
+    with daemon.client() as client:
+        for _ in range(20):
+            roots.append(client.call("reserve", {"device_ids": [devices[0]]})["reservation_id"])
+            client.call("release", {"device_ids": [devices[0]]})
+    thread.join()
+    [counts] = results
+    assert counts["slow_down"] > 0 and counts["granted"] > 0, counts
+    summary = f"uid {ALICE} made "  # the rest of her burst, within a second
+    wait_until(lambda: summary in daemon.log(), 5, daemon.log)
+    log = daemon.log()
+    alices = [line for line in log.splitlines() if f"uid {ALICE}" in line]
+    assert len(alices) <= 12, "\n".join(alices)  # one line, then a summary a second
+    for lease in roots:
+        assert f"reservation {lease} granted to uid 0" in log
+        assert f"reservation {lease} released by uid 0" in log
+    journal = (daemon.state_dir / "leases.journal").read_text()
+    assert journal.count(f'"uid":{ALICE},') >= counts["granted"]
+    record(
+        "Security",
+        "A group member reserving and releasing in a loop while root reserves",
+        "300 requests of one member, 20 reserve/release of root's",
+        f"{counts['slow_down']} refused with -32000; {len(alices)} log lines for the member's "
+        "changes; every one of root's on its own line; each change in the lease journal",
+    )

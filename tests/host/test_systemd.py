@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from monitor.outputs import logs
+from monitor.serving.socketfile import ACL_XATTR
 from monitor.sim.umockdev import Simulator
 from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
@@ -84,6 +86,7 @@ def test_sysusers_snippet_declares_the_socket_group() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert ["g", "hotplug-monitor", "-"] in lines
+    assert ["g", "hotplug-monitor-read", "-"] in lines
     assert "SocketGroup=hotplug-monitor" in (UNITS / "hotplug-monitor.socket").read_text()
 
 
@@ -232,6 +235,28 @@ def test_socket_activation_answers_early_clients_and_keeps_the_socket(tmp_path: 
         if activator.poll() is None:
             activator.kill()
             activator.wait()
+        log.close()
+
+
+def test_the_read_only_group_is_let_in_to_the_socket_systemd_passed(tmp_path: Path) -> None:
+    """systemd's socket units have no ACLs: the daemon adds the read-only group's entry."""
+    path = tmp_path / "activated.sock"
+    log = (tmp_path / "daemon.log").open("wb")
+    activator = subprocess.Popen(
+        [tool("systemd-socket-activate"), "-l", str(path), sys.executable, "-m", "monitor",
+         "serve", "--log-target", "stderr", "--state-dir", str(tmp_path / "state"), "--no-cdi",
+         "--no-nvml", "--read-group", "4343", *KERNEL],
+        stderr=log,
+    )  # fmt: skip
+    try:
+        wait_until(path.exists, what="systemd-socket-activate to listen")
+        with Client(path) as client:
+            client.call("fingerprint")
+        acl = os.getxattr(path, ACL_XATTR)
+        assert struct.pack("<HHI", 0x08, 6, 4343) in acl, acl.hex()  # group 4343: rw
+    finally:
+        activator.kill()
+        activator.wait()
         log.close()
 
 

@@ -217,62 +217,63 @@ def test_a_fold_whose_leases_cannot_be_written_refuses_the_requests_alone() -> N
 
 
 def test_an_owner_takes_its_own_devices_again_and_no_one_elses() -> None:
-    state, _ = run(reserve(H100.address, owner="nomad"), state=host())
-    assert device_json(state, H100.address)["reserved_owner"] == "nomad"
-    request = reserve(H100.address, H100_B.address, owner="nomad", lease_id="lease-2")
+    state, _ = run(reserve(H100.address, owner="batch"), state=host())
+    assert device_json(state, H100.address)["reserved_owner"] == "batch"
+    request = reserve(H100.address, H100_B.address, owner="batch", lease_id="lease-2")
     reduction = decide(state, request)
     grant = reduction.answers[request.token]
-    assert isinstance(grant, Grant) and grant.lease.owner == "nomad"
+    assert isinstance(grant, Grant) and grant.lease.owner == "batch"
     assert reduction.state.leases.keys() == {"lease-2"}  # the new lease replaces the old
     assert [(c.kind, c.lease.id, c.reason) for c in reduction.lease_changes] == [
         ("released", "lease-1", "replaced by lease-2 of the same owner"),
-        ("granted", "lease-2", "granted to uid 1000 (pid 100) for nomad"),
+        ("granted", "lease-2", "granted to uid 1000 (pid 100) for batch"),
     ]
-    for other in (reserve(H100.address, lease_id="x"), reserve(H100.address, owner="kubelet")):
+    for other in (
+        reserve(H100.address, lease_id="x"),
+        reserve(H100.address, owner="kubelet", peer=ROOT),
+    ):
         assert refusal(state, other).reason is Reason.RESERVED  # anyone else, as before
     plain, _ = run(reserve(H100.address), state=host())
-    assert refusal(plain, reserve(H100.address, owner="nomad")).reason is Reason.RESERVED
+    assert refusal(plain, reserve(H100.address, owner="batch")).reason is Reason.RESERVED
 
 
 def test_an_owners_lease_has_no_holder_and_no_connection() -> None:
     for request in (
-        reserve(H100.address, owner="nomad", holder=HOLDER),
-        reserve(H100.address, owner="nomad", connection=7),
+        reserve(H100.address, owner="batch", holder=HOLDER),
+        reserve(H100.address, owner="batch", connection=7),
     ):
         assert refusal(host(), request).reason is Reason.INVALID
-    assert refusal(host(), reserve(H100.address, owner="nomad", peer=OUTSIDER)).reason is (
+    assert refusal(host(), reserve(H100.address, owner="batch", peer=OUTSIDER)).reason is (
         Reason.FORBIDDEN
     )
 
 
 def test_reconcile_ends_the_owners_leases_on_every_device_it_no_longer_uses() -> None:
     state, _ = run(
-        reserve(H100.address, owner="kubelet"),
-        reserve(H100_B.address, owner="kubelet", lease_id="lease-2"),
+        reserve(H100.address, owner="kubelet", peer=ROOT),
+        reserve(H100_B.address, owner="kubelet", peer=ROOT, lease_id="lease-2"),
         state=host(),
     )
     used = (H100.address, "0000:99:00.0")  # a device the daemon does not know holds nothing
-    reduction = decide(state, ReconcileRequested(99, OTHER_MEMBER, "kubelet", used))
+    reduction = decide(state, ReconcileRequested(99, ROOT, "kubelet", used))
     assert reduction.answers[99] == Released((H100_B.address,), ())
     assert reduction.state.leases.keys() == {"lease-1"}
     [change] = reduction.lease_changes
-    assert change.reason == "reconciled by kubelet (uid 1001, pid 101)"
-    assert decide(state, ReconcileRequested(98, MEMBER, "nomad", ())).patch is None  # not its
+    assert change.reason == "reconciled by kubelet (uid 0, pid 1)"
+    assert decide(state, ReconcileRequested(98, ROOT, "nomad", ())).patch is None  # not its
     refused = decide(state, ReconcileRequested(97, OUTSIDER, "kubelet", ())).answers[97]
     assert isinstance(refused, Refusal) and refused.reason is Reason.FORBIDDEN
 
 
-def test_an_operator_clears_an_owners_leftovers_and_a_member_releases_for_the_owner() -> None:
+def test_an_operator_clears_an_owners_leftovers_and_no_member_speaks_for_the_owner() -> None:
     state, _ = run(
-        reserve(H100.address, owner="nomad"),
-        reserve(H100_B.address, owner="nomad", lease_id="lease-2"),
+        reserve(H100.address, owner="nomad", peer=ROOT),
+        reserve(H100_B.address, owner="nomad", peer=ROOT, lease_id="lease-2"),
         state=host(),
     )
-    # another member of the group, speaking for the owner, may release the owner's lease
-    assert answer(state, release(H100.address, peer=OTHER_MEMBER, owner="nomad")) == Released(
-        (H100.address,), ()
-    )
-    assert refusal(state, release(H100.address, peer=OTHER_MEMBER)).reason is Reason.FORBIDDEN
+    # naming the owner no longer lets another member release its lease (issue 24)
+    for asked in (release(H100.address, peer=OTHER_MEMBER, owner="nomad"), release(H100.address)):
+        assert refusal(state, asked).reason is Reason.FORBIDDEN
     request = release(peer=ROOT, owner="nomad")  # every lease of that owner
     reduction = decide(state, request)
     assert reduction.answers[request.token] == Released((H100.address, H100_B.address), ())

@@ -2,14 +2,16 @@
 
 A lease is exclusive: every device asked for is known, healthy and held by no other lease, or
 the request gets none of them. Who asks is the peer the kernel saw; root, the daemon's user and
-members of its group may reserve and release, and only a lease's own user (or root) may release
-it. A lease ends when released, when its holder process exits, or when its connection closes.
+members of its group may reserve and release (the read-only group's members may not), and only a
+lease's own user (or root) may release it. A lease ends when released, when its holder process
+exits, or when its connection closes.
 
 Schedulers allocate and never release (Nomad reserves at each task start; kubelet tracks its
 pods itself), so a lease may have an owner, a scheduler's name. An owner's lease ends only by
 release, by the owner's reconcile (the devices it still uses: its leases on the others end), or
-by an operator; whoever may reserve may use an owner name. A reserve by owner X of devices X
-already holds replaces X's lease on them: the scheduler decides among its own tasks.
+by an operator. An owner name belongs to identities (``monitor.core.access``): only they or root
+reserve, release or reconcile under it. A reserve by owner X of devices X already holds replaces
+X's lease on them: the scheduler decides among its own tasks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from monitor.core.access import Access, Peer
+from monitor.core.access import Access, Peer, may_use_owner, owner_belongs_to
 from monitor.core.answers import Answer, Grant, Reason, Refusal, Released
 from monitor.core.draft import Draft, RequestRule, Rule
 from monitor.core.events import (
@@ -53,11 +55,31 @@ def may_reserve(access: Access, peer: Peer, holder_pid: int | None = None) -> Re
 def may_change(access: Access, peer: Peer, action: str) -> Refusal | None:
     if access.may_change(peer):
         return None
+    if access.read_only(peer):
+        return Refusal(
+            Reason.FORBIDDEN,
+            f"uid {peer.uid} is in the daemon's read-only group: it may read devices, leases "
+            f"and stats, but not {action}.",
+            {"uid": peer.uid},
+        )
     return Refusal(
         Reason.FORBIDDEN,
         f"Only root and members of the daemon's group may {action} devices "
         f"(you are uid {peer.uid}).",
         {"uid": peer.uid},
+    )
+
+
+def may_own(draft: Draft, peer: Peer, owner: str, action: str) -> Refusal | None:
+    """Whether ``peer`` may ``action`` under the owner name ``owner``."""
+    access, leases = draft.get(F.access), draft.get(F.leases).values()
+    if may_use_owner(access, leases, peer, owner):
+        return None
+    return Refusal(
+        Reason.FORBIDDEN,
+        f"The owner name {owner} belongs to {owner_belongs_to(access, leases, owner)}; "
+        f"uid {peer.uid} may not {action} under it.",
+        {"owner": owner, "uid": peer.uid},
     )
 
 
@@ -115,6 +137,8 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     peer = request.peer
     holder_pid = request.holder.pid if request.holder is not None else None
     refusal = may_reserve(draft.get(F.access), peer, holder_pid)
+    if refusal is None and request.owner is not None:
+        refusal = may_own(draft, peer, request.owner, "reserve")
     if refusal is not None:
         return refusal
     found = resolve(draft, request.device_ids)
@@ -164,12 +188,13 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     for old_id in sorted(taken):
         old = leases[old_id]
         devices = tuple(d for d in old.devices if d in lease.devices)
-        _take(draft, old, devices, "released", f"replaced by {lease.id} of the same owner")
+        why = f"replaced by {lease.id} of the same owner"
+        _take(draft, old, devices, "released", why, peer.uid)
     draft.put(F.leases, lease.id, lease)
     reason = f"granted to uid {peer.uid} (pid {peer.pid})"
     if owner is not None:
         reason += f" for {owner}"
-    draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason))
+    draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason, peer.uid))
     facts, nvml = draft.get(F.devices), draft.get(F.nvml)
     minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
     return Grant(lease, found, minors)
@@ -179,6 +204,8 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
     """A lease, or devices from the leases holding them; only the lease's uid or root may."""
     peer = request.peer
     refusal = may_change(draft.get(F.access), peer, "release")
+    if refusal is None and request.owner is not None:
+        refusal = may_own(draft, peer, request.owner, "release")
     if refusal is not None:
         return refusal
     leases = draft.get(F.leases)
@@ -208,7 +235,16 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
         }
         held_devices = {d for devices in affected.values() for d in devices}
         not_reserved = [d for d in wanted if d not in held_devices]
-    refused = [i for i in affected if not _may_release(peer, leases[i], request.owner)]
+    for lease_id in affected:
+        owner = leases[lease_id].owner
+        if owner is not None and owner != request.owner:
+            refusal = may_own(draft, peer, owner, "release")
+            if refusal is not None:
+                data = {**(refusal.data or {}), "reservation_ids": [lease_id]}
+                return attrs.evolve(refusal, data=data)
+    refused = [
+        i for i in affected if leases[i].owner is None and peer.uid not in (0, leases[i].uid)
+    ]
     if refused:
         return Refusal(
             Reason.FORBIDDEN,
@@ -218,15 +254,10 @@ def release(draft: Draft, request: ReleaseRequested) -> Answer:
             {"reservation_ids": refused},
         )
     reason = f"released by uid {peer.uid} (pid {peer.pid})"
-    return Released(_release_all(draft, affected, reason), not_reserved)
+    return Released(_release_all(draft, affected, reason, peer.uid), not_reserved)
 
 
-def _may_release(peer: Peer, lease: Lease, owner: str | None) -> bool:
-    """Root, the lease's own user, or whoever speaks for its owner."""
-    return peer.uid in (0, lease.uid) or (lease.owner is not None and owner == lease.owner)
-
-
-def _release_all(draft: Draft, affected: dict[str, set[str]], reason: str) -> list[str]:
+def _release_all(draft: Draft, affected: dict[str, set[str]], reason: str, by: int) -> list[str]:
     """Take these devices out of these leases; the devices released."""
     leases = draft.get(F.leases)
     released: list[str] = []
@@ -234,7 +265,7 @@ def _release_all(draft: Draft, affected: dict[str, set[str]], reason: str) -> li
         lease = leases[lease_id]
         gone = tuple(d for d in lease.devices if d in devices)
         released.extend(gone)
-        _take(draft, lease, gone, "released", reason)
+        _take(draft, lease, gone, "released", reason, by)
     return released
 
 
@@ -242,6 +273,8 @@ def reconcile(draft: Draft, request: ReconcileRequested) -> Answer:
     """The devices an owner still uses: its leases on every other device end, in one fold."""
     peer = request.peer
     refusal = may_change(draft.get(F.access), peer, "reconcile")
+    if refusal is None:
+        refusal = may_own(draft, peer, request.owner, "reconcile")
     if refusal is not None:
         return refusal
     index = device_index(draft.fingerprint())
@@ -252,17 +285,25 @@ def reconcile(draft: Draft, request: ReconcileRequested) -> Answer:
         if lease.owner == request.owner and set(lease.devices) - used
     }
     reason = f"reconciled by {request.owner} (uid {peer.uid}, pid {peer.pid})"
-    return Released(_release_all(draft, affected, reason))
+    return Released(_release_all(draft, affected, reason, peer.uid))
 
 
-def _take(draft: Draft, lease: Lease, devices: tuple[str, ...], kind: str, reason: str) -> None:
-    """Take ``devices`` out of ``lease``; a lease left with none ends."""
+def _take(
+    draft: Draft,
+    lease: Lease,
+    devices: tuple[str, ...],
+    kind: str,
+    reason: str,
+    by: int | None = None,
+) -> None:
+    """Take ``devices`` out of ``lease``; a lease left with none ends. ``by``: the uid that
+    asked, if anyone did."""
     kept = {d: g for d, g in lease.devices.items() if d not in devices}
     if kept:
         draft.put(F.leases, lease.id, attrs.evolve(lease, devices=kept))
     else:
         draft.pop(F.leases, lease.id)
-    draft.lease_changes.append(LeaseChange(kind, lease, devices, reason))
+    draft.lease_changes.append(LeaseChange(kind, lease, devices, reason, by))
 
 
 def lease_ended(draft: Draft, event: LeaseEnded) -> None:
