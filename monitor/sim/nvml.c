@@ -14,6 +14,11 @@
  *   crash           "function[<TAB>bus_id]": matching calls abort()
  *   calls           if it exists, every exported call appends its name
  *
+ * Enumeration is fixed at initialisation, as the driver's library does it: a GPU that joins the
+ * gpus file after the first nvmlInit (or leaves it and comes back) is invisible to the count and
+ * the handle lookups until every nvmlInit has had its nvmlShutdown and NVML is initialised
+ * again.  The attributes of the GPUs it enumerated, lost ones and events stay live.
+ *
  * A gpus line also scripts what the telemetry calls answer (util_gpu=, power_mw=, ...), and
  * "unsupported=" lists functions that answer NOT_SUPPORTED for that GPU.
  *
@@ -61,6 +66,7 @@ struct nvmlDevice_st {
     int used;             /* slot bound to a bus id */
     pci_addr_t addr;      /* immutable once used is set (read without the lock) */
     int present;          /* listed in the current gpus file */
+    int enumerated;       /* present at the last first-nvmlInit and ever since */
     unsigned int index;   /* line number in the gpus file */
     char uuid[FIELD_LEN];
     char name[FIELD_LEN];
@@ -107,8 +113,8 @@ struct nvmlEventSet_st {
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_init_count;                       /* nvmlInit minus nvmlShutdown calls */
 static struct nvmlDevice_st g_slots[MAX_SLOTS];
-static unsigned int g_count;                   /* GPUs in the current gpus file */
-static struct nvmlDevice_st *g_order[MAX_SLOTS]; /* index -> slot */
+static unsigned int g_count;                   /* GPUs enumerated and still in the file */
+static struct nvmlDevice_st *g_order[MAX_SLOTS]; /* index -> slot, of those */
 static struct stat g_gpus_stat;                /* identity of the gpus file last parsed */
 static int g_gpus_loaded;
 static struct nvmlEventSet_st *g_sets;
@@ -428,12 +434,25 @@ static const char *line_value(char **fields, int nfields, const char *key)
     return NULL;
 }
 
+/* The GPUs in the file's order as NVML's indices: only those enumerated at init count. */
+static void number_gpus(struct nvmlDevice_st **lines, unsigned int nlines)
+{
+    g_count = 0;
+    for (unsigned int i = 0; i < nlines; i++) {
+        if (lines[i]->enumerated) {
+            lines[i]->index = g_count;
+            g_order[g_count++] = lines[i];
+        }
+    }
+}
+
 /* Parse the whole gpus file into the slots; called with the lock held. */
 static void parse_gpus(char *text)
 {
+    static struct nvmlDevice_st *lines[MAX_SLOTS]; /* the file's GPUs in order */
+    unsigned int nlines = 0;
     for (int i = 0; i < MAX_SLOTS; i++)
         g_slots[i].present = 0;
-    g_count = 0;
     char *save_line = NULL;
     for (char *line = strtok_r(text, "\n", &save_line); line != NULL;
          line = strtok_r(NULL, "\n", &save_line)) {
@@ -449,7 +468,7 @@ static void parse_gpus(char *text)
         if (bus == NULL || parse_pci(bus, &addr) != 0)
             continue;
         struct nvmlDevice_st *d = slot_for(&addr, 1);
-        if (d == NULL || d->present || g_count >= MAX_SLOTS)
+        if (d == NULL || d->present || nlines >= MAX_SLOTS)
             continue;
         set_defaults(d);
         for (int i = 0; i < nfields; i++) {
@@ -461,9 +480,13 @@ static void parse_gpus(char *text)
             *eq = '=';
         }
         d->present = 1;
-        d->index = g_count;
-        g_order[g_count++] = d;
+        lines[nlines++] = d;
     }
+    /* A GPU that left the file is gone from this enumeration, even if it comes back. */
+    for (int i = 0; i < MAX_SLOTS; i++)
+        if (!g_slots[i].present)
+            g_slots[i].enumerated = 0;
+    number_gpus(lines, nlines);
 }
 
 /* Re-read the gpus file if it changed (inode, size or mtime), so tests can edit GPUs live.
@@ -591,7 +614,7 @@ static nvmlReturn_t dev_begin(const char *fn, nvmlDevice_t dev, struct nvmlDevic
         return rc;
     if (!valid_slot(dev) || !dev->used)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
-    if (!dev->present || dev->lost)
+    if (!dev->present || !dev->enumerated || dev->lost)
         return unlock_with(NVML_ERROR_GPU_IS_LOST);
     *out = dev;
     return NVML_SUCCESS;
@@ -635,8 +658,13 @@ static nvmlReturn_t do_init(const char *fn)
             return (nvmlReturn_t)code;
     }
     pthread_mutex_lock(&g_lock);
-    g_init_count++;
-    refresh_gpus();
+    if (g_init_count++ == 0) {
+        /* The first init enumerates: the GPUs in the file now, and no others until the next. */
+        g_gpus_loaded = 0;
+        for (int i = 0; i < MAX_SLOTS; i++)
+            g_slots[i].enumerated = 1; /* kept by parse_gpus for those still present */
+        refresh_gpus();
+    }
     return unlock_with(NVML_SUCCESS);
 }
 
@@ -821,7 +849,7 @@ static nvmlReturn_t by_pci(const char *fn, const char *pciBusId, nvmlDevice_t *d
     if (pciBusId == NULL || parse_pci(pciBusId, &addr) != 0)
         return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
     struct nvmlDevice_st *d = slot_for(&addr, 0);
-    if (d == NULL || !d->present)
+    if (d == NULL || !d->present || !d->enumerated)
         return unlock_with(NVML_ERROR_NOT_FOUND);
     return unlock_with(hand_out(d, device));
 }

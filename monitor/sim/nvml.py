@@ -231,7 +231,8 @@ def _append_line(path: Path, line: str) -> None:
 
 
 class FakeNvml:
-    """A scenario directory that the stand-in library reads on every NVML call."""
+    """A scenario directory that the stand-in library reads on every NVML call (which GPUs
+    there are, at the first nvmlInit only)."""
 
     def __init__(
         self,
@@ -257,7 +258,9 @@ class FakeNvml:
         return {"LD_LIBRARY_PATH": path, "FAKE_NVML_DIR": str(self.directory)}
 
     def set_gpus(self, gpus: Iterable[FakeGpu]) -> None:
-        """Replace the GPU list (order = NVML index); running processes pick it up."""
+        """Replace the GPU list (order = NVML index). Running processes pick up the attributes
+        of the GPUs they enumerated; a GPU new to the list (or back in it) they see only after a
+        fresh init, every nvmlInit shut down first, as with the driver's library."""
         text = "".join(gpu.line() + "\n" for gpu in gpus)
         _write_atomic(self.directory / "gpus", text)
 

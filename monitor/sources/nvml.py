@@ -1,12 +1,14 @@
-"""NVML source: runs the NVML worker process and passes its events on.
+"""NVML source: runs the NVML worker processes and passes their events on.
 
 NVML is a vendor library loaded into whatever process calls it, and a crash in it (a segfault, an
 abort) would end that process. So the daemon never loads it: the worker
 (``monitor.sources.nvml_worker``, spoken to as its ``pipe`` module says) does, in a child
-process. This side tells the worker which GPUs to watch (the core's ``nvml_targets``: the NVIDIA
+process. This side tells each worker which GPUs to watch (the core's ``nvml_targets``: the NVIDIA
 devices udev shows bound to the ``nvidia`` driver, and ``nvml_resets``: which of them a PCI
 recovery reset), reads the events it writes, and if it dies, marks those GPUs "NVML worker
-crashed" and starts a new one. It also ends the wait of a GPU that NVML has not named in time.
+crashed" and starts it again. Which worker watches which GPU, and when a fresh one is started
+because NVML's enumeration lacks a GPU, is ``monitor.sources.nvml_pool``'s. It also ends the wait
+of a GPU that NVML has not named in time.
 
 A GPU is read again when udev reports it added or rebound, and after the evidence of a reset
 (a recovery that cleared its problems), never on a timer. Its statistics are read only when
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -40,9 +43,11 @@ from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
 from monitor.core.text import printable, shown
 from monitor.sources.counts import SourceCounts
+from monitor.sources.nvml_pool import Pool, Slot
 from monitor.sources.nvml_worker.pipe import (
     EXIT_NO_NVML,
     SAMPLE_WINDOW,
+    NotFound,
     OutputReader,
     StatsSample,
     encode_sample_request,
@@ -75,18 +80,23 @@ class WorkerPipe:
 
 
 class NvmlStats:
-    """The NVIDIA GPUs' statistics, asked of whichever worker runs now."""
+    """The NVIDIA GPUs' statistics, asked of every worker that runs now (each watches its own
+    GPUs, ``monitor.sources.nvml_pool``)."""
 
     def __init__(self) -> None:
-        self.pipe: WorkerPipe | None = None
+        self.pipes: set[WorkerPipe] = set()
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[Sample]]] = {}
 
     async def sample(self) -> Sample:
-        """Each GPU that answered in time; nothing while no worker runs (or it does not answer)."""
-        pipe = self.pipe
-        if pipe is None:
-            return {}
+        """Each GPU that answered in time; nothing while no worker runs (or none answers)."""
+        found: Sample = {}
+        async with trio.open_nursery() as nursery:
+            for pipe in list(self.pipes):
+                nursery.start_soon(self._sample_one, pipe, found)
+        return found
+
+    async def _sample_one(self, pipe: WorkerPipe, into: Sample) -> None:
         seq = next(self._seq)
         answered, found = trio.Event(), list[Sample]()
         self._waiting[seq] = (answered, found)
@@ -95,10 +105,11 @@ class NvmlStats:
                 await pipe.send_line(encode_sample_request(seq))
                 await answered.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it died; the source starts another
+            pass  # it died or was ended; its GPUs are another worker's or none's
         finally:
             del self._waiting[seq]
-        return found[0] if found else {}
+        if found:
+            into.update(found[0])
 
     def deliver(self, sample: StatsSample) -> None:
         waiting = self._waiting.get(sample.seq)
@@ -107,18 +118,19 @@ class NvmlStats:
             waiting[0].set()
 
 
-async def _tell_targets(pipe: WorkerPipe, states: AsyncIterator[State], watched: set[str]) -> None:
-    """Write the GPUs to watch whenever they change, and those a PCI recovery reset."""
+async def _tell_targets(pipe: WorkerPipe, slot: Slot) -> None:
+    """Write the GPUs this worker is to watch whenever they change, and those a PCI recovery
+    reset; the first line after a (re)start names them all afresh."""
     told: dict[str, int] | None = None
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # it died
-        async for state in states:
-            targets = nvml_targets(state)
-            if targets == told:
-                continue
-            await pipe.send_line(encode_targets(targets, nvml_resets(told, targets)))
-            told = targets
-            watched.clear()
-            watched.update(targets)
+        while not slot.ended:
+            slot.changed = trio.Event()
+            targets = dict(slot.assigned)
+            if targets != told or told is None:
+                await pipe.send_line(encode_targets(targets, nvml_resets(told, targets)))
+                told = targets
+            await slot.changed.wait()
+        await pipe.stdin.aclose()  # ended: the worker lets NVML go and exits
 
 
 async def end_name_waits(changes: Changes, send: Send, deadline: float) -> None:
@@ -159,9 +171,11 @@ def checked_gpu(gpu: NvmlGpu) -> NvmlGpu:
     return attrs.evolve(gpu, name=name, attributes=attributes)
 
 
-async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats) -> None:
+async def _pass_events(
+    stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats, pool: Pool, slot: Slot
+) -> None:
     """Send on each batch of events the worker writes, until its stdout ends; hand samples to
-    whoever asked for them."""
+    whoever asked for them, and GPUs it does not find to the pool."""
     reader = OutputReader(MAX_WORKER_LINE)
     while data := await stdout.receive_some(1 << 16):
         outputs, errors = reader.feed(data)
@@ -171,23 +185,27 @@ async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlSt
         for output in outputs:
             if isinstance(output, StatsSample):
                 stats.deliver(output)
+            elif isinstance(output, NotFound):
+                if events:
+                    await send.send(tuple(events))
+                    events = []
+                await pool.not_found(slot, output, trio.current_time())
             elif isinstance(output, NvmlGpuSeen):
+                pool.seen(output.gpu.address)
                 events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
-            else:
+            elif slot.ended or output.address in slot.assigned:
                 events.append(output)
+            # else: a GPU this worker no longer watches; another reports it now
         if events:
             await send.send(tuple(events))
 
 
 async def run_worker(
-    command: list[str],
-    send: Send,
-    changes: Changes,
-    watched: set[str],
-    stats: NvmlStats | None = None,
+    command: list[str], send: Send, slot: Slot, pool: Pool, stats: NvmlStats
 ) -> int:
-    """Run one NVML worker until it exits; its exit status (negative: killed by that signal)."""
-    stats = stats or NvmlStats()
+    """Run one NVML worker until it exits or its slot ends; its exit status (negative: killed
+    by that signal), None if it was ended."""
+    slot.started = trio.current_time()
     process = await trio.lowlevel.open_process(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
@@ -195,14 +213,13 @@ async def run_worker(
     pipe = WorkerPipe(process.stdin)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tell_targets, pipe, changes(), watched)
-            stats.pipe = pipe
-            await _pass_events(process.stdout, send, stats)  # its stdout ends when it does
+            nursery.start_soon(_tell_targets, pipe, slot)
+            stats.pipes.add(pipe)
+            await _pass_events(process.stdout, send, stats, pool, slot)  # ends when it does
             nursery.cancel_scope.cancel()
         return await process.wait()
     finally:
-        if stats.pipe is pipe:
-            stats.pipe = None
+        stats.pipes.discard(pipe)
         with trio.CancelScope(shield=True):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await process.stdin.aclose()  # the worker's cue to let NVML go and exit
@@ -229,39 +246,75 @@ async def run_nvml_source(
     stats: NvmlStats | None = None,
     counts: SourceCounts | None = None,
 ) -> None:
-    """Keep an NVML worker running; without NVML, it says so once and this returns."""
+    """Keep NVML workers running for the GPUs bound to ``nvidia``; without NVML, it says so
+    once and this returns."""
     stats, counts = stats or NvmlStats(), counts or SourceCounts()
+    command = [sys.executable, "-m", "monitor.sources.nvml_worker", "--deadline", str(deadline)]
+    command += ["--log-level", log_level, "--log-target", log_target]
+    absent = trio.Event()
     async with trio.open_nursery() as nursery:
+
+        def start(slot: Slot) -> None:
+            nursery.start_soon(_keep_worker, command, send, slot, pool, stats, counts, absent)
+
+        pool = Pool(send.send, start)
         nursery.start_soon(end_name_waits, changes, send, deadline)
-        await _keep_worker(send, changes, deadline, log_level, log_target, stats, counts)
+        nursery.start_soon(_follow_targets, changes, pool)
+        await absent.wait()
+        await send.send((NvmlAbsent(),))
         nursery.cancel_scope.cancel()
 
 
+async def _follow_targets(changes: Changes, pool: Pool) -> None:
+    """Hand the pool the GPUs to watch as they change, and retry those NVML did not find when
+    their wait is over."""
+    states = changes()
+    latest: list[State] = []
+
+    async def read() -> None:
+        async for state in states:
+            latest[:] = [state]
+            pool.wake.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        told: dict[str, int] | None = None
+        due = math.inf
+        while True:
+            with trio.move_on_at(due):
+                await pool.wake.wait()
+            pool.wake = trio.Event()
+            if latest and (targets := nvml_targets(latest[0])) != told:
+                pool.set_targets(targets, trio.current_time())
+                told = targets
+            due = pool.retry_due(trio.current_time())
+
+
 async def _keep_worker(
+    command: list[str],
     send: Send,
-    changes: Changes,
-    deadline: float,
-    log_level: str,
-    log_target: str,
+    slot: Slot,
+    pool: Pool,
     stats: NvmlStats,
     counts: SourceCounts,
+    absent: trio.Event,
 ) -> None:
-    command = [sys.executable, "-m", "monitor.sources.nvml_worker", "--deadline", str(deadline)]
-    command += ["--log-level", log_level, "--log-target", log_target]
+    """Run a slot's worker until the slot ends, starting it again each time it dies."""
     delay = RESTART_DELAYS[0]
-    while True:
-        watched: set[str] = set()
+    while not slot.ended:
         started = trio.current_time()
-        status = await run_worker(command, send, changes, watched, stats)
+        status = await run_worker(command, send, slot, pool, stats)
+        if slot.ended:
+            return
         if status == EXIT_NO_NVML:
-            await send.send((NvmlAbsent(),))
+            absent.set()
             return
         if trio.current_time() - started > RESTART_DELAYS[1]:
             delay = RESTART_DELAYS[0]  # it ran well for a while: this is a new failure
         reason = f"NVML worker crashed ({_death(status)}); restarting it"
         log.critical("%s in %g s", reason, delay)
-        if watched:
-            await send.send(tuple(NvmlUnreachable(a, reason) for a in sorted(watched)))
+        if slot.assigned:
+            await send.send(tuple(NvmlUnreachable(a, reason) for a in sorted(slot.assigned)))
         await trio.sleep(delay)
         delay = min(delay * 2, RESTART_DELAYS[1])
         counts.nvml_worker_restarts += 1

@@ -30,6 +30,7 @@ from tests.bench import (
     kubelet,
     lifecycle,
     nomad,
+    nvml_hotplug,
     preferred,
     reserve,
     simulated,
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12,13", help="scenarios to run, e.g. 1,4"
+        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12,13,14", help="scenarios to run, e.g. 1,4"
     )
     parser.add_argument(
         "--against",
@@ -309,6 +310,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 window = 5.0 if quick else 20.0
                 guarded("8 telemetry", lambda: telemetry.telemetry(results, work / "s8", window))
+
+        if 14 in only:
+            if no_sim:
+                skipped(nvml_hotplug.SCENARIO, no_sim)
+            else:
+                hot_adds = 30 if quick else 200
+                guarded(
+                    nvml_hotplug.SCENARIO,
+                    lambda: nvml_hotplug.nvml_hot_add(results, work / "s14", hot_adds),
+                )
 
         if 10 in only:
             if no_sim:

@@ -424,3 +424,61 @@ def test_build_is_cached(nvml_lib: Path) -> None:
     before = lib.stat().st_mtime_ns
     assert build_library(nvml_lib) == nvml_lib
     assert lib.stat().st_mtime_ns == before
+
+
+def test_enumeration_is_fixed_at_init(fake: FakeNvml) -> None:
+    """A GPU added after nvmlInit is found only after every init is shut down and NVML is
+    initialised again; a nested init does not enumerate; one that left and came back is gone
+    from that enumeration. The GPUs enumerated keep their live attributes."""
+    third = FakeGpu(bus_id="0000:bb:00.0", uuid="GPU-bbbbbbbb-2222-3333-4444-555555555555")
+
+    def find(name: str) -> str:
+        return f"""
+        try:
+            found["{name}"] = n.nvmlDeviceGetUUID(n.nvmlDeviceGetHandleByPciBusId("0000:bb:00.0"))
+        except n.NVMLError as e:
+            found["{name}"] = type(e).__name__
+        counts["{name}"] = n.nvmlDeviceGetCount()
+        """
+
+    body = f"""
+        found, counts = {{}}, {{}}
+        n.nvmlInit()
+        a = n.nvmlDeviceGetHandleByIndex(0)
+        step("add")
+        {find("added")}
+        power = n.nvmlDeviceGetPowerManagementLimit(a)
+        n.nvmlInit()
+        {find("nested")}
+        n.nvmlShutdown()
+        n.nvmlShutdown()
+        n.nvmlInit()
+        {find("fresh")}
+        step("unplug")
+        {find("unplugged")}
+        step("replug")
+        {find("replugged")}
+        done({{"found": found, "counts": counts, "power": power}})
+        """
+    body = "\n".join(
+        line.removeprefix("    ") if line.startswith("        ") else line
+        for line in textwrap.dedent(body).splitlines()
+    )
+    result = run_script(
+        fake,
+        body,
+        steps={
+            "add": lambda: fake.set_gpus([*two_gpus(power_limit_mw=400000), third]),
+            "unplug": lambda: fake.set_gpus(two_gpus()),
+            "replug": lambda: fake.set_gpus([*two_gpus(), third]),
+        },
+    )
+    assert result["found"] == {
+        "added": "NVMLError_NotFound",
+        "nested": "NVMLError_NotFound",
+        "fresh": third.uuid,
+        "unplugged": "NVMLError_NotFound",
+        "replugged": "NVMLError_NotFound",
+    }
+    assert result["counts"] == {"added": 2, "nested": 2, "fresh": 3, "unplugged": 2, "replugged": 2}
+    assert result["power"] == 400000  # an enumerated GPU's attributes stay live

@@ -98,7 +98,8 @@ def test_nvml_facts_belong_to_a_gpu_bound_to_nvidia() -> None:
     for driver in ("vfio-pci", None):
         rebound, _ = run(DeviceSeen(attrs.evolve(H100, driver=driver)), state=state)
         assert rebound.nvml == {} and rebound.xids == {}
-        assert group_of(rebound, H100.address) == GROUP  # the database's name, no UUID
+        # another driver: the database's name; unbound (a driver reload): the name it had
+        assert group_of(rebound, H100.address) == (GROUP if driver else NVML_GROUP)
         assert "uuid" not in device_json(rebound, H100.address)["attributes"]
         # and NVML, which no longer watches it, cannot make it its own again
         again, _ = run(NvmlGpuSeen(GPU), XidReported(H100.address, 48), state=rebound)
@@ -106,13 +107,19 @@ def test_nvml_facts_belong_to_a_gpu_bound_to_nvidia() -> None:
 
 
 def test_a_gpu_rebound_to_nvidia_waits_for_its_name_again() -> None:
+    # from another driver (the database's name meanwhile): hidden until NVML names it again
     state = named()
-    unbound, _ = run(DeviceSeen(attrs.evolve(H100, driver=None)), state=state)
+    other, _ = run(DeviceSeen(attrs.evolve(H100, driver="vfio-pci")), state=state)
+    unbound, _ = run(DeviceSeen(attrs.evolve(H100, driver=None)), state=other)
     bound, [patch] = run(DeviceSeen(H100), state=unbound)
     assert group_of(bound, H100.address) is None and bound.naming == {H100.address: 2}
     assert patch == {"groups": {GROUP: None}}
     again, _ = run(NvmlGpuSeen(GPU), state=bound)
     assert group_of(again, H100.address) == NVML_GROUP
+    # unbound from nvidia and bound again (a driver reload): shown under NVML's name throughout
+    unbound, _ = run(DeviceSeen(attrs.evolve(H100, driver=None)), state=state)
+    bound, _ = run(DeviceSeen(H100), state=unbound)
+    assert group_of(bound, H100.address) == NVML_GROUP and bound.naming == {}
 
 
 def test_the_nvidia_minor_comes_from_the_driver_else_from_nvml() -> None:

@@ -8,12 +8,24 @@ from monitor.core.events import (
     DeviceGone,
     DeviceSeen,
     NvmlGpuSeen,
+    NvmlNameWaitOver,
     PciErrorReported,
     XidReported,
 )
 from monitor.core.state import State
 from monitor.core.transitions import DeviceMoved, HealthTransition, LeaseWarning, journal_entries
-from tests.pure.examples import GPU, GROUP, H100, H100_B, NVML_NAME, decide, reserve, run
+from tests.pure.examples import (
+    GPU,
+    GROUP,
+    H100,
+    H100_B,
+    NVML_GROUP,
+    NVML_NAME,
+    decide,
+    group_of,
+    reserve,
+    run,
+)
 
 
 def entries(state: State, *events: object) -> list[object]:
@@ -46,13 +58,37 @@ def test_a_recovery_names_its_evidence_and_a_lost_device_its_action() -> None:
 
 
 def test_a_gpu_rebound_and_waiting_for_its_name_is_not_gone_and_its_recovery_is_told() -> None:
-    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), XidReported(H100.address, 48),
-                   state=State(nvml_names=True))  # fmt: skip
+    # NVML never named it (the wait ran out): bound again, it waits for NVML's name
+    state, _ = run(DeviceSeen(H100), NvmlNameWaitOver(H100.address, 1),
+                   XidReported(H100.address, 48), state=State(nvml_names=True))  # fmt: skip
     state, _ = run(DeviceSeen(attrs.evolve(H100, driver=None)), state=state)
     [recovered] = entries(state, DeviceSeen(H100))  # bound again: hidden until NVML names it
     assert isinstance(recovered, HealthTransition) and recovered.kind == "recovered"
     assert recovered.reason == "its driver was rebound"
     assert "XID 48" in recovered.health_desc and recovered.device_name == "H100 SXM5 80GB"
+
+
+def test_a_driver_reload_keeps_nvmls_name_and_is_neither_a_removal_nor_an_add() -> None:
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), XidReported(H100.address, 79),
+                   state=State(nvml_names=True))  # fmt: skip
+    unbound = attrs.evolve(H100, driver=None)
+    [unhealthy] = entries(state, DeviceSeen(unbound))  # rmmod nvidia
+    assert isinstance(unhealthy, HealthTransition) and unhealthy.kind == "lost"  # still XID 79
+    assert unhealthy.device_name == NVML_NAME and "no kernel driver bound" in unhealthy.health_desc
+    state, _ = run(DeviceSeen(unbound), state=state)
+    assert group_of(state, H100.address) == NVML_GROUP
+    [recovered] = entries(state, DeviceSeen(H100))  # modprobe nvidia: shown throughout
+    assert isinstance(recovered, HealthTransition) and recovered.kind == "recovered"
+    assert recovered.reason == "its driver was rebound" and recovered.device_name == NVML_NAME
+    state, _ = run(DeviceSeen(H100), state=state)
+    assert group_of(state, H100.address) == NVML_GROUP and H100.address not in state.naming
+    # a GPU unbound while healthy: unhealthy (no driver), never lost, and back without a move
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), state=State(nvml_names=True))
+    [unbound_entry] = entries(state, DeviceSeen(unbound))
+    assert isinstance(unbound_entry, HealthTransition) and unbound_entry.kind == "unhealthy"
+    state, _ = run(DeviceSeen(unbound), state=state)
+    [back] = entries(state, DeviceSeen(H100))
+    assert isinstance(back, HealthTransition) and back.kind == "recovered"
 
 
 def test_lease_changes_and_warnings_for_reserved_devices_that_break() -> None:

@@ -6,7 +6,8 @@ its problems with it; a driver bound again clears a DRM wedge and every NVIDIA c
 
 A device's group name is fixed while it stays bound to one driver (``State.names``): the
 hardware database's, except for an NVIDIA GPU bound to ``nvidia`` while NVML names GPUs, which
-waits for NVML's name (``monitor.core.rules.nvidia``) and is not shown until then. NVML's facts
+waits for NVML's name (``monitor.core.rules.nvidia``) and is not shown until then. A GPU that a
+driver reload unbinds and binds again keeps NVML's name throughout (``_keeps_name``). NVML's facts
 belong to a GPU bound to ``nvidia``: another binding drops them. A device with other IDs at the
 same address is another device: nothing of the first stays with it.
 """
@@ -72,7 +73,9 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
         draft.pop(F.nvml, address)
         draft.pop(F.xids, address)
     draft.pop(F.naming, address)
-    if named_by_nvml(draft, facts):
+    if old is not None and _keeps_name(draft, old, facts):
+        pass  # a driver unloaded and loaded again: the same GPU, shown throughout
+    elif named_by_nvml(draft, facts):
         draft.pop(F.names, address)  # shown once NVML names it, or the wait is over
         wait = draft.get(F.waits) + 1
         draft.set(F.waits, wait)
@@ -81,6 +84,23 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
         draft.put(F.names, address, database_name(facts))
     if old is not None and facts.driver is not None:
         clear_problems(draft, address, (CAUSE_DRM_WEDGED, *NVIDIA_CAUSES), "its driver was rebound")
+
+
+def _keeps_name(draft: Draft, old: PciFacts, new: PciFacts) -> bool:
+    """Whether a GPU unbound from ``nvidia``, or bound to it again, keeps the name NVML gave it.
+
+    A driver reload unbinds every GPU and binds it again; hiding each while it waits for NVML's
+    name once more would show the reload to subscribers as removals and adds. So a GPU unbound
+    from ``nvidia`` keeps its name (and is unhealthy: no driver), and when it is bound to
+    ``nvidia`` again it keeps a name other than the database's, which only NVML gives. A GPU
+    that had the database's name (NVML was late, absent or could not watch it) waits for NVML's
+    as on any other binding."""
+    kept = draft.get(F.names).get(new.address)
+    if kept is None or new.vendor_id != NVIDIA_VENDOR_ID:
+        return False
+    if old.driver == "nvidia" and new.driver is None:
+        return True
+    return old.driver is None and new.driver == "nvidia" and kept != database_name(new)
 
 
 def device_gone(draft: Draft, event: DeviceGone) -> None:

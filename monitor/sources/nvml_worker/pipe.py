@@ -7,7 +7,9 @@ end of its stdin, or with EXIT_NO_NVML after saying once that NVML is not there.
 
 From the worker, on its stdout: one line per event, ``{"event": <class name>, <its fields>}``,
 and for each ``{"sample": N}`` one ``{"event": "StatsSample", "seq": N, "devices": {...}}`` with
-the GPUs that answered within SAMPLE_WINDOW.
+the GPUs that answered within SAMPLE_WINDOW. A GPU that NVML's enumeration (made at the
+worker's nvmlInit) does not hold, or holds as lost, is ``{"event": "NotFound", ...}``: whether
+a fresh enumeration may find it is the daemon's to decide (``monitor.sources.nvml_pool``).
 
 Nothing here loads NVML: the daemon imports this module alone.
 """
@@ -47,7 +49,16 @@ class StatsSample:
     devices: dict[str, Stats]
 
 
-Output = NvmlEvent | StatsSample
+@attrs.frozen
+class NotFound:
+    """NVML's handle lookup for this GPU failed with "not found" or "GPU is lost"."""
+
+    address: str
+    reason: str
+    lost: bool = False
+
+
+Output = NvmlEvent | StatsSample | NotFound
 
 
 @attrs.frozen
@@ -148,6 +159,7 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
     NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},
     NvmlReachable: {"address": (str,)},
+    NotFound: {"address": (str,), "reason": (str,), "lost": (bool,)},
     NvmlGpu: {"address": (str,), "uuid": (str,), "name": (str,), "minor": (int, _NONE)},
     Attribute: {"value": (str, int, float, bool), "unit": (str, _NONE)},
 }
@@ -178,6 +190,8 @@ def decode_event(line: bytes) -> Output:
             if not _is(seq, int) or not isinstance(devices, dict):
                 raise TypeError("malformed sample")
             return StatsSample(seq, devices)
+        if name == "NotFound":
+            return NotFound(**_checked(NotFound, fields))
         cls = _EVENT_TYPES[name]
         if cls is NvmlGpuSeen:
             gpu = fields["gpu"]

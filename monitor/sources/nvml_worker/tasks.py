@@ -34,8 +34,14 @@ from monitor.outputs.logs import MESSAGE_IDS
 from monitor.sources.nvml_worker.attributes import read_gpu
 from monitor.sources.nvml_worker.events import translate, watch_events
 from monitor.sources.nvml_worker.gpu_stats import read_stats
-from monitor.sources.nvml_worker.library import TIMEOUT, error_code, is_lost
-from monitor.sources.nvml_worker.pipe import SAMPLE_WINDOW, Output, Stats, StatsSample
+from monitor.sources.nvml_worker.library import GPU_IS_LOST, NOT_FOUND, TIMEOUT, error_code, is_lost
+from monitor.sources.nvml_worker.pipe import (
+    SAMPLE_WINDOW,
+    NotFound,
+    Output,
+    Stats,
+    StatsSample,
+)
 
 log = logging.getLogger("monitor.sources.nvml_worker")  # one name for the whole worker
 
@@ -44,6 +50,10 @@ Send = trio.MemorySendChannel[Output]
 
 WAIT_MS = 500  # one nvmlEventSetWait_v2 call; short, so that a cancelled wait ends soon
 RETRY_SECONDS = 5.0  # between attempts to reach a GPU that NVML could not
+
+
+class NotEnumerated(Exception):
+    """The handle lookup failed: this init's enumeration has no such GPU, or a lost one."""
 
 
 class NvmlSource:
@@ -118,6 +128,12 @@ class NvmlSource:
             while True:
                 try:
                     await self._watch_once(address)
+                except NotEnumerated as exc:
+                    # the daemon says why, once, after a fresh enumeration did not help either
+                    cause = exc.__cause__
+                    log.debug("%s: NVML's handle lookup failed: %s", address, cause)
+                    lost = cause is not None and is_lost(cause)
+                    await self.send.send(NotFound(address, f"NVML: {cause}", lost=lost))
                 except (pynvml.NVMLError, RuntimeError) as exc:
                     lost = is_lost(exc)
                     reason = (
@@ -130,7 +146,12 @@ class NvmlSource:
                 await trio.sleep(RETRY_SECONDS)
 
     async def _watch_once(self, address: str) -> None:
-        handle = await self.call(address, pynvml.nvmlDeviceGetHandleByPciBusId, address)
+        try:
+            handle = await self.call(address, pynvml.nvmlDeviceGetHandleByPciBusId, address)
+        except pynvml.NVMLError as exc:
+            if error_code(exc) in (NOT_FOUND, GPU_IS_LOST):
+                raise NotEnumerated() from exc
+            raise
         gpu = await self.call(address, read_gpu, address, handle)
         events = await self.call(address, watch_events, handle)
         try:
