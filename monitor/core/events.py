@@ -116,8 +116,19 @@ class NvmlGpuSeen:
 
 @attrs.frozen
 class XidReported:
+    """An XID, from NVML's events (``source`` "nvml") or the driver's kernel log lines ("kmsg").
+
+    ``at``: when the source read it (trio's clock), so that the core can tell one XID seen by
+    both sources from two; None where no time is known (never taken for a twin). The kernel log
+    names a GPU by ``0000:3b:00`` (no function): the core finds the device. ``inferred``: the
+    line named no XID ("fallen off the bus"), taken as XID 79.
+    """
+
     address: str
     xid: int
+    source: str = "nvml"
+    at: float | None = None
+    inferred: bool = False
 
 
 @attrs.frozen

@@ -36,6 +36,7 @@ def device_attributes(
     nodes: list[DrmNode],
     gpu: NvmlGpu | None = None,
     xids: tuple[int, int] | None = None,
+    xid_source: str | None = None,
 ) -> dict[str, Attribute]:
     attributes = {
         "vendor_id": Attribute(f"0x{facts.vendor_id:04x}"),
@@ -68,6 +69,8 @@ def device_attributes(
     if xids is not None:
         attributes["last_xid"] = Attribute(xids[0])
         attributes["xid_count"] = Attribute(xids[1])
+        if xid_source:
+            attributes["last_xid_source"] = Attribute(xid_source)
     return attributes
 
 
@@ -86,7 +89,7 @@ def build_device(
     if gpu is not None and CAUSE_NVML_UUID in state.problems.get(address, {}):
         gpu = attrs.evolve(gpu, uuid="")  # it names no GPU (monitor.core.rules.nvidia)
     attributes: Mapping[str, Attribute] = device_attributes(
-        facts, nodes, gpu, state.xids.get(address)
+        facts, nodes, gpu, state.xids.get(address), state.xid_sources.get(address)
     )
     if before is not None and before.attributes == attributes:
         attributes = before.attributes

@@ -35,6 +35,7 @@ from monitor.core.events import (
     NvmlGpuSeen,
     NvmlNameWaitOver,
     NvmlUnreachable,
+    XidReported,
 )
 from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
@@ -173,6 +174,8 @@ async def _pass_events(stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlSt
                 stats.deliver(output)
             elif isinstance(output, NvmlGpuSeen):
                 events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
+            elif isinstance(output, XidReported):  # read now, by NVML: the core pairs it so
+                events.append(XidReported(output.address, output.xid, "nvml", trio.current_time()))
             else:
                 events.append(output)
         if events:

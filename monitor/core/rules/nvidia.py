@@ -41,6 +41,7 @@ from monitor.core.health import (
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
+from monitor.core.rules.witnesses import witnessed
 from monitor.core.state import F, State
 from monitor.core.text import is_gpu_uuid, shown
 from monitor.core.xids import REBOOT, RESET, judge
@@ -120,7 +121,10 @@ def nvml_absent(draft: Draft, event: NvmlAbsent) -> None:
 
 
 def xid_reported(draft: Draft, event: XidReported) -> None:
-    address, xid = event.address, event.xid
+    counted = witnessed(draft, event)  # its device, unless another source reported it already
+    if counted is None:
+        return
+    address, xid = counted.address, counted.xid
     if not _bound_to_nvidia(draft, address):
         return
     _, count = draft.get(F.xids).get(address, (0, 0))
