@@ -20,7 +20,8 @@ from monitor.wire.snapshot import PCI_ADDRESS
 
 MAX_DEVICES = 4096
 MAX_TEXT = 256  # a label value
-MAX_XIDS = 64  # distinct XIDs counted per device
+MAX_XIDS = 64  # distinct XIDs (and sources) counted per device
+XID_SOURCES = ("nvml", "kmsg")
 _XID_LIMIT = 1 << 20
 
 
@@ -61,6 +62,7 @@ class DeviceView:
     owner: str
     xid_count: int | None
     last_xid: int | None
+    last_xid_source: str  # who reported it: "nvml" or "kmsg"
 
     @classmethod
     def of(cls, device_id: str, group_key: str, group: Any, device: Any) -> DeviceView | None:
@@ -83,7 +85,13 @@ class DeviceView:
             owner=text(device.get("reserved_owner")),
             xid_count=xid_count if _small_int(xid_count) else None,
             last_xid=last_xid if _small_int(last_xid) else None,
+            last_xid_source=_xid_source(_attribute(device, "last_xid_source")),
         )
+
+
+def _xid_source(value: Any) -> str:
+    """A daemon that does not say had NVML as its only source of XIDs."""
+    return value if value in XID_SOURCES else "nvml"
 
 
 def _small_int(value: Any) -> bool:
@@ -97,7 +105,8 @@ class Known:
         self.up = False  # the snapshot connection is open
         self.ever_up = False
         self.devices: dict[str, DeviceView] = {}
-        self.xids: dict[str, dict[int, int]] = {}  # XIDs counted since the exporter began
+        # XIDs counted since the exporter began, by (XID, source)
+        self.xids: dict[str, dict[tuple[int, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
@@ -141,8 +150,9 @@ class Known:
         if now.xid_count == seen:
             return
         counts = self.xids.setdefault(now.id, {})
-        if now.last_xid in counts or len(counts) < MAX_XIDS:
-            counts[now.last_xid] = counts.get(now.last_xid, 0) + now.xid_count - seen
+        key = (now.last_xid, now.last_xid_source)
+        if key in counts or len(counts) < MAX_XIDS:
+            counts[key] = counts.get(key, 0) + now.xid_count - seen
 
     @property
     def stale(self) -> bool:

@@ -116,9 +116,11 @@ RESERVED = _spec(
 XIDS = _spec(
     "device_xids_total",
     COUNTER,
-    "NVIDIA XID errors reported for the device, by XID, since the exporter started",
+    "NVIDIA XID errors reported for the device, by XID and by who reported it first (nvml, or "
+    "kmsg: the driver's kernel log lines), since the exporter started",
     DEVICE,
     "xid",
+    "source",
 )
 THROTTLE = _spec(
     "device_clock_throttle_reason",
@@ -352,8 +354,8 @@ def _device(known: Known, view: DeviceView, out: Families) -> None:
     out.add(PRESENT, device, 1.0 if view.present else 0.0)
     out.add(STALE, device, 1.0 if known.stale else 0.0)
     out.add(RESERVED, [*device, view.owner], 1.0 if view.reserved else 0.0)
-    for xid, times in sorted(known.xids.get(view.id, {}).items()):
-        out.add(XIDS, [*device, str(xid)], float(times))
+    for (xid, source), times in sorted(known.xids.get(view.id, {}).items()):
+        out.add(XIDS, [*device, str(xid), source], float(times))
     for name, value in known.sample.get(view.id, {}).items():
         if name == stats.THROTTLE_REASONS.name:
             active = set(str(value).split(","))
