@@ -316,8 +316,8 @@ def kmsg_to_subscriber(
             Stats.of_ns(lat), target_p99_ms=5.0, quick=quick,
         )  # fmt: skip
         results.note(
-            "scenario 2, kernel log: each sample is one NVRM Xid record written to a FIFO the daemon reads "
-            "as its kernel log, stamped just before the write"
+            "scenario 2, kernel log: each sample is one NVRM Xid record written to a FIFO the "
+            "daemon reads as its kernel log, stamped just before the write"
         )
     finally:
         os.close(writer)
