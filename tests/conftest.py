@@ -236,6 +236,8 @@ class Daemon:
             command.append("--no-nvml")  # never the host's NVML, if it has one
         if "--cdi-dir" not in args:
             command.append("--no-cdi")  # never the host's /var/run/cdi
+        if "--kmsg" not in args:
+            command.append("--no-kmsg")  # never the host's kernel log unless a test asks
         command += args
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)

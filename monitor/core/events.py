@@ -116,13 +116,21 @@ class NvmlGpuSeen:
 
 @attrs.frozen
 class XidReported:
-    """An XID for the GPU at ``address``, from NVML's events (``source`` "nvml") or the kernel
-    log ("kmsg"); both are judged alike (``monitor.core.xids.judge``). ``recovery_action``: the
-    driver's, where the source reports one with the XID (XID 154's text in the kernel log)."""
+    """An XID, from NVML's events (``source`` "nvml") or the driver's kernel log lines ("kmsg"),
+    both judged alike (``monitor.core.xids.judge``).
+
+    ``recovery_action``: the driver's, where the source reports one with the XID (XID 154's
+    text in the kernel log). ``at``: when the source read it (trio's clock), so that the core
+    can tell one XID seen by both sources from two; None where no time is known (never taken
+    for a twin). The kernel log names a GPU by ``0000:3b:00`` (no function): the core finds the
+    device. ``inferred``: the line named no XID ("fallen off the bus"), taken as XID 79.
+    """
 
     address: str
     xid: int
     source: str = "nvml"
+    at: float | None = None
+    inferred: bool = False
     recovery_action: int | None = None
 
 

@@ -44,6 +44,7 @@ def device_attributes(
     gpu: NvmlGpu | None = None,
     xids: tuple[int, int] | None = None,
     xid_action: str | None = None,
+    xid_source: str | None = None,
 ) -> dict[str, Attribute]:
     attributes = {
         "vendor_id": Attribute(f"0x{facts.vendor_id:04x}"),
@@ -76,6 +77,8 @@ def device_attributes(
     if xids is not None:
         attributes["last_xid"] = Attribute(xids[0])
         attributes["xid_count"] = Attribute(xids[1])
+        if xid_source:
+            attributes["last_xid_source"] = Attribute(xid_source)
     if xid_action is not None:
         attributes["last_xid_action"] = Attribute(xid_action)  # the exporter's action label
     return attributes
@@ -99,7 +102,12 @@ def build_device(
         gpu = attrs.evolve(gpu, uuid="")  # it names no GPU (monitor.core.rules.nvidia)
     xids = state.xids.get(address)
     attributes: Mapping[str, Attribute] = device_attributes(
-        facts, nodes, gpu, xids, xid_action(xids[0]) if xids else None
+        facts,
+        nodes,
+        gpu,
+        xids,
+        xid_action(xids[0]) if xids else None,
+        state.xid_sources.get(address),
     )
     if before is not None and before.attributes == attributes:
         attributes = before.attributes

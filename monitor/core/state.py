@@ -20,6 +20,7 @@ from monitor.core.health import Problems, frozen_problems
 from monitor.core.leases import Lease
 from monitor.core.model import Fingerprint, frozen_mapping, frozen_tuple
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
+from monitor.core.witnesses import Sighting
 from monitor.core.xids import XidPolicy
 
 # What an entry touches: the devices whose fingerprint a change of it changes.
@@ -68,6 +69,15 @@ class State:
     )
     xids: Mapping[str, tuple[int, int]] = attrs.field(  # address -> (last XID, count)
         converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    # Which source reported each device's last counted XID ("nvml", "kmsg"), shown beside it.
+    xid_sources: Mapping[str, str] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    # The XIDs counted lately, so that the other source's report of one counts once
+    # (monitor.core.witnesses); bounded, and shown through xids alone.
+    xid_sightings: tuple[Sighting, ...] = attrs.field(
+        converter=frozen_tuple, default=(), metadata={TOUCHES: NO_DEVICE}
     )
     # The group name of each device, fixed for as long as it stays bound to one driver, so that
     # its group does not depend on which source answered first.

@@ -29,6 +29,7 @@ class HealthTransition:
     reason: str | None = None  # for a recovery: the evidence
     uuid: str | None = None  # an NVIDIA GPU's
     xid: int | None = None
+    xid_source: str | None = None  # who reported the XID: "nvml" or "kmsg"
 
 
 @attrs.frozen
@@ -153,6 +154,7 @@ def health_transitions(
                 device.health_desc,
                 actions[0] if actions else None,
                 xid=xids[0] if xids else None,
+                xid_source=new.xid_sources.get(device.id) if xids else None,
             )
         transitions.append(attrs.evolve(transition, uuid=uuid))
     return transitions

@@ -47,6 +47,7 @@ from monitor.serving.server import Server
 from monitor.serving.socketfile import ReadGroupRefused, SocketFile, let_read_group_in
 from monitor.sources import holders
 from monitor.sources.holders import HolderWatch
+from monitor.sources.kmsg import run_kmsg_source
 from monitor.sources.nvml import NvmlStats, run_nvml_source
 from monitor.sources.udev import pick_source, run_udev_source
 
@@ -270,6 +271,15 @@ async def run_tasks(
         counts=telemetry.counts,
     )
     await nursery.start(udev)
+    if settings.kmsg is not None:  # placed at the log's end before we are ready: no XID lost
+        kmsg = partial(
+            run_kmsg_source,
+            inbox.clone(),
+            settings.kmsg,
+            trust_user=settings.kmsg_trust_user,
+            counts=telemetry.counts,
+        )
+        await nursery.start(kmsg)
     if settings.nvml:  # before the wait: it names the NVIDIA GPUs the state is ready with
         nvml = partial(
             run_nvml_source,
@@ -294,6 +304,7 @@ def started_line(settings: Settings, claimed: Claimed, hub: Hub, where: str) -> 
     udevd = pick_source(settings.udev_source) == "udev"
     sources = f"uevents from {'udevd' if udevd else 'the kernel'}"
     sources += ", NVML worker started" if settings.nvml else ", NVML off"
+    sources += f", kernel log {settings.kmsg}" if settings.kmsg else ", kernel log off"
     sources += f", CDI spec in {claimed.cdi_dir}" if claimed.cdi_dir else ", no CDI spec"
     count = len(hub.state.fingerprint.devices())
     return f"serving {count} device{'s' * (count != 1)} on {where} ({sources})"

@@ -78,6 +78,11 @@ def default_cdi_dir() -> Path | None:
     return Path("/var/run/cdi") if _is_root() else None
 
 
+def default_kmsg() -> Path | None:
+    """The kernel log: only root may read /dev/kmsg on most hosts (dmesg_restrict)."""
+    return Path("/dev/kmsg") if _is_root() else None
+
+
 def default_config() -> Path:
     if _is_root():
         return Path("/etc/hotplug-monitor/config.toml")
@@ -187,6 +192,19 @@ class Settings:
         True,
         kind=SWITCH,
         help="do not use NVIDIA's NVML library (no XIDs, no NVML names or attributes)",
+    )
+    kmsg: Path | None = setting(
+        kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "PATH"}),
+        factory=default_kmsg,
+        off="--no-kmsg",
+        help="read the NVIDIA driver's XID lines from this kernel log (/dev/kmsg, or a FIFO "
+        "in its format) (default: /dev/kmsg as root, none otherwise)",
+    )
+    kmsg_trust_user: bool = setting(
+        False,
+        kind=Kind(bool, "true or false", flag={"action": "store_const", "const": True}),
+        help="also take the kernel log lines userspace wrote (facility 1), not only the "
+        "kernel's: any root process could then report XIDs (default: off)",
     )
     nvml_timeout: float = setting(
         5.0,

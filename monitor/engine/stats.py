@@ -206,6 +206,9 @@ def status(
         "stats_subscribers": stats_hub.subscribers if stats_hub is not None else 0,
         "leases": len(state.leases),
         "nvml_worker_restarts": counts.nvml_worker_restarts,
+        "kmsg_records": counts.kmsg_records,
+        "kmsg_ignored": counts.kmsg_ignored,
+        "kmsg_missed": counts.kmsg_missed,
         "publish_latency_seconds": latency.to_json(),
     }
 

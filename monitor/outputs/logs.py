@@ -179,6 +179,8 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
         fields["RECOVERY_ACTION"] = transition.recovery_action
     if transition.xid is not None:
         fields["XID"] = str(transition.xid)
+    if transition.xid_source is not None:
+        fields["XID_SOURCE"] = transition.xid_source
     if transition.reason:
         fields["RECOVERY_REASON"] = transition.reason
     what = {

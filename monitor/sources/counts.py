@@ -21,6 +21,9 @@ class SourceCounts:
     uevents: int = 0  # uevents read from netlink (pci and drm), whatever they meant
     resyncs: dict[str, int] = attrs.field(factory=_no_resyncs)  # sysfs read in full, by cause
     nvml_worker_restarts: int = 0  # NVML worker processes started again after one died
+    kmsg_records: int = 0  # kernel log records read, whatever they said
+    kmsg_ignored: int = 0  # of those, malformed, overlong or not text where the driver's should be
+    kmsg_missed: int = 0  # records the kernel overwrote before we read them
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ from monitor.core.events import (
     NvmlGpuSeen,
     NvmlNameWaitOver,
     NvmlUnreachable,
+    XidReported,
 )
 from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
@@ -193,9 +194,14 @@ async def _pass_events(
             elif isinstance(output, NvmlGpuSeen):
                 pool.seen(output.gpu.address)
                 events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
-            elif slot.ended or output.address in slot.assigned:
+            elif not (slot.ended or output.address in slot.assigned):
+                pass  # a GPU this worker no longer watches; another reports it now
+            elif isinstance(output, XidReported):  # read now, by NVML: the core pairs it so
+                events.append(
+                    attrs.evolve(output, source="nvml", at=trio.current_time(), inferred=False)
+                )
+            else:
                 events.append(output)
-            # else: a GPU this worker no longer watches; another reports it now
         if events:
             await send.send(tuple(events))
 

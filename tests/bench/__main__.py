@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                             ),
                         )
                         guarded(
+                            "2 kernel log XID line -> subscriber",
+                            lambda: simulated.kmsg_to_subscriber(
+                                results, work / "s2b", sim, samples, quick
+                            ),
+                        )
+                        guarded(
                             "2 simulated udev event -> subscriber",
                             lambda: simulated.change_cdi_cost(
                                 results, work / "s2-cdi", sim, samples, quick

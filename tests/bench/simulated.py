@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import socket
 import subprocess
@@ -280,3 +281,46 @@ def startup(results: Results, workdir: Path, samples: int, quick: bool) -> None:
     finally:
         for sim in sims.values():
             sim.close()
+
+
+def kmsg_to_subscriber(
+    results: Results, workdir: Path, sim: TimedSimulator, samples: int, quick: bool
+) -> None:
+    """The driver's XID line in the kernel log (a FIFO in its format, given as --kmsg) to the
+    patch a subscriber in another process reads; NVML off. Each line is a new XID (13, an
+    application error: counted, the GPU stays healthy), so each makes a patch."""
+    scenario = "2 kernel log XID line -> subscriber"
+    print(f"[{scenario}] {samples} XID lines")
+    slot = EIGHT_GPUS[0][1][:-2]
+    fifo = workdir / "kmsg"
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    daemon = Daemon(workdir, ["--udev-source", "udev", "--kmsg", str(fifo)], env=sim.daemon_env())
+    subscriber = None
+    writer = os.open(fifo, os.O_WRONLY)
+    try:
+        subscriber = SubscriberProcess(daemon.socket)
+        lat = []
+        for i in range(samples + 20):  # the first 20 warm up, unrecorded
+            line = f"4,{i},0,-;NVRM: Xid (PCI:{slot}): 13, pid=1, name=bench, sample {i}\n"
+            start = now_ns()
+            os.write(writer, line.encode())
+            seen = subscriber.next(timeout=5)
+            if seen.kind != "P":
+                raise RuntimeError(f"XID line {i}: the subscriber read {seen}")
+            if i >= 20:
+                lat.append(seen.t_ns - start)
+            time.sleep(0.002)
+        results.latency(
+            scenario, "daemon: XID line written -> subscriber (other process) reads the patch",
+            Stats.of_ns(lat), target_p99_ms=5.0, quick=quick,
+        )  # fmt: skip
+        results.note(
+            "scenario 2, kernel log: each sample is one NVRM Xid record written to a FIFO the "
+            "daemon reads as its kernel log, stamped just before the write"
+        )
+    finally:
+        os.close(writer)
+        if subscriber is not None:
+            subscriber.stop()
+        daemon.stop()

@@ -68,7 +68,8 @@ def test_a_person_watching_sees_the_log_and_one_line_that_says_it_is_up(tmp_path
     leader, follower = pty.openpty()
     daemon = subprocess.Popen(
         [sys.executable, "-m", "monitor", "serve", "--socket", str(sock), "--no-nvml",
-         "--no-cdi", "--udev-source", "kernel", "--state-dir", str(tmp_path / "state")],
+         "--no-cdi", "--no-kmsg", "--udev-source", "kernel",
+         "--state-dir", str(tmp_path / "state")],
         stderr=follower,
         env={**os.environ, "JOURNAL_STREAM": "8:1234"},  # what systemd sets: a journal exists
     )  # fmt: skip
@@ -84,7 +85,8 @@ def test_a_person_watching_sees_the_log_and_one_line_that_says_it_is_up(tmp_path
         daemon.wait()
         os.close(leader)
     text = seen.decode()
-    assert f"serving 0 devices on {sock} (uevents from the kernel, NVML off, no CDI spec)" in text
+    sources = "uevents from the kernel, NVML off, kernel log off, no CDI spec"
+    assert f"serving 0 devices on {sock} ({sources})" in text
     # the journal's <N> priority prefixes are for readers of a stream, not for a person
     lines = text.splitlines()
     assert any(line.startswith("INFO monitor.daemon.app: serving") for line in lines), lines

@@ -262,10 +262,30 @@ def test_xids_are_counted_by_xid_across_patches_and_daemon_restarts() -> None:
     known.snapshot(xids(3, 79))
     known.snapshot(xids(1, 48))  # the daemon restarted: its count began again
     found = scrape(known)["hotplug_monitor_device_xids_total"]
+    assert found == {  # a daemon that does not name the source had NVML alone
+        (("action", "RESTART_APP"), ("device", A), ("source", "nvml"), ("xid", "13")): 1,
+        (("action", "WORKFLOW_XID_48"), ("device", A), ("source", "nvml"), ("xid", "48")): 1,
+        (("action", "RESTART_BM"), ("device", A), ("source", "nvml"), ("xid", "79")): 2,
+    }
+
+
+def test_xids_are_counted_by_the_source_that_reported_them() -> None:
+    known = Known()
+
+    def xids(count: int, last: int, source: str) -> Mirror:
+        attributes = {"xid_count": attribute(count), "last_xid": attribute(last)}
+        attributes["last_xid_source"] = attribute(source)
+        return mirror(gpu(A, attributes=attributes))
+
+    known.snapshot(mirror(gpu(A)))
+    known.snapshot(xids(1, 79, "kmsg"))
+    known.snapshot(xids(2, 79, "nvml"))
+    known.snapshot(xids(3, 13, "\x1b[2J"))  # not a source: taken for NVML's
+    found = scrape(known)["hotplug_monitor_device_xids_total"]
     assert found == {
-        (("action", "RESTART_APP"), ("device", A), ("xid", "13")): 1,
-        (("action", "WORKFLOW_XID_48"), ("device", A), ("xid", "48")): 1,
-        (("action", "RESTART_BM"), ("device", A), ("xid", "79")): 2,
+        (("action", ""), ("device", A), ("source", "kmsg"), ("xid", "79")): 1,
+        (("action", ""), ("device", A), ("source", "nvml"), ("xid", "79")): 1,
+        (("action", ""), ("device", A), ("source", "nvml"), ("xid", "13")): 1,
     }
 
 

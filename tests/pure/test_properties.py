@@ -229,18 +229,44 @@ def test_resync_from_any_state_yields_the_truth(
         and (state.devices[f.address].driver, identity(state.devices[f.address]))
         == (f.driver, identity(f))
     }
+    # A driver reload: a GPU unbound from nvidia keeps its name, and one bound to nvidia again
+    # keeps the name NVML gave it (any but the database's), so that it is shown throughout.
+    reloaded = {
+        f.address
+        for f in truth.devices
+        if (before := state.devices.get(f.address)) is not None
+        and f.address not in stayed
+        and identity(before) == identity(f)
+        and f.vendor_id == 0x10DE
+        and f.address in state.names
+        and (
+            (before.driver == "nvidia" and f.driver is None)
+            or (
+                before.driver is None
+                and f.driver == "nvidia"
+                and state.names[f.address] != database_name(f)
+            )
+        )
+    }
     fresh = fold(attrs.evolve(first, match_classes=state.match_classes,
                               nvml_names=state.nvml_names), [truth]).state  # fmt: skip
 
-    def kept(field: str) -> dict[str, Any]:
-        return {a: v for a, v in getattr(state, field).items() if a in stayed}
+    def kept(field: str, also: frozenset[str] = frozenset()) -> dict[str, Any]:
+        return {a: v for a, v in getattr(state, field).items() if a in stayed | also}
 
+    named = stayed | reloaded
     expected = attrs.evolve(
         fresh,
-        names={**{a: n for a, n in fresh.names.items() if a not in stayed}, **kept("names")},
-        naming={**{a: n for a, n in fresh.naming.items() if a not in stayed}, **kept("naming")},
+        names={
+            **{a: n for a, n in fresh.names.items() if a not in named},
+            **kept("names", frozenset(reloaded)),
+        },
+        naming={**{a: n for a, n in fresh.naming.items() if a not in named}, **kept("naming")},
         nvml={a: g for a, g in kept("nvml").items() if state.devices[a].driver == "nvidia"},
         xids={a: x for a, x in kept("xids").items() if state.devices[a].driver == "nvidia"},
+        xid_sources={
+            a: x for a, x in kept("xid_sources").items() if state.devices[a].driver == "nvidia"
+        },
         leases=state.leases,
     )
 
@@ -258,6 +284,6 @@ def test_resync_from_any_state_yields_the_truth(
             before = state.devices.get(address)
             assert before is not None and identity(before) == identity(facts)
             assert state.problems.get(address)
-    names = {a for a in synced.names if a not in stayed}
+    names = {a for a in synced.names if a not in named}
     assert all(synced.names[a] == database_name(synced.devices[a]) for a in names)
     assert fold(synced, [truth]).patch is None  # a second identical resync changes nothing

@@ -20,7 +20,8 @@ from monitor.wire.snapshot import PCI_ADDRESS
 
 MAX_DEVICES = 4096
 MAX_TEXT = 256  # a label value
-MAX_XIDS = 64  # distinct XIDs counted per device
+MAX_XIDS = 64  # distinct XIDs (and sources) counted per device
+XID_SOURCES = ("nvml", "kmsg")
 _XID_LIMIT = 1 << 20
 
 
@@ -61,6 +62,7 @@ class DeviceView:
     owner: str
     xid_count: int | None
     last_xid: int | None
+    last_xid_source: str  # who reported it: "nvml" or "kmsg"
     xid_action: str = ""  # NVIDIA's catalog action for last_xid, as the daemon names it
     health: str = "healthy"  # or "needs reset", "unhealthy"
 
@@ -85,6 +87,7 @@ class DeviceView:
             owner=text(device.get("reserved_owner")),
             xid_count=xid_count if _small_int(xid_count) else None,
             last_xid=last_xid if _small_int(last_xid) else None,
+            last_xid_source=_xid_source(_attribute(device, "last_xid_source")),
             xid_action=text(_attribute(device, "last_xid_action")),
             health=_health(device),
         )
@@ -94,6 +97,11 @@ def _health(device: dict[str, Any]) -> str:
     if device.get("healthy") is True:
         return "healthy"
     return "needs reset" if device.get("health") == "needs reset" else "unhealthy"
+
+
+def _xid_source(value: Any) -> str:
+    """A daemon that does not say had NVML as its only source of XIDs."""
+    return value if value in XID_SOURCES else "nvml"
 
 
 def _small_int(value: Any) -> bool:
@@ -107,8 +115,8 @@ class Known:
         self.up = False  # the snapshot connection is open
         self.ever_up = False
         self.devices: dict[str, DeviceView] = {}
-        # XIDs counted since the exporter began, by XID and the catalog's action
-        self.xids: dict[str, dict[tuple[int, str], int]] = {}
+        # XIDs counted since the exporter began, by XID, the catalog's action and the source
+        self.xids: dict[str, dict[tuple[int, str, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
@@ -152,7 +160,7 @@ class Known:
         if now.xid_count == seen:
             return
         counts = self.xids.setdefault(now.id, {})
-        key = (now.last_xid, now.xid_action)
+        key = (now.last_xid, now.xid_action, now.last_xid_source)
         if key in counts or len(counts) < MAX_XIDS:
             counts[key] = counts.get(key, 0) + now.xid_count - seen
 

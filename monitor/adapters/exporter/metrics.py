@@ -116,11 +116,13 @@ RESERVED = _spec(
 XIDS = _spec(
     "device_xids_total",
     COUNTER,
-    "NVIDIA XID errors reported for the device, by XID and NVIDIA's catalog action "
-    "(NOT_IN_CATALOG for others), since the exporter started",
+    "NVIDIA XID errors reported for the device, by XID, NVIDIA's catalog action "
+    "(NOT_IN_CATALOG for others) and who reported it first (nvml, or kmsg: the driver's kernel "
+    "log lines), since the exporter started",
     DEVICE,
     "xid",
     "action",
+    "source",
 )
 HEALTH = _spec(
     "device_health",
@@ -364,8 +366,8 @@ def _device(known: Known, view: DeviceView, out: Families) -> None:
     out.add(PRESENT, device, 1.0 if view.present else 0.0)
     out.add(STALE, device, 1.0 if known.stale else 0.0)
     out.add(RESERVED, [*device, view.owner], 1.0 if view.reserved else 0.0)
-    for (xid, action), times in sorted(known.xids.get(view.id, {}).items()):
-        out.add(XIDS, [*device, str(xid), action], float(times))
+    for (xid, action, source), times in sorted(known.xids.get(view.id, {}).items()):
+        out.add(XIDS, [*device, str(xid), action, source], float(times))
     for name, value in known.sample.get(view.id, {}).items():
         if name == stats.THROTTLE_REASONS.name:
             active = set(str(value).split(","))

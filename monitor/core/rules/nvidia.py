@@ -44,6 +44,7 @@ from monitor.core.health import (
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
 from monitor.core.rules.problems import clear_problems, set_problem
+from monitor.core.rules.witnesses import witnessed
 from monitor.core.state import F, State
 from monitor.core.text import is_gpu_uuid, shown
 from monitor.core.xids import REBOOT, RECOVERY_NONE, RESET, Verdict, driver_verdict, judge
@@ -143,8 +144,12 @@ def _driver_says(draft: Draft, address: str, action: int) -> None:
 
 def xid_reported(draft: Draft, event: XidReported) -> None:
     """Count the XID, and judge it: by the operator's policy, the driver's recovery action (the
-    one reported with it, else the last one reported) and NVIDIA's catalog."""
-    address, xid = event.address, event.xid
+    one reported with it, else the last one reported) and NVIDIA's catalog. An XID that the
+    other source (NVML, the kernel log) reported a moment ago counts once."""
+    counted = witnessed(draft, event)  # its device, unless another source reported it already
+    if counted is None:
+        return
+    address, xid = counted.address, counted.xid
     if not _bound_to_nvidia(draft, address):
         return
     _, count = draft.get(F.xids).get(address, (0, 0))

@@ -150,11 +150,14 @@ def encode_event(event: Output) -> bytes:
 # The fields of each event the worker writes, with the types each may have.
 _NONE = type(None)
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
+    # source, at and inferred are the daemon's to set (monitor.sources.nvml): taken, then replaced
     XidReported: {
         "address": (str,),
         "xid": (int,),
         "source": (str,),
         "recovery_action": (int, _NONE),
+        "at": (float, _NONE),
+        "inferred": (bool,),
     },
     NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
     NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},

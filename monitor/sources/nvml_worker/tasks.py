@@ -229,6 +229,7 @@ class NvmlSource:
                     "PCI_BUS_ID": gpu.address,
                     "GPU_UUID": gpu.uuid,
                     "XID": xid,
+                    "XID_SOURCE": "nvml",
                 }
             },
         )
