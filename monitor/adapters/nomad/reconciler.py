@@ -179,17 +179,19 @@ class Reconciler:
 
     async def _run(self) -> None:
         backoff: Backoff | None = None
+        delay = self._config().reconcile_interval  # the first, like the others, an interval on
         while True:
+            await asyncio.sleep(max(delay, 1.0))
             interval = self._config().reconcile_interval
             if interval <= 0:  # off; a later SetConfig may turn it on
-                await asyncio.sleep(1.0)
+                delay = 1.0
                 continue
             if backoff is None or backoff.first != interval:
                 backoff = Backoff(first=interval, most=max(interval, MOST_BACKOFF_S))
             worked = await self.reconcile_once()
             if worked is not None:
                 backoff.reset()
-            await asyncio.sleep(interval if worked is not None else backoff.delay())
+            delay = interval if worked is not None else backoff.delay()
 
     async def reconcile_once(self) -> list[str] | None:
         """One reconcile: the devices whose leases ended, or None when it could not be done."""
