@@ -248,11 +248,11 @@ def ensure_mini_image() -> None:
     )
 
 
-def _podman_run_args(device_names: list[str], argv: list[str]) -> Iterator[str]:
+def _podman_run_args(device_names: list[str], argv: list[str], kind: str) -> Iterator[str]:
     yield from ("--runtime", "runc", "run", "--rm", "--pull=never", "--network=none")
     yield from ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
     for name in device_names:
-        yield from ("--device", qualified_name(name))
+        yield from ("--device", qualified_name(name, kind))
     yield MINI_IMAGE
     yield from argv
 
@@ -332,12 +332,13 @@ def run_with_cdi(
     *,
     fake_nodes: Mapping[str, tuple[int, int]] | None = None,
     fake_links: Mapping[str, str] | None = None,
+    kind: str = CDI_KIND,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in a ``localhost/mini`` container with CDI devices from ``spec_dir``.
 
     ``device_names`` are the bare names (``0000:3b:00.0``); they are asked for as
-    ``hotplug-monitor.io/gpu=NAME``. Returns the finished process, stdout and stderr
-    as text; a non-zero exit status is not an error here.
+    ``KIND=NAME``, by default ``hotplug-monitor.io/gpu=NAME``. Returns the finished process,
+    stdout and stderr as text; a non-zero exit status is not an error here.
 
     ``fake_nodes`` maps absolute paths under ``/dev`` to the (major, minor) of a
     character device, ``fake_links`` paths under ``/dev`` to symlink targets; both are
@@ -354,7 +355,7 @@ def run_with_cdi(
         if reason is not None:
             raise RuntimeError(reason)
     ensure_mini_image()
-    run_args = list(_podman_run_args(device_names, argv))
+    run_args = list(_podman_run_args(device_names, argv, kind))
     spec_dir = spec_dir.resolve()
     if _podman_has_cdi_spec_dir() and not fakes:
         command = ["podman", "--cdi-spec-dir", str(spec_dir), *run_args]

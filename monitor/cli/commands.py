@@ -22,7 +22,7 @@ from monitor.wire import requests
 from monitor.wire.blocking import Client
 from monitor.wire.mirror import Mirror
 from monitor.wire.paths import client_socket
-from monitor.wire.reservations import cdi_name, check_reservation
+from monitor.wire.reservations import cdi_lease_name, cdi_name, check_reservation
 
 
 class CliError(Exception):
@@ -99,7 +99,11 @@ def cmd_reserve(args: argparse.Namespace) -> None:
         lease = result["reservation_id"]
         if args.cdi:
             names = result.get("cdi_devices")
-            missing = [i for i in result["device_ids"] if cdi_name(i) not in (names or [])]
+            # a daemon that publishes leases names the whole lease, once it has every device
+            whole = cdi_lease_name(lease) in (names or [])
+            missing = [] if whole else [
+                i for i in result["device_ids"] if cdi_name(i) not in (names or [])
+            ]  # fmt: skip
             if names is None or missing:
                 client.ask(requests.release(reservation_id=lease))  # of no use: not kept
                 if names is None:

@@ -13,4 +13,13 @@ def nomad_plugin(args: argparse.Namespace) -> int:
         from monitor.adapters.nomad import config, plugin
     except ImportError as exc:  # the nomad extra is not installed
         return missing_extra("nomad-plugin", "nomad", exc)
-    return plugin.run(config.flags_from(args.socket, args.ignore_device, args.offer))
+    return plugin.run(
+        config.flags_from(
+            args.socket,
+            args.ignore_device,
+            args.offer,
+            args.nomad_address,
+            args.nomad_token_file,
+            args.reconcile_interval,
+        )
+    )

@@ -209,7 +209,8 @@ def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:
         "plugin_dir (never by hand) and speaks to it over go-plugin's gRPC. It reports the "
         "daemon's devices and their health at every change, reserves devices for tasks "
         "(leases of owner 'nomad'), and passes on the daemon's device statistics. The same "
-        "settings may come in the plugin block's config (socket, ignored_device_ids, groups); "
+        "settings may come in the plugin block's config (socket, ignored_device_ids, groups, "
+        "nomad_address, nomad_token_file, reconcile_interval); "
         "these flags, given in its args, win.",
     )
     plugin.add_argument(
@@ -231,6 +232,25 @@ def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:
         metavar="GROUP",
         help="offer only these groups: TYPE, VENDOR/TYPE or VENDOR/TYPE/NAME as in a job's "
         "device block; repeatable (config: groups; default: every group)",
+    )
+    plugin.add_argument(
+        "--nomad-address",
+        metavar="URL",
+        help="the local Nomad agent's HTTP API, asked which allocations still run so that the "
+        "leases of ended tasks end (config: nomad_address; default: http://127.0.0.1:4646)",
+    )
+    plugin.add_argument(
+        "--nomad-token-file",
+        type=Path,
+        metavar="PATH",
+        help="a file holding the ACL token for it, if ACLs are on (needs node:read; "
+        "config: nomad_token_file; default: none)",
+    )
+    plugin.add_argument(
+        "--reconcile-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often to reconcile; 0 turns it off (config: reconcile_interval; default: 30)",
     )
     return plugin
 

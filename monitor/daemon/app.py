@@ -305,7 +305,8 @@ def started_line(settings: Settings, claimed: Claimed, hub: Hub, where: str) -> 
     sources = f"uevents from {'udevd' if udevd else 'the kernel'}"
     sources += ", NVML worker started" if settings.nvml else ", NVML off"
     sources += f", kernel log {settings.kmsg}" if settings.kmsg else ", kernel log off"
-    sources += f", CDI spec in {claimed.cdi_dir}" if claimed.cdi_dir else ", no CDI spec"
+    leases = " (leases only)" if settings.cdi_publish == "leased" else ""
+    sources += f", CDI spec in {claimed.cdi_dir}{leases}" if claimed.cdi_dir else ", no CDI spec"
     count = len(hub.state.fingerprint.devices())
     return f"serving {count} device{'s' * (count != 1)} on {where} ({sources})"
 
@@ -328,7 +329,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         return await nvml_stats.sample()
 
     telemetry = Telemetry(StatsHub(hub, [nvml_sample, sysfs_sampler()]))
-    spec = CdiSpec(claimed.cdi_dir) if claimed.cdi_dir is not None else None
+    leased = settings.cdi_publish == "leased"
+    spec = CdiSpec(claimed.cdi_dir, leased=leased) if claimed.cdi_dir is not None else None
     give_back = GiveBack()
     lease_rate = LeaseRate(settings.lease_rate, settings.lease_burst)
     server = Server(

@@ -35,6 +35,7 @@ from monitor.wire.paths import SYSTEM_SOCKET, default_socket
 UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
+CDI_PUBLISH_MODES = ("all", "leased")  # monitor.outputs.cdi: every device, or leases only
 _CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 
 
@@ -302,6 +303,13 @@ class Settings:
         off="--no-cdi",
         help="keep a CDI spec (hotplug-monitor.json) of the present devices here "
         "(default: /var/run/cdi as root, none otherwise)",
+    )
+    cdi_publish: str = setting(
+        "all",
+        kind=choice(CDI_PUBLISH_MODES),
+        help="what the CDI spec names: all, every present device (whoever holds it); or "
+        "leased, each lease as one device named after its reservation ID, and nothing else "
+        "(default: all)",
     )
     log_level: str = setting("info", live=True, kind=choice(LOG_LEVELS), help="default: info")
     log_target: str = setting(

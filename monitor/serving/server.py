@@ -197,13 +197,19 @@ class Server:
         if isinstance(answer, Refusal):
             raise rpc_error(answer)
         if isinstance(answer, Released):
+            if self.cdi is not None and self.cdi.leased:  # the ended leases' entries are gone
+                await self.cdi.wait_until_current(self.hub.state)
             return requests.released(answer)
         if answer.lease.connection is not None:
             connection.bound_leases = True
         result = requests.reserved(answer, self.node_exists)
         if self.cdi is not None:  # the spec's entries: devices with something to inject
             await self.cdi.wait_until_current(self.hub.state)  # named once they are there
-            result["cdi_devices"] = requests.cdi_devices(answer, self.node_exists)
+            result["cdi_devices"] = (
+                self.cdi.lease_names(answer.lease.id)
+                if self.cdi.leased
+                else requests.cdi_devices(answer, self.node_exists)
+            )
         return result
 
     def _holder(self, peer: Peer, holder_pid: int) -> Holder:

@@ -25,12 +25,21 @@ DEVICE_LINK = re.compile(
 )
 CGROUP_PERMS = re.compile(r"r?w?m?")
 CDI_KIND = "hotplug-monitor.io/gpu"  # the daemon's CDI spec's kind: devices are KIND=ID
-CDI_DEVICE = re.compile(re.escape(CDI_KIND) + r"=[A-Za-z0-9:._-]{1,64}")
+# With --cdi-publish leased the spec has this kind instead: one device per lease, KIND=LEASE_ID.
+CDI_LEASE_KIND = "hotplug-monitor.io/lease"
+CDI_DEVICE = re.compile(
+    f"({re.escape(CDI_KIND)}|{re.escape(CDI_LEASE_KIND)})" + r"=[A-Za-z0-9:._-]{1,64}"
+)
 
 
 def cdi_name(device_id: str) -> str:
     """What a container engine is given for a device: ``hotplug-monitor.io/gpu=0000:3b:00.0``."""
     return f"{CDI_KIND}={device_id}"
+
+
+def cdi_lease_name(reservation_id: str) -> str:
+    """What a container engine is given for a whole lease when only leases are published."""
+    return f"{CDI_LEASE_KIND}={reservation_id}"
 
 
 _ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # reservation and device IDs: safe to print anywhere

@@ -217,7 +217,14 @@ def test_nomads_three_launches_are_quick_and_the_short_ones_leave_the_daemon_alo
         assert info["type"] == "DEVICE" and info["plugin_api_versions"] == ["v0.1.0"]
         assert info["name"] == "hotplug-monitor"
         schema = stages["fingerprint"]["config_schema"]["spec"]["object"]["attributes"]
-        assert set(schema) == {"socket", "ignored_device_ids", "groups"}
+        assert set(schema) == {
+            "socket",
+            "ignored_device_ids",
+            "groups",
+            "nomad_address",
+            "nomad_token_file",
+            "reconcile_interval",
+        }
         assert stages["fingerprint"]["exited"] and stages["validate"]["exited"]
         # Fingerprinting the plugin, validating its config and configuring the long-lived
         # one asked the daemon nothing: no connection at all.

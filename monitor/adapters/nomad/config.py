@@ -7,13 +7,18 @@ checked once, with flags winning over the config block.
 | the daemon's socket | ``socket`` | ``--socket PATH`` | the system daemon's |
 | devices left out | ``ignored_device_ids`` | ``--ignore-device ID`` | none |
 | groups offered | ``groups`` | ``--offer GROUP`` | every group the daemon reports |
+| the Nomad agent's API | ``nomad_address`` | ``--nomad-address URL`` | ``http://127.0.0.1:4646`` |
+| its ACL token, in a file | ``nomad_token_file`` | ``--nomad-token-file PATH`` | none |
+| seconds between reconciles | ``reconcile_interval`` | ``--reconcile-interval S`` | 30 (0: off) |
 
 Pure: no I/O; every refusal is a ``ConfigRefused`` whose message Nomad shows as it is.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,17 @@ GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
 # sun_path is 108 bytes on Linux, with its terminating NUL.
 MAX_SOCKET_PATH = 107
 MAX_ENTRIES = 1024
-KEYS = ("socket", "ignored_device_ids", "groups")
+KEYS = (
+    "socket",
+    "ignored_device_ids",
+    "groups",
+    "nomad_address",
+    "nomad_token_file",
+    "reconcile_interval",
+)
+NOMAD_ADDRESS = "http://127.0.0.1:4646"  # the local agent, as Nomad's own CLI defaults to
+RECONCILE_INTERVAL_S = 30.0
+MAX_RECONCILE_INTERVAL_S = 3600.0
 
 
 class ConfigRefused(ValueError):
@@ -47,6 +62,9 @@ class Overrides:
     socket: Path | None = None
     ignored_device_ids: tuple[str, ...] | None = None
     groups: tuple[str, ...] | None = None
+    nomad_address: str | None = None
+    nomad_token_file: Path | None = None
+    reconcile_interval: float | None = None
 
 
 @attrs.frozen
@@ -54,6 +72,9 @@ class PluginConfig:
     socket: Path = SYSTEM_SOCKET
     ignored: frozenset[str] = frozenset()  # PCI addresses (lower case) and GPU UUIDs
     groups: tuple[GroupPattern, ...] = ()  # none: every group
+    nomad_address: str = NOMAD_ADDRESS  # scheme://host[:port], no trailing slash
+    nomad_token_file: Path | None = None
+    reconcile_interval: float = RECONCILE_INTERVAL_S  # 0: leases are not reconciled
 
     def offers(self, vendor: str, type_: str, name: str) -> bool:
         return not self.groups or any(g.matches(vendor, type_, name) for g in self.groups)
@@ -75,7 +96,8 @@ def schema() -> hclspec_pb2.Spec:
     """The ``config`` block Nomad decodes for us: every key optional, with its default.
 
     ``socket`` defaults to ``""``, which means the system daemon's socket, so that a flag can
-    tell "not set" from a path."""
+    tell "not set" from a path; likewise ``nomad_address`` and ``nomad_token_file`` (``""``),
+    and ``reconcile_interval`` (-1: the default)."""
     return hclspec_pb2.Spec(
         object=hclspec_pb2.Object(
             attributes={
@@ -84,6 +106,15 @@ def schema() -> hclspec_pb2.Spec:
                     hclspec_pb2.Attr(name="ignored_device_ids", type="list(string)"), "[]"
                 ),
                 "groups": _default(hclspec_pb2.Attr(name="groups", type="list(string)"), "[]"),
+                "nomad_address": _default(
+                    hclspec_pb2.Attr(name="nomad_address", type="string"), '""'
+                ),
+                "nomad_token_file": _default(
+                    hclspec_pb2.Attr(name="nomad_token_file", type="string"), '""'
+                ),
+                "reconcile_interval": _default(
+                    hclspec_pb2.Attr(name="reconcile_interval", type="number"), "-1"
+                ),
             }
         )
     )
@@ -158,6 +189,57 @@ def settle(config: Mapping[str, Any], flags: Overrides = Overrides()) -> PluginC
             _device_id(i) for i in _strings("ignored_device_ids", pick("ignored_device_ids"))
         ),
         groups=tuple(_group_pattern(g) for g in _strings("groups", pick("groups"))),
+        nomad_address=_nomad_address(pick("nomad_address")),
+        nomad_token_file=_token_file(pick("nomad_token_file")),
+        reconcile_interval=_interval(pick("reconcile_interval")),
+    )
+
+
+def _nomad_address(value: object) -> str:
+    if value is None or value == "":
+        return NOMAD_ADDRESS
+    text = str(value) if isinstance(value, str) else None
+    parts = urllib.parse.urlsplit(text) if text is not None and text.isprintable() else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigRefused(  # without the value: it may hold a password
+            "nomad_address must be the agent's http:// or https:// address, scheme, host and "
+            f"port only, such as {NOMAD_ADDRESS}"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _token_file(value: object) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | Path):
+        raise ConfigRefused("nomad_token_file must be a string")
+    text = str(value)
+    if not text.startswith("/") or "\0" in text or not text.isprintable():
+        raise ConfigRefused(f"nomad_token_file must be an absolute path, not {text[:200]!r}")
+    return Path(text)
+
+
+def _interval(value: object) -> float:
+    if value is None or value == -1:
+        return RECONCILE_INTERVAL_S
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= MAX_RECONCILE_INTERVAL_S
+    ):
+        return float(value)
+    raise ConfigRefused(
+        f"reconcile_interval must be 0 (off) or a number of seconds up to "
+        f"{MAX_RECONCILE_INTERVAL_S:g}, not {str(value)[:80]!r}"
     )
 
 
@@ -167,17 +249,28 @@ def describe(config: PluginConfig) -> dict[str, Any]:
         "socket": str(config.socket),
         "ignored_device_ids": sorted(config.ignored),
         "groups": [str(g) for g in config.groups] or "all",
+        "nomad_address": config.nomad_address,
+        "nomad_token_file": str(config.nomad_token_file or "none"),  # the path, never the token
+        "reconcile_interval": config.reconcile_interval,
     }
 
 
 def flags_from(
-    socket: Path | None, ignore: Iterable[str] | None, offer: Iterable[str] | None
+    socket: Path | None,
+    ignore: Iterable[str] | None,
+    offer: Iterable[str] | None,
+    nomad_address: str | None = None,
+    nomad_token_file: Path | None = None,
+    reconcile_interval: float | None = None,
 ) -> Overrides:
     """The command line's values as overrides (an option not given stays None)."""
     return Overrides(
         socket=socket,
         ignored_device_ids=tuple(ignore) if ignore is not None else None,
         groups=tuple(offer) if offer is not None else None,
+        nomad_address=nomad_address,
+        nomad_token_file=nomad_token_file,
+        reconcile_interval=reconcile_interval,
     )
 
 

@@ -20,6 +20,7 @@ from monitor.adapters.nomad import config as settings
 from monitor.adapters.nomad import translate
 from monitor.adapters.nomad.daemon_view import DaemonView, fingerprints
 from monitor.adapters.nomad.protos import base_pb2, base_pb2_grpc, device_pb2, device_pb2_grpc
+from monitor.adapters.nomad.reconciler import Reconciler
 from monitor.wire import requests
 from monitor.wire.asyncio_transport import AsyncioClient
 from monitor.wire.backoff import Backoff
@@ -59,6 +60,7 @@ class PluginState:
             self.flag_error = str(error)
             config = settings.PluginConfig()
         self.view = DaemonView(config)
+        self.reconciler = Reconciler(lambda: self.view.config)  # ends leases of ended tasks
 
     @property
     def config(self) -> settings.PluginConfig:
@@ -126,6 +128,7 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
     ) -> AsyncIterator[device_pb2.FingerprintResponse]:
         view = self._state.view
         view.start()
+        self._state.reconciler.start()  # only the long-lived launch asks for a fingerprint
         async for offer in fingerprints(view, COALESCE_S, FIRST_ANSWER_WAIT_S):
             log.debug(
                 "fingerprint",
@@ -167,6 +170,7 @@ class DevicePlugin(device_pb2_grpc.DevicePluginServicer):
                 "reserve answer refused", extra={"devices": ids, "reason": str(error)}
             ),
         )
+        self._state.reconciler.reserved(result["device_ids"])
         log.info(
             "reserved",
             extra={"devices": result["device_ids"], "reservation": result["reservation_id"]},
