@@ -1,8 +1,9 @@
 """Compare the daemon's fingerprint with nvidia-smi on a real GPU host (run by check.sh).
 
 Not collected by pytest: it needs NVIDIA hardware. Exit 0 when every GPU nvidia-smi lists is in
-the fingerprint with the same UUID, name, memory and bus ID, and the daemon ran its event loop
-for 30 s without an error; prints the daemon's CPU time over that idle period.
+the fingerprint with the same UUID, name, memory and bus ID, the kernel-log reader reads
+/dev/kmsg (a line this check writes there reaches it; it cannot provoke an XID), and the daemon
+ran its event loop for 30 s without an error; prints the daemon's CPU time over that idle period.
 """
 
 from __future__ import annotations
@@ -55,12 +56,26 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(int(child)) for child in children)
 
 
+def kernel_log_read(sock: Path) -> list[str]:
+    """A line written to /dev/kmsg (facility user: never taken for the driver's) is read."""
+    before = call(sock, "status")["kmsg_records"]
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write("<14>hotplug-monitor gpu check: a line for the kernel-log reader\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if call(sock, "status")["kmsg_records"] > before:
+            print("check: kernel log: the daemon read the line written to /dev/kmsg ok")
+            return []
+        time.sleep(0.1)
+    return ["the daemon did not read a line written to /dev/kmsg within 5 s"]
+
+
 def main(work: Path) -> int:
     sock = work / "monitor.sock"
     log = (work / "daemon.log").open("w+")
     daemon = subprocess.Popen(
         [work / "venv/bin/hotplug-monitor", "serve", "--socket", sock, "--state-dir", work,
-         "--no-cdi", "--log-target", "stderr"],
+         "--no-cdi", "--kmsg", "/dev/kmsg", "--log-target", "stderr"],
         stderr=log,
     )  # fmt: skip
     failures: list[str] = []
@@ -112,6 +127,7 @@ def main(work: Path) -> int:
                 )
                 if seen[key] != value:
                     failures.append(f"{address} {key}: {seen[key]!r} != {value!r}")
+        failures += kernel_log_read(sock)
         start = cpu_seconds(daemon.pid)
         time.sleep(IDLE_SECONDS)
         idle = cpu_seconds(daemon.pid) - start
@@ -130,6 +146,8 @@ def main(work: Path) -> int:
         text = log.read()
         print("check: daemon log:\n" + text)
         bad = [line for line in text.splitlines() if line.startswith(("<0>", "<1>", "<2>", "<3>"))]
+        if "reading NVIDIA XIDs from the kernel log /dev/kmsg" not in text:
+            failures.append("the kernel-log reader did not start")
         if "Traceback" in text or bad:
             failures.append(f"errors in the daemon's log: {bad or 'a traceback'}")
     for failure in failures:

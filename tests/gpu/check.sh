@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a host with NVIDIA GPUs and their driver: install hotplug-monitor into a fresh venv, run the
-# daemon for 30 s, and compare what it serves with nvidia-smi (tests/gpu/check.py). Run as root
-# from the repository root: sudo tests/gpu/check.sh. Takes about a minute; at most 3.
+# daemon for 30 s, compare what it serves with nvidia-smi and check that it reads the kernel log
+# (tests/gpu/check.py). Run as root from the repository root: sudo tests/gpu/check.sh. Takes
+# about a minute; at most 3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d /tmp/hotplug-monitor-gpu-check.XXXXXX)
