@@ -14,6 +14,8 @@ from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.reducer import Reduction
 from monitor.core.state import State
+from monitor.core.xid_catalog import RESTART_APP
+from monitor.core.xids import xid_action, xid_name
 
 
 @attrs.frozen
@@ -52,7 +54,19 @@ class LeaseWarning:
     health_desc: str
 
 
-Entry = HealthTransition | DeviceMoved | LeaseWarning | LeaseChange
+@attrs.frozen
+class WorkFailed:
+    """An XID by which NVIDIA's catalog says the application failed and the GPU is fine
+    (RESTART_APP): the GPU stays schedulable, and the holder whose work it ended must hear of
+    it."""
+
+    lease: Lease
+    device_id: str
+    xid: int
+    desc: str  # the XID as the catalog names it
+
+
+Entry = HealthTransition | DeviceMoved | LeaseWarning | WorkFailed | LeaseChange
 
 
 def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
@@ -63,6 +77,8 @@ def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
         entries += device_moves(old, new)
         entries += health_transitions(old, new, reduction.recoveries)
         entries += lease_warnings(old, new)
+    if new.xids is not old.xids:
+        entries += work_failed(old, new)
     entries += reduction.lease_changes
     return entries
 
@@ -174,3 +190,19 @@ def lease_warnings(old: State, new: State) -> list[LeaseWarning]:
             if previous is None or previous.health_desc != device.health_desc:
                 warnings.append(LeaseWarning(lease, device_id, device.health_desc))
     return warnings
+
+
+def work_failed(old: State, new: State) -> list[WorkFailed]:
+    """Leased GPUs that counted a RESTART_APP XID and stayed healthy (an XID that made a GPU
+    unhealthy is a lease warning already)."""
+    shown = new.fingerprint.devices()
+    failed = []
+    for lease in new.leases.values():
+        for device_id in lease.devices:
+            xids = new.xids.get(device_id)
+            if xids is None or xids == old.xids.get(device_id):
+                continue
+            device = shown[device_id][1] if device_id in shown else None
+            if device is not None and device.healthy and xid_action(xids[0]) == RESTART_APP:
+                failed.append(WorkFailed(lease, device_id, xids[0], xid_name(xids[0])))
+    return failed

@@ -13,7 +13,13 @@ import sys
 from typing import Any
 
 from monitor.core.leases import Lease, LeaseChange
-from monitor.core.transitions import DeviceMoved, Entry, HealthTransition, LeaseWarning
+from monitor.core.transitions import (
+    DeviceMoved,
+    Entry,
+    HealthTransition,
+    LeaseWarning,
+    WorkFailed,
+)
 
 NOTICE = 25  # between INFO and WARNING, as syslog has it
 logging.addLevelName(NOTICE, "NOTICE")
@@ -45,6 +51,7 @@ MESSAGE_IDS = {
     "released": "ad179e5adeb94dab9f6162cf0f47b41e",
     "ended": "0035218812e04a9ba83314206956a04e",
     "lease_summary": "b5e0f3a2c4d64e1f8a7b9c0d2e4f6a18",  # monitor.outputs.leaselog
+    "work_failed": "e61b0c2a9f3d4d58a7c4b2e8f1d09a37",
 }
 LEVELS = {"lost": logging.CRITICAL, "unhealthy": logging.ERROR, "recovered": NOTICE}
 
@@ -122,6 +129,8 @@ def report(log: logging.Logger, entry: Entry) -> None:
             report_move(log, entry)
         case LeaseWarning():
             report_lease_warning(log, entry)
+        case WorkFailed():
+            report_work_failed(log, entry)
         case LeaseChange():
             report_lease_change(log, entry)
 
@@ -202,12 +211,37 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
     )
 
 
-def report_lease_warning(log: logging.Logger, warning: LeaseWarning) -> None:
-    """A reserved device left or broke: one warning naming the lease and who holds it."""
-    lease = warning.lease
+def _holder(lease: Lease) -> str:
     holder = f"uid {lease.uid}, pid {lease.pid}"
     if lease.holder_pid is not None:
         holder += f", holder process {lease.holder_pid}"
+    return holder
+
+
+def report_work_failed(log: logging.Logger, failed: WorkFailed) -> None:
+    """A leased GPU's application failed (RESTART_APP): one warning naming who held it."""
+    lease = failed.lease
+    fields = {
+        "MESSAGE_ID": MESSAGE_IDS["work_failed"],
+        "DEVICE_ID": failed.device_id,
+        "PCI_BUS_ID": failed.device_id,
+        "XID": failed.xid,
+        **_lease_fields(lease),
+    }
+    log.warning(
+        "%s, reserved by %s (%s): %s; the application failed, the GPU stays schedulable",
+        failed.device_id,
+        lease.id,
+        _holder(lease),
+        failed.desc,
+        extra={"journal": fields},
+    )
+
+
+def report_lease_warning(log: logging.Logger, warning: LeaseWarning) -> None:
+    """A reserved device left or broke: one warning naming the lease and who holds it."""
+    lease = warning.lease
+    holder = _holder(lease)
     fields = {
         "MESSAGE_ID": MESSAGE_IDS["lease_revoked"],
         "DEVICE_ID": warning.device_id,

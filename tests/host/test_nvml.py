@@ -170,6 +170,26 @@ def test_each_xid_action_does_what_the_catalog_says(
         assert f"<2>CRITICAL monitor.engine.reducer_task: {lost}" in log
 
 
+def test_an_application_xid_on_a_leased_gpu_names_its_holder_and_keeps_the_gpu(
+    launch: Callable[..., Daemon], nvml: FakeNvml, subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    daemon = launch()
+    sub = subscribe(daemon)
+    sub.until(enriched)
+    with daemon.client() as client:
+        lease = client.call("reserve", {"device_ids": [A]})["reservation_id"]
+    nvml.xid(A, 13)  # RESTART_APP
+    mirror = sub.until(lambda m: value(m, A, "last_xid") == 13)
+    assert healthy(mirror, A) is True
+    said = f"{A}, reserved by {lease} (uid 0, pid "
+    line = wait_until(
+        lambda: [x for x in daemon.log().splitlines() if said in x and "XID 13 (" in x],
+        5,
+        lambda: f"the holder named:\n{daemon.log()}",
+    )[0]
+    assert line.startswith("<4>WARNING") and line.endswith("the GPU stays schedulable"), line
+
+
 @pytest.mark.parametrize("evidence", ["rebind", "pci_recovery", "nvml_recovery_action", "replug"])
 def test_a_gpu_taken_out_by_an_xid_comes_back_on_evidence(
     launch: Callable[..., Daemon],

@@ -13,7 +13,13 @@ from monitor.core.events import (
     XidReported,
 )
 from monitor.core.state import State
-from monitor.core.transitions import DeviceMoved, HealthTransition, LeaseWarning, journal_entries
+from monitor.core.transitions import (
+    DeviceMoved,
+    HealthTransition,
+    LeaseWarning,
+    WorkFailed,
+    journal_entries,
+)
 from tests.pure.examples import (
     GPU,
     GROUP,
@@ -21,6 +27,7 @@ from tests.pure.examples import (
     H100_B,
     NVML_GROUP,
     NVML_NAME,
+    ROOT,
     decide,
     group_of,
     reserve,
@@ -100,3 +107,18 @@ def test_lease_changes_and_warnings_for_reserved_devices_that_break() -> None:
     warning = next(e for e in found if isinstance(e, LeaseWarning))
     assert warning.lease.id == "lease-1" and "recovery in progress" in warning.health_desc
     assert NVML_NAME not in GROUP  # the database's group, not NVML's
+
+
+def test_an_application_xid_on_a_leased_gpu_names_whose_work_it_ended() -> None:
+    held = reserve(H100.address, peer=ROOT, lease_id="r-app")
+    state, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), held, state=State(nvml_names=True))
+    [failed] = entries(state, XidReported(H100.address, 13))  # RESTART_APP: the GPU is fine
+    assert isinstance(failed, WorkFailed) and failed.lease.id == "r-app"
+    assert (failed.device_id, failed.xid) == (H100.address, 13)
+    assert failed.desc.startswith("XID 13 (graphics engine exception")
+    # an XID that needs a reset is a lease warning, said once, not also a failed application
+    found = entries(state, XidReported(H100.address, 109))
+    assert [type(e) for e in found] == [HealthTransition, LeaseWarning]
+    # nobody's work on a GPU that no one holds
+    free, _ = run(DeviceSeen(H100), NvmlGpuSeen(GPU), state=State(nvml_names=True))
+    assert entries(free, XidReported(H100.address, 13)) == []
