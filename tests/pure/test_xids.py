@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from monitor.adapters.exporter.known import Known
+from monitor.adapters.exporter.metrics import render
+from monitor.adapters.kubelet.inventory import inventory
+from monitor.adapters.kubelet.options import Options
+from monitor.adapters.nomad.config import PluginConfig
+from monitor.adapters.nomad.translate import offered
 from monitor.core import xid_catalog as cat
 from monitor.core.answers import Grant, Reason, Refusal
 from monitor.core.events import DeviceSeen, NvmlEventReported, NvmlGpuSeen, XidReported
@@ -15,6 +21,7 @@ from monitor.core.xids import (
     XidPolicy,
     judge,
 )
+from monitor.wire.mirror import Mirror
 from tests.pure.examples import ACCESS, GPU, H100, decide, device_json, reserve, run
 
 # What the catalog's immediate action means for the GPU, as the issue states it.
@@ -140,3 +147,25 @@ def test_explain_xid_names_the_action_and_who_decided() -> None:
     assert "catalog action: RESET_GPU" in text and "verdict: needs reset" in text
     assert "decided by: xid_ignore" in explain(109, XidPolicy(ignore=frozenset({109})))
     assert "not in NVIDIA's XID catalog" in explain(4000)
+
+
+@pytest.mark.parametrize(
+    ("xid", "health"), [(13, "healthy"), (109, "needs reset"), (79, "unhealthy")]
+)
+def test_every_consumer_reads_the_verdict_from_the_daemons_snapshot(xid: int, health: str) -> None:
+    """The snapshot one fold gives, as the kubelet plugin, the Nomad plugin and the exporter
+    read it: a GPU that is not healthy is drained by each, and the exporter says which state."""
+    state, _ = run(XidReported(H100.address, xid), state=NAMED)
+    snapshot = state.fingerprint.to_json()
+    schedulable = health == "healthy"
+    [kube] = [d for r in inventory(snapshot, Options()).resources.values() for d in r]
+    assert kube.healthy is schedulable
+    [nomad] = [d for g in offered(snapshot, PluginConfig()).groups for d in g.devices]
+    assert nomad.healthy is schedulable
+    assert schedulable or f"XID {xid} (" in nomad.health_description
+    known = Known()
+    known.snapshot(Mirror({"generation": 1, "snapshot": snapshot}))
+    exposition = render(known).decode()
+    assert f'hotplug_monitor_device_health{{device="{H100.address}",state="{health}"}} 1.0' in (
+        exposition
+    )
