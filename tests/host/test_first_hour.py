@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor.core.pci import class_phrase
 from monitor.sim.umockdev import Simulator
 from tests.conftest import Daemon, hotplug_monitor, need
 from tests.sysfs import reservable
@@ -161,7 +162,8 @@ def test_a_device_present_but_not_followed_says_which_class_would_follow_it(
     daemon = start_daemon("--match-class", followed)
     done = daemon.cli("reserve", other)
     assert done.returncode == 1
-    assert f"{other} is not followed: it is a" in done.stderr
+    kind = class_phrase(int(classes[other], 16) << 16)
+    assert f"{other} is not followed: it is {kind} (class" in done.stderr
     assert f"which serve --match-class 0x{classes[other]} would follow" in done.stderr
 
 

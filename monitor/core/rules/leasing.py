@@ -30,7 +30,7 @@ from monitor.core.events import (
 )
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
-from monitor.core.pci import class_matches, class_name
+from monitor.core.pci import class_matches, class_phrase
 from monitor.core.state import F, State, nvidia_minor
 
 Found = tuple[DeviceGroup, Device]
@@ -81,7 +81,7 @@ def _why_not_shown(state: State, device_id: str) -> str | None:
         return f"{device_id} is not shown yet: it waits for NVML to name it"
     if not class_matches(facts.pci_class, state.match_classes):
         return (
-            f"{device_id} is not followed: it is a {class_name(facts.pci_class)} (class "
+            f"{device_id} is not followed: it is {class_phrase(facts.pci_class)} (class "
             f"0x{facts.pci_class:06x}), which serve --match-class 0x{facts.pci_class >> 16:02x} "
             "would follow"
         )
