@@ -31,6 +31,7 @@ from monitor.core.events import (
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
+from monitor.core.plan import with_edits
 from monitor.core.state import F, State, nvidia_minor
 
 Found = tuple[DeviceGroup, Device]
@@ -149,6 +150,18 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
                 "holders": {d: leases[i].holder_json() for d, i in held.items()},
             },
         )
+    facts, nvml = draft.get(F.devices), draft.get(F.nvml)
+    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
+    if request.cdi_nodes is not None:  # refused before any lease flickers through consumers
+        named = with_edits(found, minor_of=minors.get, exists=request.cdi_nodes.__contains__)
+        nothing = [d.id for _, d in found if d.id not in named]
+        if nothing:
+            return Refusal(
+                Reason.INVALID,
+                f"{', '.join(nothing)} has nothing a container engine could be given (no "
+                "device nodes), so no CDI device names it.",
+                {"device_ids": nothing},
+            )
     lease = Lease(
         id=request.lease_id,
         devices={d.id: g.key for g, d in found},
@@ -170,8 +183,6 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     if owner is not None:
         reason += f" for {owner}"
     draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason))
-    facts, nvml = draft.get(F.devices), draft.get(F.nvml)
-    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
     return Grant(lease, found, minors)
 
 
