@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
-import hashlib
 import importlib
 import json
 import os
@@ -25,14 +23,16 @@ import hypothesis
 import psutil
 import pytest
 
-from monitor.daemon.config import default_cdi_dir, default_state_dir
 from monitor.sim.nvml import build_library
 from monitor.sim.umockdev import Simulator, umockdev_missing
 from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
 from monitor.wire.mirror import Mirror
-from monitor.wire.paths import SYSTEM_SOCKET
 from tests import reliability
+from tests.hermetic import (  # the whole run's check that the host's daemon is left alone
+    hide_system_socket,
+    host_daemon_paths_untouched,  # noqa: F401 (a session fixture, autouse)
+)
 from tests.waiting import wait_until
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
@@ -82,54 +82,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(" | ".join(row.values()))
 
 
-# --- the host's own daemon: what the suite must leave alone -------------------------------------
-
-# The paths a daemon started on its defaults (as root) would use: the suite runs beside the
-# host's own daemon, so every test names its own state, socket and CDI directories instead.
-HOST_PATHS = tuple(
-    dict.fromkeys(
-        [
-            default_state_dir(),
-            SYSTEM_SOCKET.parent,
-            Path("/run/cdi/hotplug-monitor.json"),
-            *([d / "hotplug-monitor.json"] if (d := default_cdi_dir()) is not None else []),
-        ]
-    )
-)
-
-
-def host_fingerprint(paths: tuple[Path, ...] = HOST_PATHS) -> dict[str, Any]:
-    """Every file below ``paths``: its type, size, mtime and, for a regular file, its contents'
-    hash; a path that is not there is None."""
-    found: dict[str, Any] = {}
-    for top in paths:
-        found[str(top)] = None
-        walked = [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]
-        for path in walked:
-            try:
-                st = path.lstat()
-            except FileNotFoundError:
-                continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-            found[str(path)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return found
-
-
-@pytest.fixture(scope="session", autouse=True)
-def host_daemon_paths_untouched() -> Iterator[None]:
-    """The run fails if it changed what the host's daemon keeps (its leases, socket, CDI spec)."""
-    before = host_fingerprint()
-    yield
-    after = host_fingerprint()
-    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
-    if changed:
-        pytest.fail(
-            "the suite changed the host daemon's paths (a test ran a daemon or CLI on the "
-            f"defaults instead of its own directories): {', '.join(changed)}",
-            pytrace=False,
-        )
-
-
 def need(reason: str | None) -> None:
     """Skip (fail in CI) when ``reason`` says a needed tool or permission is missing."""
     if reason is None:
@@ -153,25 +105,6 @@ def two_pci_classes() -> tuple[dict[str, str], str, str]:
 
 GROUP = 4242  # a gid no account has: membership only by what a client process carries
 ALICE, BOB, MALLORY = 60001, 60002, 60003  # uids no account has
-
-
-CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x20000, 0x4000, 0x40000
-
-
-def hide_system_socket() -> None:
-    """In this (forked) process alone, an empty directory over the host daemon's socket
-    directory: a CLI that falls back to the system socket finds no daemon there, as on a host
-    without one, whether or not the host runs its own."""
-    if not SYSTEM_SOCKET.parent.is_dir():
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    # a mount namespace of its own, private, so that the tmpfs is seen by no other process
-    if (
-        libc.unshare(CLONE_NEWNS) != 0
-        or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0
-        or libc.mount(b"tmpfs", bytes(SYSTEM_SOCKET.parent), b"tmpfs", 0, b"mode=0755") != 0
-    ):
-        raise OSError(ctypes.get_errno(), f"cannot hide {SYSTEM_SOCKET.parent}")
 
 
 def as_user(

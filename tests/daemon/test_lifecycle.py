@@ -19,7 +19,7 @@ KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "
 
 def own(tmp_path: Path) -> list[str]:
     """A state directory and no CDI spec of this test's own, so that whichever check comes
-    first, none is the host daemon's (tests/conftest.py checks); the socket is given apart."""
+    first, none is the host daemon's (tests/hermetic.py checks); the socket is given apart."""
     return ["--state-dir", str(tmp_path / "own-state"), "--no-cdi", "--no-nvml"]
 
 

@@ -33,7 +33,7 @@ KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "
 
 def own_paths(tmp_path: Path) -> list[str]:
     """A daemon started here by hand keeps its state and CDI spec in the test's own directory,
-    never in the host daemon's (tests/conftest.py checks)."""
+    never in the host daemon's (tests/hermetic.py checks)."""
     return ["--state-dir", str(tmp_path / "state"), "--cdi-dir", str(tmp_path / "cdi")]
 
 

@@ -1,4 +1,4 @@
-"""The whole-run check that the suite leaves the host's own daemon alone (tests/conftest.py)."""
+"""The whole-run check that the suite leaves the host's own daemon alone (tests/hermetic.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monitor.daemon.config import default_cdi_dir, default_state_dir
 from monitor.wire.paths import SYSTEM_SOCKET
-from tests.conftest import HOST_PATHS, host_fingerprint
+from tests.hermetic import HOST_PATHS, host_fingerprint
 
 
 def test_the_check_covers_every_path_the_host_daemon_keeps() -> None:
