@@ -90,6 +90,7 @@ class CdiSpec:
     def __init__(self, directory: Path) -> None:
         self.path = directory / FILE_NAME
         self._written: tuple[Any, ...] | None = None  # spec_inputs of the spec on disk
+        self._content: bytes | None = None  # the spec on disk, as written
         self._generation = -1  # the newest state the spec on disk is current for
         self._caught_up = trio.Event()  # set, and replaced, each time the spec catches up
         self._stopped = False
@@ -126,9 +127,14 @@ class CdiSpec:
     async def _write(self, state: State) -> None:
         inputs = spec_inputs(state)
         content = dumps(build_spec(state)) + b"\n"
-        try:
-            # A runtime file, made again at every start: atomic, but not worth an fsync.
-            await trio.to_thread.run_sync(write_atomically, self.path, content, 0o644, False)
-        except OSError as exc:
-            log.error("cannot write the CDI spec %s: %s", self.path, exc.strerror or exc)
+        # The same spec is not written again: a change of a device it does not name (a NIC's
+        # uevent) would wake every container engine watching the directory for nothing.
+        if content != self._content:
+            try:
+                # A runtime file, made again at every start: atomic, but not worth an fsync.
+                await trio.to_thread.run_sync(write_atomically, self.path, content, 0o644, False)
+            except OSError as exc:
+                log.error("cannot write the CDI spec %s: %s", self.path, exc.strerror or exc)
+            else:
+                self._content = content
         self._written = inputs  # or given up on: a reservation does not wait on a broken disk
