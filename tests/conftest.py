@@ -248,7 +248,11 @@ class Daemon:
         command += args
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # not yet in any fixture's list: no teardown would stop it
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def answers() -> bool:
