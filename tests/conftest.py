@@ -29,6 +29,10 @@ from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
 from monitor.wire.mirror import Mirror
 from tests import reliability
+from tests.hermetic import (  # the whole run's check that the host's daemon is left alone
+    hide_system_socket,
+    host_daemon_paths_untouched,  # noqa: F401 (a session fixture, autouse)
+)
 from tests.waiting import wait_until
 
 # CI installs every tool the tests need: there, a missing tool fails the run instead of skipping.
@@ -103,14 +107,18 @@ GROUP = 4242  # a gid no account has: membership only by what a client process c
 ALICE, BOB, MALLORY = 60001, 60002, 60003  # uids no account has
 
 
-def as_user(uid: int, groups: list[int], work: Callable[[], Any]) -> Any:
+def as_user(
+    uid: int, groups: list[int], work: Callable[[], Any], as_root: Callable[[], None] = lambda: None
+) -> Any:
     """``work()`` in a forked child running as ``uid`` with ``groups`` (primary first); what it
-    returns (JSON), or ``{"child_error": repr(exception)}``."""
+    returns (JSON), or ``{"child_error": repr(exception)}``. ``as_root()`` runs in the child
+    first, before it drops to the user."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop to the user, work, report, and leave without cleanup
         try:
             os.close(read)
+            as_root()
             os.setgroups(groups[1:])
             os.setgid(groups[0])
             os.setuid(uid)
@@ -149,7 +157,8 @@ def cli_as(
     """``hotplug-monitor ARGV`` run as ``uid`` in a forked child: exit status, stdout, stderr.
 
     Everything the command may import is imported first: the child, as another user, may not
-    be able to read this interpreter's library."""
+    be able to read this interpreter's library. The host's own daemon is hidden from it
+    (``hide_system_socket``): what it does must not depend on whether the host runs one."""
     for module in (
         "monitor.daemon.app",
         "monitor.cli.commands",
@@ -171,7 +180,7 @@ def cli_as(
                 sys.stdout, sys.stderr = stdout, stderr
                 return main(argv)
 
-        status = as_user(uid, groups, run)
+        status = as_user(uid, groups, run, as_root=hide_system_socket)
         out.seek(0)
         err.seek(0)
         return status, out.read().decode(), err.read().decode()
@@ -241,7 +250,11 @@ class Daemon:
         command += args
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stderr=self._log, env=env)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # not yet in any fixture's list: no teardown would stop it
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def answers() -> bool:

@@ -22,7 +22,7 @@ from monitor.wire import requests
 from monitor.wire.blocking import Client
 from monitor.wire.mirror import Mirror
 from monitor.wire.paths import client_socket
-from monitor.wire.reservations import cdi_lease_name, cdi_name, check_reservation
+from monitor.wire.reservations import check_reservation
 
 
 class CliError(Exception):
@@ -93,28 +93,18 @@ def cmd_watch(args: argparse.Namespace) -> None:
 
 
 def cmd_reserve(args: argparse.Namespace) -> None:
-    call = requests.reserve(args.device_ids, holder_pid=args.holder_pid, owner=args.owner)
+    # With --cdi the daemon refuses devices its CDI spec does not name before granting anything
+    call = requests.reserve(
+        args.device_ids, holder_pid=args.holder_pid, owner=args.owner, cdi=args.cdi
+    )
     with _connect(args) as client:
         result = check_reservation(client.ask(call))
-        lease = result["reservation_id"]
-        if args.cdi:
-            names = result.get("cdi_devices")
-            # a daemon that publishes leases names the whole lease, once it has every device
-            whole = cdi_lease_name(lease) in (names or [])
-            missing = [] if whole else [
-                i for i in result["device_ids"] if cdi_name(i) not in (names or [])
-            ]  # fmt: skip
-            if names is None or missing:
-                client.ask(requests.release(reservation_id=lease))  # of no use: not kept
-                if names is None:
-                    raise CliError(
-                        "the daemon keeps no CDI spec (it runs with --no-cdi or without root); "
-                        "use --docker-args instead"
-                    )
-                raise CliError(
-                    f"{', '.join(missing)} has nothing a container engine could be given (no "
-                    "device nodes), so no CDI device names it; nothing was reserved"
-                )
+    lease = result["reservation_id"]
+    if args.cdi and "cdi_devices" not in result:
+        raise CliError(
+            f"the daemon granted {lease} without naming its CDI devices; "
+            f"hotplug-monitor release --reservation {lease} ends it"
+        )
     if args.json:
         _print_json(result)
         return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 from monitor.daemon.config import add_setting_flags
 from monitor.wire.paths import SYSTEM_SOCKET
@@ -45,9 +47,28 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _TopParser(argparse.ArgumentParser):
+    """An option given before any command is named as unrecognized, rather than reported as a
+    missing COMMAND (``hotplug-monitor --verbose``)."""
+
+    _given: tuple[str, ...] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(list(self._given), namespace)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = [a for a in self._given if a.startswith("-")]
+        if message.startswith("the following arguments are required") and unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)} (and no COMMAND given)"
+        super().error(message)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and each command's own (for usage errors that show the command's usage)."""
-    parser = argparse.ArgumentParser(
+    parser = _TopParser(
         prog=PROG,
         description=(
             "Follow GPUs and PCI accelerators as the kernel adds, removes, binds and breaks them, "
@@ -56,7 +77,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     parsers = {
         "serve": _serve(commands),
         "devices": _devices(commands),
@@ -176,6 +199,17 @@ def _stats(commands: Commands) -> argparse.ArgumentParser:
     return stats
 
 
+def _speed(text: str) -> float:
+    """A positive, finite factor: the demo's pauses are divided by it."""
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = math.nan
+    if not 0 < speed < math.inf:
+        raise argparse.ArgumentTypeError(f"a speed is a positive number (2, 0.5), not {text!r}")
+    return speed
+
+
 def _demo(commands: Commands) -> argparse.ArgumentParser:
     demo: argparse.ArgumentParser = commands.add_parser(
         "demo",
@@ -183,7 +217,7 @@ def _demo(commands: Commands) -> argparse.ArgumentParser:
         description="Start a daemon on simulated GPUs (umockdev, and NVIDIA's NVML through a "
         "stand-in library), then hot-add, break, mend, reserve and remove them while watching.",
     )
-    demo.add_argument("--speed", type=float, default=1.0, help="faster (2) or slower (0.5)")
+    demo.add_argument("--speed", type=_speed, default=1.0, help="faster (2) or slower (0.5)")
     return demo
 
 

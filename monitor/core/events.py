@@ -197,6 +197,9 @@ class ReserveRequested:
     holder: Holder | None = None
     connection: int | None = None  # bind the lease to this connection
     owner: str | None = None  # a scheduler's lease (``monitor.core.rules.leasing``)
+    # For CDI: only devices the CDI spec names may be leased. The vendor device nodes present
+    # on disk, which the server checked (``plan.vendor_nodes``); None: not asked for CDI.
+    cdi_nodes: frozenset[str] | None = None
 
 
 @attrs.frozen

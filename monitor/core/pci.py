@@ -53,3 +53,10 @@ def device_type(pci_class: int) -> str:
 
 def class_name(pci_class: int) -> str:
     return BASE_CLASS_NAMES.get(pci_class >> 16, "device of an unknown class")
+
+
+def class_phrase(pci_class: int) -> str:
+    """The class's name with its article, as a sentence says it: "a bridge", "an unassigned
+    class" (every name starts with the sound its first letter makes)."""
+    name = class_name(pci_class)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"

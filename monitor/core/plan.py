@@ -81,6 +81,12 @@ def plan(
     )
 
 
+def vendor_nodes(nvidia_minors: Iterable[int]) -> list[str]:
+    """Every node made by drivers outside udev's view that ``plan`` may list, for GPUs with these
+    NVIDIA minors: what the edge checks on disk when a rule must know (a reserve for CDI)."""
+    return [*(f"/dev/nvidia{m}" for m in nvidia_minors), *NVIDIA_CONTROL_NODES, AMD_KFD]
+
+
 def with_edits(
     devices: Iterable[tuple[DeviceGroup, Device]],
     *,

@@ -302,7 +302,7 @@ class Settings:
         factory=default_cdi_dir,
         off="--no-cdi",
         help="keep a CDI spec (hotplug-monitor.json) of the present devices here "
-        "(default: /var/run/cdi as root, none otherwise)",
+        "(default: /run/cdi, which CDI names /var/run/cdi, as root; none otherwise)",
     )
     cdi_publish: str = setting(
         "all",

@@ -121,6 +121,12 @@ def _holder_pid(value: Any) -> int:
     raise Invalid("holder_pid must be a positive process ID.")
 
 
+def _cdi(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise Invalid("cdi must be true or false when given.")
+
+
 def _bind(value: Any) -> bool:
     if value == "connection" and isinstance(value, str):
         return True
@@ -146,6 +152,7 @@ MAYBE_OWNER = OWNER_NAME.optional()
 INTERVAL = Param("interval", _interval)
 HOLDER_PID = Param("holder_pid", _holder_pid).optional()
 BIND = Param("bind", _bind).optional()
+CDI = Param("cdi", _cdi).optional()
 RESERVATION_ID = Param("reservation_id", _reservation_id)
 
 
@@ -188,15 +195,18 @@ class Asked:
     lease_id: str
     created: float  # seconds since the epoch
     holder: Holder | None = None
+    cdi_nodes: frozenset[str] | None = None  # asked for CDI: the vendor device nodes on disk
 
 
 @attrs.frozen
 class Ask:
     """A request for the reducer, made once the edge says what it knows (``Asked``).
-    ``holder_pid``: the process the edge identifies first, as the lease's holder."""
+    ``holder_pid``: the process the edge identifies first, as the lease's holder; ``cdi``: a
+    reserve for CDI, for which the edge checks the vendor device nodes on disk."""
 
     request: Callable[[Asked], Request]
     holder_pid: int | None = None
+    cdi: bool = False
 
 
 Call = Read | StreamStats | Ask
@@ -204,7 +214,7 @@ Call = Read | StreamStats | Ask
 
 def _reserve(given: Given) -> Ask:
     ids, bind = given[DEVICE_IDS], given[BIND]
-    owner, holder_pid = given[MAYBE_OWNER], given[HOLDER_PID]
+    owner, holder_pid, cdi = given[MAYBE_OWNER], given[HOLDER_PID], given[CDI]
 
     def request(asked: Asked) -> Request:
         return ReserveRequested(
@@ -216,9 +226,10 @@ def _reserve(given: Given) -> Ask:
             holder=asked.holder,
             connection=asked.connection if bind else None,
             owner=owner,
+            cdi_nodes=asked.cdi_nodes,
         )
 
-    return Ask(request, holder_pid)
+    return Ask(request, holder_pid, cdi=bool(cdi))
 
 
 def _release(given: Given) -> Ask:
@@ -258,7 +269,7 @@ METHODS: Mapping[str, Method] = {
     "fingerprint": Method((), lambda _: Read.SNAPSHOT),
     "subscribe": Method((), lambda _: Read.SUBSCRIBE),
     "leases": Method((), lambda _: Read.LEASES),
-    "reserve": Method((DEVICE_IDS, HOLDER_PID, BIND, MAYBE_OWNER), _reserve),
+    "reserve": Method((DEVICE_IDS, HOLDER_PID, BIND, MAYBE_OWNER, CDI), _reserve),
     "release": Method((DEVICE_IDS, RESERVATION_ID, MAYBE_OWNER), _release),
     "stats": Method((INTERVAL,), lambda given: StreamStats(given[INTERVAL])),
     "status": Method((), lambda _: Read.STATUS),
@@ -278,6 +289,13 @@ def parse(method: str, params: Mapping[str, Any]) -> Call | Refusal:
         return known.call(Given(params))
     except Invalid as invalid:
         return Refusal(Reason.INVALID, invalid.message)
+
+
+NO_CDI_SPEC = Refusal(
+    Reason.INVALID,
+    "This daemon keeps no CDI spec (it runs with --no-cdi or without root): reserve without "
+    '"cdi" and give the container the devices another way.',
+)
 
 
 def holder_refused(holder_pid: int, why: str) -> Refusal:

@@ -23,6 +23,7 @@ from monitor.core.access import Peer
 from monitor.core.answers import Refusal, Released
 from monitor.core.events import ConnectionClosed, Event
 from monitor.core.leases import Holder
+from monitor.core.plan import vendor_nodes
 from monitor.core.rules.leasing import may_reserve
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, ask
@@ -185,6 +186,7 @@ class Server:
             if slow_down is not None:
                 raise RpcError(SERVER_BUSY, slow_down)
         holder = None if call.holder_pid is None else self._holder(peer, call.holder_pid)
+        cdi_nodes = self._cdi_nodes() if call.cdi else None
         asked = Asked(
             peer=peer,
             connection=connection.number,
@@ -192,6 +194,7 @@ class Server:
             lease_id=f"{self._lease_prefix}-{next(self._serial)}",
             created=time.time(),
             holder=holder,
+            cdi_nodes=cdi_nodes,
         )
         answer = await ask(self.inbox, call.request(asked))
         if isinstance(answer, Refusal):
@@ -211,6 +214,15 @@ class Server:
                 else requests.cdi_devices(answer, self.node_exists)
             )
         return result
+
+    def _cdi_nodes(self) -> frozenset[str]:
+        """For a reserve for CDI: the vendor device nodes on disk, which decide which devices
+        the spec names; refused at once when no spec is kept."""
+        if self.cdi is None:
+            raise rpc_error(requests.NO_CDI_SPEC)
+        state = self.hub.state
+        minors = [m for a in state.devices if (m := state.nvidia_minor(a)) is not None]
+        return frozenset(p for p in vendor_nodes(minors) if self.node_exists(p))
 
     def _holder(self, peer: Peer, holder_pid: int) -> Holder:
         """The process a lease is to follow; the core's rule first, so that a client that may

@@ -8,12 +8,16 @@ release, and the CDI devices a container engine would be given.
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from monitor.sim.nvml import FakeGpu, FakeNvml, build_library
 from monitor.sim.umockdev import Simulator, umockdev_missing
@@ -72,9 +76,86 @@ def _nvml(directory: Path) -> tuple[FakeNvml | None, str]:
     return FakeNvml(directory / "scenario", library, gpus), ""
 
 
+class Terminal:
+    """The one writer of the demo's output: its own lines, the commands' and the watcher's, each
+    written whole under one lock, so that no two run together on a line.
+
+    While a command runs, the watcher's lines are held back (``command``), so that a change is
+    told after the command's output that made it; ``settle`` waits until the watcher has told
+    every change up to the daemon's generation, so that a step's changes come before the next
+    step's title."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[str] | None = None
+        self._watched = threading.Condition(self._lock)
+        self.generation = -1  # the last generation the watcher told of
+
+    def line(self, text: str = "", *, err: bool = False) -> None:
+        with self._lock:
+            self._write(text, err)
+
+    def _write(self, text: str, err: bool) -> None:
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
+
+    def watched(self, text: str) -> None:
+        """A line from ``watch``: ``[GENERATION] what changed``, or its first snapshot's."""
+        with self._lock:
+            if self._held is not None:
+                self._held.append(text)
+            else:
+                self._write(text, False)
+            match = re.match(r"\[(\d+)\]", text)
+            if match:
+                self.generation = max(self.generation, int(match.group(1)))
+                self._watched.notify_all()
+
+    def command(self, shown: str, argv: list[str]) -> None:
+        """Run a command (``shown`` as typed), its output written whole after it, the watcher's
+        lines held back meanwhile."""
+        with self._lock:
+            self._held = []
+            self._write(f"$ hotplug-monitor {shown}", False)
+        done = None
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        finally:
+            with self._lock:
+                if done is not None:
+                    for text in done.stdout.splitlines():
+                        self._write(text, False)
+                    for text in done.stderr.splitlines():
+                        self._write(text, True)
+                held, self._held = self._held or [], None
+                for text in held:
+                    self._write(text, False)
+
+    def settle(self, generation: int, timeout: float = 10.0) -> None:
+        """Until the watcher has told of ``generation``, or ``timeout`` seconds have passed."""
+        with self._lock:
+            self._watched.wait_for(lambda: self.generation >= generation, timeout)
+
+
+def _follow(lines: IO[str], write: Callable[[str], None]) -> None:
+    """Each line a process writes, handed on whole to the terminal."""
+    for text in lines:
+        write(text.rstrip("\n"))
+
+
+def _follow_in_thread(lines: IO[str] | None, write: Callable[[str], None]) -> None:
+    assert lines is not None  # a pipe was asked for
+    threading.Thread(target=_follow, args=(lines, write), daemon=True).start()
+
+
 def run(speed: float = 1.0) -> None:
     """Start a daemon on simulated GPUs, then add, break, mend, reserve and remove them while
     watching."""
+    if not speed > 0 or math.isinf(speed):  # NaN too: the parser refuses these first
+        raise ValueError(f"speed must be a positive number, not {speed}")
+    terminal = Terminal()
+    say = terminal.line
     with Simulator() as sim, tempfile.TemporaryDirectory(prefix="hotplug-demo-") as tmp:
         for kind, address, numa in GPUS:
             sim.add(kind, address, numa)
@@ -87,43 +168,52 @@ def run(speed: float = 1.0) -> None:
              "--log-level", "warning", "--log-target", "stderr",
              *([] if nvml else ["--no-nvml"])],
             env={**sim.daemon_env(), **(nvml.env() if nvml else {})},
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
+        _follow_in_thread(daemon.stderr, lambda text: terminal.line(text, err=True))  # its log
         watcher = None
 
         def client(*args: str) -> None:
-            print(f"$ hotplug-monitor {' '.join(args)}", flush=True)
-            subprocess.run([*python, *args[:1], "--socket", str(sock), *args[1:]], check=False)
+            argv = [*python, *args[:1], "--socket", str(sock), *args[1:]]
+            terminal.command(" ".join(args), argv)
 
         def pause(seconds: float = 1.5) -> None:
+            """Until the watcher has told what the daemon knows now, then a moment to read it."""
+            with Client(sock) as answers:
+                terminal.settle(answers.call("fingerprint")["generation"])
             time.sleep(seconds / speed)
 
         try:
             _wait_for_socket(sock, daemon, nvidia_gpus=2 if nvml else 0)
-            print(f"demo: daemon running on simulated hardware; socket {sock}")
+            say(f"demo: daemon running on simulated hardware; socket {sock}")
             if nvml is None:
-                print(f"demo: without NVML ({why_not})")
-            print()
+                say(f"demo: without NVML ({why_not})")
+            say()
             client("devices")
-            print("\ndemo: watching changes (hotplug-monitor watch):", flush=True)
-            watcher = subprocess.Popen([*python, "watch", "--socket", str(sock)])
+            say("\ndemo: watching changes (hotplug-monitor watch):")
+            watcher = subprocess.Popen(
+                [*python, "watch", "--socket", str(sock)], stdout=subprocess.PIPE, text=True
+            )
+            _follow_in_thread(watcher.stdout, terminal.watched)
             pause(1.0)
             for what, actions in HARDWARE + (NVML if nvml else ()):
-                print(f"\ndemo: {what}", flush=True)
+                say(f"\ndemo: {what}")
                 for op, *args in actions:
                     target: Any = nvml if op.startswith("nvml.") else sim
                     getattr(target, op.removeprefix("nvml."))(*args)
                 pause()
-            print("\ndemo: a workload reserves both H100s", flush=True)
+            say("\ndemo: a workload reserves both H100s")
             client("reserve", *WORKLOAD)
             pause()
-            print("\ndemo: another one asks for one of them, and is told who holds it", flush=True)
+            say("\ndemo: another one asks for one of them, and is told who holds it")
             client("reserve", WORKLOAD[0])
-            print("\ndemo: a container engine would be given them by CDI name", flush=True)
-            _show_cdi(cdi)
-            print("\ndemo: the first workload is done", flush=True)
+            say("\ndemo: a container engine would be given them by CDI name")
+            _show_cdi(cdi, say)
+            say("\ndemo: the first workload is done")
             client("release", *WORKLOAD)
             pause()
-            print("\ndemo: done")
+            say("\ndemo: done")
         finally:
             if watcher is not None:
                 watcher.terminate()
@@ -132,17 +222,17 @@ def run(speed: float = 1.0) -> None:
             daemon.wait()
 
 
-def _show_cdi(directory: Path) -> None:
+def _show_cdi(directory: Path, say: Callable[[str], None]) -> None:
     spec = json.loads((directory / "hotplug-monitor.json").read_text())
     for device in spec["devices"]:
         if device["name"] in WORKLOAD:
             nodes = ", ".join(n["path"] for n in device["containerEdits"]["deviceNodes"])
-            print(f"  podman run --device={spec['kind']}={device['name']} ... gets {nodes}")
-    print(f"  ({len(spec['devices'])} CDI devices in {directory}/hotplug-monitor.json)")
+            say(f"  podman run --device={spec['kind']}={device['name']} ... gets {nodes}")
+    say(f"  ({len(spec['devices'])} CDI devices in {directory}/hotplug-monitor.json)")
 
 
 def _wait_for_socket(
-    sock: Path, daemon: subprocess.Popen[bytes], nvidia_gpus: int = 0, timeout: float = 15.0
+    sock: Path, daemon: subprocess.Popen[str], nvidia_gpus: int = 0, timeout: float = 15.0
 ) -> None:
     """Until the daemon answers, and NVML has told it of ``nvidia_gpus`` GPUs."""
     deadline = time.monotonic() + timeout

@@ -32,11 +32,15 @@ def reserve(
     holder_pid: int | None = None,
     bind: str | None = None,
     owner: str | None = None,
+    cdi: bool = False,
 ) -> Call:
+    """``cdi``: only devices the daemon's CDI spec names, refused before any lease otherwise."""
     params: dict[str, Any] = {"device_ids": list(device_ids)}
     for name, value in (("holder_pid", holder_pid), ("bind", bind), ("owner", owner)):
         if value is not None:
             params[name] = value
+    if cdi:
+        params["cdi"] = True
     return Call("reserve", params)
 
 

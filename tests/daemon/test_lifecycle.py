@@ -17,6 +17,12 @@ from tests.conftest import Daemon, hotplug_monitor, need, two_pci_classes
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
 
 
+def own(tmp_path: Path) -> list[str]:
+    """A state directory and no CDI spec of this test's own, so that whichever check comes
+    first, none is the host daemon's (tests/hermetic.py checks); the socket is given apart."""
+    return ["--state-dir", str(tmp_path / "own-state"), "--no-cdi", "--no-nvml"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signals_stop_it_closing_clients_and_removing_the_socket(
     start_daemon: Callable[..., Daemon], signum: int
@@ -47,9 +53,11 @@ def test_a_stale_socket_file_is_replaced(
     assert "replacing stale socket" in daemon.log()
 
 
-def test_a_live_socket_is_refused_and_left_alone(start_daemon: Callable[..., Daemon]) -> None:
+def test_a_live_socket_is_refused_and_left_alone(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     first = start_daemon(*KERNEL)
-    second = hotplug_monitor("serve", "--socket", str(first.socket), *KERNEL)
+    second = hotplug_monitor("serve", "--socket", str(first.socket), *own(tmp_path), *KERNEL)
     assert second.returncode == 1
     assert second.stderr.strip().endswith(
         f"error: another hotplug-monitor is already serving on {first.socket}"
@@ -61,7 +69,7 @@ def test_a_live_socket_is_refused_and_left_alone(start_daemon: Callable[..., Dae
 def test_a_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "file"
     path.write_text("important")
-    result = hotplug_monitor("serve", "--socket", str(path), *KERNEL)
+    result = hotplug_monitor("serve", "--socket", str(path), *own(tmp_path), *KERNEL)
     assert result.returncode == 1 and "is not a socket" in result.stderr
     assert path.read_text() == "important"
 
@@ -133,23 +141,25 @@ def test_help_explains_every_command() -> None:
 def test_bad_config_files_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "config.toml"
     path.write_text(text + "\n")
-    result = hotplug_monitor("serve", "--config", str(path), "--socket", str(tmp_path / "s.sock"))
+    here = ["--socket", str(tmp_path / "s.sock"), *own(tmp_path)]
+    result = hotplug_monitor("serve", "--config", str(path), *here)
     assert result.returncode == 1
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_missing_config_file_and_bad_flags(tmp_path: Path) -> None:
-    missing = hotplug_monitor("serve", "--config", str(tmp_path / "nope.toml"))
+    here = ["--socket", str(tmp_path / "s.sock"), *own(tmp_path)]
+    missing = hotplug_monitor("serve", "--config", str(tmp_path / "nope.toml"), *here)
     assert missing.returncode == 1 and "cannot read config file" in missing.stderr
-    bad_class = hotplug_monitor("serve", "--match-class", "display")
+    bad_class = hotplug_monitor("serve", "--match-class", "display", *here)
     assert bad_class.returncode == 2 and "invalid PCI class 'display'" in bad_class.stderr
-    bad_xid = hotplug_monitor("serve", "--xid-fatal", "-3", "--socket", str(tmp_path / "s.sock"))
+    bad_xid = hotplug_monitor("serve", "--xid-fatal", "-3", *here)
     assert bad_xid.returncode == 2
     assert bad_xid.stderr.endswith(
         "hotplug-monitor serve: error: argument --xid-fatal: an XID is a whole number from 1 to "
         "65535, not -3\n"
     )
-    bad_buffer = hotplug_monitor("serve", "--netlink-buffer", "10")
+    bad_buffer = hotplug_monitor("serve", "--netlink-buffer", "10", *here)
     assert bad_buffer.returncode == 1
     assert bad_buffer.stderr == (
         "hotplug-monitor: error: --netlink-buffer must be at least 65536 bytes\n"

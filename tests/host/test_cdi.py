@@ -204,10 +204,17 @@ def test_a_device_with_nothing_to_inject_keeps_cdi_for_the_others(
     )
     assert result.returncode == 0, result.stderr
     assert set(char_devices(result.stdout)) >= set(paths)
+    before, granted = daemon.fingerprint()["generation"], daemon.log().count(" granted to uid ")
     refused = daemon.cli("reserve", "--cdi", NODELESS)
     assert refused.returncode == 1 and refused.stdout == ""
-    assert f"{NODELESS} has nothing a container engine could be given" in refused.stderr
+    assert refused.stderr == (
+        f"hotplug-monitor: {NODELESS} has nothing a container engine could be given (no device "
+        "nodes), so no CDI device names it.\n"
+    )
     assert daemon.client().call("leases") == {"leases": []}
+    # refused before any lease was granted: none flickered through watch, the journal...
+    assert daemon.fingerprint()["generation"] == before
+    assert daemon.log().count(" granted to uid ") == granted
     for output, says in (
         ("--env", "need no environment variables"),
         ("--docker-args", "have nothing a container engine could be given"),
@@ -223,7 +230,10 @@ def test_reserve_prints_cdi_names_and_container_engine_arguments(
     plain = start_daemon("--udev-source", "udev", env=gpus.daemon_env())  # --no-cdi
     refused = plain.cli("reserve", "--cdi", "0000:3b:00.0")
     assert refused.returncode == 1 and refused.stdout == ""
-    assert "the daemon keeps no CDI spec" in refused.stderr
+    assert refused.stderr == (
+        "hotplug-monitor: This daemon keeps no CDI spec (it runs with --no-cdi or without root): "
+        'reserve without "cdi" and give the container the devices another way.\n'
+    )
     assert plain.client().call("leases") == {"leases": []}  # nothing kept that is of no use
     plain.stop()
     daemon = start_daemon(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor.core.pci import class_phrase
 from monitor.sim.umockdev import Simulator
 from tests.conftest import Daemon, hotplug_monitor, need
 from tests.sysfs import reservable
@@ -116,6 +117,28 @@ def test_usage_errors_show_the_commands_own_usage_and_version_is_there() -> None
         assert version.stdout == "hotplug-monitor 0.1.0\n", version
 
 
+def test_an_option_before_any_command_is_named() -> None:
+    done = hotplug_monitor("--verbose")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "hotplug-monitor: error: unrecognized arguments: --verbose (and no COMMAND given)"
+    )
+    nothing = hotplug_monitor()  # no option at all: the missing command is what is said
+    assert nothing.stderr.splitlines()[-1] == (
+        "hotplug-monitor: error: the following arguments are required: COMMAND"
+    )
+
+
+@pytest.mark.parametrize("speed", ["0", "-1", "nan", "inf", "fast"])
+def test_a_demo_speed_that_is_no_positive_number_is_one_line(speed: str) -> None:
+    done = hotplug_monitor("demo", "--speed", speed)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"hotplug-monitor demo: error: argument --speed: a speed is a positive number (2, 0.5), "
+        f"not {speed!r}"
+    )
+
+
 def test_releasing_a_typo_is_an_error_and_not_reserved_is_said_plainly(
     start_daemon: Callable[..., Daemon],
 ) -> None:
@@ -141,7 +164,8 @@ def test_a_device_present_but_not_followed_says_which_class_would_follow_it(
     daemon = start_daemon("--match-class", followed)
     done = daemon.cli("reserve", other)
     assert done.returncode == 1
-    assert f"{other} is not followed: it is a" in done.stderr
+    kind = class_phrase(int(classes[other], 16) << 16)
+    assert f"{other} is not followed: it is {kind} (class" in done.stderr
     assert f"which serve --match-class 0x{classes[other]} would follow" in done.stderr
 
 

@@ -89,10 +89,13 @@ def test_directories_others_could_write_are_refused(tmp_path: Path, shared_tmp: 
         ("--state-dir", below / "dir"),
     ]:
         args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "state")]
+        args += ["--cdi-dir", str(tmp_path / "cdi")]  # never the host daemon's
         line = serve_refused(*args, flag, str(directory))
         assert f"refusing {directory}" in line, line
         refused.append(line)
-    line = serve_refused("--socket", str(world / "s.sock"), "--state-dir", str(tmp_path / "st"))
+    line = serve_refused(
+        "--socket", str(world / "s.sock"), "--state-dir", str(tmp_path / "st"), "--no-cdi"
+    )
     assert f"refusing {world}: others can write" in line
     assert target.read_text() == "precious\n" and target.stat().st_mode & 0o777 == 0o600
     record(

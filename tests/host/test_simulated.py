@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -324,6 +325,19 @@ def test_demo_tells_the_whole_story() -> None:
         assert expected in out, f"{expected!r} missing from:\n{out}"
     assert "Already reserved: 0000:1b:00.0 by" in demo.stderr  # the second workload is told
     assert "Traceback" not in demo.stderr
+    # One writer: every watch line is whole (it starts its line), and in generation order
+    lines = out.splitlines()
+    watched = [line for line in lines if re.search(r"\[\d+\] ", line)]
+    assert all(re.match(r"\[\d+\] [-+*!~<>] ", line) for line in watched), watched
+    generations = [int(line[1 : line.index("]")]) for line in watched]
+    assert generations == sorted(generations), watched
+    # ... and a reservation is told by watch after the command that made it has printed
+    made = lines.index("$ hotplug-monitor reserve 0000:1b:00.0 0000:3b:00.0")
+    granted = next(i for i, line in enumerate(lines) if line.startswith("reservation "))
+    told = next(i for i, line in enumerate(lines) if "reserved by" in line)
+    assert made < granted < told, lines[made : told + 1]
+    ended = lines.index("released 0000:1b:00.0, 0000:3b:00.0")
+    assert ended < next(i for i, line in enumerate(lines) if "released by" in line), lines[ended:]
 
 
 def test_demo_says_what_to_install_without_umockdev(

@@ -33,6 +33,12 @@ JOURNALD = Path("/lib/systemd/systemd-journald")
 KERNEL = ("--udev-source", "kernel", "--match-class", "0x06", "--match-class", "0xff")
 
 
+def own_paths(tmp_path: Path) -> list[str]:
+    """A daemon started here by hand keeps its state and CDI spec in the test's own directory,
+    never in the host daemon's (tests/hermetic.py checks)."""
+    return ["--state-dir", str(tmp_path / "state"), "--cdi-dir", str(tmp_path / "cdi")]
+
+
 def tool(name: str) -> str:
     path = shutil.which(name)
     need(None if path else f"needs {name} (Debian package systemd)")
@@ -218,7 +224,7 @@ def test_socket_activation_answers_early_clients_and_keeps_the_socket(tmp_path: 
     log = (tmp_path / "daemon.log").open("wb")
     activator = subprocess.Popen(
         [tool("systemd-socket-activate"), "-l", str(path), sys.executable, "-m", "monitor",
-         "serve", "--log-target", "stderr", *KERNEL],
+         "serve", "--log-target", "stderr", *own_paths(tmp_path), *KERNEL],
         stderr=log,
     )  # fmt: skip
     try:
@@ -305,7 +311,7 @@ def test_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
     sock = tmp_path / "monitor.sock"
     daemon = subprocess.Popen(
         [sys.executable, "-m", "monitor", "serve", "--socket", str(sock), "--log-target", "stderr",
-         *KERNEL],
+         *own_paths(tmp_path), *KERNEL],
         env=env,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -168,6 +168,31 @@ async def test_the_cdi_spec_is_written_once_per_burst_and_reserves_wait_for_it(
     assert not (tmp_path / cdi.FILE_NAME).exists()  # removed when it stops
 
 
+async def test_a_change_the_cdi_spec_does_not_show_leaves_its_file_alone(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A device the spec does not name (here a NIC; on a host, every real uevent of any PCI
+    device) changes the state, not the spec: the file is not written again."""
+    hub = Hub()
+    state, _ = reduce(State(), DeviceSeen(GPU))
+    hub.publish(state, None)
+    spec = cdi.CdiSpec(tmp_path)
+    path = tmp_path / cdi.FILE_NAME
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spec.keep, hub.changes(), lambda: hub.state)
+        await spec.wait_until_current(hub.state)
+        written = path.stat()
+        nic = PciFacts(address="0000:01:00.0", vendor_id=0x8086, device_id=0x1592,
+                       pci_class=0x020000)  # fmt: skip
+        state, patch = reduce(state, DeviceSeen(nic))
+        hub.publish(state, patch)
+        await trio.sleep(10 * cdi.COALESCE_SECONDS)  # (its generation is the same: no wait)
+        assert spec.is_current(state)
+        nursery.cancel_scope.cancel()
+        kept = path.stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+
 def test_the_request_budget_allows_a_seconds_burst_then_paces() -> None:
     budget = RequestBudget(rate=10)
     assert [budget.wait_before_next(0.0) for _ in range(10)] == [0.0] * 10

@@ -32,7 +32,8 @@ from monitor.core.events import (
 )
 from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
-from monitor.core.pci import class_matches, class_name
+from monitor.core.pci import class_matches, class_phrase
+from monitor.core.plan import with_edits
 from monitor.core.state import F, State, nvidia_minor
 
 Found = tuple[DeviceGroup, Device]
@@ -103,7 +104,7 @@ def _why_not_shown(state: State, device_id: str) -> str | None:
         return f"{device_id} is not shown yet: it waits for NVML to name it"
     if not class_matches(facts.pci_class, state.match_classes):
         return (
-            f"{device_id} is not followed: it is a {class_name(facts.pci_class)} (class "
+            f"{device_id} is not followed: it is {class_phrase(facts.pci_class)} (class "
             f"0x{facts.pci_class:06x}), which serve --match-class 0x{facts.pci_class >> 16:02x} "
             "would follow"
         )
@@ -173,6 +174,18 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
                 "holders": {d: leases[i].holder_json() for d, i in held.items()},
             },
         )
+    facts, nvml = draft.get(F.devices), draft.get(F.nvml)
+    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
+    if request.cdi_nodes is not None:  # refused before any lease flickers through consumers
+        named = with_edits(found, minor_of=minors.get, exists=request.cdi_nodes.__contains__)
+        nothing = [d.id for _, d in found if d.id not in named]
+        if nothing:
+            return Refusal(
+                Reason.INVALID,
+                f"{', '.join(nothing)} has nothing a container engine could be given (no "
+                "device nodes), so no CDI device names it.",
+                {"device_ids": nothing},
+            )
     lease = Lease(
         id=request.lease_id,
         devices={d.id: g.key for g, d in found},
@@ -195,8 +208,6 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     if owner is not None:
         reason += f" for {owner}"
     draft.lease_changes.append(LeaseChange("granted", lease, lease.device_ids, reason, peer.uid))
-    facts, nvml = draft.get(F.devices), draft.get(F.nvml)
-    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
     return Grant(lease, found, minors)
 
 
