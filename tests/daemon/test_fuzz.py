@@ -108,14 +108,16 @@ def fuzzed(
     daemon = start_daemon(*flags)
     target = Fuzzed(daemon, subscribe(daemon), devices)
     yield target
-    # the daemon lives, every connection it had for us is closed, and the bystander is in step
+    # the daemon lives, every connection it had for us is closed once the leases it granted
+    # (whose holder processes it watches through a pidfd each) are released, and the bystander
+    # is in step
     assert daemon.process.poll() is None, daemon.log()
-    after = daemon.settle_fds(target.fds)
-    assert after <= target.fds, f"{after} fds, {target.fds} before"
     with daemon.client() as client:
         for lease in client.call("leases")["leases"]:
             client.call("release", {"reservation_id": lease["reservation_id"]})
         snapshot = client.call("fingerprint")
+    after = daemon.settle_fds(target.fds)
+    assert after <= target.fds, f"{after} fds, {target.fds} before"
     target.bystander.until(lambda m: m.generation == snapshot["generation"])
     assert target.bystander.mirror.snapshot == snapshot["snapshot"]
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
