@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import attrs
 
 from monitor.core.access import Peer
+from monitor.core.conditions import HealthPolicy
 from monitor.core.leases import Holder
 from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
 from monitor.core.xids import XidPolicy
@@ -169,6 +170,21 @@ class XidPolicyChanged:
 
 
 @attrs.frozen
+class GpuConditions:
+    """The health conditions NVML reports for a GPU now (``monitor.core.conditions``): name ->
+    what was found (which links, ...; "" for nothing more). Sent by the worker when they change,
+    and at each watch's first read, so that a condition gone meanwhile is not kept."""
+
+    address: str
+    conditions: Mapping[str, str] = attrs.field(converter=frozen_mapping, factory=dict)
+
+
+@attrs.frozen
+class HealthPolicyChanged:
+    policy: HealthPolicy
+
+
+@attrs.frozen
 class NvmlNameWaitOver:
     """The wait for NVML to name a GPU bound to ``nvidia`` (``wait``, as the state numbered it)
     is over: it is shown under the hardware database's name."""
@@ -258,6 +274,8 @@ Event = (
     | NvmlNameWaitOver
     | NvmlAbsent
     | XidPolicyChanged
+    | GpuConditions
+    | HealthPolicyChanged
     | Request
     | LeaseEnded
     | ConnectionClosed

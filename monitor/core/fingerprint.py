@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 import json_merge_patch
 
+from monitor.core.conditions import judge_all
+from monitor.core.conditions import shown as shown_conditions
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
 from monitor.core.health import (
     CAUSE_NVML_UUID,
@@ -45,6 +47,7 @@ def device_attributes(
     xids: tuple[int, int] | None = None,
     xid_action: str | None = None,
     xid_source: str | None = None,
+    conditions: str = "",
 ) -> dict[str, Attribute]:
     attributes = {
         "vendor_id": Attribute(f"0x{facts.vendor_id:04x}"),
@@ -81,6 +84,8 @@ def device_attributes(
             attributes["last_xid_source"] = Attribute(xid_source)
     if xid_action is not None:
         attributes["last_xid_action"] = Attribute(xid_action)  # the exporter's action label
+    if conditions:  # "row_remap_pending=needs reset,thermal_slowdown=reported"
+        attributes["health_conditions"] = Attribute(conditions)
     return attributes
 
 
@@ -108,6 +113,9 @@ def build_device(
         xids,
         xid_action(xids[0]) if xids else None,
         state.xid_sources.get(address),
+        shown_conditions(
+            judge_all(state.conditions.get(address, {}), state.health_policy).values()
+        ),
     )
     if before is not None and before.attributes == attributes:
         attributes = before.attributes

@@ -35,7 +35,8 @@ CAUSE_XID = "xid"  # an XID or double-bit ECC error that needs a reset
 CAUSE_RECOVERY_ACTION = "recovery_action"  # NVML says the GPU needs an action
 CAUSE_NVML = "nvml"  # NVML cannot reach the GPU (lost, hanging, cannot be watched)
 CAUSE_NVML_UUID = "nvml_uuid"  # NVML's UUID for the GPU cannot name it
-NVIDIA_CAUSES = (CAUSE_XID, CAUSE_RECOVERY_ACTION, CAUSE_NVML, CAUSE_NVML_UUID)
+CAUSE_CONDITIONS = "nvml_conditions"  # health conditions NVML reports (monitor.core.conditions)
+NVIDIA_CAUSES = (CAUSE_XID, CAUSE_RECOVERY_ACTION, CAUSE_NVML, CAUSE_NVML_UUID, CAUSE_CONDITIONS)
 
 
 @attrs.frozen

@@ -19,10 +19,15 @@ from monitor.core.draft import Draft, RequestRule, Rule
 from monitor.core.events import Event, Request
 from monitor.core.fingerprint import Patch
 from monitor.core.leases import Lease, LeaseChange
-from monitor.core.rules import inventory, leasing, nvidia
+from monitor.core.rules import conditions, inventory, leasing, nvidia
 from monitor.core.state import State
 
-EVENT_RULES: dict[type, Rule] = {**inventory.RULES, **nvidia.RULES, **leasing.RULES}
+EVENT_RULES: dict[type, Rule] = {
+    **inventory.RULES,
+    **nvidia.RULES,
+    **conditions.RULES,
+    **leasing.RULES,
+}
 REQUEST_RULES: dict[type, RequestRule] = leasing.REQUESTS
 
 

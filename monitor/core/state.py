@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from monitor.core.access import Access
+from monitor.core.conditions import HealthPolicy
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
 from monitor.core.health import Problems, frozen_problems
 from monitor.core.leases import Lease
@@ -96,6 +97,13 @@ class State:
     )
     nvml_names: bool = attrs.field(default=False, metadata={TOUCHES: NO_DEVICE})  # NVML names
     xid_policy: XidPolicy = attrs.field(factory=XidPolicy, metadata={TOUCHES: NO_DEVICE})
+    # The health conditions NVML reports per GPU (name -> what was found), and how they count.
+    conditions: Mapping[str, Mapping[str, str]] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
+    health_policy: HealthPolicy = attrs.field(
+        factory=HealthPolicy, metadata={TOUCHES: EVERY_DEVICE}
+    )
     access: Access = attrs.field(factory=Access, metadata={TOUCHES: NO_DEVICE})
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 

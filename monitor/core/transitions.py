@@ -32,6 +32,8 @@ class HealthTransition:
     uuid: str | None = None  # an NVIDIA GPU's
     xid: int | None = None
     xid_source: str | None = None  # who reported the XID: "nvml" or "kmsg"
+    conditions: tuple[str, ...] = ()  # the health conditions NVML reports for it now
+    holders: tuple[str, ...] = ()  # the leases that hold it, when it turned unhealthy
 
 
 @attrs.frozen
@@ -172,8 +174,25 @@ def health_transitions(
                 xid=xids[0] if xids else None,
                 xid_source=new.xid_sources.get(device.id) if xids else None,
             )
-        transitions.append(attrs.evolve(transition, uuid=uuid))
+        transition = attrs.evolve(
+            transition,
+            uuid=uuid,
+            conditions=tuple(new.conditions.get(device.id, {})),
+            holders=() if device.healthy else lease_holders(new, device.id),
+        )
+        transitions.append(transition)
     return transitions
+
+
+def lease_holders(state: State, device_id: str) -> tuple[str, ...]:
+    """Who holds the device, for an alert that it broke: so that an operator knows which job
+    ran on it (each lease also gets a warning of its own, ``lease_warnings``)."""
+    held = []
+    for lease in state.leases.values():
+        if device_id in lease.devices:
+            owner = f"owner {lease.owner}, " if lease.owner else ""
+            held.append(f"reservation {lease.id} ({owner}uid {lease.uid}, pid {lease.pid})")
+    return tuple(sorted(held))
 
 
 def lease_warnings(old: State, new: State) -> list[LeaseWarning]:

@@ -20,7 +20,12 @@ import attrs
 import trio
 
 from monitor.core.access import Access, stranded
-from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
+from monitor.core.events import (
+    ClassFilterChanged,
+    HealthPolicyChanged,
+    LeaseEnded,
+    XidPolicyChanged,
+)
 from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
@@ -133,6 +138,8 @@ async def reload(current: Settings, load: Callable[[], Settings], events: Inbox)
             await events.send((ClassFilterChanged(new.match_classes),))
         if new.xid_policy != current.xid_policy:
             await events.send((XidPolicyChanged(new.xid_policy),))
+        if new.health_policy != current.health_policy:
+            await events.send((HealthPolicyChanged(new.health_policy),))
         log.info("configuration reloaded")
         return new
     finally:
@@ -234,6 +241,7 @@ def first_state(settings: Settings, claimed: Claimed, access: Access) -> State:
         match_classes=settings.match_classes,
         leases={lease.id: lease for lease in claimed.leases},
         xid_policy=settings.xid_policy,
+        health_policy=settings.health_policy,
         nvml_names=settings.nvml,
         access=access,
     )
@@ -284,6 +292,7 @@ async def run_tasks(
         nvml = partial(
             run_nvml_source,
             deadline=settings.nvml_timeout,
+            health_interval=settings.health_interval,
             log_level=settings.log_level,
             log_target=settings.log_target,
             stats=nvml_stats,

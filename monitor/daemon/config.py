@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import grp
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import attrs
 
 from monitor.core.access import Identity
-from monitor.core.leases import OWNER
+from monitor.core.conditions import NAMES as CONDITION_NAMES
+from monitor.core.conditions import HealthPolicy
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.core.xids import XidPolicy
 from monitor.daemon.kinds import (
@@ -24,10 +24,17 @@ from monitor.daemon.kinds import (
     Kind,
     at_least,
     choice,
-    flag_type,
     list_of,
     positive,
     setting,
+)
+from monitor.daemon.values import (
+    CLASS,
+    CONDITION,
+    XID,
+    health_interval,
+    owner_map,
+    path_or_none,
 )
 from monitor.outputs.files import UnsafePath, read_regular_file
 from monitor.wire.paths import SYSTEM_SOCKET, default_socket
@@ -36,7 +43,6 @@ UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
 CDI_PUBLISH_MODES = ("all", "leased")  # monitor.outputs.cdi: every device, or leases only
-_CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 
 
 class ConfigError(Exception):
@@ -46,7 +52,6 @@ class ConfigError(Exception):
 DEFAULT_GROUP = "hotplug-monitor"
 DEFAULT_READ_GROUP = "hotplug-monitor-read"
 MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
-MAX_UID = (1 << 32) - 2
 
 
 def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
@@ -91,50 +96,7 @@ def default_config() -> Path:
     return Path(config) / "hotplug-monitor" / "config.toml"
 
 
-def class_prefix(text: str) -> str:
-    """``0x03``, ``0302`` or ``0x030200`` -> the hex prefix a class code must start with."""
-    match = _CLASS_PREFIX.match(text.strip().lower())
-    if match is None:
-        raise ValueError(
-            f"invalid PCI class {text!r}: give 2, 4 or 6 hex digits, such as 0x03 or 0x0302"
-        )
-    return match.group(1)
-
-
 # --- one definition per setting: its file key, how it is read, its flag, its help ------------
-
-
-def xid(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 16:
-        raise ValueError(f"an XID is a whole number from 1 to 65535, not {value!r}")
-    return value
-
-
-CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": flag_type(class_prefix)})
-XID = Kind(int, "an XID (a whole number)", xid, {"type": flag_type(lambda t: xid(int(t)))})
-
-
-def _owner_map(value: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``{"batch": ["uid:1001", "group:batch"]}``, each name and identity checked; the groups
-    are looked up at start (``owner_identities``)."""
-    owners = []
-    for name, identities in value.items():
-        if not OWNER.fullmatch(name):
-            raise ValueError(f"{name!r} is not an owner name (1 to 64 of a-z, 0-9, '.', '_', '-')")
-        if not isinstance(identities, list) or not all(
-            isinstance(i, str) and _IDENTITY.fullmatch(i) for i in identities
-        ):
-            raise ValueError(
-                f'{name}: must be a list of identities such as "uid:1001" or "group:batch"'
-            )
-        for identity in identities:
-            if identity.startswith("uid:") and int(identity[4:]) > MAX_UID:
-                raise ValueError(f"{name}: {identity} is out of range (at most {MAX_UID})")
-        owners.append((name, tuple(identities)))
-    return tuple(owners)
-
-
-_IDENTITY = re.compile(r"uid:[0-9]{1,10}|group:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
 
 
 def owner_identities(
@@ -155,10 +117,6 @@ def owner_identities(
                     raise ConfigError(f"owners: {name}: {exc}") from None
         mapped[name] = tuple(found)
     return mapped
-
-
-def _path_or_none(value: str) -> Path | None:
-    return Path(value) if value else None
 
 
 @attrs.frozen
@@ -195,7 +153,7 @@ class Settings:
         help="do not use NVIDIA's NVML library (no XIDs, no NVML names or attributes)",
     )
     kmsg: Path | None = setting(
-        kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "PATH"}),
+        kind=Kind(str, 'a path, or "" for none', path_or_none, {"type": Path, "metavar": "PATH"}),
         factory=default_kmsg,
         off="--no-kmsg",
         help="read the NVIDIA driver's XID lines from this kernel log (/dev/kmsg, or a FIFO "
@@ -236,6 +194,26 @@ class Settings:
     )
     xid_health: bool = setting(
         True, live=True, kind=SWITCH, help="log and count XIDs but never change health on them"
+    )
+    health_interval: float = setting(
+        30.0,
+        kind=SECONDS,
+        check=health_interval,
+        help="read each GPU's health conditions (row remapping, page retirement, ECC, PCIe "
+        "replays, clock slowdowns, NVLink) this often; 0 turns the watches off (default: 30)",
+    )
+    health_ignore: tuple[str, ...] = setting(
+        (),
+        live=True,
+        kind=list_of(CONDITION, "health conditions", "CONDITION"),
+        help="keep GPUs schedulable on this health condition (still shown), repeatable; "
+        f"one of {', '.join(CONDITION_NAMES)}",
+    )
+    health_fatal: tuple[str, ...] = setting(
+        (),
+        live=True,
+        kind=list_of(CONDITION, "health conditions", "CONDITION"),
+        help="drain GPUs on this health condition until NVML no longer reports it, repeatable",
     )
     # Room for about 13,000 queued uevents: a driver reload on a full host fits, and a storm
     # beyond it overflows into a resync (milliseconds) instead of a backlog that takes seconds.
@@ -278,7 +256,7 @@ class Settings:
     owners: tuple[tuple[str, tuple[str, ...]], ...] = setting(
         (),
         kind=Kind(dict, 'a table of owner names, each a list such as ["uid:1001", "group:g"]',
-                  _owner_map),
+                  owner_map),
         flag=False,
         help="who may use each owner name besides root (config file only)",
     )  # fmt: skip
@@ -298,7 +276,7 @@ class Settings:
         "(default: 100)",
     )
     cdi_dir: Path | None = setting(
-        kind=Kind(str, 'a path, or "" for none', _path_or_none, {"type": Path, "metavar": "DIR"}),
+        kind=Kind(str, 'a path, or "" for none', path_or_none, {"type": Path, "metavar": "DIR"}),
         factory=default_cdi_dir,
         off="--no-cdi",
         help="keep a CDI spec (hotplug-monitor.json) of the present devices here "
@@ -329,6 +307,10 @@ class Settings:
             frozenset(self.xid_fatal),
             self.xid_unknown,
         )
+
+    @property
+    def health_policy(self) -> HealthPolicy:
+        return HealthPolicy(frozenset(self.health_ignore), frozenset(self.health_fatal))
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -443,4 +425,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     both = set(settings.xid_ignore) & set(settings.xid_fatal)
     if both:
         raise ConfigError(f"XIDs both ignored and fatal: {', '.join(map(str, sorted(both)))}")
+    either = set(settings.health_ignore) & set(settings.health_fatal)
+    if either:
+        raise ConfigError(f"health conditions both ignored and fatal: {', '.join(sorted(either))}")
     return settings

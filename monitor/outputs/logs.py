@@ -192,12 +192,18 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
         fields["XID_SOURCE"] = transition.xid_source
     if transition.reason:
         fields["RECOVERY_REASON"] = transition.reason
+    if transition.conditions:
+        fields["HEALTH_CONDITIONS"] = ",".join(transition.conditions)
+    if transition.holders:
+        fields["LEASE_HOLDERS"] = "; ".join(transition.holders)
     what = {
         "lost": "is lost",
         "unhealthy": "is unhealthy",
         "recovered": "is healthy again; it was",
     }[transition.kind]
     because = f" (evidence: {transition.reason})" if transition.reason else ""
+    if transition.holders:
+        because += f"; held by {', '.join(transition.holders)}"
     log.log(
         LEVELS[transition.kind],
         "%s (%s %s) %s: %s%s",

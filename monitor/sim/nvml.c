@@ -92,6 +92,9 @@ struct nvmlDevice_st {
     unsigned int retired_sbe, retired_dbe, retired_pending;
     unsigned int remapped_correctable, remapped_uncorrectable, remapped_pending, remapped_failed;
     unsigned long long throttle_reasons;
+    unsigned int pcie_replays;         /* nvmlDeviceGetPcieReplayCounter */
+    unsigned int nvlink_links;         /* links 0..n-1 exist; 0: no NVLink (NOT_SUPPORTED) */
+    unsigned long long nvlink_down;    /* bit k: link k is inactive */
     char unsupported[1024]; /* comma-separated functions that answer NOT_SUPPORTED */
 };
 
@@ -313,6 +316,9 @@ static void set_defaults(struct nvmlDevice_st *d)
     d->remapped_correctable = d->remapped_uncorrectable = 0;
     d->remapped_pending = d->remapped_failed = 0;
     d->throttle_reasons = 0x1; /* idle */
+    d->pcie_replays = 0;
+    d->nvlink_links = 0;
+    d->nvlink_down = 0;
     d->unsupported[0] = '\0';
 }
 
@@ -420,6 +426,12 @@ static void apply_field(struct nvmlDevice_st *d, const char *key, const char *va
         d->ecc_dram = dec;
     else if (strcmp(key, "throttle_reasons") == 0)
         d->throttle_reasons = strtoull(val, NULL, 16);
+    else if (strcmp(key, "pcie_replays") == 0)
+        d->pcie_replays = (unsigned int)dec;
+    else if (strcmp(key, "nvlink_links") == 0)
+        d->nvlink_links = (unsigned int)dec;
+    else if (strcmp(key, "nvlink_down") == 0)
+        d->nvlink_down = strtoull(val, NULL, 16);
     else if (strcmp(key, "unsupported") == 0)
         snprintf(d->unsupported, sizeof d->unsupported, "%s", val);
 }
@@ -1555,5 +1567,28 @@ nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device,
 {
     STATS_CALL(__func__, device, d, clocksThrottleReasons);
     *clocksThrottleReasons = d->throttle_reasons;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* PCIe replays since the driver loaded. */
+nvmlReturn_t nvmlDeviceGetPcieReplayCounter(nvmlDevice_t device, unsigned int *value)
+{
+    STATS_CALL(__func__, device, d, value);
+    *value = d->pcie_replays;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* Whether an NVLink is active: NOT_SUPPORTED on a GPU without NVLink, INVALID_ARGUMENT for a
+ * link index the GPU does not have, as NVML answers. */
+nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link,
+                                      nvmlEnableState_t *isActive)
+{
+    STATS_CALL(__func__, device, d, isActive);
+    if (d->nvlink_links == 0)
+        return unlock_with(NVML_ERROR_NOT_SUPPORTED);
+    if (link >= d->nvlink_links || link >= NVML_NVLINK_MAX_LINKS)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    *isActive = (link < 64 && (d->nvlink_down >> link) & 1) ? NVML_FEATURE_DISABLED
+                                                            : NVML_FEATURE_ENABLED;
     return unlock_with(NVML_SUCCESS);
 }

@@ -119,6 +119,9 @@ class FakeGpu:
     remapped_pending: int = 0
     remapped_failed: int = 0
     throttle_reasons: int = 0x1  # NVML's clock event reason bits (gpu idle)
+    pcie_replays: int = 0  # nvmlDeviceGetPcieReplayCounter
+    nvlink_links: int = 0  # links 0..n-1 exist (an H100 SXM has 18); 0: no NVLink
+    nvlink_down: int = 0  # bit k: link k is inactive
     unsupported: tuple[str, ...] = ()  # NVML functions that answer NOT_SUPPORTED for this GPU
 
     def line(self) -> str:
@@ -131,6 +134,7 @@ class FakeGpu:
                 "pci_device_id",
                 "pci_subsystem_id",
                 "throttle_reasons",
+                "nvlink_down",
             ):
                 text = f"{value:x}"
             elif field.name == "unsupported":

@@ -247,6 +247,7 @@ async def run_nvml_source(
     changes: Changes,
     *,
     deadline: float = 5.0,
+    health_interval: float = 30.0,
     log_level: str = "info",
     log_target: str = "auto",
     stats: NvmlStats | None = None,
@@ -256,6 +257,7 @@ async def run_nvml_source(
     once and this returns."""
     stats, counts = stats or NvmlStats(), counts or SourceCounts()
     command = [sys.executable, "-m", "monitor.sources.nvml_worker", "--deadline", str(deadline)]
+    command += ["--health-interval", str(health_interval)]
     command += ["--log-level", log_level, "--log-target", log_target]
     absent = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -165,8 +165,17 @@ def hosts(sim: Simulator) -> Simulator:
 @pytest.fixture
 def daemon(hosts: Simulator, nvml: FakeNvml, start_daemon: Callable[..., Daemon]) -> Daemon:
     env = {**hosts.daemon_env(), **nvml.env()}
+    # health watches off: they read some of the same calls (remapped rows, ECC) on their own
+    # timer (tests/host/test_health_watch.py), and these tests count the statistics' reads
     started: Daemon = start_daemon(
-        "--udev-source", "udev", "--nvml-timeout", "0.5", env=env, nvml=True
+        "--udev-source",
+        "udev",
+        "--nvml-timeout",
+        "0.5",
+        "--health-interval",
+        "0",
+        env=env,
+        nvml=True,
     )
     return started
 

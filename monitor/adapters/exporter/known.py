@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from monitor.wire import stats
+from monitor.wire.conditions import ATTRIBUTE, parse_conditions
 from monitor.wire.mirror import Mirror
 from monitor.wire.snapshot import PCI_ADDRESS
 
@@ -65,6 +66,7 @@ class DeviceView:
     last_xid_source: str  # who reported it: "nvml" or "kmsg"
     xid_action: str = ""  # NVIDIA's catalog action for last_xid, as the daemon names it
     health: str = "healthy"  # or "needs reset", "unhealthy"
+    conditions: tuple[tuple[str, str], ...] = ()  # health conditions NVML reports: (name, verdict)
 
     @classmethod
     def of(cls, device_id: str, group_key: str, group: Any, device: Any) -> DeviceView | None:
@@ -90,6 +92,7 @@ class DeviceView:
             last_xid_source=_xid_source(_attribute(device, "last_xid_source")),
             xid_action=text(_attribute(device, "last_xid_action")),
             health=_health(device),
+            conditions=tuple(sorted(parse_conditions(_attribute(device, ATTRIBUTE)).items())),
         )
 
 

@@ -132,6 +132,16 @@ HEALTH = _spec(
     DEVICE,
     "state",
 )
+CONDITION = _spec(
+    "device_health_condition",
+    GAUGE,
+    "1 for each health condition NVML reports for the GPU now (row remapping, page retirement, "
+    "ECC, PCIe replays, clock slowdowns, NVLink), with the daemon's verdict on it: reported, "
+    "needs reset or unhealthy (replace the GPU)",
+    DEVICE,
+    "condition",
+    "verdict",
+)
 THROTTLE = _spec(
     "device_clock_throttle_reason",
     GAUGE,
@@ -269,7 +279,7 @@ DAEMON = (
     PUBLISH_LATENCY,
     STATS_TIME,
 )
-DEVICES = (INFO, HEALTHY, HEALTH, PRESENT, STALE, RESERVED, XIDS)
+DEVICES = (INFO, HEALTHY, HEALTH, CONDITION, PRESENT, STALE, RESERVED, XIDS)
 
 
 def _unique(specs: Iterable[Spec]) -> tuple[Spec, ...]:
@@ -363,6 +373,8 @@ def _device(known: Known, view: DeviceView, out: Families) -> None:
     out.add(HEALTHY, device, 1.0 if view.healthy else 0.0)
     for state in ("healthy", "needs reset", "unhealthy"):
         out.add(HEALTH, [*device, state], 1.0 if view.health == state else 0.0)
+    for condition, verdict in view.conditions:
+        out.add(CONDITION, [*device, condition, verdict], 1.0)
     out.add(PRESENT, device, 1.0 if view.present else 0.0)
     out.add(STALE, device, 1.0 if known.stale else 0.0)
     out.add(RESERVED, [*device, view.owner], 1.0 if view.reserved else 0.0)

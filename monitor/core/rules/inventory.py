@@ -72,6 +72,7 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
     if facts.driver != "nvidia":
         draft.pop(F.nvml, address)
         draft.pop(F.xids, address)
+        draft.pop(F.conditions, address)
     draft.pop(F.naming, address)
     if old is not None and _keeps_name(draft, old, facts):
         pass  # a driver unloaded and loaded again: the same GPU, shown throughout
@@ -83,6 +84,8 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
     else:
         draft.put(F.names, address, database_name(facts))
     if old is not None and facts.driver is not None:
+        # NVML reads the health conditions afresh once it watches the rebound GPU
+        draft.pop(F.conditions, address)
         clear_problems(draft, address, (CAUSE_DRM_WEDGED, *NVIDIA_CAUSES), "its driver was rebound")
 
 
@@ -110,6 +113,7 @@ def device_gone(draft: Draft, event: DeviceGone) -> None:
     draft.pop(F.problems, address)
     draft.pop(F.nvml, address)
     draft.pop(F.xids, address)
+    draft.pop(F.conditions, address)
     draft.pop(F.names, address)
     draft.pop(F.naming, address)
     draft.pop(F.resets, address)

@@ -55,7 +55,7 @@ async def _write_events(events: trio.MemoryReceiveChannel[Output]) -> None:
         await stdout.send_all(encode_event(event))
 
 
-async def serve(deadline: float) -> int:
+async def serve(deadline: float, health_interval: float = 0.0) -> int:
     """Watch the GPUs the daemon names until stdin ends; the exit status."""
     limiter = trio.CapacityLimiter(64)  # one call per GPU at most; never the loop's own threads
     try:
@@ -73,7 +73,9 @@ async def serve(deadline: float) -> int:
         )
         log.info("NVML ready, driver %s", text(version))
         send, receive = trio.open_memory_channel[Output](64)
-        source = NvmlSource(send, deadline=deadline, limiter=limiter)
+        source = NvmlSource(
+            send, deadline=deadline, limiter=limiter, health_interval=health_interval
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_events, receive)
             await source.follow(_targets(trio.lowlevel.FdStream(os.dup(0)), source))
@@ -87,6 +89,7 @@ async def serve(deadline: float) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description="hotplug-monitor's NVML worker (run by serve)")
     parser.add_argument("--deadline", type=float, default=5.0)
+    parser.add_argument("--health-interval", type=float, default=0.0)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-target", default="auto")
     args = parser.parse_args()
@@ -95,4 +98,4 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(args.log_level, args.log_target)
-    raise SystemExit(trio.run(serve, args.deadline))
+    raise SystemExit(trio.run(serve, args.deadline, args.health_interval))

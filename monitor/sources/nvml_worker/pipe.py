@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 import attrs
 
 from monitor.core.events import (
+    GpuConditions,
     NvmlEventReported,
     NvmlGpu,
     NvmlGpuSeen,
@@ -34,7 +35,9 @@ from monitor.core.events import (
 from monitor.core.model import Attribute
 from monitor.wire.framing import LineBuffer, LineTooLong
 
-NvmlEvent = NvmlGpuSeen | XidReported | NvmlEventReported | NvmlUnreachable | NvmlReachable
+NvmlEvent = (
+    NvmlGpuSeen | XidReported | NvmlEventReported | NvmlUnreachable | NvmlReachable | GpuConditions
+)
 Stats = dict[str, dict[str, Any]]  # stat name -> {"value", "unit"}
 
 EXIT_NO_NVML = 3  # NVML is not there: nothing to restart
@@ -129,8 +132,16 @@ def _texts(value: Any) -> TypeGuard[list[str]]:
 
 _EVENT_TYPES: dict[str, type[NvmlEvent]] = {
     cls.__name__: cls
-    for cls in (NvmlGpuSeen, XidReported, NvmlEventReported, NvmlUnreachable, NvmlReachable)
+    for cls in (
+        NvmlGpuSeen,
+        XidReported,
+        NvmlEventReported,
+        NvmlUnreachable,
+        NvmlReachable,
+        GpuConditions,
+    )
 }
+MAX_CONDITIONS = 32  # a GPU's conditions: the table has 9; more is not a worker of ours
 
 
 def _plain(value: Any) -> Any:
@@ -162,6 +173,7 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
     NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},
     NvmlReachable: {"address": (str,)},
+    GpuConditions: {"address": (str,)},
     NotFound: {"address": (str,), "reason": (str,), "lost": (bool,)},
     NvmlGpu: {"address": (str,), "uuid": (str,), "name": (str,), "minor": (int, _NONE)},
     Attribute: {"value": (str, int, float, bool), "unit": (str, _NONE)},
@@ -196,6 +208,15 @@ def decode_event(line: bytes) -> Output:
         if name == "NotFound":
             return NotFound(**_checked(NotFound, fields))
         cls = _EVENT_TYPES[name]
+        if cls is GpuConditions:
+            conditions = fields.pop("conditions")
+            if (
+                not isinstance(conditions, dict)
+                or len(conditions) > MAX_CONDITIONS
+                or not all(isinstance(v, str) and len(v) <= 200 for v in conditions.values())
+            ):
+                raise TypeError("GpuConditions: not a small object of strings")
+            return GpuConditions(**_checked(cls, fields), conditions=conditions)
         if cls is NvmlGpuSeen:
             gpu = fields["gpu"]
             if not isinstance(gpu, dict):

@@ -11,6 +11,12 @@ For a sample (``{"sample": N}``) each watched GPU is read in a thread of its own
 SAMPLE_WINDOW; a GPU whose read has not returned is left out of that sample and of the next ones
 until it does, and its read, like every call, has the deadline. Nothing is read for statistics
 unless asked.
+
+Each watched GPU's health conditions are read every ``health_interval`` (0: never) in a task of
+their own beside its event wait (``health.HealthReader``, in a worker thread under the
+deadline); the conditions go to the daemon when they change, and once at each watch's start so
+that one that ended meanwhile (a reset) is not kept. Nothing else is sent, so a quiet GPU costs
+the reads and nothing downstream.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import pynvml
 import trio
 
 from monitor.core.events import (
+    GpuConditions,
     NvmlEventReported,
     NvmlGpu,
     NvmlGpuSeen,
@@ -34,6 +41,7 @@ from monitor.outputs.logs import MESSAGE_IDS
 from monitor.sources.nvml_worker.attributes import read_gpu
 from monitor.sources.nvml_worker.events import translate, watch_events
 from monitor.sources.nvml_worker.gpu_stats import read_stats
+from monitor.sources.nvml_worker.health import Conditions, HealthReader
 from monitor.sources.nvml_worker.library import GPU_IS_LOST, NOT_FOUND, TIMEOUT, error_code, is_lost
 from monitor.sources.nvml_worker.pipe import (
     SAMPLE_WINDOW,
@@ -57,9 +65,18 @@ class NotEnumerated(Exception):
 
 
 class NvmlSource:
-    def __init__(self, send: Send, *, deadline: float, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        deadline: float,
+        limiter: trio.CapacityLimiter,
+        health_interval: float = 0.0,
+    ) -> None:
         self.send = send
         self.deadline = deadline
+        self.health_interval = health_interval
+        self.unsupported: dict[str, set[str]] = {}  # per GPU watched: health reads it lacks
         self.limiter = limiter
         self.watching: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None  # the GPU tasks' and their call watchers'
@@ -112,6 +129,7 @@ class NvmlSource:
             async for watch, reset in targets:
                 for address in [a for a in self.watching if a not in watch]:
                     self.watching.pop(address).cancel()
+                    self.unsupported.pop(address, None)
                 for address in watch:
                     known = self.watching.get(address)
                     if known is not None and address not in reset:
@@ -154,11 +172,15 @@ class NvmlSource:
             raise
         gpu = await self.call(address, read_gpu, address, handle)
         events = await self.call(address, watch_events, handle)
+        health = trio.CancelScope()
         try:
             await self.send.send(NvmlGpuSeen(gpu))
             await self.send.send(NvmlReachable(address))
             self.handles[address] = handle
             log.info("%s: watching %s (%s) through NVML", address, gpu.name, gpu.uuid)
+            if self.health_interval > 0:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._watch_health, address, handle, health)
             while True:
                 try:
                     wait = pynvml.nvmlEventSetWait_v2
@@ -178,12 +200,34 @@ class NvmlSource:
                     gpu = await self.call(address, read_gpu, address, handle)
                     await self.send.send(NvmlGpuSeen(gpu))
         finally:
+            health.cancel()
             if self.handles.get(address) is handle:
                 del self.handles[address]
             with trio.CancelScope(shield=True), trio.move_on_after(self.deadline):
                 await trio.to_thread.run_sync(
                     pynvml.nvmlEventSetFree, events, abandon_on_cancel=True
                 )
+
+    async def _watch_health(self, address: str, handle: Any, scope: trio.CancelScope) -> None:
+        """Read the GPU's health conditions every interval; send them when they change. A read
+        that fails leaves the last ones standing (the event wait finds a lost GPU, and a call
+        past the deadline marks the GPU not responding)."""
+        reader = HealthReader(handle, self.unsupported.setdefault(address, set()))
+        last: Conditions | None = None
+        with scope:
+            while True:
+                try:
+                    found = await self.call(address, reader.read)
+                except pynvml.NVMLError as exc:
+                    log.debug("%s: health conditions not read: %s", address, exc)
+                else:
+                    if found != last:
+                        if found or last:
+                            named = ", ".join(sorted(found)) or "none"
+                            log.warning("%s: NVML health conditions now: %s", address, named)
+                        await self.send.send(GpuConditions(address, found))
+                        last = found
+                await trio.sleep(self.health_interval)
 
     async def sample(self, seq: int) -> None:
         """Send the statistics of every watched GPU that answers within SAMPLE_WINDOW."""
