@@ -24,14 +24,8 @@ from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
 from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
-from monitor.daemon.config import (
-    DEFAULT_READ_GROUP,
-    RESTART_ONLY,
-    ConfigError,
-    Settings,
-    owner_identities,
-    resolve_group,
-)
+from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings
+from monitor.daemon.identities import DEFAULT_READ_GROUP, owner_identities, resolve_group
 from monitor.daemon.memory import GiveBack
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, InboxReader, Item

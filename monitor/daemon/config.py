@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import re
 import tomllib
@@ -12,10 +11,9 @@ from typing import Any
 
 import attrs
 
-from monitor.core.access import Identity
-from monitor.core.leases import OWNER
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.core.xids import XidPolicy
+from monitor.daemon.identities import owner_map
 from monitor.daemon.kinds import (
     COUNT,
     PATH,
@@ -29,6 +27,7 @@ from monitor.daemon.kinds import (
     positive,
     setting,
 )
+from monitor.daemon.kinds import ConfigError as ConfigError  # raised by every setting's check
 from monitor.outputs.files import UnsafePath, read_regular_file
 from monitor.wire.paths import SYSTEM_SOCKET, default_socket
 
@@ -37,30 +36,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
 CDI_PUBLISH_MODES = ("all", "leased")  # monitor.outputs.cdi: every device, or leases only
 _CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
-
-
-class ConfigError(Exception):
-    """A setting that cannot be used; the message says which and why."""
-
-
-DEFAULT_GROUP = "hotplug-monitor"
-DEFAULT_READ_GROUP = "hotplug-monitor-read"
-MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
-MAX_UID = (1 << 32) - 2
-
-
-def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
-    """The gid of ``name``; with no name, that of ``default`` if it exists, else None."""
-    try:
-        return grp.getgrnam(name or default).gr_gid
-    except KeyError:
-        if name is None:
-            return None
-        if name.isascii() and name.isdigit():
-            if int(name) > MAX_GID:
-                raise ConfigError(f"group ID {name} is out of range (at most {MAX_GID})") from None
-            return int(name)
-        raise ConfigError(f"no group named {name!r} on this host") from None
 
 
 def _is_root() -> bool:
@@ -112,49 +87,6 @@ def xid(value: Any) -> int:
 
 CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": flag_type(class_prefix)})
 XID = Kind(int, "an XID (a whole number)", xid, {"type": flag_type(lambda t: xid(int(t)))})
-
-
-def _owner_map(value: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``{"batch": ["uid:1001", "group:batch"]}``, each name and identity checked; the groups
-    are looked up at start (``owner_identities``)."""
-    owners = []
-    for name, identities in value.items():
-        if not OWNER.fullmatch(name):
-            raise ValueError(f"{name!r} is not an owner name (1 to 64 of a-z, 0-9, '.', '_', '-')")
-        if not isinstance(identities, list) or not all(
-            isinstance(i, str) and _IDENTITY.fullmatch(i) for i in identities
-        ):
-            raise ValueError(
-                f'{name}: must be a list of identities such as "uid:1001" or "group:batch"'
-            )
-        for identity in identities:
-            if identity.startswith("uid:") and int(identity[4:]) > MAX_UID:
-                raise ValueError(f"{name}: {identity} is out of range (at most {MAX_UID})")
-        owners.append((name, tuple(identities)))
-    return tuple(owners)
-
-
-_IDENTITY = re.compile(r"uid:[0-9]{1,10}|group:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
-
-
-def owner_identities(
-    owners: tuple[tuple[str, tuple[str, ...]], ...],
-) -> dict[str, tuple[Identity, ...]]:
-    """The ``owners`` setting with its groups looked up; ``ConfigError`` naming a missing one."""
-    mapped = {}
-    for name, identities in owners:
-        found = []
-        for identity in identities:
-            kind, _, value = identity.partition(":")
-            if kind == "uid":
-                found.append(Identity(uid=int(value)))
-            else:
-                try:
-                    found.append(Identity(gid=resolve_group(value)))
-                except ConfigError as exc:
-                    raise ConfigError(f"owners: {name}: {exc}") from None
-        mapped[name] = tuple(found)
-    return mapped
 
 
 def _path_or_none(value: str) -> Path | None:
@@ -278,7 +210,7 @@ class Settings:
     owners: tuple[tuple[str, tuple[str, ...]], ...] = setting(
         (),
         kind=Kind(dict, 'a table of owner names, each a list such as ["uid:1001", "group:g"]',
-                  _owner_map),
+                  owner_map),
         flag=False,
         help="who may use each owner name besides root (config file only)",
     )  # fmt: skip
