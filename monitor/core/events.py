@@ -12,6 +12,7 @@ import attrs
 from monitor.core.access import Peer
 from monitor.core.leases import Holder
 from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
+from monitor.core.replicas import SharePolicy
 from monitor.core.xids import XidPolicy
 
 
@@ -169,6 +170,13 @@ class XidPolicyChanged:
 
 
 @attrs.frozen
+class SharePolicyChanged:
+    """The sharing settings changed (start-up, reload): ``monitor.core.rules.sharing``."""
+
+    policy: SharePolicy
+
+
+@attrs.frozen
 class NvmlNameWaitOver:
     """The wait for NVML to name a GPU bound to ``nvidia`` (``wait``, as the state numbered it)
     is over: it is shown under the hardware database's name."""
@@ -255,6 +263,7 @@ Event = (
     | NvmlNameWaitOver
     | NvmlAbsent
     | XidPolicyChanged
+    | SharePolicyChanged
     | Request
     | LeaseEnded
     | ConnectionClosed

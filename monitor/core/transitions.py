@@ -12,7 +12,9 @@ import attrs
 
 from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
+from monitor.core.model import Device, DeviceGroup
 from monitor.core.reducer import Reduction
+from monitor.core.replicas import base_id
 from monitor.core.state import State
 
 
@@ -30,6 +32,9 @@ class HealthTransition:
     uuid: str | None = None  # an NVIDIA GPU's
     xid: int | None = None
     xid_source: str | None = None  # who reported the XID: "nvml" or "kmsg"
+    # The leases on it or, shared, on its replicas: "lease-1 (uid 1000, pid 100)", so that an
+    # alert for a shared GPU names everyone whose work it stops.
+    holders: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -67,20 +72,31 @@ def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
     return entries
 
 
-def _shown_present(state: State) -> dict[str, tuple[str, str]]:
-    """Devices shown and on the host (not only kept for a lease): vendor and group name."""
-    return {
-        device_id: (group.vendor, group.name)
-        for device_id, (group, _) in state.fingerprint.devices().items()
-        if device_id in state.devices
-    }
+def _shown_present(state: State) -> dict[str, tuple[DeviceGroup, Device]]:
+    """Devices shown and on the host (not only kept for a lease), by PCI address: a shared
+    device once, as its first replica, since its replicas come, go and break with it."""
+    shown: dict[str, tuple[DeviceGroup, Device]] = {}
+    for device_id, found in state.fingerprint.devices().items():  # a group's sorted: ::0 first
+        address = base_id(device_id)
+        if address in state.devices:
+            shown.setdefault(address, found)
+    return shown
+
+
+def _holders(state: State, address: str) -> tuple[str, ...]:
+    return tuple(
+        f"{lease.id} (uid {lease.uid}, pid {lease.holder_pid or lease.pid})"
+        for lease in state.leases.values()
+        if any(base_id(d) == address for d in lease.devices)
+    )
 
 
 def device_moves(old: State, new: State) -> list[DeviceMoved]:
     """Healthy devices shown now and not before, and every device shown before and not now
     (an unhealthy arrival is a health transition of its own)."""
-    before, after = _shown_present(old), _shown_present(new)
-    devices = new.fingerprint.devices()
+    before = {a: (g.vendor, g.name) for a, (g, _) in _shown_present(old).items()}
+    devices = _shown_present(new)
+    after = {a: (g.vendor, g.name) for a, (g, _) in devices.items()}
     moves = []
     for device_id, (vendor, name) in after.items():
         if device_id not in before and devices[device_id][1].healthy:
@@ -102,7 +118,7 @@ def health_transitions(
 ) -> list[HealthTransition]:
     """Devices whose health changed between two states, and devices that arrived unhealthy."""
     shown_before = old.fingerprint.devices()
-    before = {d.id: d for _, d in shown_before.values()}
+    before = {a: d for a, (_, d) in _shown_present(old).items()}
     transitions = []
     for device_id, evidence in (recoveries or {}).items():
         # recovered while hidden, waiting for NVML's name (a rebind): its recovery is news too
@@ -123,10 +139,9 @@ def health_transitions(
                         _uuid(old, device_id),
                     )
                 )
-    for group, device in new.fingerprint.devices().values():
-        if device.id not in new.devices:
-            continue  # departed while reserved: lease_warnings reports it
-        previous = before.get(device.id)
+    # departed devices, shown only while reserved, are lease_warnings' to report
+    for address, (group, device) in _shown_present(new).items():
+        previous = before.get(address)
         if previous is None and device.healthy:
             continue
         if previous is not None and (previous.healthy, previous.health_desc) == (
@@ -134,27 +149,28 @@ def health_transitions(
             device.health_desc,
         ):
             continue
-        uuid = _uuid(new, device.id)
+        uuid = _uuid(new, address)
         if device.healthy:
             assert previous is not None
-            reason = (recoveries or {}).get(device.id)
+            reason = (recoveries or {}).get(address)
             transition = HealthTransition(
-                "recovered", device.id, group.vendor, group.name, previous.health_desc, None, reason
+                "recovered", address, group.vendor, group.name, previous.health_desc, None, reason
             )
         else:
-            problems = device_problems(new.devices[device.id], new.problems.get(device.id, {}))
+            problems = device_problems(new.devices[address], new.problems.get(address, {}))
             kind = "lost" if any(p.lost for p in problems) else "unhealthy"
             actions = [p.recovery_action for p in problems if p.recovery_action]
             xids = [p.xid for p in problems if p.xid is not None]
             transition = HealthTransition(
                 kind,
-                device.id,
+                address,
                 group.vendor,
                 group.name,
                 device.health_desc,
                 actions[0] if actions else None,
                 xid=xids[0] if xids else None,
-                xid_source=new.xid_sources.get(device.id) if xids else None,
+                xid_source=new.xid_sources.get(address) if xids else None,
+                holders=_holders(new, address),
             )
         transitions.append(attrs.evolve(transition, uuid=uuid))
     return transitions

@@ -20,7 +20,12 @@ import attrs
 import trio
 
 from monitor.core.access import Access, stranded
-from monitor.core.events import ClassFilterChanged, LeaseEnded, XidPolicyChanged
+from monitor.core.events import (
+    ClassFilterChanged,
+    LeaseEnded,
+    SharePolicyChanged,
+    XidPolicyChanged,
+)
 from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
@@ -127,6 +132,8 @@ async def reload(current: Settings, load: Callable[[], Settings], events: Inbox)
             await events.send((ClassFilterChanged(new.match_classes),))
         if new.xid_policy != current.xid_policy:
             await events.send((XidPolicyChanged(new.xid_policy),))
+        if new.share_policy != current.share_policy:
+            await events.send((SharePolicyChanged(new.share_policy),))
         log.info("configuration reloaded")
         return new
     finally:
@@ -228,6 +235,7 @@ def first_state(settings: Settings, claimed: Claimed, access: Access) -> State:
         match_classes=settings.match_classes,
         leases={lease.id: lease for lease in claimed.leases},
         xid_policy=settings.xid_policy,
+        share=settings.share_policy,
         nvml_names=settings.nvml,
         access=access,
     )

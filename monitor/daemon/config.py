@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
+from monitor.core.replicas import MAX_REPLICAS, SharePolicy, ShareRule, check_match
 from monitor.core.xids import XidPolicy
 from monitor.daemon.identities import owner_map
 from monitor.daemon.kinds import (
@@ -87,6 +88,33 @@ def xid(value: Any) -> int:
 
 CLASS = Kind(str, 'a PCI class such as "0x03"', class_prefix, {"type": flag_type(class_prefix)})
 XID = Kind(int, "an XID (a whole number)", xid, {"type": flag_type(lambda t: xid(int(t)))})
+
+
+def _replica_count(value: Any) -> str | None:
+    if 1 <= value <= MAX_REPLICAS:
+        return None
+    return f"must be from 1 (not shared) to {MAX_REPLICAS}"
+
+
+def _share_rules(value: list[Any]) -> tuple[ShareRule, ...]:
+    """``[[share]]`` tables, each ``match`` (PCI IDs or a group) and ``replicas``."""
+    rules = []
+    for index, table in enumerate(value):
+        if not isinstance(table, dict) or set(table) != {"match", "replicas"}:
+            raise ValueError(f'item {index}: must be a table of "match" and "replicas"')
+        match, replicas = table["match"], table["replicas"]
+        if not isinstance(match, str):
+            raise ValueError(f"item {index}: match must be a string")
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise ValueError(f"item {index}: replicas must be a whole number")
+        problem = _replica_count(replicas)
+        if problem:
+            raise ValueError(f"item {index}: replicas {problem}")
+        try:
+            rules.append(ShareRule(check_match(match), replicas))
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from None
+    return tuple(rules)
 
 
 def _path_or_none(value: str) -> Path | None:
@@ -243,6 +271,30 @@ class Settings:
         "leased, each lease as one device named after its reservation ID, and nothing else "
         "(default: all)",
     )
+    share_replicas: int = setting(
+        1,
+        live=True,
+        kind=COUNT,
+        check=_replica_count,
+        help="offer each followed device no [[share]] rule matches as N time-sliced replicas "
+        f"(<ID>::0 to <ID>::N-1, in a VENDOR/TYPE.shared group), 1 to {MAX_REPLICAS}; no memory "
+        "or fault isolation between them (default: 1, not shared)",
+    )
+    share: tuple[ShareRule, ...] = setting(
+        (),
+        live=True,
+        kind=Kind(list, 'a list of tables such as {match = "10de:2330", replicas = 4}',
+                  _share_rules),
+        flag=False,
+        help="replicas per device class or group, the first match wins (config file only)",
+    )  # fmt: skip
+    fail_requests_greater_than_one: bool = setting(
+        False,
+        live=True,
+        kind=Kind(bool, "true or false", flag={"action": "store_const", "const": True}),
+        help="refuse a reservation of two replicas of one device: they share its time and give "
+        "no more compute than one (default: off)",
+    )
     log_level: str = setting("info", live=True, kind=choice(LOG_LEVELS), help="default: info")
     log_target: str = setting(
         "auto",
@@ -261,6 +313,10 @@ class Settings:
             frozenset(self.xid_fatal),
             self.xid_unknown,
         )
+
+    @property
+    def share_policy(self) -> SharePolicy:
+        return SharePolicy(self.share_replicas, self.share, self.fail_requests_greater_than_one)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

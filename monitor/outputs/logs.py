@@ -183,6 +183,10 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
         fields["XID_SOURCE"] = transition.xid_source
     if transition.reason:
         fields["RECOVERY_REASON"] = transition.reason
+    held = ""
+    if transition.holders:
+        fields["HOLDERS"] = ", ".join(transition.holders)
+        held = f"; held by {fields['HOLDERS']}"
     what = {
         "lost": "is lost",
         "unhealthy": "is unhealthy",
@@ -191,13 +195,14 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
     because = f" (evidence: {transition.reason})" if transition.reason else ""
     log.log(
         LEVELS[transition.kind],
-        "%s (%s %s) %s: %s%s",
+        "%s (%s %s) %s: %s%s%s",
         transition.device_id,
         transition.vendor,
         transition.device_name,
         what,
         transition.health_desc,
         because,
+        held,
         extra={"journal": fields},
     )
 
