@@ -4,6 +4,8 @@ kept across a SIGKILL."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from monitor.core.replicas import SharePolicy, ShareRule
+from monitor.daemon.config import ConfigError, add_setting_flags, flag_values, load_settings
 from monitor.wire.errors import RpcError
 from tests.conftest import Daemon, Subscription
 from tests.sysfs import reservable
@@ -80,3 +84,34 @@ def test_replicas_are_listed_leased_by_two_holders_and_recounted_on_reload(
     assert restored[f"{held}::1"]["reserved_by"] == two["reservation_id"]
     assert restored[f"{held}::1"]["healthy"] is True
     assert "reserved_by" not in restored[f"{held}::0"]
+
+
+def test_the_config_reads_share_rules_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "share_replicas = 2\nfail_requests_greater_than_one = true\n"
+        '[[share]]\nmatch = "10de:2330"\nreplicas = 4\n'
+        '[[share]]\nmatch = "amd/gpu"\nreplicas = 1\n'
+    )
+    settings = load_settings(config, {})
+    assert settings.share_policy == SharePolicy(
+        2, (ShareRule("10de:2330", 4), ShareRule("amd/gpu", 1)), fail_requests_greater_than_one=True
+    )
+    flags = argparse.ArgumentParser()
+    add_setting_flags(flags)
+    given = flag_values(
+        flags.parse_args(["--share-replicas", "3", "--fail-requests-greater-than-one"])
+    )
+    assert load_settings(config, given).share_policy.replicas == 3
+    for bad, says in [
+        ("share_replicas = 0", "share_replicas must be from 1 (not shared) to 64"),
+        ("share_replicas = 65", "share_replicas must be from 1 (not shared) to 64"),
+        ('[[share]]\nmatch = "10de"', 'share item 0: must be a table of "match" and "replicas"'),
+        ('[[share]]\nmatch = "a//b"\nreplicas = 2', "share item 0: match 'a//b' is neither"),
+        ('[[share]]\nmatch = "10de"\nreplicas = 99', "share item 0: replicas must be from 1"),
+        ("[[share]]\nmatch = 7\nreplicas = 2", "share item 0: match must be a string"),
+        ("fail_requests_greater_than_one = 1", "must be true or false"),
+    ]:
+        config.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_settings(config, {})

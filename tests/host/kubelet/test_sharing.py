@@ -22,7 +22,6 @@ from tests.host.kubelet.test_devicemanager import (  # noqa: F401 (fixtures)
     kubelet_leases,
     manager,
     manager_binary,
-    named,
     nvml,
     start_plugin,
 )
