@@ -23,6 +23,7 @@ from monitor.core.fingerprint import build_fingerprint
 from monitor.core.leases import Lease
 from monitor.core.reducer import fold
 from monitor.core.replicas import SharePolicy, ShareRule, base_id, split
+from monitor.core.rules.sharing import measured, sysfs_measured
 from monitor.core.state import State
 from monitor.core.transitions import DeviceMoved, HealthTransition, LeaseWarning, journal_entries
 from monitor.outputs import logs
@@ -340,3 +341,16 @@ def test_a_member_may_hold_a_replica_another_holds_beside() -> None:
     state = granted(shared_host(), f"{A}::0", peer=MEMBER)
     state, found = answer(state, release(f"{A}::0", peer=OTHER_MEMBER))
     assert isinstance(found, Refusal) and found.reason is Reason.FORBIDDEN
+
+
+def test_statistics_are_sampled_and_kept_for_a_shared_gpu_by_its_address() -> None:
+    amd = attrs.evolve(H100_B, vendor_id=0x1002, device_id=0x74A1, driver="amdgpu", model="MI")
+    state, _ = run(
+        SharePolicyChanged(SharePolicy(replicas=2)),
+        DeviceSeen(H100),
+        DeviceSeen(amd),
+        NvmlGpuSeen(GPU),
+        state=State(access=ACCESS),
+    )
+    assert measured(state) == {A, B}  # the replicas' figures are their GPU's
+    assert sysfs_measured(state) == [B]  # A is NVML's to read; never a path of a replica ID

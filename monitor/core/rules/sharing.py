@@ -25,6 +25,7 @@ from monitor.core.leases import Lease
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.pci import class_matches, device_type, vendor_name
 from monitor.core.replicas import SharePolicy, base_id, replica_id, split
+from monitor.core.rules.nvidia import nvml_targets, sysfs_stats_targets
 from monitor.core.state import F, State
 
 
@@ -144,6 +145,18 @@ def one_per_device(
         "share its time, so two give no more compute than one (fail_requests_greater_than_one).",
         {"device_ids": doubled},
     )
+
+
+def measured(state: State) -> set[str]:
+    """The devices statistics are about: each shown device, a shared one by its PCI address
+    (its replicas share its figures), departed ones included (the sampler finds nothing)."""
+    return {base_id(d) for d in state.fingerprint.devices()}
+
+
+def sysfs_measured(state: State) -> list[str]:
+    """The devices whose statistics come from sysfs (``sysfs_stats_targets``), by PCI address."""
+    read = nvml_targets(state)
+    return sorted({base_id(d) for d in sysfs_stats_targets(state)} - read.keys())
 
 
 RULES: dict[type, Rule] = {SharePolicyChanged: share_policy_changed}
