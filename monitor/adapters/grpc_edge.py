@@ -29,7 +29,7 @@ from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.follow import Emit
 from monitor.wire.requests import Call
 from monitor.wire.reservations import BadAnswer, check_reservation
-from monitor.wire.snapshot import PCI_ADDRESS, text
+from monitor.wire.snapshot import PCI_ADDRESS, REPLICA_ID, text
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -118,7 +118,8 @@ async def reserve(client: Asker, ids: Sequence[str], owner: str) -> dict[str, An
     try:
         result = check_reservation(answer)
         granted = result["device_ids"]
-        if all(PCI_ADDRESS.fullmatch(i) for i in ids) and set(granted) != set(ids):
+        exact = all(PCI_ADDRESS.fullmatch(i) or REPLICA_ID.fullmatch(i) for i in ids)
+        if exact and set(granted) != set(ids):
             raise BadAnswer(f"refusing the daemon's reservation: it is for {granted}, not {ids}")
     except BadAnswer as refused:
         lease = answer.get("reservation_id") if isinstance(answer, dict) else None

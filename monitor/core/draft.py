@@ -39,10 +39,15 @@ class Draft:
         # What happened, for the journal: devices recovered (and the evidence), lease changes.
         self.recoveries: dict[str, str] = {}
         self.lease_changes: list[LeaseChange] = []
+        self.notes: list[str] = []  # what the operator must be told (a deferred setting)
 
     @property
     def changed(self) -> bool:
         return bool(self._written)
+
+    def touched(self) -> set[str] | None:
+        """The devices touched since the base (None: any may have been)."""
+        return None if self._dirty is None else set(self._dirty)
 
     def get(self, field: Field[T]) -> T:
         if field.name in self._written:

@@ -13,6 +13,7 @@ from monitor.core.access import Peer
 from monitor.core.conditions import HealthPolicy
 from monitor.core.leases import Holder
 from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
+from monitor.core.replicas import SharePolicy
 from monitor.core.xids import XidPolicy
 
 
@@ -185,6 +186,13 @@ class HealthPolicyChanged:
 
 
 @attrs.frozen
+class SharePolicyChanged:
+    """The sharing settings changed (start-up, reload): ``monitor.core.rules.sharing``."""
+
+    policy: SharePolicy
+
+
+@attrs.frozen
 class NvmlNameWaitOver:
     """The wait for NVML to name a GPU bound to ``nvidia`` (``wait``, as the state numbered it)
     is over: it is shown under the hardware database's name."""
@@ -276,6 +284,7 @@ Event = (
     | XidPolicyChanged
     | GpuConditions
     | HealthPolicyChanged
+    | SharePolicyChanged
     | Request
     | LeaseEnded
     | ConnectionClosed

@@ -34,6 +34,7 @@ from monitor.core.model import (
     group_key,
 )
 from monitor.core.pci import class_matches, device_type, vendor_name
+from monitor.core.replicas import base_id, replica_id, shared_type, split
 from monitor.core.state import State
 from monitor.core.xids import xid_action
 
@@ -131,13 +132,35 @@ def build_device(
     )
 
 
-def departed_device(address: str, lease: Lease) -> Device:
+def replica_device(
+    device: Device, k: int, count: int, lease: Lease | None, before: Device | None
+) -> Device:
+    """Replica ``k`` of ``count`` of a shared device: the device's health and attributes (its
+    UUID among them, so that a holder's container edits are the device's), its number, and its
+    own lease."""
+    attributes: Mapping[str, Attribute] = {
+        **device.attributes,
+        "replica": Attribute(k),
+        "replicas": Attribute(count),
+    }
+    if before is not None and before.attributes == attributes:
+        attributes = before.attributes
+    return attrs.evolve(
+        device,
+        id=replica_id(device.id, k),
+        attributes=attributes,
+        reserved_by=lease.id if lease else None,
+        reserved_owner=lease.owner if lease else None,
+    )
+
+
+def departed_device(device_id: str, lease: Lease) -> Device:
     """A reserved device that left the host: shown until its lease ends, so the holder learns."""
     return Device(
-        id=address,
+        id=device_id,
         healthy=False,
         health_desc=f"removed from this host while reserved by {lease.id}",
-        hw_locality=DeviceLocality(pci_bus_id=address),
+        hw_locality=DeviceLocality(pci_bus_id=base_id(device_id)),
         reserved_by=lease.id,
         reserved_owner=lease.owner,
         health=UNHEALTHY,
@@ -158,11 +181,14 @@ def build_fingerprint(
     if not dirty:
         return previous
     leased = _leased(state)
+    index = previous.devices()
+    ids = _device_ids(state, dirty, index, leased)
+    bases = {base_id(d) for d in ids}
     nodes: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
-        if node.parent in dirty:
+        if node.parent in bases:
             nodes.setdefault(node.parent, []).append(node)
-    index = previous.devices()
+    built: dict[str, Device] = {}  # each shared device, built once for all its replicas
     members: dict[str, dict[str, Device]] = {}  # each group touched, as it is now
     names: dict[str, tuple[str, str, str]] = {}  # their vendor, type and name
 
@@ -175,11 +201,13 @@ def build_fingerprint(
         return members[key]
 
     stale: set[str] = set()  # groups whose shared attributes must be found again
-    for address in dirty:
+    for address in ids:
         was_in, before = index.get(address, (None, None))
         if was_in is not None:
             group(was_in.key).pop(address)
-        placed = _place(state, address, nodes.get(address, []), leased.get(address), before)
+        base = base_id(address)
+        lease = leased.get(address)
+        placed = _place(state, address, nodes.get(base, []), lease, before, built)
         key = None
         if placed is not None:
             triple, device = placed
@@ -204,7 +232,7 @@ def build_fingerprint(
             if old is not None and key not in stale:
                 shared = old.attributes
             else:  # a departed device has no attributes left: it does not take the group's away
-                shown = [d.attributes for i, d in devices.items() if _is_shown(state, i)]
+                shown = [d.attributes for i, d in devices.items() if _is_shown(state, base_id(i))]
                 shared = common_attributes(shown)
             groups[key] = DeviceGroup(
                 vendor=vendor, type=type_, name=name, devices=devices, attributes=shared
@@ -214,6 +242,29 @@ def build_fingerprint(
 
 def _leased(state: State) -> dict[str, Lease]:
     return {d: lease for lease in state.leases.values() for d in lease.devices}
+
+
+def _device_ids(
+    state: State,
+    dirty: Set[str],
+    index: Mapping[str, tuple[DeviceGroup, Device]],
+    leased: Mapping[str, Lease],
+) -> list[str]:
+    """The IDs to build again for these devices (and replicas): each device, and its replicas
+    as they were shown, as they are now and as leases hold them. A departed replica is not
+    found here once its lease ended: the lease's own touch names it."""
+    ids = set(dirty)
+    bases = {base_id(d) for d in dirty}
+    ids.update(bases)
+    for address in bases:
+        for k in range(state.replicas.get(address, 0)):  # kept only for shared devices
+            ids.add(replica_id(address, k))
+        k = 0
+        while replica_id(address, k) in index:
+            ids.add(replica_id(address, k))
+            k += 1
+    ids.update(d for d in leased if d not in ids and base_id(d) in bases)
+    return sorted(ids)
 
 
 def _is_shown(state: State, address: str) -> bool:
@@ -226,16 +277,32 @@ def _is_shown(state: State, address: str) -> bool:
 
 
 def _place(
-    state: State, address: str, nodes: list[DrmNode], lease: Lease | None, before: Device | None
+    state: State,
+    device_id: str,
+    nodes: list[DrmNode],
+    lease: Lease | None,
+    before: Device | None,
+    built: dict[str, Device],
 ) -> tuple[tuple[str, str, str], Device] | None:
-    """The group (vendor, type, name) a device is shown in and the device, if it is shown."""
-    if _is_shown(state, address):
+    """The group (vendor, type, name) a device or replica is shown in and the device, if it is
+    shown: a shared device is shown as its replicas alone, in a ``.shared`` group."""
+    address, k = split(device_id)
+    count = state.replicas.get(address, 1)
+    if _is_shown(state, address) and (count > 1) == (k is not None) and (k or 0) < count:
         facts = state.devices[address]
-        triple = (vendor_name(facts.vendor_id), device_type(facts.pci_class), state.names[address])
-        return triple, build_device(facts, state, nodes, lease, before)
+        vendor, type_ = vendor_name(facts.vendor_id), device_type(facts.pci_class)
+        if k is None:
+            return (vendor, type_, state.names[address]), build_device(
+                facts, state, nodes, lease, before
+            )
+        device = built.get(address)
+        if device is None:
+            device = built[address] = build_device(facts, state, nodes, None)
+        replica = replica_device(device, k, count, lease, before)
+        return (vendor, shared_type(type_), state.names[address]), replica
     if lease is not None:
-        vendor, type_, name = lease.devices[address].split("/", 2)
-        return (vendor, type_, name), departed_device(address, lease)
+        vendor, type_, name = lease.devices[device_id].split("/", 2)
+        return (vendor, type_, name), departed_device(device_id, lease)
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from monitor.core.model import JSON, PCI_ADDRESS, frozen_mapping
+from monitor.core.replicas import REPLICA_ID
 
 LEASE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OWNER = re.compile(r"[a-z0-9._-]{1,64}")  # a scheduler's name: "nomad", "kubelet"
@@ -39,7 +40,8 @@ class Holder:
 @attrs.frozen
 class Lease:
     id: str
-    # PCI address -> key of the group the device was in when granted, so that a device that
+    # Device ID (a PCI address, or a replica's ``<address>::<k>``) -> key of the group the
+    # device was in when granted, so that a device that
     # leaves the host can still be shown, reserved, in its group.
     devices: Mapping[str, str] = attrs.field(converter=frozen_mapping)
     uid: int  # of the process that asked (SO_PEERCRED), never taken from the request
@@ -102,8 +104,10 @@ class Lease:
         if not isinstance(devices, dict) or not 0 < len(devices) <= MAX_DEVICES:
             raise ValueError(f"lease {lease_id}: devices is not a map of 1 to {MAX_DEVICES}")
         for device_id, key in devices.items():
-            if not PCI_ADDRESS.fullmatch(device_id):
-                raise ValueError(f"lease {lease_id}: {_shown(device_id)} is not a PCI address")
+            if not is_device_id(device_id):
+                raise ValueError(
+                    f"lease {lease_id}: {_shown(device_id)} is not a PCI address or replica ID"
+                )
             if not is_group_key(key):
                 raise ValueError(f"lease {lease_id}: {_shown(key)} is not a vendor/type/name")
         uid = _integer(raw, "uid", 0, MAX_ID, lease_id)
@@ -135,6 +139,13 @@ class Lease:
             holder=holder,
             owner=owner,
         )
+
+
+def is_device_id(device_id: Any) -> bool:
+    """A device ID a lease may hold: a PCI address, or replica k of one (``<address>::<k>``)."""
+    return isinstance(device_id, str) and (
+        PCI_ADDRESS.fullmatch(device_id) is not None or REPLICA_ID.fullmatch(device_id) is not None
+    )
 
 
 def is_group_key(key: Any) -> bool:

@@ -15,6 +15,7 @@ from monitor.core.model import (
     DeviceSpec,
     Mount,
 )
+from monitor.core.replicas import base_id
 
 NVIDIA_CONTROL_NODES = (
     "/dev/nvidiactl",
@@ -53,16 +54,19 @@ def plan(
     exists: Exists,
 ) -> ContainerReservation:
     """The env vars, device nodes and mounts that let a container use these devices; ``exists``
-    says which of the nodes drivers make outside udev's view are there."""
+    says which of the nodes drivers make outside udev's view are there. A replica of a shared
+    device gets its device's edits (``minor_of`` is asked for the device), and two replicas of
+    one device give them once."""
     vendor_nodes: list[str] = []  # made by drivers outside udev's view: checked on disk
     drm_nodes: list[str] = []  # the kernel reported them with the device: they exist
     links: list[str] = []
     visible_gpus: list[str] = []
     for group, device in devices:
+        address = base_id(device.id)
         if group.vendor == "nvidia":
             uuid_attribute = device.attributes.get("uuid")
-            visible_gpus.append(str(uuid_attribute.value) if uuid_attribute else device.id)
-            minor = minor_of(device.id)
+            visible_gpus.append(str(uuid_attribute.value) if uuid_attribute else address)
+            minor = minor_of(address)
             if minor is not None:
                 vendor_nodes.append(f"/dev/nvidia{minor}")
             vendor_nodes.extend(NVIDIA_CONTROL_NODES)
@@ -71,7 +75,10 @@ def plan(
         nodes = _drm_nodes(device)
         drm_nodes.extend(nodes)
         if nodes:
-            links.extend(by_path_links(device.id, exists))
+            links.extend(by_path_links(address, exists))
+    visible_gpus, drm_nodes, links = (
+        list(dict.fromkeys(x)) for x in (visible_gpus, drm_nodes, links)
+    )
     envs = {"NVIDIA_VISIBLE_DEVICES": ",".join(visible_gpus)} if visible_gpus else {}
     unique = [n for n in dict.fromkeys(vendor_nodes) if exists(n)] + drm_nodes
     return ContainerReservation(

@@ -19,7 +19,7 @@ from monitor.core.draft import Draft, RequestRule, Rule
 from monitor.core.events import Event, Request
 from monitor.core.fingerprint import Patch
 from monitor.core.leases import Lease, LeaseChange
-from monitor.core.rules import conditions, inventory, leasing, nvidia
+from monitor.core.rules import conditions, inventory, leasing, nvidia, sharing
 from monitor.core.state import State
 
 EVENT_RULES: dict[type, Rule] = {
@@ -27,6 +27,8 @@ EVENT_RULES: dict[type, Rule] = {
     **nvidia.RULES,
     **conditions.RULES,
     **leasing.RULES,
+    **leasing.RULES,
+    **sharing.RULES,
 }
 REQUEST_RULES: dict[type, RequestRule] = leasing.REQUESTS
 
@@ -39,22 +41,34 @@ class Reduction:
     # What happened, for the journal: devices that recovered and why, and lease changes.
     recoveries: Mapping[str, str] = attrs.field(factory=dict)
     lease_changes: tuple[LeaseChange, ...] = ()
+    notes: tuple[str, ...] = ()  # what the operator must be told (a setting that has to wait)
 
 
 def fold(state: State, events: Iterable[Event]) -> Reduction:
     """Fold a batch of events, requests among them, into one state and one patch.
 
     Each request is decided against the devices and leases as the events before it left them,
-    so requests in one batch are decided one after the other, as if they came one by one."""
+    so requests in one batch are decided one after the other, as if they came one by one.
+    The replica counts of the devices touched are settled before a request that follows other
+    events, and at the end (``monitor.core.rules.sharing``)."""
     draft = Draft(state)
     answers: dict[int, Answer] = {}
+    events_since = False  # events folded since the counts were last settled
     for event in events:
         if isinstance(event, Request):
+            if events_since:
+                sharing.settle(draft, draft.touched())
+                events_since = False
             answers[event.token] = REQUEST_RULES[type(event)](draft, event)
         else:
             EVENT_RULES[type(event)](draft, event)
+            events_since = True
+    if draft.changed:
+        sharing.settle(draft, draft.touched())
     new, patch = draft.commit()
-    return Reduction(new, patch, answers, draft.recoveries, tuple(draft.lease_changes))
+    return Reduction(
+        new, patch, answers, draft.recoveries, tuple(draft.lease_changes), tuple(draft.notes)
+    )
 
 
 def reduce(state: State, event: Event) -> tuple[State, Patch | None]:

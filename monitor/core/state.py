@@ -21,6 +21,7 @@ from monitor.core.health import Problems, frozen_problems
 from monitor.core.leases import Lease
 from monitor.core.model import Fingerprint, frozen_mapping, frozen_tuple
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
+from monitor.core.replicas import SharePolicy, base_id
 from monitor.core.witnesses import Sighting
 from monitor.core.xids import XidPolicy
 
@@ -40,7 +41,8 @@ def _the_parent(_: str, node: DrmNode) -> Iterable[str]:
 
 
 def _the_devices(_: str, lease: Lease) -> Iterable[str]:
-    return lease.devices
+    # and a replica's device, which its replicas are built with
+    return {*lease.devices, *(base_id(d) for d in lease.devices)}
 
 
 def _by_device(touches: Touches = _the_key) -> dict[str, Any]:
@@ -105,6 +107,13 @@ class State:
         factory=HealthPolicy, metadata={TOUCHES: EVERY_DEVICE}
     )
     access: Access = attrs.field(factory=Access, metadata={TOUCHES: NO_DEVICE})
+    # Time-sliced sharing: the configured policy, and the replica count in effect per shared
+    # device (absent: not shared), which follows the policy except while leases hold it
+    # (``monitor.core.rules.sharing``).
+    share: SharePolicy = attrs.field(factory=SharePolicy, metadata={TOUCHES: NO_DEVICE})
+    replicas: Mapping[str, int] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device()
+    )
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 
     def nvidia_minor(self, address: str) -> int | None:

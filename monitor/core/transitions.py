@@ -12,7 +12,9 @@ import attrs
 
 from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
+from monitor.core.model import Device, DeviceGroup
 from monitor.core.reducer import Reduction
+from monitor.core.replicas import base_id
 from monitor.core.state import State
 from monitor.core.xid_catalog import RESTART_APP
 from monitor.core.xids import xid_action, xid_name
@@ -33,7 +35,9 @@ class HealthTransition:
     xid: int | None = None
     xid_source: str | None = None  # who reported the XID: "nvml" or "kmsg"
     conditions: tuple[str, ...] = ()  # the health conditions NVML reports for it now
-    holders: tuple[str, ...] = ()  # the leases that hold it, when it turned unhealthy
+    # The leases on it or, shared, on its replicas, when it turned unhealthy: so that an alert
+    # for a shared GPU names everyone whose work it stops.
+    holders: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -85,20 +89,23 @@ def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
     return entries
 
 
-def _shown_present(state: State) -> dict[str, tuple[str, str]]:
-    """Devices shown and on the host (not only kept for a lease): vendor and group name."""
-    return {
-        device_id: (group.vendor, group.name)
-        for device_id, (group, _) in state.fingerprint.devices().items()
-        if device_id in state.devices
-    }
+def _shown_present(state: State) -> dict[str, tuple[DeviceGroup, Device]]:
+    """Devices shown and on the host (not only kept for a lease), by PCI address: a shared
+    device once, as its first replica, since its replicas come, go and break with it."""
+    shown: dict[str, tuple[DeviceGroup, Device]] = {}
+    for device_id, found in state.fingerprint.devices().items():  # a group's sorted: ::0 first
+        address = base_id(device_id)
+        if address in state.devices:
+            shown.setdefault(address, found)
+    return shown
 
 
 def device_moves(old: State, new: State) -> list[DeviceMoved]:
     """Healthy devices shown now and not before, and every device shown before and not now
     (an unhealthy arrival is a health transition of its own)."""
-    before, after = _shown_present(old), _shown_present(new)
-    devices = new.fingerprint.devices()
+    before = {a: (g.vendor, g.name) for a, (g, _) in _shown_present(old).items()}
+    devices = _shown_present(new)
+    after = {a: (g.vendor, g.name) for a, (g, _) in devices.items()}
     moves = []
     for device_id, (vendor, name) in after.items():
         if device_id not in before and devices[device_id][1].healthy:
@@ -120,7 +127,7 @@ def health_transitions(
 ) -> list[HealthTransition]:
     """Devices whose health changed between two states, and devices that arrived unhealthy."""
     shown_before = old.fingerprint.devices()
-    before = {d.id: d for _, d in shown_before.values()}
+    before = {a: d for a, (_, d) in _shown_present(old).items()}
     transitions = []
     for device_id, evidence in (recoveries or {}).items():
         # recovered while hidden, waiting for NVML's name (a rebind): its recovery is news too
@@ -141,10 +148,9 @@ def health_transitions(
                         _uuid(old, device_id),
                     )
                 )
-    for group, device in new.fingerprint.devices().values():
-        if device.id not in new.devices:
-            continue  # departed while reserved: lease_warnings reports it
-        previous = before.get(device.id)
+    # departed devices, shown only while reserved, are lease_warnings' to report
+    for address, (group, device) in _shown_present(new).items():
+        previous = before.get(address)
         if previous is None and device.healthy:
             continue
         if previous is not None and (previous.healthy, previous.health_desc) == (
@@ -152,44 +158,44 @@ def health_transitions(
             device.health_desc,
         ):
             continue
-        uuid = _uuid(new, device.id)
+        uuid = _uuid(new, address)
         if device.healthy:
             assert previous is not None
-            reason = (recoveries or {}).get(device.id)
+            reason = (recoveries or {}).get(address)
             transition = HealthTransition(
-                "recovered", device.id, group.vendor, group.name, previous.health_desc, None, reason
+                "recovered", address, group.vendor, group.name, previous.health_desc, None, reason
             )
         else:
-            problems = device_problems(new.devices[device.id], new.problems.get(device.id, {}))
+            problems = device_problems(new.devices[address], new.problems.get(address, {}))
             kind = "lost" if any(p.lost for p in problems) else "unhealthy"
             actions = [p.recovery_action for p in problems if p.recovery_action]
             xids = [p.xid for p in problems if p.xid is not None]
             transition = HealthTransition(
                 kind,
-                device.id,
+                address,
                 group.vendor,
                 group.name,
                 device.health_desc,
                 actions[0] if actions else None,
                 xid=xids[0] if xids else None,
-                xid_source=new.xid_sources.get(device.id) if xids else None,
+                xid_source=new.xid_sources.get(address) if xids else None,
             )
         transition = attrs.evolve(
             transition,
             uuid=uuid,
-            conditions=tuple(new.conditions.get(device.id, {})),
-            holders=() if device.healthy else lease_holders(new, device.id),
+            conditions=tuple(new.conditions.get(address, {})),
+            holders=() if device.healthy else lease_holders(new, address),
         )
         transitions.append(transition)
     return transitions
 
 
 def lease_holders(state: State, device_id: str) -> tuple[str, ...]:
-    """Who holds the device, for an alert that it broke: so that an operator knows which job
-    ran on it (each lease also gets a warning of its own, ``lease_warnings``)."""
+    """Who holds the device or, shared, its replicas, for an alert that it broke: so that an
+    operator knows which jobs ran on it (each lease also gets a warning, ``lease_warnings``)."""
     held = []
     for lease in state.leases.values():
-        if device_id in lease.devices:
+        if any(base_id(d) == device_id for d in lease.devices):
             owner = f"owner {lease.owner}, " if lease.owner else ""
             held.append(f"reservation {lease.id} ({owner}uid {lease.uid}, pid {lease.pid})")
     return tuple(sorted(held))

@@ -24,19 +24,14 @@ from monitor.core.events import (
     ClassFilterChanged,
     HealthPolicyChanged,
     LeaseEnded,
+    SharePolicyChanged,
     XidPolicyChanged,
 )
 from monitor.core.leases import Lease
 from monitor.core.state import State
 from monitor.daemon import systemd
-from monitor.daemon.config import (
-    DEFAULT_READ_GROUP,
-    RESTART_ONLY,
-    ConfigError,
-    Settings,
-    owner_identities,
-    resolve_group,
-)
+from monitor.daemon.config import RESTART_ONLY, ConfigError, Settings
+from monitor.daemon.identities import DEFAULT_READ_GROUP, owner_identities, resolve_group
 from monitor.daemon.memory import GiveBack
 from monitor.engine.hub import Hub
 from monitor.engine.inbox import Inbox, InboxReader, Item
@@ -140,6 +135,8 @@ async def reload(current: Settings, load: Callable[[], Settings], events: Inbox)
             await events.send((XidPolicyChanged(new.xid_policy),))
         if new.health_policy != current.health_policy:
             await events.send((HealthPolicyChanged(new.health_policy),))
+        if new.share_policy != current.share_policy:
+            await events.send((SharePolicyChanged(new.share_policy),))
         log.info("configuration reloaded")
         return new
     finally:
@@ -242,6 +239,7 @@ def first_state(settings: Settings, claimed: Claimed, access: Access) -> State:
         leases={lease.id: lease for lease in claimed.leases},
         xid_policy=settings.xid_policy,
         health_policy=settings.health_policy,
+        share=settings.share_policy,
         nvml_names=settings.nvml,
         access=access,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import tomllib
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import Any
 
 import attrs
 
-from monitor.core.access import Identity
 from monitor.core.conditions import NAMES as CONDITION_NAMES
 from monitor.core.conditions import HealthPolicy
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
+from monitor.core.replicas import MAX_REPLICAS, SharePolicy, ShareRule, check_match
 from monitor.core.xids import XidPolicy
+from monitor.daemon.identities import owner_map
 from monitor.daemon.kinds import (
     COUNT,
     PATH,
@@ -28,14 +28,8 @@ from monitor.daemon.kinds import (
     positive,
     setting,
 )
-from monitor.daemon.values import (
-    CLASS,
-    CONDITION,
-    XID,
-    health_interval,
-    owner_map,
-    path_or_none,
-)
+from monitor.daemon.kinds import ConfigError as ConfigError  # raised by every setting's check
+from monitor.daemon.values import CLASS, CONDITION, XID, health_interval, path_or_none
 from monitor.outputs.files import UnsafePath, read_regular_file
 from monitor.wire.paths import SYSTEM_SOCKET, default_socket
 
@@ -43,29 +37,6 @@ UDEV_SOURCES = ("auto", "udev", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
 CDI_PUBLISH_MODES = ("all", "leased")  # monitor.outputs.cdi: every device, or leases only
-
-
-class ConfigError(Exception):
-    """A setting that cannot be used; the message says which and why."""
-
-
-DEFAULT_GROUP = "hotplug-monitor"
-DEFAULT_READ_GROUP = "hotplug-monitor-read"
-MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
-
-
-def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
-    """The gid of ``name``; with no name, that of ``default`` if it exists, else None."""
-    try:
-        return grp.getgrnam(name or default).gr_gid
-    except KeyError:
-        if name is None:
-            return None
-        if name.isascii() and name.isdigit():
-            if int(name) > MAX_GID:
-                raise ConfigError(f"group ID {name} is out of range (at most {MAX_GID})") from None
-            return int(name)
-        raise ConfigError(f"no group named {name!r} on this host") from None
 
 
 def _is_root() -> bool:
@@ -99,24 +70,31 @@ def default_config() -> Path:
 # --- one definition per setting: its file key, how it is read, its flag, its help ------------
 
 
-def owner_identities(
-    owners: tuple[tuple[str, tuple[str, ...]], ...],
-) -> dict[str, tuple[Identity, ...]]:
-    """The ``owners`` setting with its groups looked up; ``ConfigError`` naming a missing one."""
-    mapped = {}
-    for name, identities in owners:
-        found = []
-        for identity in identities:
-            kind, _, value = identity.partition(":")
-            if kind == "uid":
-                found.append(Identity(uid=int(value)))
-            else:
-                try:
-                    found.append(Identity(gid=resolve_group(value)))
-                except ConfigError as exc:
-                    raise ConfigError(f"owners: {name}: {exc}") from None
-        mapped[name] = tuple(found)
-    return mapped
+def _replica_count(value: Any) -> str | None:
+    if 1 <= value <= MAX_REPLICAS:
+        return None
+    return f"must be from 1 (not shared) to {MAX_REPLICAS}"
+
+
+def _share_rules(value: list[Any]) -> tuple[ShareRule, ...]:
+    """``[[share]]`` tables, each ``match`` (PCI IDs or a group) and ``replicas``."""
+    rules = []
+    for index, table in enumerate(value):
+        if not isinstance(table, dict) or set(table) != {"match", "replicas"}:
+            raise ValueError(f'item {index}: must be a table of "match" and "replicas"')
+        match, replicas = table["match"], table["replicas"]
+        if not isinstance(match, str):
+            raise ValueError(f"item {index}: match must be a string")
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise ValueError(f"item {index}: replicas must be a whole number")
+        problem = _replica_count(replicas)
+        if problem:
+            raise ValueError(f"item {index}: replicas {problem}")
+        try:
+            rules.append(ShareRule(check_match(match), replicas))
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from None
+    return tuple(rules)
 
 
 @attrs.frozen
@@ -289,6 +267,30 @@ class Settings:
         "leased, each lease as one device named after its reservation ID, and nothing else "
         "(default: all)",
     )
+    share_replicas: int = setting(
+        1,
+        live=True,
+        kind=COUNT,
+        check=_replica_count,
+        help="offer each followed device no [[share]] rule matches as N time-sliced replicas "
+        f"(<ID>::0 to <ID>::N-1, in a VENDOR/TYPE.shared group), 1 to {MAX_REPLICAS}; no memory "
+        "or fault isolation between them (default: 1, not shared)",
+    )
+    share: tuple[ShareRule, ...] = setting(
+        (),
+        live=True,
+        kind=Kind(list, 'a list of tables such as {match = "10de:2330", replicas = 4}',
+                  _share_rules),
+        flag=False,
+        help="replicas per device class or group, the first match wins (config file only)",
+    )  # fmt: skip
+    fail_requests_greater_than_one: bool = setting(
+        False,
+        live=True,
+        kind=Kind(bool, "true or false", flag={"action": "store_const", "const": True}),
+        help="refuse a reservation of two replicas of one device: they share its time and give "
+        "no more compute than one (default: off)",
+    )
     log_level: str = setting("info", live=True, kind=choice(LOG_LEVELS), help="default: info")
     log_target: str = setting(
         "auto",
@@ -311,6 +313,10 @@ class Settings:
     @property
     def health_policy(self) -> HealthPolicy:
         return HealthPolicy(frozenset(self.health_ignore), frozenset(self.health_fatal))
+
+    @property
+    def share_policy(self) -> SharePolicy:
+        return SharePolicy(self.share_replicas, self.share, self.fail_requests_greater_than_one)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,10 @@ def _toml_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+class ConfigError(Exception):
+    """A setting that cannot be used; the message says which and why."""
+
+
 @attrs.frozen
 class Kind:
     """How a setting's value is given: the TOML types the file may use, what a person is told

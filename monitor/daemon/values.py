@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from monitor.core.conditions import known_condition
-from monitor.core.leases import OWNER
 from monitor.daemon.kinds import Kind, flag_type
 
-MAX_UID = (1 << 32) - 2
 _CLASS_PREFIX = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 
 
@@ -39,29 +37,6 @@ CONDITION = Kind(str, "a health condition", known_condition, {"type": flag_type(
 def health_interval(value: float) -> str | None:
     """0 turns the health watches off; otherwise at least a second between reads."""
     return None if value == 0 or value >= 1 else "must be 0 (off) or at least 1 second"
-
-
-def owner_map(value: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``{"batch": ["uid:1001", "group:batch"]}``, each name and identity checked; the groups
-    are looked up at start (``owner_identities``)."""
-    owners = []
-    for name, identities in value.items():
-        if not OWNER.fullmatch(name):
-            raise ValueError(f"{name!r} is not an owner name (1 to 64 of a-z, 0-9, '.', '_', '-')")
-        if not isinstance(identities, list) or not all(
-            isinstance(i, str) and _IDENTITY.fullmatch(i) for i in identities
-        ):
-            raise ValueError(
-                f'{name}: must be a list of identities such as "uid:1001" or "group:batch"'
-            )
-        for identity in identities:
-            if identity.startswith("uid:") and int(identity[4:]) > MAX_UID:
-                raise ValueError(f"{name}: {identity} is out of range (at most {MAX_UID})")
-        owners.append((name, tuple(identities)))
-    return tuple(owners)
-
-
-_IDENTITY = re.compile(r"uid:[0-9]{1,10}|group:[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
 
 
 def path_or_none(value: str) -> Path | None:

@@ -67,6 +67,8 @@ async def run_engine(
             reduction = await _decide(old, events, store)
             for entry in journal_entries(old, reduction):
                 report(entry)
+            for note in reduction.notes:
+                log.warning("%s", note)
             hub.publish(reduction.state, reduction.patch)
             if latency is not None:
                 published = trio.current_time()

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import trio
 
-from monitor.core.rules.nvidia import sysfs_stats_targets
+from monitor.core.rules.sharing import measured, sysfs_measured
 from monitor.core.state import State
 from monitor.engine.hub import Hub
 from monitor.sources import sysfs_stats
@@ -82,11 +82,11 @@ def clean(sample: Sample, present: Iterable[str]) -> Sample:
 
 
 def sysfs_sampler(root: str = sysfs_stats.PCI_DEVICES) -> Sampler:
-    """Statistics of the devices NVML does not read (the core's ``sysfs_stats_targets``), from
+    """Statistics of the devices NVML does not read (the core's ``sysfs_measured``), from
     sysfs, in a thread."""
 
     async def sample(state: State) -> Sample:
-        addresses = sysfs_stats_targets(state)
+        addresses = sysfs_measured(state)
         if not addresses:
             return {}
         return await trio.to_thread.run_sync(sysfs_stats.read_devices, addresses, root)
@@ -159,7 +159,7 @@ class StatsHub:
             for result in results:
                 for device_id, entries in result.items():
                     found.setdefault(device_id, {}).update(entries)
-            devices = clean(found, state.fingerprint.devices())
+            devices = clean(found, measured(state))
             params = {"time": round(wall, 3), "devices": devices}
             self._latest = Taken(begun, params, dumps(params))
             self.samples_taken += 1

@@ -23,6 +23,7 @@ import trio
 from monitor.core.leases import Lease
 from monitor.core.model import ContainerReservation
 from monitor.core.plan import plan
+from monitor.core.replicas import base_id
 from monitor.core.state import State
 from monitor.outputs.files import write_atomically
 from monitor.wire.framing import dumps
@@ -65,19 +66,27 @@ def container_edits(edits: ContainerReservation) -> dict[str, Any]:
 def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> dict[str, Any]:
     """One CDI device per present device that has something to inject, named by PCI address,
     and again by GPU UUID. A device with no nodes (no driver bound, nodes not made yet, a
-    virtio function) is left out: podman refuses a whole spec for one empty entry."""
+    virtio function) is left out: podman refuses a whole spec for one empty entry.
+
+    A shared device's replicas each have an entry with the device's edits, named by replica ID,
+    beside the device's own (by address and UUID): this mode hands a device to whoever names
+    it, held or not, and a replica's holder names its replica."""
     devices = []
-    for address, (group, device) in sorted(state.fingerprint.devices().items()):
+    named: set[str] = set()
+    for device_id, (group, device) in sorted(state.fingerprint.devices().items()):
+        address = base_id(device_id)
         if address not in state.devices:
             continue  # departed, shown only for its lease
         edits = plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
         if edits.empty:
             continue
         entry = container_edits(edits)
-        devices.append({"name": address, "containerEdits": entry})
         uuid = device.attributes.get("uuid")
-        if uuid is not None:
-            devices.append({"name": str(uuid.value), "containerEdits": entry})
+        names = [device_id, address, str(uuid.value) if uuid is not None else None]
+        for name in names:
+            if name is not None and name not in named:
+                named.add(name)
+                devices.append({"name": name, "containerEdits": entry})
     return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices}
 
 
@@ -94,7 +103,8 @@ def lease_edits(
     chosen = []
     for address in lease.devices:
         found = shown.get(address)
-        if address not in state.devices or found is None or not found[1].healthy:
+        present = base_id(address) in state.devices
+        if not present or found is None or not found[1].healthy:
             return None
         if plan([found], minor_of=state.nvidia_minor, exists=exists).empty:
             return None

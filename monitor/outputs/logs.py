@@ -203,7 +203,7 @@ def report_health(log: logging.Logger, transition: HealthTransition) -> None:
     }[transition.kind]
     because = f" (evidence: {transition.reason})" if transition.reason else ""
     if transition.holders:
-        because += f"; held by {', '.join(transition.holders)}"
+        because += f"; held by {fields['LEASE_HOLDERS']}"
     log.log(
         LEVELS[transition.kind],
         "%s (%s %s) %s: %s%s",

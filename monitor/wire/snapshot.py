@@ -17,6 +17,14 @@ import attrs
 MAX_TEXT = 256
 PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # safe to print and to hand on anywhere
+# Replica k of a shared device (time-sliced): ``<PCI address>::<k>``, in a ``TYPE.shared`` group.
+REPLICA_ID = re.compile(r"([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])::(0|[1-9][0-9]?)")
+
+
+def replica_of(device_id: str) -> tuple[str, int] | None:
+    """The PCI address and number of a replica ID; None for any other ID."""
+    match = REPLICA_ID.fullmatch(device_id)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def text(value: object, limit: int = MAX_TEXT) -> str | None:

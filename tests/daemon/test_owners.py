@@ -11,7 +11,8 @@ import pytest
 
 from monitor.core.access import Identity
 from monitor.core.leases import Lease
-from monitor.daemon.config import ConfigError, owner_identities, read_config
+from monitor.daemon.config import ConfigError, read_config
+from monitor.daemon.identities import owner_identities
 from monitor.outputs.store import LeaseStore
 from monitor.wire.errors import RpcError
 from monitor.wire.requests import reconcile, release, reserve

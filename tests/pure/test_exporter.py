@@ -458,3 +458,25 @@ def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_listen_addresses_refused(text: str) -> None:
     with pytest.raises(ValueError, match="--listen"):
         parse_listen(text)
+
+
+def test_a_shared_gpus_replicas_show_each_holder_and_its_telemetry_once() -> None:
+    replicas = [
+        gpu(f"{A}::0", reserved_by="r-1", reserved_owner="kubelet"),
+        gpu(f"{A}::1", reserved_by="r-2"),
+        gpu(f"{A}::2"),
+    ]
+    for replica in replicas:
+        replica["hw_locality"] = {"pci_bus_id": A}
+        replica["attributes"]["uuid"] = attribute(UUID)
+    known = Known()
+    known.snapshot(mirror(*replicas))
+    known.stats(sample(**{A.replace(":", "_"): {"Power usage": 400.0}}))
+    found = scrape(known)
+    reserved = "hotplug_monitor_device_reserved"
+    assert one(found, reserved, device=f"{A}::0", owner="kubelet") == 1
+    assert one(found, reserved, device=f"{A}::1", owner="") == 1
+    assert one(found, reserved, device=f"{A}::2", owner="") == 0
+    assert one(found, "hotplug_monitor_device_healthy", device=f"{A}::2") == 1
+    power = found["hotplug_monitor_device_power_watts"]
+    assert power == {(("device", f"{A}::0"),): 400.0}  # once per GPU: sums stay right

@@ -38,12 +38,15 @@ from monitor.core.events import (
     ReleaseRequested,
     ReserveRequested,
     Resync,
+    SharePolicyChanged,
     XidPolicyChanged,
     XidReported,
 )
 from monitor.core.fingerprint import build_fingerprint
 from monitor.core.model import Attribute
+from monitor.core.pci import class_matches
 from monitor.core.reducer import fold
+from monitor.core.replicas import SharePolicy, ShareRule, base_id, split
 from monitor.core.rules.inventory import database_name
 from monitor.core.state import State
 from monitor.core.xids import XidPolicy
@@ -53,6 +56,16 @@ ADDRESSES = ["0000:3b:00.0", "0000:5e:00.0", "0000:af:00.0", "0000:01:00.0"]
 UUIDS = ["GPU-0a0a0a0a-1111-2222-3333-444444444444", "GPU-0b0b0b0b-5555-6666-7777-888888888888"]
 DRM_NAMES = ["card0", "card1", "renderD128", "renderD129", "card0-DP-1"]
 LEASE_IDS = ["lease-1", "lease-2", "lease-3"]
+# Replica IDs, of devices that may be shared or not, and one beyond any count given below.
+REPLICAS = [f"{ADDRESSES[0]}::0", f"{ADDRESSES[0]}::1", f"{ADDRESSES[1]}::2", f"{ADDRESSES[2]}::5"]
+SHARE_POLICIES = [
+    SharePolicy(),
+    SharePolicy(replicas=2),
+    SharePolicy(rules=(ShareRule("10de", 3),)),
+    SharePolicy(
+        replicas=2, rules=(ShareRule("1002:74a1", 1),), fail_requests_greater_than_one=True
+    ),
+]
 PEERS = [ROOT, MEMBER, OTHER_MEMBER, OUTSIDER, attrs.evolve(MEMBER, in_our_pid_namespace=False)]
 
 facts_st = st.builds(
@@ -104,7 +117,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         device_ids=st.lists(
-            st.sampled_from([*ADDRESSES, *UUIDS, "0000:ee:00.0"]), min_size=1, max_size=3
+            st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS, "0000:ee:00.0"]), min_size=1, max_size=3
         ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
@@ -117,7 +130,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         lease_id=st.sampled_from([None, *LEASE_IDS]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES, "not-an-id"]), max_size=2),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES, *REPLICAS, "not-an-id"]), max_size=2),
         owner=owners,
     ),
     st.builds(
@@ -125,7 +138,7 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         owner=st.sampled_from(["nomad", "kubelet"]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES, *UUIDS]), max_size=3),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS]), max_size=3),
     ),
     st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
     st.builds(ConnectionClosed, st.just(7)),
@@ -154,7 +167,46 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         XidPolicyChanged,
         st.sampled_from([XidPolicy(), XidPolicy(ignore=frozenset({48, 79})), XidPolicy(False)]),
     ),
+    st.builds(SharePolicyChanged, st.sampled_from(SHARE_POLICIES)),
 )
+
+
+def expected_replicas(state: State, truth: Resync) -> dict[str, int]:
+    """The replica counts after a resync (issue 28): the policy's for a device no lease holds;
+    a device held whole stays whole; one whose replicas are held keeps its count if it stayed
+    the same device, else gets as many as the leases name (at least the policy's)."""
+    counts = {}
+    for facts in truth.devices:
+        address = facts.address
+        want = 1
+        if class_matches(facts.pci_class, state.match_classes):
+            want = next(
+                (r.replicas for r in state.share.rules if _matches(r.match, facts)),
+                state.share.replicas,
+            )
+        numbers = [
+            split(d)[1] for lease in state.leases.values() for d in lease.devices
+            if base_id(d) == address
+        ]  # fmt: skip
+        before = state.devices.get(address)
+        same = before is not None and identity(before) == identity(facts)
+        have = state.replicas.get(address, 1) if same else 1
+        if not numbers:
+            count = want
+        elif None in numbers:
+            count = 1
+        elif have > 1:
+            count = have
+        else:
+            count = max(want, *(k + 1 for k in numbers if k is not None))
+        if count > 1:
+            counts[address] = count
+    return counts
+
+
+def _matches(match: str, facts: PciFacts) -> bool:
+    vendor, _, device = match.partition(":")
+    return int(vendor, 16) == facts.vendor_id and (not device or int(device, 16) == facts.device_id)
 
 
 def identity(facts: PciFacts) -> tuple[int, int, int]:
@@ -186,6 +238,12 @@ def test_patches_applied_in_order_rebuild_the_final_snapshot(
         assert state.fingerprint == build_fingerprint(state)
         held = [d for lease in state.leases.values() for d in lease.devices]
         assert len(held) == len(set(held))  # no device in two leases
+        whole = {d for d in held if split(d)[1] is None}
+        assert not any(base_id(d) in whole for d in held if split(d)[1] is not None)  # 3b
+        for device_id in held:  # a held replica is shown, or its device is gone
+            address, k = split(device_id)
+            if k is not None and address in state.devices:
+                assert k < state.replicas.get(address, 1), (device_id, state.replicas)
 
 
 @given(first_states, st.lists(event_st, max_size=40))
@@ -248,7 +306,7 @@ def test_resync_from_any_state_yields_the_truth(
             )
         )
     }
-    fresh = fold(attrs.evolve(first, match_classes=state.match_classes,
+    fresh = fold(attrs.evolve(first, match_classes=state.match_classes, share=state.share,
                               nvml_names=state.nvml_names), [truth]).state  # fmt: skip
 
     def kept(field: str, also: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -268,6 +326,7 @@ def test_resync_from_any_state_yields_the_truth(
             a: x for a, x in kept("xid_sources").items() if state.devices[a].driver == "nvidia"
         },
         leases=state.leases,
+        replicas=expected_replicas(state, truth),
     )
 
     def without_health(s: State) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import attrs
 from monitor.wire import stats
 from monitor.wire.conditions import ATTRIBUTE, parse_conditions
 from monitor.wire.mirror import Mirror
-from monitor.wire.snapshot import PCI_ADDRESS
+from monitor.wire.snapshot import PCI_ADDRESS, REPLICA_ID, replica_of
 
 MAX_DEVICES = 4096
 MAX_TEXT = 256  # a label value
@@ -121,6 +121,7 @@ class Known:
         # XIDs counted since the exporter began, by XID, the catalog's action and the source
         self.xids: dict[str, dict[tuple[int, str, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
+        self.shared: set[str] = set()  # the PCI addresses of GPUs shown as replicas
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
         self.daemon: DaemonCounters | None = None  # the status answer, checked
@@ -141,7 +142,10 @@ class Known:
         for key, group in (groups if isinstance(groups, dict) else {}).items():
             members = group.get("devices") if isinstance(group, dict) else None
             for device_id, device in (members if isinstance(members, dict) else {}).items():
-                if len(devices) >= MAX_DEVICES or not PCI_ADDRESS.fullmatch(str(device_id)):
+                usable = PCI_ADDRESS.fullmatch(str(device_id)) or REPLICA_ID.fullmatch(
+                    str(device_id)
+                )
+                if len(devices) >= MAX_DEVICES or not usable:
                     continue
                 view = DeviceView.of(device_id, key, group, device)
                 if view is not None:
@@ -151,6 +155,7 @@ class Known:
         for gone in set(self.xids) - set(devices):
             del self.xids[gone]
         self.devices = devices
+        self.shared = {r[0] for i in devices if (r := replica_of(i)) is not None}
 
     def _count_xids(self, before: DeviceView | None, now: DeviceView) -> None:
         """Each XID the daemon counted since we last looked is taken as the last one it names:
@@ -179,7 +184,8 @@ class Known:
             return
         sample: dict[str, dict[str, float | str]] = {}
         for device_id, found in params["devices"].items():
-            if device_id not in self.devices or not isinstance(found, dict):
+            known = device_id in self.devices or device_id in self.shared
+            if not known or not isinstance(found, dict):
                 continue
             values: dict[str, float | str] = {}
             for name, entry in found.items():
@@ -194,6 +200,14 @@ class Known:
             sample[device_id] = values
         self.sample = sample
         self.sample_time = number(params.get("time"))
+
+    def telemetry(self, device_id: str) -> dict[str, float | str]:
+        """A device's last sample. A shared GPU's is shown once, on its replica 0, so that a
+        sum over devices (power, memory) counts each GPU once."""
+        replica = replica_of(device_id)
+        if replica is None:
+            return self.sample.get(device_id, {})
+        return self.sample.get(replica[0], {}) if replica[1] == 0 else {}
 
     def no_stats(self) -> None:
         self.sample, self.sample_time = {}, None

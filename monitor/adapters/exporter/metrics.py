@@ -380,7 +380,7 @@ def _device(known: Known, view: DeviceView, out: Families) -> None:
     out.add(RESERVED, [*device, view.owner], 1.0 if view.reserved else 0.0)
     for (xid, action, source), times in sorted(known.xids.get(view.id, {}).items()):
         out.add(XIDS, [*device, str(xid), action, source], float(times))
-    for name, value in known.sample.get(view.id, {}).items():
+    for name, value in known.telemetry(view.id).items():
         if name == stats.THROTTLE_REASONS.name:
             active = set(str(value).split(","))
             for reason in stats.THROTTLE_REASON_BITS:

@@ -79,7 +79,8 @@ def inventory(snapshot: object, options: Options) -> Inventory:
         if resource is None:
             continue
         for device_id, raw in devices(group, skipped):
-            if options.ignores(device_id, uuid_of(raw)) or device_id in seen:
+            ignored = options.ignores(device_id, uuid_of(raw), pci_bus_id(device_id, raw))
+            if ignored or device_id in seen:
                 continue
             seen.add(device_id)
             resources.setdefault(resource, {})[device_id] = _device(device_id, raw)

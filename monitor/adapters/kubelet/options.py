@@ -128,8 +128,14 @@ class Options:
                 return rule.resource
         return None if self.only_listed else default_resource(vendor, type_)
 
-    def ignores(self, device_id: str, uuid: object = None) -> bool:
-        return device_id in self.ignored or (isinstance(uuid, str) and uuid in self.ignored)
+    def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
+        """Whether the device is ignored by its ID, its GPU's UUID or its PCI address (so
+        that ignoring a shared GPU ignores its replicas)."""
+        return (
+            device_id in self.ignored
+            or (isinstance(uuid, str) and uuid in self.ignored)
+            or (pci_address is not None and pci_address in self.ignored)
+        )
 
     def endpoint(self, resource: str) -> str:
         """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``:

@@ -79,8 +79,14 @@ class PluginConfig:
     def offers(self, vendor: str, type_: str, name: str) -> bool:
         return not self.groups or any(g.matches(vendor, type_, name) for g in self.groups)
 
-    def ignores(self, device_id: str, uuid: object = None) -> bool:
-        return device_id in self.ignored or (isinstance(uuid, str) and uuid in self.ignored)
+    def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
+        """Whether the device is ignored by its ID, its GPU's UUID or its PCI address (so
+        that ignoring a shared GPU ignores its replicas)."""
+        return (
+            device_id in self.ignored
+            or (isinstance(uuid, str) and uuid in self.ignored)
+            or (pci_address is not None and pci_address in self.ignored)
+        )
 
 
 def _default(attr: hclspec_pb2.Attr, literal: str) -> hclspec_pb2.Spec:

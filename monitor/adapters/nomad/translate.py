@@ -22,7 +22,7 @@ from monitor.adapters import grpc_edge
 from monitor.adapters.nomad.config import PluginConfig
 from monitor.adapters.nomad.protos import device_pb2, structs_pb2
 from monitor.wire import stats
-from monitor.wire.snapshot import MAX_TEXT, pci_bus_id, problems, text, uuid_of
+from monitor.wire.snapshot import MAX_TEXT, pci_bus_id, problems, replica_of, text, uuid_of
 from monitor.wire.snapshot import devices as group_devices
 from monitor.wire.snapshot import groups as snapshot_groups
 
@@ -93,6 +93,13 @@ class Offered:
     by_device: Mapping[str, Triple] = attrs.field(factory=dict)
     skipped: tuple[str, ...] = ()
 
+    def instances(self, device_id: str) -> list[str]:
+        """The offered devices a stats sample of ``device_id`` is about: the device, or each
+        replica of a shared GPU (every holder sees the GPU's figures, as it shares the GPU)."""
+        if device_id in self.by_device:
+            return [device_id]
+        return [i for i in self.by_device if (r := replica_of(i)) and r[0] == device_id]
+
     def response(self) -> device_pb2.FingerprintResponse:
         return device_pb2.FingerprintResponse(device_group=list(self.groups))
 
@@ -110,6 +117,8 @@ def not_offered(device_id: str, snapshot: object, config: PluginConfig) -> str |
             continue
         if config.ignores(device_id, uuid_of(device)):
             return f"{device_id} is not offered to Nomad: its UUID is in ignored_device_ids"
+        if config.ignores(device_id, pci_address=pci_bus_id(device_id, device)):
+            return f"{device_id} is not offered to Nomad: its GPU is in ignored_device_ids"
         triple = tuple(str(group.get(k)) for k in ("vendor", "type", "name"))
         if not config.offers(*triple):
             return f"{device_id} is not offered to Nomad: group {'/'.join(triple)} is not in groups"
@@ -144,7 +153,8 @@ def offered(snapshot: object, config: PluginConfig) -> Offered:
         devices: list[device_pb2.DetectedDevice] = []
         attribute_sets: list[Mapping[str, Any]] = []
         for device_id, raw in group_devices(group, skipped):
-            if config.ignores(device_id, uuid_of(raw)) or device_id in by_device:
+            ignored = config.ignores(device_id, uuid_of(raw), pci_bus_id(device_id, raw))
+            if ignored or device_id in by_device:
                 continue
             detected, attributes = _device(device_id, raw)
             devices.append(detected)
@@ -287,12 +297,14 @@ def stats_response(sample: object, offer: Offered) -> device_pb2.StatsResponse:
     by_group: dict[Triple, dict[str, device_pb2.DeviceStats]] = {}
     if isinstance(devices, Mapping):
         for device_id, values in devices.items():
-            triple = offer.by_device.get(device_id) if isinstance(device_id, str) else None
-            if triple is None or not isinstance(values, Mapping):
+            instances = offer.instances(device_id) if isinstance(device_id, str) else []
+            if not instances or not isinstance(values, Mapping):
                 continue
             converted = device_stats(values, at)
-            if converted is not None:
-                by_group.setdefault(triple, {})[device_id] = converted
+            if converted is None:
+                continue
+            for instance in instances:
+                by_group.setdefault(offer.by_device[instance], {})[instance] = converted
     return device_pb2.StatsResponse(
         groups=[
             device_pb2.DeviceGroupStats(vendor=v, type=t, name=n, instance_stats=instances)

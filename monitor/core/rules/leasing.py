@@ -34,6 +34,8 @@ from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
 from monitor.core.plan import with_edits
+from monitor.core.replicas import base_id, split
+from monitor.core.rules.sharing import one_per_device, shared_whole
 from monitor.core.state import F, State, nvidia_minor
 
 Found = tuple[DeviceGroup, Device]
@@ -85,18 +87,22 @@ def may_own(draft: Draft, peer: Peer, owner: str, action: str) -> Refusal | None
 
 
 def device_index(fingerprint: Fingerprint) -> dict[str, Found]:
-    """Every device by PCI address and, where it has one, by GPU UUID: an ID names one device,
-    and a PCI address first."""
+    """Every device by PCI address (or replica ID) and, where it has one, by GPU UUID: an ID
+    names one device, and a PCI address first. A replica is not named by its GPU's UUID: that
+    names the GPU, which is not leased whole once shared."""
     index = dict(fingerprint.devices())
     for group, device in fingerprint.devices().values():
         uuid = device.attributes.get("uuid")
-        if uuid is not None:
+        if uuid is not None and split(device.id)[1] is None:
             index.setdefault(str(uuid.value), (group, device))
     return index
 
 
 def _why_not_shown(state: State, device_id: str) -> str | None:
     """Why a device of this host is not shown, when it is one."""
+    shared = shared_whole(state, device_id)
+    if shared is not None:
+        return shared[0]
     facts = state.devices.get(device_id.lower())
     if facts is None:
         return None
@@ -131,7 +137,11 @@ def resolve(draft: Draft, device_ids: Iterable[str]) -> list[Found] | Refusal:
     missing = [i for i in unknown if i not in hidden]
     if missing:
         sentences.insert(0, f"No such device on this host: {', '.join(missing)}.")
-    return Refusal(Reason.UNKNOWN_DEVICE, " ".join(sentences), {"device_ids": unknown})
+    data: dict[str, object] = {"device_ids": unknown}
+    replicas = {i: shared[1] for i in hidden if (shared := shared_whole(state, i)) is not None}
+    if replicas:
+        data["replicas"] = replicas
+    return Refusal(Reason.UNKNOWN_DEVICE, " ".join(sentences), data)
 
 
 def reserve(draft: Draft, request: ReserveRequested) -> Answer:
@@ -145,6 +155,9 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     found = resolve(draft, request.device_ids)
     if isinstance(found, Refusal):
         return found
+    refusal = one_per_device(draft.get(F.share), found)
+    if refusal is not None:
+        return refusal
     unhealthy = {d.id: d.health_desc for _, d in found if not d.healthy}
     if unhealthy:
         names = "; ".join(f"{i}: {desc}" for i, desc in unhealthy.items())
@@ -175,7 +188,8 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
             },
         )
     facts, nvml = draft.get(F.devices), draft.get(F.nvml)
-    minors = {d.id: m for _, d in found if (m := nvidia_minor(facts, nvml, d.id)) is not None}
+    bases = {base_id(d.id) for _, d in found}  # a replica's nodes are its device's
+    minors = {b: m for b in bases if (m := nvidia_minor(facts, nvml, b)) is not None}
     if request.cdi_nodes is not None:  # refused before any lease flickers through consumers
         named = with_edits(found, minor_of=minors.get, exists=request.cdi_nodes.__contains__)
         nothing = [d.id for _, d in found if d.id not in named]
@@ -332,7 +346,7 @@ def connection_closed(draft: Draft, event: ConnectionClosed) -> None:
 
 def orphaned(state: State, lease: Lease) -> tuple[str, ...]:
     """The devices ``lease`` holds that are no longer on the host: held still, until released."""
-    return tuple(d for d in lease.devices if d not in state.devices)
+    return tuple(d for d in lease.devices if base_id(d) not in state.devices)
 
 
 RULES: dict[type, Rule] = {
