@@ -20,8 +20,9 @@ PROG = "hotplug-monitor"
 def missing_extra(command: str, extra: str, error: ImportError) -> int:
     """Say in one line that ``command`` needs ``extra`` installed; the exit status."""
     print(
-        f"{PROG}: error: {command} needs the {extra} extra: "
-        f"pip install 'hotplug-monitor[{extra}]' ({error})",
+        f"{PROG}: error: {command} needs the {extra} extra: ./install.sh --with {extra} "
+        f"from the source, or {sys.executable} -m pip install 'hotplug-monitor[{extra}]' "
+        f"({error})",
         file=sys.stderr,
     )
     return 1
@@ -186,11 +187,22 @@ def _leases(commands: Commands) -> argparse.ArgumentParser:
     return leases
 
 
+def _interval(text: str) -> float:
+    """Seconds between two samples: 1 to 3600."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 3600 seconds, not {text!r}")
+    return seconds
+
+
 def _stats(commands: Commands) -> argparse.ArgumentParser:
     stats = _client(commands, "stats", "show device telemetry: utilization, memory, power...")
     stats.add_argument(
         "--interval",
-        type=float,
+        type=_interval,
         default=2.0,
         metavar="S",
         help="seconds between samples, 1 to 3600 (default: 2)",
