@@ -206,6 +206,12 @@ def cmd_explain_xid(args: argparse.Namespace) -> None:
     sys.stdout.write(explain(args.xid, policy))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from monitor.cli import doctor
+
+    return doctor.cmd_doctor(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "serve": cmd_serve,
     "devices": cmd_devices,
@@ -216,4 +222,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "stats": cmd_stats,
     "demo": cmd_demo,
     "explain-xid": cmd_explain_xid,
+    "doctor": cmd_doctor,
 }
