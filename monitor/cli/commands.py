@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -13,6 +14,7 @@ import trio
 
 from monitor.cli import show
 from monitor.cli.terminal import say
+from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.daemon.config import ConfigError, flag_values, load_settings
 from monitor.daemon.systemd import ActivationError
 from monitor.outputs import logs
@@ -27,6 +29,10 @@ from monitor.wire.reservations import check_reservation
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
+
+
+class UsageError(CliError):
+    """Options that do not go together: said with the command's usage, exit status 2."""
 
 
 def _connect(args: argparse.Namespace, timeout: float | None = 10.0) -> Client:
@@ -67,6 +73,8 @@ def cmd_devices(args: argparse.Namespace) -> None:
         leases = client.ask(requests.leases())["leases"]
     if args.json:
         _print_json(fingerprint)
+    elif not Mirror(fingerprint).devices():
+        say(show.no_devices(DEFAULT_MATCH_CLASSES))
     else:
         say(show.devices_table(fingerprint, leases))
 
@@ -140,9 +148,9 @@ def cmd_leases(args: argparse.Namespace) -> None:
 def cmd_release(args: argparse.Namespace) -> None:
     given = [bool(args.device_ids), bool(args.reservation), args.all]
     if sum(given) != 1:
-        raise CliError("give device IDs, --reservation ID, or --owner NAME --all: one of them")
+        raise UsageError("give device IDs, --reservation ID, or --owner NAME --all: one of them")
     if args.all and not args.owner:
-        raise CliError("--all releases every lease of one owner: give --owner NAME")
+        raise UsageError("--all releases every lease of one owner: give --owner NAME")
     call = requests.release(
         args.device_ids or None, reservation_id=args.reservation, owner=args.owner
     )
@@ -161,8 +169,6 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    if not 1 <= args.interval <= 3600:
-        raise CliError("--interval must be from 1 to 3600 seconds")
     screen = sys.stdout.isatty()  # a terminal: one table, redrawn; else one after another
     with _connect(args, timeout=None) as client:
         first = client.ask(requests.stats(args.interval))
@@ -200,7 +206,13 @@ def cmd_explain_xid(args: argparse.Namespace) -> None:
     sys.stdout.write(explain(args.xid, policy))
 
 
-COMMANDS = {
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from monitor.cli import doctor
+
+    return doctor.cmd_doctor(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "serve": cmd_serve,
     "devices": cmd_devices,
     "watch": cmd_watch,
@@ -210,4 +222,5 @@ COMMANDS = {
     "stats": cmd_stats,
     "demo": cmd_demo,
     "explain-xid": cmd_explain_xid,
+    "doctor": cmd_doctor,
 }

@@ -15,13 +15,17 @@ from monitor.wire.paths import SYSTEM_SOCKET
 from monitor.wire.reservations import CDI_KIND
 
 PROG = "hotplug-monitor"
+EXPORTER_URL = "http://localhost:10082/metrics"  # the exporter's default --listen
+KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
+NOMAD_PLUGIN_DIR = Path("/opt/nomad/plugins")  # the README's; Nomad's own is data_dir/plugins
 
 
 def missing_extra(command: str, extra: str, error: ImportError) -> int:
     """Say in one line that ``command`` needs ``extra`` installed; the exit status."""
     print(
-        f"{PROG}: error: {command} needs the {extra} extra: "
-        f"pip install 'hotplug-monitor[{extra}]' ({error})",
+        f"{PROG}: error: {command} needs the {extra} extra: ./install.sh --with {extra} "
+        f"from the source, or {sys.executable} -m pip install 'hotplug-monitor[{extra}]' "
+        f"({error})",
         file=sys.stderr,
     )
     return 1
@@ -90,6 +94,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "stats": _stats(commands),
         "demo": _demo(commands),
         "explain-xid": _explain_xid(commands),
+        "doctor": _doctor(commands),
         "nomad-plugin": _nomad_plugin(commands),
         "exporter": _exporter(commands),
         "kubelet-plugin": _kubelet_plugin(commands),
@@ -186,11 +191,22 @@ def _leases(commands: Commands) -> argparse.ArgumentParser:
     return leases
 
 
+def _interval(text: str) -> float:
+    """Seconds between two samples: 1 to 3600."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 3600 seconds, not {text!r}")
+    return seconds
+
+
 def _stats(commands: Commands) -> argparse.ArgumentParser:
     stats = _client(commands, "stats", "show device telemetry: utilization, memory, power...")
     stats.add_argument(
         "--interval",
-        type=float,
+        type=_interval,
         default=2.0,
         metavar="S",
         help="seconds between samples, 1 to 3600 (default: 2)",
@@ -317,6 +333,50 @@ def _exporter(commands: Commands) -> argparse.ArgumentParser:
         "the connection is closed (default: 2; at most 10)",
     )
     return exporter
+
+
+def _doctor(commands: Commands) -> argparse.ArgumentParser:
+    doctor: argparse.ArgumentParser = commands.add_parser(
+        "doctor",
+        help="check this host's setup: daemon, udev, NVML, kernel log, CDI, plugins, exporter",
+        description="One line a check: ok, warn or fail, what was found, and the fix. Exit "
+        "status 0 when nothing failed (warnings allowed), 1 when something did.",
+    )
+    doctor.add_argument("--socket", type=Path, metavar="PATH", help="the daemon's socket")
+    doctor.add_argument("--json", action="store_true", help="the checks as JSON")
+    doctor.add_argument(
+        "--cdi-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the daemon writes its CDI spec (default: the daemon's)",
+    )
+    doctor.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the daemon's state directory (default: the daemon's)",
+    )
+    doctor.add_argument(
+        "--kubelet-dir",
+        type=Path,
+        default=KUBELET_DIR,
+        metavar="DIR",
+        help=f"the kubelet's device plugin directory (default: {KUBELET_DIR})",
+    )
+    doctor.add_argument(
+        "--nomad-plugin-dir",
+        type=Path,
+        default=NOMAD_PLUGIN_DIR,
+        metavar="DIR",
+        help=f"Nomad's plugin_dir (default: {NOMAD_PLUGIN_DIR})",
+    )
+    doctor.add_argument(
+        "--exporter",
+        default=EXPORTER_URL,
+        metavar="URL",
+        help=f"the exporter's metrics URL (default: {EXPORTER_URL})",
+    )
+    return doctor
 
 
 def _kubelet_plugin(commands: Commands) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import shlex
 import time
 from typing import Any
 
+from monitor.core.pci import class_name
 from monitor.wire.mirror import Mirror
 
 
@@ -54,6 +55,19 @@ def devices_table(fingerprint: dict[str, Any], leases: list[dict[str, Any]]) -> 
         numa, driver = value(device, "numa_node"), value(device, "driver")
         rows.append([device_id, key, driver, numa, health(device), held])
     return table(rows)
+
+
+def no_devices(default_classes: tuple[str, ...]) -> str:
+    """What to say when nothing matches: which classes a daemon follows unless told otherwise,
+    and how to tell it (the daemon's answers do not say which classes it was given)."""
+    classes = ", ".join(
+        f"0x{prefix} ({class_name(int(prefix[:2], 16) << 16)})" for prefix in default_classes
+    )
+    return (
+        f"no matching devices: by default the daemon follows the PCI classes {classes}; "
+        "to follow others, run it with serve --match-class HEX (repeatable; match_class in "
+        "its config file)"
+    )
 
 
 def leases_table(leases: list[dict[str, Any]]) -> str:

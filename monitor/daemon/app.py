@@ -39,7 +39,7 @@ from monitor.engine.reducer_task import run_engine
 from monitor.engine.stats import StatsHub, Telemetry, sysfs_sampler
 from monitor.outputs import logs
 from monitor.outputs.cdi import CdiSpec
-from monitor.outputs.files import lock_directory, secure_directory
+from monitor.outputs.files import UnsafePath, lock_directory, secure_directory, unsafe_for
 from monitor.outputs.leaselog import LeaseLog
 from monitor.outputs.store import LeaseStore, StoreError
 from monitor.serving.limits import ConnectionLimits, LeaseRate
@@ -178,12 +178,15 @@ def restore_leases(store: LeaseStore) -> list[Lease]:
     return kept
 
 
-def claim_directory(path: Path, what: str, create_mode: int) -> tuple[Path, int | None]:
+def claim_directory(path: Path, what: str, create_mode: int, flag: str) -> tuple[Path, int | None]:
     """A directory of ours, checked and locked: its real path, and the lock's fd (None when it
-    cannot be made or opened, which the caller's writes will then report)."""
+    cannot be made or opened, which the caller's writes will then report). ``UnsafePath``
+    naming ``flag`` when others could change it."""
     try:
         real, created = secure_directory(path, create_mode)
         lock = lock_directory(real)
+    except UnsafePath as exc:
+        raise unsafe_for(flag, path, exc) from None
     except OSError as exc:
         log.error("cannot use the %s %s: %s", what, path, exc.strerror or exc)
         return path, None
@@ -197,10 +200,12 @@ async def claim(settings: Settings) -> Claimed:
 
     Each held for as long as we run: a second daemon on the same state or CDI directory would
     grant devices this one has granted, and remove the spec this one serves."""
-    state_dir, state_lock = claim_directory(settings.state_dir, "state directory", 0o700)
+    state_dir, state_lock = claim_directory(
+        settings.state_dir, "state directory", 0o700, "--state-dir"
+    )
     cdi_dir, cdi_lock = None, None
     if settings.cdi_dir is not None:
-        cdi_dir, cdi_lock = claim_directory(settings.cdi_dir, "CDI directory", 0o755)
+        cdi_dir, cdi_lock = claim_directory(settings.cdi_dir, "CDI directory", 0o755, "--cdi-dir")
     store = LeaseStore(state_dir)
     leases = await trio.to_thread.run_sync(restore_leases, store)
     try:

@@ -223,7 +223,8 @@ class Settings:
         None,
         kind=Kind(str, "a group name or ID (a string)", flag={"metavar": "NAME"}),
         help="group that may connect to the socket and reserve devices "
-        "(default: hotplug-monitor if it exists; else only root and the daemon's user)",
+        "(default: hotplug-monitor if it exists and the daemon runs as root or a member; else "
+        "only root and the daemon's user)",
     )
     read_group: str | None = setting(
         None,

@@ -6,6 +6,7 @@ Looked up at start (and reload), so that a missing group is a ``ConfigError`` na
 from __future__ import annotations
 
 import grp
+import os
 import re
 from typing import Any
 
@@ -19,10 +20,17 @@ MAX_GID = (1 << 32) - 2  # (gid_t) -1 means "no change" to chown
 MAX_UID = (1 << 32) - 2
 
 
+def _mine(gid: int) -> bool:
+    """Whether we may give a file to ``gid``: root may give it to any group, others to theirs."""
+    return os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups()
+
+
 def resolve_group(name: str | None, default: str = DEFAULT_GROUP) -> int | None:
-    """The gid of ``name``; with no name, that of ``default`` if it exists, else None."""
+    """The gid of ``name``; with no name, that of ``default`` if it exists and we may give our
+    files to it (root, or a member: a user's daemon beside install.sh's group), else None."""
     try:
-        return grp.getgrnam(name or default).gr_gid
+        gid = grp.getgrnam(name or default).gr_gid
+        return gid if name is not None or _mine(gid) else None
     except KeyError:
         if name is None:
             return None

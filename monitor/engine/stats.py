@@ -12,6 +12,8 @@ thread (``monitor.sources.sysfs_stats``).
 from __future__ import annotations
 
 import bisect
+import functools
+import importlib.metadata
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -187,6 +189,14 @@ class StatsHub:
             self.subscribers -= 1
 
 
+@functools.cache
+def daemon_version() -> str:
+    try:
+        return importlib.metadata.version("hotplug-monitor")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def status(
     hub: Hub,
     stats_hub: StatsHub | None,
@@ -197,6 +207,7 @@ def status(
     """The ``status`` method's answer: the daemon's own counters."""
     state = hub.state
     return {
+        "version": daemon_version(),
         "started": started,
         "generation": state.generation,
         "devices": len(state.fingerprint.devices()),

@@ -29,6 +29,14 @@ class UnsafePath(Exception):
     """A path the daemon will not use; the message says which and why, in one line."""
 
 
+def unsafe_for(setting: str, path: Path, error: UnsafePath) -> UnsafePath:
+    """``error`` saying which setting named ``path``, and how to choose a safe one."""
+    return UnsafePath(
+        f"{setting} {path}: {error}; give {setting} a directory that only root "
+        f"or uid {os.geteuid()} can write (a new one below it will do)"
+    )
+
+
 class InUse(Exception):
     """Another daemon holds the lock of a directory."""
 
@@ -103,10 +111,11 @@ def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -
         if exc.errno == errno.ELOOP:
             raise UnsafePath(f"{path} is a symbolic link") from None
         raise UnsafePath(f"cannot read {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which a directory makes raise
+        os.close(fd)
+        raise UnsafePath(f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePath(f"{path} is not a regular file")
         problem = _owner_problem(path, st)
         if problem:
             raise UnsafePath(f"refusing {path}: {problem}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from monitor.outputs.files import UnsafePath, secure_directory
+from monitor.outputs.files import UnsafePath, secure_directory, unsafe_for
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,20 @@ def let_read_group_in(sock: socket.socket, read_gid: int) -> None:
         os.close(fd)
 
 
+def _give_to_group(fd: int, gid: int, path: Path) -> None:
+    try:
+        os.chown("s", -1, gid, dir_fd=fd, follow_symlinks=False)
+    except PermissionError:
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            name = str(gid)
+        raise SocketPathError(
+            f"cannot listen on {path}: cannot give it to the group {name}, which uid "
+            f"{os.geteuid()} is not in; give --group a group of yours, or run as root"
+        ) from None
+
+
 def _probe(path: Path) -> bool:
     """Whether a daemon answers on the socket at ``path``."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,7 +151,7 @@ def bind_unix_socket(
         create_mode = 0o755 if os.geteuid() == 0 else 0o700
         directory, created = secure_directory(path.parent, create_mode)
     except UnsafePath as exc:
-        raise SocketPathError(str(exc)) from None
+        raise SocketPathError(str(unsafe_for("--socket", path, exc))) from None
     except OSError as exc:
         raise SocketPathError(
             f"cannot make the socket directory {path.parent}: {exc.strerror}"
@@ -164,7 +179,7 @@ def bind_unix_socket(
                 sock.bind(f"/proc/self/fd/{fd}/s")  # short whatever the directory's path
                 os.chmod("s", mode, dir_fd=fd)
                 if gid is not None:
-                    os.chown("s", -1, gid, dir_fd=fd, follow_symlinks=False)
+                    _give_to_group(fd, gid, path)
                 if read_gid is not None:
                     _set_acl(f"/proc/self/fd/{fd}/s", read_group_acl(mode, read_gid), path)
                 bound = os.stat("s", dir_fd=fd)

@@ -310,7 +310,9 @@ async def run_udev_source(
     is sysfs read again: the kernel reports the next loss (ENOBUFS) only once our queue has been
     empty, so a resync taken earlier could be followed by stale events and a silent loss.
     """
-    if source == "udev" and not os.path.exists(UDEV_CONTROL):
+    # Under umockdev (the demo, the tests) the uevents are simulated: no udevd is needed.
+    simulated = "UMOCKDEV_DIR" in os.environ
+    if source == "udev" and not simulated and not os.path.exists(UDEV_CONTROL):
         log.warning(
             "--udev-source udev, but udevd does not seem to run (%s is missing): no uevents may "
             "ever arrive; --udev-source auto would listen to the kernel's",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import grp
+import os
+import pwd
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,29 @@ from monitor.wire.requests import Call
 RECEIVE_SIZE = 1 << 16
 
 
+def who_may(path: Path) -> str:
+    """Who may connect to the socket at ``path`` and how to join them, from the file's mode and
+    group (", ..." or nothing when the file cannot be looked at)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not st.st_mode & 0o020:
+        return f": only root and uid {st.st_uid} may connect (run it as one of them)"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return (
+        f": only root and the group {group} may connect "
+        f"(sudo usermod -aG {group} {user}, then log in again)"
+    )
+
+
 def connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     """What a failed connect means, in one line (every transport says it alike)."""
     if isinstance(exc, FileNotFoundError):
@@ -22,7 +48,7 @@ def connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     if isinstance(exc, ConnectionRefusedError):
         return DaemonUnavailable(f"no daemon is running on {path} (connection refused)")
     if isinstance(exc, PermissionError):
-        return DaemonUnavailable(f"permission denied connecting to {path}")
+        return DaemonUnavailable(f"permission denied connecting to {path}{who_may(path)}")
     return DaemonUnavailable(f"cannot connect to {path}: {exc.strerror or exc}")
 
 

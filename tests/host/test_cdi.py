@@ -208,8 +208,8 @@ def test_a_device_with_nothing_to_inject_keeps_cdi_for_the_others(
     refused = daemon.cli("reserve", "--cdi", NODELESS)
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr == (
-        f"hotplug-monitor: {NODELESS} has nothing a container engine could be given (no device "
-        "nodes), so no CDI device names it.\n"
+        f"hotplug-monitor: error: {NODELESS} has nothing a container engine could be given (no "
+        "device nodes), so no CDI device names it\n"
     )
     assert daemon.client().call("leases") == {"leases": []}
     # refused before any lease was granted: none flickered through watch, the journal...
@@ -231,8 +231,8 @@ def test_reserve_prints_cdi_names_and_container_engine_arguments(
     refused = plain.cli("reserve", "--cdi", "0000:3b:00.0")
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr == (
-        "hotplug-monitor: This daemon keeps no CDI spec (it runs with --no-cdi or without root): "
-        'reserve without "cdi" and give the container the devices another way.\n'
+        "hotplug-monitor: error: this daemon keeps no CDI spec (it runs with --no-cdi or without "
+        'root): reserve without "cdi" and give the container the devices another way\n'
     )
     assert plain.client().call("leases") == {"leases": []}  # nothing kept that is of no use
     plain.stop()

@@ -147,7 +147,7 @@ def test_releasing_a_typo_is_an_error_and_not_reserved_is_said_plainly(
     for wrong in ("0000:99:00.0", "not-an-id"):
         done = daemon.cli("release", wrong)
         assert done.returncode == 1
-        assert done.stderr == f"hotplug-monitor: No such device on this host: {wrong}.\n"
+        assert done.stderr == f"hotplug-monitor: error: no such device on this host: {wrong}\n"
     done = daemon.cli("release", devices[0])
     assert (done.returncode, done.stdout) == (0, f"{devices[0]} was not reserved\n")
 

@@ -431,7 +431,8 @@ def test_mistakes_are_one_line_errors() -> None:
     assert missing.returncode == 1
     assert missing.stderr.startswith(
         "hotplug-monitor: error: exporter needs the exporter extra: "
-        "pip install 'hotplug-monitor[exporter]'"
+        "./install.sh --with exporter from the source, or "
+        f"{sys.executable} -m pip install 'hotplug-monitor[exporter]'"
     )
     assert len(missing.stderr.splitlines()) == 1
     helped = exporter("--help")

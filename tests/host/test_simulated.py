@@ -278,7 +278,7 @@ def test_reserve_and_release_commands(daemon: Daemon) -> None:
     lease = human.stdout.split()[1].rstrip(":")
     held = daemon.cli("reserve", "0000:3b:00.0", "0000:1b:00.0")
     assert held.returncode == 1 and held.stdout == ""
-    assert held.stderr == f"hotplug-monitor: Already reserved: 0000:1b:00.0 by {lease}.\n"
+    assert held.stderr == f"hotplug-monitor: error: already reserved: 0000:1b:00.0 by {lease}\n"
     assert daemon.cli("release", "0000:1b:00.0").stdout == "released 0000:1b:00.0\n"
     env = daemon.cli("reserve", "--env", "0000:1b:00.0", "0000:3b:00.0")
     assert env.stdout == "export NVIDIA_VISIBLE_DEVICES=0000:1b:00.0,0000:3b:00.0\n"
@@ -292,7 +292,7 @@ def test_reserve_and_release_commands(daemon: Daemon) -> None:
     assert released.stdout == "released 0000:9a:00.0\n"
     unknown = daemon.cli("reserve", "0000:ee:00.0")
     assert unknown.returncode == 1 and unknown.stdout == ""
-    assert unknown.stderr == "hotplug-monitor: No such device on this host: 0000:ee:00.0.\n"
+    assert unknown.stderr == "hotplug-monitor: error: no such device on this host: 0000:ee:00.0\n"
 
 
 def test_demo_tells_the_whole_story() -> None:
@@ -323,7 +323,10 @@ def test_demo_tells_the_whole_story() -> None:
         "demo: done",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
-    assert "Already reserved: 0000:1b:00.0 by" in demo.stderr  # the second workload is told
+    assert "error: already reserved: 0000:1b:00.0 by" in demo.stderr  # the second is told
+    assert "udevd does not seem to run" not in demo.stderr  # no flag the user did not give
+    # The driver's reload after XID 79 is a rebind: the GPU never left (issue 30, item 7)
+    assert f"* 0000:3b:00.0 {nvidia} healthy" in out and "- 0000:3b:00.0" not in out
     assert "Traceback" not in demo.stderr
     # One writer: every watch line is whole (it starts its line), and in generation order
     lines = out.splitlines()

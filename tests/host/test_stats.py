@@ -398,4 +398,4 @@ def test_the_stats_command(daemon: Daemon) -> None:
     assert rows[AMD][1:3] == ["42%", "17%"]
     assert rows[INTEL][1] == "-"  # the kernel gives no utilization for it
     wrong = subprocess.run([*command, "--interval", "0"], capture_output=True, text=True)
-    assert wrong.returncode == 1 and "--interval must be from 1 to 3600" in wrong.stderr
+    assert wrong.returncode == 2 and "--interval: must be from 1 to 3600" in wrong.stderr
