@@ -100,15 +100,15 @@ def test_pci_error_recovery_is_a_health_patch_both_ways(
                     "0000:3b:00.0": {
                         "healthy": False,
                         "health_desc": "PCI error: recovery in progress, device offline",
+                        "health": "unhealthy",  # the verdict, beside the description
                     }
                 }
             }
         }
     }
     gpus.pci_error("0000:3b:00.0", "SUCCESSFUL_RECOVERY")
-    assert sub.next()["patch"] == {
-        "groups": {H100: {"devices": {"0000:3b:00.0": {"healthy": True, "health_desc": ""}}}}
-    }
+    healthy_again = {"healthy": True, "health_desc": "", "health": None}  # the verdict removed
+    assert sub.next()["patch"] == {"groups": {H100: {"devices": {"0000:3b:00.0": healthy_again}}}}
     gpus.pci_error("0000:3b:00.0", "FAILED_RECOVERY")
     failed = sub.next()["patch"]["groups"][H100]["devices"]["0000:3b:00.0"]
     assert failed["healthy"] is False and "recovery failed" in failed["health_desc"]
@@ -126,6 +126,7 @@ def test_wedged_drm_device_marks_its_parent_and_none_restores(
     assert patch == {
         "healthy": False,
         "health_desc": "DRM device card3 is wedged; recovery needs: rebind,bus-reset",
+        "health": "unhealthy",
     }
     gpus.wedge("0000:9a:00.0", "none")
     assert sub.next()["patch"]["groups"][ARC]["devices"]["0000:9a:00.0"]["healthy"] is True
@@ -311,9 +312,8 @@ def test_demo_tells_the_whole_story() -> None:
         "* 0000:9a:00.0 intel/gpu/Arc A770 healthy",  # rebound
         "- 0000:5b:00.0 amd/gpu/Instinct MI300X removed",
         "+ 0000:5b:00.0 amd/gpu/Instinct MI300X healthy",  # replugged
-        f"! 0000:3b:00.0 {nvidia} UNHEALTHY: XID 79: GPU has fallen off the bus; "
-        "recovery: reboot the node",
-        f"+ 0000:3b:00.0 {nvidia} healthy",  # reset and reloaded: named by NVML again
+        f"! 0000:3b:00.0 {nvidia} UNHEALTHY: XID 79 (the GPU has fallen off the bus; NVIDIA: "
+        "RESTART_BM): unhealthy; recovery: reboot the node",
         "  env    NVIDIA_VISIBLE_DEVICES=GPU-5d1e3a4b-0000-4000-8000-00000001b000,"
         "GPU-5d1e3a4b-0000-4000-8000-00000003b000",
         "> 0000:1b:00.0 nvidia/gpu/NVIDIA H100 80GB HBM3 reserved by",  # watch shows it
