@@ -9,7 +9,7 @@ words what it does with what passes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -136,3 +136,15 @@ class GroupPattern:
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.vendor, self.type, self.name) if p is not None)
+
+
+def is_ignored(
+    ignored: Collection[str], device_id: str, uuid: object = None, pci_address: str | None = None
+) -> bool:
+    """Whether an adapter's ignore list names the device by its ID, its GPU's UUID or its PCI
+    address (so that ignoring a shared GPU ignores its replicas)."""
+    return (
+        device_id in ignored
+        or (isinstance(uuid, str) and uuid in ignored)
+        or (pci_address is not None and pci_address in ignored)
+    )

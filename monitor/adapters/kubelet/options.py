@@ -29,7 +29,7 @@ from pathlib import Path
 import attrs
 
 from monitor.wire.paths import SYSTEM_SOCKET
-from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored
 
 KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
 POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
@@ -129,13 +129,7 @@ class Options:
         return None if self.only_listed else default_resource(vendor, type_)
 
     def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
-        """Whether the device is ignored by its ID, its GPU's UUID or its PCI address (so
-        that ignoring a shared GPU ignores its replicas)."""
-        return (
-            device_id in self.ignored
-            or (isinstance(uuid, str) and uuid in self.ignored)
-            or (pci_address is not None and pci_address in self.ignored)
-        )
+        return is_ignored(self.ignored, device_id, uuid, pci_address)
 
     def endpoint(self, resource: str) -> str:
         """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``:

@@ -28,7 +28,7 @@ import msgpack
 
 from monitor.adapters.nomad.protos import hclspec_pb2
 from monitor.wire.paths import SYSTEM_SOCKET
-from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored
 
 # Nomad's own device plugin API version, the one its loader accepts for device plugins.
 DEVICE_API_VERSION = "v0.1.0"
@@ -80,13 +80,7 @@ class PluginConfig:
         return not self.groups or any(g.matches(vendor, type_, name) for g in self.groups)
 
     def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
-        """Whether the device is ignored by its ID, its GPU's UUID or its PCI address (so
-        that ignoring a shared GPU ignores its replicas)."""
-        return (
-            device_id in self.ignored
-            or (isinstance(uuid, str) and uuid in self.ignored)
-            or (pci_address is not None and pci_address in self.ignored)
-        )
+        return is_ignored(self.ignored, device_id, uuid, pci_address)
 
 
 def _default(attr: hclspec_pb2.Attr, literal: str) -> hclspec_pb2.Spec:
