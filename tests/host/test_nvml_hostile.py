@@ -30,29 +30,34 @@ HOSTILE_NAME = "NVIDIA H100\x1b[2J\x1b]0;pwned\x07"
 DATABASE_NAME = "nvidia/gpu/H100 SXM5 80GB"  # udev's hardware database, for an empty name
 
 
-def start(
-    sim: Simulator,
-    tmp_path: Path,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
-    **overrides: dict[str, Any],
-) -> tuple[FakeNvml, Callable[[], Daemon]]:
-    for index, address in enumerate((A, B, C)):
-        sim.add("nvidia-h100", address, index)
-    gpus = [
-        FakeGpu(
-            **{
-                "bus_id": address,
-                "uuid": UUIDS[address],
-                "minor": index,
-                **overrides.get(address, {}),
-            }
-        )
-        for index, address in enumerate((A, B, C))
-    ]
-    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, gpus)
-    env = {**sim.daemon_env(), **nvml.env()}
-    return nvml, lambda: start_daemon("--udev-source", "udev", env=env, nvml=True)
+Launcher = Callable[[dict[str, dict[str, Any]]], Callable[[], Daemon]]
+
+
+@pytest.fixture
+def three_gpus(
+    sim: Simulator, tmp_path: Path, nvml_lib: Path, start_daemon: Callable[..., Daemon]
+) -> Launcher:
+    """Given what NVML says otherwise of some GPUs (by address), the way to start a daemon (and
+    to start it again) on three simulated H100s and the stand-in NVML."""
+
+    def prepare(overrides: dict[str, dict[str, Any]]) -> Callable[[], Daemon]:
+        for index, address in enumerate((A, B, C)):
+            sim.add("nvidia-h100", address, index)
+        gpus = [
+            FakeGpu(
+                **{
+                    "bus_id": address,
+                    "uuid": UUIDS[address],
+                    "minor": index,
+                    **overrides.get(address, {}),
+                }
+            )
+            for index, address in enumerate((A, B, C))
+        ]
+        env = {**sim.daemon_env(), **FakeNvml(tmp_path / "nvml", nvml_lib, gpus).env()}
+        return lambda: start_daemon("--udev-source", "udev", env=env, nvml=True)
+
+    return prepare
 
 
 def named(mirror: Mirror) -> bool:
@@ -71,14 +76,11 @@ def restart(daemon: Daemon, again: Callable[[], Daemon]) -> Daemon:
 
 @pytest.mark.parametrize("name", [HOSTILE_NAME, "", "\x1b\x07 \x7f"])
 def test_a_gpu_name_nvml_mangles_loses_no_lease_across_restarts(
-    sim: Simulator,
-    tmp_path: Path,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
+    three_gpus: Launcher,
     subscribe: Callable[[Daemon], Subscription],
     name: str,
 ) -> None:
-    _, again = start(sim, tmp_path, nvml_lib, start_daemon, **{A: {"name": name}})
+    again = three_gpus({A: {"name": name}})
     daemon = again()
     mirror = subscribe(daemon).until(named)
     groups = groups_of(mirror)
@@ -100,15 +102,10 @@ def test_a_gpu_name_nvml_mangles_loses_no_lease_across_restarts(
 
 
 def test_what_devices_prints_moves_no_cursor_and_sets_no_title(
-    sim: Simulator,
-    tmp_path: Path,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
+    three_gpus: Launcher,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    _, again = start(
-        sim, tmp_path, nvml_lib, start_daemon, **{A: {"name": "NVIDIA\x1b]0;x\x07\x9b2J H100"}}
-    )
+    again = three_gpus({A: {"name": "NVIDIA\x1b]0;x\x07\x9b2J H100"}})
     daemon = again()
     subscribe(daemon).until(named)
     with daemon.client() as client:
@@ -135,15 +132,12 @@ def test_what_devices_prints_moves_no_cursor_and_sets_no_title(
     ],
 )
 def test_a_uuid_not_in_nvidias_form_names_no_device(
-    sim: Simulator,
-    tmp_path: Path,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
+    three_gpus: Launcher,
     subscribe: Callable[[Daemon], Subscription],
     uuid: str,
     why: str,
 ) -> None:
-    _, again = start(sim, tmp_path, nvml_lib, start_daemon, **{C: {"uuid": uuid}})
+    again = three_gpus({C: {"uuid": uuid}})
     daemon = again()
     mirror = subscribe(daemon).until(named)
     bad = mirror.devices()[C][1]
@@ -163,13 +157,10 @@ def test_a_uuid_not_in_nvidias_form_names_no_device(
 
 
 def test_a_uuid_nvml_gives_two_gpus_names_neither(
-    sim: Simulator,
-    tmp_path: Path,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
+    three_gpus: Launcher,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    _, again = start(sim, tmp_path, nvml_lib, start_daemon, **{C: {"uuid": UUIDS[B]}})
+    again = three_gpus({C: {"uuid": UUIDS[B]}})
     daemon = again()
     mirror = subscribe(daemon).until(named)
     for address in (B, C):
