@@ -91,3 +91,29 @@ def test_the_readme_links_every_page_of_the_manual() -> None:
     }
     pages = set((ROOT / "docs").glob("*.md"))
     assert pages and {p.resolve() for p in pages} <= linked
+
+
+INSTALL = (ROOT / "install.sh").read_text()
+
+
+def first_command() -> str:
+    return re.findall(r"^```sh\n(.*?)\n```", README.read_text(), re.M | re.S)[0]
+
+
+def test_the_readmes_first_command_installs_then_does_what_install_sh_says_next() -> None:
+    steps = first_command().split(" && ")
+    assert "./install.sh" in steps
+    said_next = INSTALL.split("\nnext:\n", 1)[1].splitlines()[0].split("#")[0].strip()
+    assert steps[-1] == said_next
+
+
+def test_the_manual_uninstall_removes_every_path_install_sh_installs_to() -> None:
+    # install.sh names each destination once, in one block (venv=/opt/..., man=...)
+    block = INSTALL.split("\n# Where each thing goes", 1)[1].split("\n\n", 1)[0]
+    destinations = re.findall(r"^[a-z]+=(/[^\s]+)$", block, re.M)
+    assert len(destinations) >= 7, destinations
+    operating = (ROOT / "docs" / "operating.md").read_text()
+    by_hand = next(block for block in re.findall(r"^```sh\n(.*?)^```", operating, re.M | re.S)
+                   if block.startswith("systemctl disable"))  # fmt: skip
+    for path in destinations:
+        assert path in by_hand, path
