@@ -97,7 +97,9 @@ INSTALL = (ROOT / "install.sh").read_text()
 
 
 def first_command() -> str:
-    return re.findall(r"^```sh\n(.*?)\n```", README.read_text(), re.M | re.S)[0]
+    block = re.search(r"^```sh\n(.*?)\n```", README.read_text(), re.M | re.S)
+    assert block is not None, "the README has no sh block"
+    return block.group(1)
 
 
 def test_the_readmes_first_command_installs_then_does_what_install_sh_says_next() -> None:
