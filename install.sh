@@ -166,7 +166,8 @@ fi
 cat <<EOF
 installed hotplug-monitor $("$venv/bin/hotplug-monitor" --version | cut -d' ' -f2) in $venv
 next:
-  systemctl enable --now hotplug-monitor.socket hotplug-monitor.service
+  hotplug-monitor serve    # in the foreground, logging here; Ctrl-C stops it
+  systemctl enable --now hotplug-monitor.socket hotplug-monitor.service    # or: as a service
   usermod -aG hotplug-monitor USER    # who may reserve devices (they log in again after)
   usermod -aG hotplug-monitor-read USER    # or: who may only read devices, leases and stats
   hotplug-monitor devices
