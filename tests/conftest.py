@@ -77,7 +77,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if reliability.rows:
-        terminalreporter.section("reliability (README table: python -m tests.reliability)")
+        terminalreporter.section("reliability (docs/operating.md: python -m tests.reliability)")
         for row in reliability.rows:
             terminalreporter.write_line(" | ".join(row.values()))
 

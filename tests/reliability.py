@@ -1,9 +1,10 @@
-"""The README's "Reliability" table, written by the tests that measure it.
+"""The "Reliability" table of docs/operating.md, written by the tests that measure it.
 
 A test calls ``record`` once its assertions have passed, so a row is what held in that run. At the
 end of the session conftest writes the rows to ``build/reliability.json`` (or
-``$RELIABILITY_REPORT``) and prints them; ``python -m tests.reliability`` puts them in README.md
-between the markers, so the table there is the output of a run and not prose.
+``$RELIABILITY_REPORT``) and prints them; ``python -m tests.reliability --readme
+docs/operating.md`` puts them there between the markers, so the table there is the output of a
+run and not prose.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def update_readme(readme: Path, report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description="Print the reliability table of the last test run, or put it in README.md."
+        description="Print the reliability table of the last test run, or put it in a page."
     )
     parser.add_argument("--report", type=Path, default=report_path(), help="the run's JSON")
-    parser.add_argument("--readme", type=Path, help="rewrite the table in this README")
+    parser.add_argument("--readme", type=Path, help="rewrite the table in this page")
     args = parser.parse_args()
     try:
         report = json.loads(args.report.read_text())

@@ -205,7 +205,7 @@ def _plugins(kubelet_dir: Path, nomad_dir: Path) -> list[Check]:
                 "warn",
                 "nomad",
                 f"no plugin at {plugin}",
-                "if Nomad: see the README's Nomad section",
+                "if Nomad: see docs/nomad.md",
             )
         )
     return checks

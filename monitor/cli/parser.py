@@ -17,7 +17,7 @@ from monitor.wire.reservations import CDI_KIND
 PROG = "hotplug-monitor"
 EXPORTER_URL = "http://localhost:10082/metrics"  # the exporter's default --listen
 KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
-NOMAD_PLUGIN_DIR = Path("/opt/nomad/plugins")  # the README's; Nomad's own is data_dir/plugins
+NOMAD_PLUGIN_DIR = Path("/opt/nomad/plugins")  # docs/nomad.md's; Nomad's own is data_dir/plugins
 
 
 def missing_extra(command: str, extra: str, error: ImportError) -> int:

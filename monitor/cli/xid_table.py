@@ -1,8 +1,8 @@
-"""``hotplug-monitor explain-xid N``, and the README's XID table, both from the core's catalog
-and verdict function, so neither can drift from what the daemon does.
+"""``hotplug-monitor explain-xid N``, and the XID table of docs/nvidia-health.md, both from the
+core's catalog and verdict function, so neither can drift from what the daemon does.
 
-``python -m monitor.cli.xid_table`` rewrites the table between the README's markers; a test
-checks the committed README matches.
+``python -m monitor.cli.xid_table`` rewrites the table between the page's markers; a test
+checks the committed page matches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from monitor.core.xids import CATALOG, XidPolicy, judge
 
 BEGIN = "<!-- xid-table: python -m monitor.cli.xid_table -->"
 END = "<!-- /xid-table -->"
+DOCS_PAGE = "docs/nvidia-health.md"  # relative to the repository root
 
 
 def explain(xid: int, policy: XidPolicy | None = None) -> str:
@@ -58,10 +59,10 @@ def with_table(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Rewrite the README's XID table.")
-    parser.add_argument("readme", nargs="?", type=Path, default=Path("README.md"))
+    parser = argparse.ArgumentParser(description=f"Rewrite the XID table of {DOCS_PAGE}.")
+    parser.add_argument("page", nargs="?", type=Path, default=Path(DOCS_PAGE))
     args = parser.parse_args(argv)
-    args.readme.write_text(with_table(args.readme.read_text()))
+    args.page.write_text(with_table(args.page.read_text()))
     return 0
 
 

@@ -6,7 +6,7 @@ Xid Catalog" (docs.nvidia.com/deploy/xid-errors), in the machine-readable copy N
 NVSentinel (``xiderrorsmapping.csv``, commit 6f8b0fcf, XIDs 1-162), where the catalog's
 CONTACT_SUPPORT is written UNEXPECTED_ERR_REPORT_ISSUE (checked against the docs page for XIDs
 1-12). What each action means for a GPU's health is ``monitor.core.xids``' decision, not this
-table's. ``python -m monitor.cli.xid_table`` writes the README's table from it.
+table's. ``python -m monitor.cli.xid_table`` writes docs/nvidia-health.md's table from it.
 """
 
 from __future__ import annotations

@@ -68,12 +68,18 @@ class Claimed:
     locks: tuple[int, ...]  # fds; closing them lets a next daemon in
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 reservation``, ``2 reservations``: a count as a person says it."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def status_line(hub: Hub) -> str:
     devices = [d for _, d in hub.state.fingerprint.devices().values()]
     unhealthy = sum(not d.healthy for d in devices)
     return (
-        f"{len(devices)} devices, {unhealthy} unhealthy, {len(hub.subscribers)} subscribers, "
-        f"{len(hub.state.leases)} reservations"
+        f"{counted(len(devices), 'device')}, {unhealthy} unhealthy, "
+        f"{counted(len(hub.subscribers), 'subscriber')}, "
+        f"{counted(len(hub.state.leases), 'reservation')}"
     )
 
 
@@ -214,7 +220,7 @@ async def claim(settings: Settings) -> Claimed:
     except StoreError as exc:
         log.error("%s: reserve and release will be refused until it can be written", exc)
     if leases:
-        log.info("restored %d reservations from %s", len(leases), store.path)
+        log.info("restored %s from %s", counted(len(leases), "reservation"), store.path)
     locks = tuple(fd for fd in (state_lock, cdi_lock) if fd is not None)
     return Claimed(state_dir, cdi_dir, store, tuple(leases), locks)
 

@@ -7,7 +7,7 @@ free pages (``malloc_trim``). It wakes only after activity: an idle daemon costs
 
 glibc can return pages only of memory it manages: under Python's own small-object allocator
 (the default), the freed objects' 1 MiB arenas stay mapped while any object in them lives, so
-the unit runs the daemon with ``PYTHONMALLOC=malloc`` (README, Performance).
+the unit runs the daemon with ``PYTHONMALLOC=malloc`` (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ class RecentNodeCheck:
 
     Drivers make those nodes when they load (``/dev/nvidia-uvm`` often only at first CUDA use),
     not per request, while a stat of each node on every request was much of what a reservation
-    cost (tests/bench, scenario 5; the figures are in the README).
+    cost (tests/bench, scenario 5; the figures are in docs/performance.md).
     """
 
     def __init__(

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
 # Seconds between looks at the path. Each look wakes an idle daemon, which otherwise stays
-# asleep (tests/bench's idle scenario; the figures are in the README), so: rarely.
+# asleep (tests/bench's idle scenario; the figures are in docs/performance.md), so: rarely.
 CHECK_INTERVAL = 5.0
 
 Listen = Callable[[socket.socket], Awaitable[None]]

@@ -1,7 +1,7 @@
 """Run the benchmarks: ``python -m tests.bench [--quick] [--json OUT] [--only 1,4] [--against REV]
 [--profile]``.
 
-Prints one table (Markdown, so it pastes into the README) and writes every figure, with the
+Prints one table (Markdown, so it pastes into docs/performance.md) and writes every figure, with the
 machine's details, to a JSON file. Latencies are p50 / p99 / max over at least 1,000 samples in
 a full run; comparisons are ratios measured in the same run, on the same events where possible.
 """

@@ -198,6 +198,17 @@ def test_leases_survive_sigkill_at_random_moments(
     )
 
 
+def test_a_restart_says_how_many_reservations_it_restored_in_words(
+    host: tuple[Daemon, list[str]], start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, devices = host
+    daemon.client().call("reserve", {"device_ids": [devices[0]]})
+    daemon.stop()
+    again = start_daemon(*reservable()[1])
+    assert f"restored 1 reservation from {daemon.state_dir}" in again.log(), again.log()
+    assert "1 reservations" not in again.log()
+
+
 def test_a_corrupt_lease_file_is_moved_aside_and_the_daemon_starts(
     host: tuple[Daemon, list[str]], start_daemon: Callable[..., Daemon]
 ) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor.cli.parser import build_parser
 from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,17 +36,32 @@ def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root with what units rely on from the base system (its targets, /bin/kill, /etc), and
-    hotplug-monitor installed into it by install.sh."""
-    need(None if SYSTEM_PYTHON.exists() else "needs /usr/bin/python3 (Debian package python3)")
-    root = tmp_path_factory.mktemp("root")
+def base_system(root: Path) -> Path:
+    """What units rely on from the base system: its targets, /bin/kill, /etc."""
     (root / "etc").mkdir()
     (root / "usr/bin").mkdir(parents=True)
     (root / "bin").symlink_to("usr/bin")
     shutil.copy(tool("kill"), root / "usr/bin/kill")
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    return root
+
+
+def tree(root: Path) -> set[Path]:
+    """Every path under root but directories (links included, not followed)."""
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_symlink() or not p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return base_system(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def installed(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root like the base system, with hotplug-monitor installed into it by install.sh."""
+    need(None if SYSTEM_PYTHON.exists() else "needs /usr/bin/python3 (Debian package python3)")
+    root = tmp_path_factory.mktemp("root")
+    shutil.copytree(base, root, symlinks=True, dirs_exist_ok=True)
     result = run(INSTALL, "--root", root, "--with", ",".join(ADAPTERS))
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"installed hotplug-monitor under {root}\n"
@@ -119,6 +135,38 @@ def test_the_group_catalog_and_docs_are_found_where_systemd_looks(installed: Pat
         assert (installed / documentation.lstrip("/")).read_text() == (
             ROOT / "README.md"
         ).read_text()
+    doc = installed / "usr/local/share/doc/hotplug-monitor"
+    for page in ROOT.glob("docs/*.md"):  # the README's links resolve where it is installed
+        assert (doc / "docs" / page.name).read_text() == page.read_text()
+
+
+def test_the_man_page_is_installed_and_renders_without_warnings(installed: Path) -> None:
+    page = installed / "usr/local/share/man/man8/hotplug-monitor.8"
+    assert page.stat().st_mode & 0o777 == 0o644
+    need(None if shutil.which("man") else "needs man (Debian package man-db)")
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "MANWIDTH": "80"}
+    shown = subprocess.run(
+        ["man", "--warnings", "-l", str(page)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (shown.returncode, shown.stderr) == (0, "")
+    _, commands = build_parser()
+    for name in ("NAME", "SYNOPSIS", "COMMANDS", "EXIT STATUS", "FILES", "SEE ALSO", *commands):
+        assert f"\n   {name}\n" in shown.stdout or f"\n{name}\n" in shown.stdout, name
+
+
+def test_uninstall_removes_everything_install_put_there(base: Path, installed: Path) -> None:
+    # a copy, so the other tests keep theirs; install.sh added what the base system lacks (the
+    # other tests' systemd-sysusers and journalctl --root wrote etc/ and var/, as the system's
+    # own tools do: the groups and the catalog's database are left, as install.sh --help says)
+    added = {p for p in tree(installed) - tree(base) if p.parts[0] not in ("etc", "var")}
+    assert {Path("usr/local/share/man/man8/hotplug-monitor.8"),
+            Path("usr/local/lib/systemd/system/hotplug-monitor-exporter.service"),
+            Path("usr/local/lib/sysusers.d/hotplug-monitor-exporter.conf")} <= added  # fmt: skip
+    copy = shutil.copytree(installed, installed.parent / "uninstalled", symlinks=True)
+    result = run(INSTALL, "--uninstall", "--root", copy)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"removed hotplug-monitor from under {copy}\n"
+    assert tree(copy) & added == set()
 
 
 def test_an_interpreter_the_service_cannot_see_is_refused(tmp_path: Path) -> None:

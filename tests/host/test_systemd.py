@@ -326,11 +326,11 @@ def test_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
         notify.wait_for("STATUS=")
         status = next(m for _, m in notify.messages if m.startswith("STATUS="))
         assert re.fullmatch(
-            r"STATUS=\d+ devices, \d+ unhealthy, 0 subscribers, 0 reservations", status
+            r"STATUS=(1 device|\d+ devices), \d+ unhealthy, 0 subscribers, 0 reservations", status
         )
         with Client(sock) as client:
             client.call("subscribe")
-            notify.wait_for(", 1 subscribers, ")
+            notify.wait_for(", 1 subscriber, ")
 
         # WatchdogSec of 0.2 s: pings keep coming, from the event loop (their interval, and
         # none while the loop stalls: tests/inprocess/test_timers.py).

@@ -131,13 +131,13 @@ def test_operator_overrides_and_xid_unknown() -> None:
     assert judge(13, XidPolicy(), recovery_action=7).decided_by == "driver"
 
 
-def test_the_readme_xid_table_is_the_one_the_catalog_writes() -> None:
+def test_the_docs_xid_table_is_the_one_the_catalog_writes() -> None:
     from pathlib import Path
 
-    from monitor.cli.xid_table import with_table
+    from monitor.cli.xid_table import DOCS_PAGE, with_table
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert readme == with_table(readme), "run python -m monitor.cli.xid_table"
+    page = (Path(__file__).parents[2] / DOCS_PAGE).read_text()
+    assert page == with_table(page), "run python -m monitor.cli.xid_table"
 
 
 def test_explain_xid_names_the_action_and_who_decided() -> None:

@@ -1,7 +1,7 @@
 """The metrics the exporter serves, each named once here, and their exposition.
 
 ``METRICS`` is the one list of names, kinds, labels and help texts: the collector emits only
-what it names, the README's table is checked against it, and the daemon's statistics
+what it names, docs/prometheus.md's table is checked against it, and the daemon's statistics
 (``monitor.wire.stats``) map onto it through ``TELEMETRY``, converted to Prometheus's base
 units (ratios, bytes, hertz, watts, joules, celsius). Labels are few and bounded: a device is
 its PCI address (``device``) on every per-device series, and what describes it is on

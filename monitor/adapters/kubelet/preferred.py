@@ -9,8 +9,8 @@ one PCIe switch get consecutive bus numbers, so closeness is: same PCI domain, t
 between bus numbers, then device and function.
 
 Pure: plain data in, a list of IDs out, in O(n²) at most for n devices offered (1,024 in about
-the time the README's benchmark gives); always a valid answer (the must-include devices first,
-then others from ``available``, never more than ``size``, never an ID not offered).
+the time docs/performance.md's benchmark gives); always a valid answer (the must-include devices
+first, then others from ``available``, never more than ``size``, never an ID not offered).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ HANDSHAKE = attrs.evolve(
     not_a_host_hint=(
         "hotplug-monitor nomad-plugin is a HashiCorp Nomad device plugin, started by the Nomad "
         "client, not by hand: put a script that runs it in the client's plugin_dir and name "
-        "that script in a plugin block of the client's configuration (README, section Nomad)."
+        "that script in a plugin block of the client's configuration (docs/nomad.md)."
     ),
 )
 
