@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn, TypeAlias
 
-from monitor.daemon.config import add_setting_flags
+from monitor.daemon.config import FILE_KEYS, add_setting_flags
 from monitor.wire.paths import SYSTEM_SOCKET
 from monitor.wire.reservations import CDI_KIND
 
@@ -237,6 +237,11 @@ def _demo(commands: Commands) -> argparse.ArgumentParser:
     return demo
 
 
+def _said(setting: str) -> str:
+    """What ``serve --help`` says of a setting: the same words for the same policy."""
+    return str(FILE_KEYS[setting].metadata["help"])
+
+
 def _explain_xid(commands: Commands) -> argparse.ArgumentParser:
     explain: argparse.ArgumentParser = commands.add_parser(
         "explain-xid",
@@ -245,9 +250,13 @@ def _explain_xid(commands: Commands) -> argparse.ArgumentParser:
         "and which policy decided it (--xid-ignore, --xid-fatal, --xid-unknown as the daemon's).",
     )
     explain.add_argument("xid", type=int, help="the XID number")
-    explain.add_argument("--xid-ignore", type=int, action="append", default=[], metavar="XID")
-    explain.add_argument("--xid-fatal", type=int, action="append", default=[], metavar="XID")
-    explain.add_argument("--xid-unknown", choices=("drain", "report"), default="drain")
+    for flag, policy in (("--xid-ignore", "xid_ignore"), ("--xid-fatal", "xid_fatal")):
+        explain.add_argument(
+            flag, type=int, action="append", default=[], metavar="XID", help=_said(policy)
+        )
+    explain.add_argument(
+        "--xid-unknown", choices=("drain", "report"), default="drain", help=_said("xid_unknown")
+    )
     return explain
 
 

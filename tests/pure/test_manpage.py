@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from monitor.cli.manpage import manpage, roff
 from monitor.cli.parser import build_parser
@@ -52,6 +53,24 @@ def test_every_help_text_is_on_the_page() -> None:
         for action in shown(command):
             if action.help and "%(" not in action.help:
                 assert roff(action.help) in sections(page)[name], (name, action.dest)
+
+
+def test_every_option_says_what_it_does() -> None:
+    _, commands = build_parser()
+    silent = [
+        (name, action.option_strings or action.dest)
+        for name, command in commands.items()
+        for action in shown(command)
+        if not action.help
+    ]
+    assert not silent
+
+
+def test_the_manuals_command_list_names_every_command() -> None:
+    _, commands = build_parser()
+    operating = (Path(__file__).parents[2] / "docs" / "operating.md").read_text()
+    listed = re.findall(r"^- `hotplug-monitor ([a-z-]+)", operating, re.M)
+    assert set(listed) == set(commands)
 
 
 def test_no_line_of_text_is_read_as_a_request() -> None:
