@@ -18,6 +18,9 @@ cost is what the watches add to it:
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +29,14 @@ from monitor.sim.nvml import FakeGpu, FakeNvml, build_library
 from monitor.sim.umockdev import Simulator
 from monitor.wire.blocking import Client
 from monitor.wire.mirror import Mirror
-from tests.bench.common import Daemon, Results, Row
+from tests.bench.common import REPO, Daemon, Results, Row
 
 SCENARIO = "15 health sweep"
 COUNTS = (8, 64)
 DEFAULT_INTERVAL = 30.0  # --health-interval's default
 TARGET_PERCENT = 0.1  # of one core, the sweep at the default interval
 SETTLE_SECONDS = 3.0  # after every GPU is named: the first sweep and start-up's trim are done
+DIRECT_ROUNDS = 50  # sweeps of every GPU, called directly in a process of their own
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,16 @@ def idle_cpu(
     return {k: Idle(after[k][0] - before[k][0], after[k][1] - before[k][1], elapsed) for k in after}
 
 
+def direct_read_s(nvml: FakeNvml, count: int) -> float:
+    """CPU seconds of one GPU's health read called directly (``HealthReader.read``, no trio, no
+    thread, no event waits beside it), in a process of its own on the stand-in."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.health_sweep", str(count), str(DIRECT_ROUNDS)],
+        env={**os.environ, **nvml.env()}, cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(done.stdout.split()[-1])
+
+
 def health_sweep(results: Results, workdir: Path, window: float) -> None:
     print(f"[{SCENARIO}] idle CPU over {window:g} s, {' and '.join(map(str, COUNTS))} GPUs, "
           "watches off / every 30 s / every second, side by side")  # fmt: skip
@@ -124,7 +138,8 @@ def health_sweep(results: Results, workdir: Path, window: float) -> None:
                 sim.add("nvidia-h100", gpu.bus_id, gpu.minor)
             nvml = FakeNvml(workdir / f"nvml-{count}", library, gpus(count))
             runs = idle_cpu(workdir, sim, nvml, count, window)
-        _rows(results, count, runs)
+            direct = direct_read_s(nvml, count)
+        _rows(results, count, runs, direct)
     results.note(
         "scenario 15: CPU of the daemon and its NVML worker (psutil, user + system), idle, no "
         "subscriber, three daemons side by side; the floor (--health-interval 0) is mostly the "
@@ -133,7 +148,7 @@ def health_sweep(results: Results, workdir: Path, window: float) -> None:
     )
 
 
-def _rows(results: Results, count: int, runs: dict[str, Idle]) -> None:
+def _rows(results: Results, count: int, runs: dict[str, Idle], direct_s: float) -> None:
     off, default, every = runs["off"], runs["default"], runs["1s"]
     results.add(
         Row(SCENARIO, f"{count} GPUs: idle CPU, daemon + NVML worker, watches off (the floor)",
@@ -156,6 +171,11 @@ def _rows(results: Results, count: int, runs: dict[str, Idle]) -> None:
             f"{per_read_s * 1e6:.0f} us of CPU per GPU per read",
             data=vars(every) | {"percent": every.percent, "per_read_s": per_read_s}),
     )  # fmt: skip
+    results.add(
+        Row(SCENARIO, f"{count} GPUs: one health read called directly (no daemon, no thread)",
+            f"{direct_s * 1e6:.0f} us of CPU; the daemon's is x{per_read_s / direct_s:.2f} that",
+            data={"direct_s": direct_s, "ratio": per_read_s / direct_s}),
+    )  # fmt: skip
     sweep = 100 * per_read_s * count / DEFAULT_INTERVAL
     results.add(
         Row(SCENARIO, f"{count} GPUs: the sweep at the default 30 s, from the cost per read",
@@ -163,3 +183,25 @@ def _rows(results: Results, count: int, runs: dict[str, Idle]) -> None:
             f"<= {TARGET_PERCENT:g} % of a core", "met" if sweep <= TARGET_PERCENT else "MISSED",
             {"percent": sweep, "ratio": sweep / off.percent}),
     )  # fmt: skip
+
+
+def main(count: int, rounds: int) -> None:
+    """``python -m tests.bench.health_sweep COUNT ROUNDS`` with the stand-in's environment:
+    prints the CPU seconds of one health read, over ``rounds`` sweeps of ``count`` GPUs."""
+    import pynvml
+
+    from monitor.sources.nvml_worker.health import HealthReader
+
+    pynvml.nvmlInit()
+    readers = [HealthReader(pynvml.nvmlDeviceGetHandleByPciBusId(g.bus_id)) for g in gpus(count)]
+    for reader in readers:  # the first read finds what the GPU does not support
+        reader.read()
+    started = time.process_time()
+    for _ in range(rounds):
+        for reader in readers:
+            reader.read()
+    print((time.process_time() - started) / (rounds * count))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
