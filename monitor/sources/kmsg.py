@@ -276,6 +276,7 @@ async def run_kmsg_source(
     try:
         task_status.started()
         while True:
+            # Blocks in epoll until the log has a record: no wake-up, and no read, without one.
             await trio.lowlevel.wait_readable(fd)
             at = trio.current_time()
             events: list[Event] = []

@@ -26,7 +26,9 @@ from monitor.sim.umockdev import umockdev_missing
 from tests.bench import (
     exporter,
     fanout,
+    health_sweep,
     kernel,
+    kmsg,
     kubelet,
     lifecycle,
     nomad,
@@ -34,6 +36,7 @@ from tests.bench import (
     preferred,
     reserve,
     simulated,
+    snapshot_size,
     telemetry,
 )
 from tests.bench.common import (
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12,13,14", help="scenarios to run, e.g. 1,4"
+        "--only", default=",".join(map(str, range(1, 18))), help="scenarios to run, e.g. 1,4"
     )
     parser.add_argument(
         "--against",
@@ -365,6 +368,20 @@ def main(argv: list[str] | None = None) -> int:
                 preferred.SCENARIO,
                 lambda: preferred.preferred(results, 100 if quick else 1000, quick),
             )
+
+        # Scenarios 15-17, the cost of the NVIDIA features (issue 31).
+        for number, module, run in (
+            (15, health_sweep, lambda: health_sweep.health_sweep(
+                results, work / "s15", 8.0 if quick else 30.0)),
+            (16, kmsg, lambda: kmsg.kmsg_reader(
+                results, work / "s16", samples, idle_seconds if quick else 30.0, quick, profiles)),
+            (17, snapshot_size, lambda: snapshot_size.snapshot_size(
+                results, work / "s17", 100 if quick else 1000)),
+        ):  # fmt: skip
+            if number in only and no_sim:
+                skipped(module.SCENARIO, no_sim)
+            elif number in only:
+                guarded(module.SCENARIO, run)
 
     # In scenario order (they run in the order that shares set-up).
     results.rows.sort(key=lambda row: int(row.scenario.split()[0]))

@@ -13,13 +13,20 @@ import os
 import random
 import signal
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
+from monitor.core.events import XidReported
 from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator
+from monitor.sources import kmsg
+from monitor.sources.counts import Received
 from monitor.wire.mirror import Mirror
 from tests.conftest import Daemon, Subscription
 from tests.waiting import wait_until
@@ -208,3 +215,43 @@ def daemon_read(daemon: Daemon) -> int:
     with daemon.client() as client:
         records: int = client.call("status")["kmsg_records"]
     return records
+
+
+class CountedReads(ModuleType):
+    """``os`` as the kernel-log reader sees it, with its reads counted."""
+
+    def __init__(self) -> None:
+        super().__init__("os")
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def read(self, fd: int, size: int) -> bytes:
+        self.reads += 1
+        return os.read(fd, size)
+
+
+async def test_the_reader_reads_only_when_a_record_comes(
+    autojump_clock: trio.testing.MockClock,
+    fifo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No wake-ups without records: an hour of trio's clock with nothing written costs not one
+    read, where a reader that polled (at any interval under an hour) would have read."""
+    counted = CountedReads()
+    monkeypatch.setattr(kmsg, "os", counted)
+    send, receive = trio.open_memory_channel[tuple[Any, ...] | Received](8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(kmsg.run_kmsg_source, send, fifo))
+        await trio.sleep(3600)
+        assert counted.reads == 0
+        write(fifo, xid_line("0000:3b:00", 13))
+        batch = await receive.receive()
+        assert isinstance(batch, Received)
+        assert batch.events == (XidReported("0000:3b:00", 13, "kmsg", batch.at),)
+        reads = counted.reads
+        assert reads > 0
+        await trio.sleep(3600)
+        assert counted.reads == reads  # the record read, and not one read since
+        nursery.cancel_scope.cancel()
