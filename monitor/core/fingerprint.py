@@ -211,7 +211,6 @@ def build_fingerprint(
         if was_in is not None:
             group(was_in.key).pop(address)
         base = state.parent_of(address)
-        lease = leased.get(address)
         placed = _place(state, address, nodes.get(base, []), leased, before, built)
         key = None
         if placed is not None:
@@ -238,9 +237,7 @@ def build_fingerprint(
                 shared = old.attributes
             else:  # a departed device has no attributes left: it does not take the group's away
                 shown = [
-                    d.attributes
-                    for i, d in devices.items()
-                    if _is_shown(state, state.parent_of(i))
+                    d.attributes for i, d in devices.items() if _is_shown(state, state.parent_of(i))
                 ]
                 shared = common_attributes(shown)
             groups[key] = DeviceGroup(

@@ -23,9 +23,8 @@ from monitor.core.plan import plan
 from monitor.core.state import State
 from monitor.core.transitions import LeaseWarning, journal_entries
 from monitor.sim.mig import ci_access_minor, gi_access_minor, mig_minors_text
-from tests.pure.examples import GPU, GPU_UUID, H100, OTHER_MEMBER, decide, release
+from tests.pure.examples import GPU, GPU_UUID, H100, OTHER_MEMBER, decide, release, run
 from tests.pure.examples import reserve as reserve_request
-from tests.pure.examples import run
 
 A = H100.address
 ONE_A = MigInstance("MIG-11111111-1111-4111-8111-111111111111", 9, 0, 1, 1, 9984)

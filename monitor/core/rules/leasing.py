@@ -34,7 +34,7 @@ from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
 from monitor.core.plan import with_edits
-from monitor.core.replicas import base_id, split
+from monitor.core.replicas import split
 from monitor.core.rules.mig_reserve import mig_refusal, mig_whole
 from monitor.core.rules.sharing import one_per_device, shared_whole
 from monitor.core.state import F, State, nvidia_minor

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from monitor.core.answers import Reason, Refusal
-from monitor.core.mig import MIG_TYPE
+from monitor.core.mig import MIG_TYPE, MigLayout
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.state import State
 
@@ -33,6 +33,11 @@ def mig_whole(state: State, device_id: str) -> tuple[str, list[str]] | None:
     return why, instances
 
 
+def _empty(layout: MigLayout, device: Device) -> bool:
+    """MIG mode on, no MIG device, and not held whole already (by an owner re-reserving it)."""
+    return layout.enabled and not layout.instances and device.reserved_by is None
+
+
 def mig_refusal(state: State, found: Iterable[tuple[DeviceGroup, Device]]) -> Refusal | None:
     """Why these devices are not leased, where MIG is the reason: a GPU in MIG mode with no MIG
     device, or a MIG device without its capability nodes."""
@@ -41,9 +46,8 @@ def mig_refusal(state: State, found: Iterable[tuple[DeviceGroup, Device]]) -> Re
         if group.type == MIG_TYPE:
             if "mig_caps" not in device.attributes:
                 no_caps.append(device.id)
-        elif (layout := state.mig.get(device.id)) is not None and layout.enabled:
-            if not layout.instances and device.reserved_by is None:
-                empty.append(device.id)
+        elif (layout := state.mig.get(device.id)) is not None and _empty(layout, device):
+            empty.append(device.id)
     if empty:
         return Refusal(
             Reason.INVALID,
