@@ -6,6 +6,7 @@ nvidia-ml-py bindings loading the stand-in libnvidia-ml.so.1, repartitioned whil
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,36 @@ def test_mig_mode_turned_off_shows_the_gpu_whole_on_the_next_sweep(
     nvml.set_mig(A, [], announce=False)  # no event: the sweep finds it
     mirror = sub.until(lambda m: ids(m) == {A})
     assert device(mirror, A)["attributes"]["mig_mode"]["value"] == "disabled"
+
+
+def test_sighup_reads_the_layouts_again_where_nvml_said_nothing(
+    mig_daemon: Callable[..., Daemon],
+    nvml: FakeNvml,
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    daemon = mig_daemon("--health-interval", "0")
+    sub = subscribe(daemon)
+    sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
+    nvml.set_mig(A, example_layout()[:1], announce=False)  # no event, no sweep
+    daemon.process.send_signal(signal.SIGHUP)
+    sub.until(lambda m: ids(m) == {THREE})
+
+
+def test_without_the_mig_minors_file_an_instance_is_refused_saying_why(
+    tmp_path: Path,
+    sim: Simulator,
+    nvml: FakeNvml,
+    start_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    sim.add("nvidia-h100", A, 0)
+    missing = tmp_path / "no-such-mig-minors"
+    env = {**sim.daemon_env(), **nvml.env()}
+    daemon = start_daemon("--udev-source", "udev", "--mig-minors", str(missing), env=env, nvml=True)
+    sub = subscribe(daemon)
+    sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
+    with daemon.client() as client, pytest.raises(RpcError) as refused:
+        client.call("reserve", {"device_ids": [ONE_A]})
+    assert refused.value.code == -32602
+    assert str(missing) in refused.value.message and "capability nodes" in refused.value.message
+    assert "MIG instances get no capability nodes" in daemon.log()
