@@ -86,6 +86,10 @@ def test_pynvml_lists_the_mig_devices_and_sees_a_repartition(fake: FakeNvml) -> 
 
 
 def test_an_xid_event_names_its_gpu_and_compute_instance(fake: FakeNvml) -> None:
+    def xids() -> None:
+        fake.xid(BUS, 13, 9, 0)
+        fake.xid(BUS, 48)
+
     result = run_script(
         fake,
         """
@@ -99,7 +103,7 @@ def test_an_xid_event_names_its_gpu_and_compute_instance(fake: FakeNvml) -> None
         done([[a.eventData, a.gpuInstanceId, a.computeInstanceId],
               [b.eventData, b.gpuInstanceId, b.computeInstanceId]])
         """,
-        steps={"xids": lambda: (fake.xid(BUS, 13, 9, 0), fake.xid(BUS, 48))},
+        steps={"xids": xids},
     )
     assert result == [[13, 9, 0], [48, 0xFFFFFFFF, 0xFFFFFFFF]]
 
