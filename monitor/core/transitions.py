@@ -12,9 +12,9 @@ import attrs
 
 from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
+from monitor.core.mig import MIG_TYPE
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.reducer import Reduction
-from monitor.core.mig import MIG_TYPE
 from monitor.core.replicas import base_id
 from monitor.core.state import State
 from monitor.core.xid_catalog import RESTART_APP

@@ -20,6 +20,7 @@ from monitor.core.events import (
 from monitor.core.fingerprint import build_fingerprint
 from monitor.core.mig import MigInstance, MigLayout, parse_mig_minors, profile_name
 from monitor.core.plan import plan
+from monitor.core.rules.nvidia import sysfs_stats_targets
 from monitor.core.state import State
 from monitor.core.transitions import LeaseWarning, journal_entries
 from monitor.sim.mig import ci_access_minor, gi_access_minor, mig_minors_text
@@ -132,6 +133,9 @@ def test_a_whole_lease_blocks_the_instances_until_it_ends() -> None:
     assert isinstance(granted, Grant)
     state, _ = run(MigLayoutSeen(A, LAYOUT), state=state)  # partitioned under the lease
     assert set(shown(state)) == {A}
+    _, blocked = answer(state, reserve_request(ONE_A.uuid, peer=OTHER_MEMBER, lease_id="l2"))
+    assert isinstance(blocked, Refusal) and blocked.reason is Reason.UNKNOWN_DEVICE
+    assert "which is reserved whole (lease-1)" in blocked.message
     state, _ = answer(state, release(lease_id="lease-1"))
     assert set(shown(state)) == {ONE_A.uuid, ONE_B.uuid, THREE.uuid}
     assert build_fingerprint(state) == state.fingerprint
@@ -218,6 +222,10 @@ def test_a_gpu_wide_problem_is_a_lease_warning_for_each_instance_holder() -> Non
     reduction = decide(state, XidReported(A, 79))
     warnings = [e for e in journal_entries(state, reduction) if isinstance(e, LeaseWarning)]
     assert [w.device_id for w in warnings] == [ONE_A.uuid]
+
+
+def test_mig_devices_have_no_sysfs_statistics() -> None:
+    assert sysfs_stats_targets(mig_host()) == []
 
 
 def test_mig_minors_parsing_skips_what_is_not_an_access_entry() -> None:

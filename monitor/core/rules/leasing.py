@@ -35,7 +35,7 @@ from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
 from monitor.core.plan import with_edits
 from monitor.core.replicas import split
-from monitor.core.rules.mig_reserve import mig_refusal, mig_whole
+from monitor.core.rules.mig_reserve import mig_blocked, mig_refusal, mig_whole
 from monitor.core.rules.sharing import one_per_device, shared_whole
 from monitor.core.state import F, State, nvidia_minor
 
@@ -104,6 +104,9 @@ def _why_not_shown(state: State, device_id: str) -> str | None:
     shared = shared_whole(state, device_id) or mig_whole(state, device_id)
     if shared is not None:
         return shared[0]
+    blocked = mig_blocked(state, device_id)
+    if blocked is not None:
+        return blocked
     facts = state.devices.get(device_id.lower())
     if facts is None:
         return None

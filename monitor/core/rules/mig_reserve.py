@@ -33,6 +33,21 @@ def mig_whole(state: State, device_id: str) -> tuple[str, list[str]] | None:
     return why, instances
 
 
+def mig_blocked(state: State, device_id: str) -> str | None:
+    """Why a MIG device of this host is not shown, when its GPU is held whole."""
+    found = state.mig_instance(device_id)
+    if found is None:
+        return None
+    address = found[0]
+    holders = sorted(i for i, lease in state.leases.items() if address in lease.devices)
+    if not holders:
+        return None
+    return (
+        f"{device_id} is a MIG instance of {address}, which is reserved whole "
+        f"({', '.join(holders)}): its MIG instances are shown once that reservation ends"
+    )
+
+
 def _empty(layout: MigLayout, device: Device) -> bool:
     """MIG mode on, no MIG device, and not held whole already (by an owner re-reserving it)."""
     return layout.enabled and not layout.instances and device.reserved_by is None

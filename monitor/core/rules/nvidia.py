@@ -252,7 +252,8 @@ def nvml_resets(told: Mapping[str, int] | None, targets: Mapping[str, int]) -> l
 def sysfs_stats_targets(state: State) -> list[str]:
     """The shown devices whose statistics come from sysfs: all but those NVML reads."""
     nvml = nvml_targets(state)
-    return [device_id for device_id in state.fingerprint.devices() if device_id not in nvml]
+    # a MIG device's GPU is NVML's: its MIG devices have no sysfs figures of their own
+    return [d for d in state.fingerprint.devices() if state.parent_of(d) not in nvml]
 
 
 RULES: dict[type, Rule] = {
