@@ -189,9 +189,12 @@ def test_mig_mode_turned_off_shows_the_gpu_whole_again() -> None:
     assert shown(state)[A][1].attributes["mig_mode"].value == "disabled"
 
 
-def test_a_gpu_that_leaves_takes_its_instances_along() -> None:
-    state, _ = run(DeviceGone(A), state=mig_host())
-    assert not shown(state)
+def test_a_gpu_that_leaves_takes_its_instances_and_their_leases_along() -> None:
+    state, _ = answer(mig_host(), reserve_request(ONE_A.uuid))
+    reduction = decide(state, DeviceGone(A))
+    assert not shown(reduction.state) and not reduction.state.leases
+    (change,) = reduction.lease_changes
+    assert "revoked" in change.reason and "left the host" in change.reason
 
 
 def test_an_application_xid_in_an_instance_is_that_instances_alone() -> None:

@@ -25,6 +25,8 @@ from monitor.core.events import (
     DrmWedged,
     Event,
     LeaseEnded,
+    MigLayoutSeen,
+    MigMinorsRead,
     NvmlAbsent,
     NvmlEventReported,
     NvmlGpu,
@@ -43,6 +45,7 @@ from monitor.core.events import (
     XidReported,
 )
 from monitor.core.fingerprint import build_fingerprint
+from monitor.core.mig import MigInstance, MigLayout, parse_mig_minors
 from monitor.core.model import Attribute
 from monitor.core.pci import class_matches
 from monitor.core.reducer import fold
@@ -50,6 +53,7 @@ from monitor.core.replicas import SharePolicy, ShareRule, base_id, split
 from monitor.core.rules.inventory import database_name
 from monitor.core.state import State
 from monitor.core.xids import XidPolicy
+from monitor.sim.mig import mig_minors_text
 from tests.pure.examples import ACCESS, HOLDER, MEMBER, OTHER_MEMBER, OUTSIDER, ROOT
 
 ADDRESSES = ["0000:3b:00.0", "0000:5e:00.0", "0000:af:00.0", "0000:01:00.0"]
@@ -65,6 +69,23 @@ SHARE_POLICIES = [
     SharePolicy(
         replicas=2, rules=(ShareRule("1002:74a1", 1),), fail_requests_greater_than_one=True
     ),
+]
+# MIG devices of the first two addresses: two layouts each, sharing one instance, and one UUID
+# in the old form; MIG mode off; MIG mode on without instances.
+MIGS = [f"MIG-{k}{k}{k}{k}{k}{k}{k}{k}-1111-4111-8111-111111111111" for k in "1234"]
+MIG_LAYOUTS = [
+    MigLayout(
+        True, (MigInstance(MIGS[0], 9, 0, 1, 1, 9984), MigInstance(MIGS[1], 2, 0, 3, 3, 40448))
+    ),
+    MigLayout(
+        True, (MigInstance(MIGS[0], 9, 0, 1, 1, 9984), MigInstance(MIGS[2], 1, 0, 4, 4, 40448))
+    ),
+    MigLayout(
+        True,
+        (MigInstance(MIGS[3], 0, 0, 7, 7, 81152), MigInstance("MIG-GPU-a/1/0", 1, 0, 1, 1, 9984)),
+    ),
+    MigLayout(False),
+    MigLayout(True),
 ]
 PEERS = [ROOT, MEMBER, OTHER_MEMBER, OUTSIDER, attrs.evolve(MEMBER, in_our_pid_namespace=False)]
 
@@ -117,7 +138,9 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         device_ids=st.lists(
-            st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS, "0000:ee:00.0"]), min_size=1, max_size=3
+            st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS, *MIGS, "0000:ee:00.0"]),
+            min_size=1,
+            max_size=3,
         ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
@@ -130,7 +153,9 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         lease_id=st.sampled_from([None, *LEASE_IDS]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES, *REPLICAS, "not-an-id"]), max_size=2),
+        device_ids=st.lists(
+            st.sampled_from([*ADDRESSES, *REPLICAS, *MIGS, "not-an-id"]), max_size=2
+        ),
         owner=owners,
     ),
     st.builds(
@@ -153,6 +178,18 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         ),
     ),
     st.builds(XidReported, st.sampled_from(ADDRESSES), st.sampled_from([13, 48, 79, 999])),
+    st.builds(
+        XidReported,
+        st.sampled_from(ADDRESSES[:2]),
+        st.sampled_from([13, 48]),
+        gpu_instance=st.sampled_from([None, 9, 2]),
+        compute_instance=st.sampled_from([None, 0]),
+    ),
+    st.builds(MigLayoutSeen, st.sampled_from(ADDRESSES[:2]), st.sampled_from(MIG_LAYOUTS)),
+    st.builds(
+        MigMinorsRead,
+        st.sampled_from([parse_mig_minors("gpu0/gi9/access 84\ngpu0/gi9/ci0/access 85\n")]),
+    ),
     st.builds(
         NvmlEventReported,
         st.sampled_from(ADDRESSES),
@@ -240,6 +277,10 @@ def test_patches_applied_in_order_rebuild_the_final_snapshot(
         assert len(held) == len(set(held))  # no device in two leases
         whole = {d for d in held if split(d)[1] is None}
         assert not any(base_id(d) in whole for d in held if split(d)[1] is not None)  # 3b
+        for device_id in held:  # a held MIG device is one its GPU has now, not held whole
+            if device_id.startswith("MIG-"):
+                found = state.mig_instance(device_id)
+                assert found is not None and found[0] not in whole, (device_id, whole)
         for device_id in held:  # a held replica is shown, or its device is gone
             address, k = split(device_id)
             if k is not None and address in state.devices:
@@ -346,3 +387,92 @@ def test_resync_from_any_state_yields_the_truth(
     names = {a for a in synced.names if a not in named}
     assert all(synced.names[a] == database_name(synced.devices[a]) for a in names)
     assert fold(synced, [truth]).patch is None  # a second identical resync changes nothing
+
+
+# MIG, where it happens: two NVIDIA GPUs bound to nvidia and named, repartitioned, leased whole
+# and by instance, removed and re-added, with XIDs naming instances.
+MIG_GPUS = [
+    PciFacts(a, 0x10DE, 0x2330, 0x030200, driver="nvidia", model="H100 SXM5 80GB")
+    for a in ADDRESSES[:2]
+]
+mig_event_st: st.SearchStrategy[Event] = st.one_of(
+    st.builds(MigLayoutSeen, st.sampled_from(ADDRESSES[:2]), st.sampled_from(MIG_LAYOUTS)),
+    st.builds(
+        ReserveRequested,
+        token=tokens,
+        peer=st.sampled_from([MEMBER, OTHER_MEMBER]),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES[:2], *MIGS]), min_size=1, max_size=2),
+        lease_id=st.sampled_from(LEASE_IDS),
+        created=st.just(0.0),
+    ),
+    st.builds(
+        ReleaseRequested,
+        token=tokens,
+        peer=st.just(ROOT),
+        lease_id=st.sampled_from([None, *LEASE_IDS]),
+        device_ids=st.lists(st.sampled_from([*ADDRESSES[:2], *MIGS]), max_size=2),
+    ),
+    st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
+    st.builds(DeviceGone, st.sampled_from(ADDRESSES[:2])),
+    st.builds(DeviceSeen, st.sampled_from(MIG_GPUS)),
+    st.builds(
+        XidReported,
+        st.sampled_from(ADDRESSES[:2]),
+        st.sampled_from([13, 48, 79]),
+        gpu_instance=st.sampled_from([None, 9, 2, 0]),
+        compute_instance=st.sampled_from([None, 0]),
+    ),
+    st.builds(
+        NvmlEventReported, st.sampled_from(ADDRESSES[:2]), st.just("recovery_action"), st.just(0)
+    ),
+    st.builds(
+        MigMinorsRead,
+        st.sampled_from(
+            [
+                parse_mig_minors(""),
+                parse_mig_minors("gpu0/gi9/access 84\ngpu0/gi9/ci0/access 85\n"),
+                parse_mig_minors(mig_minors_text(2)),
+            ]
+        ),
+    ),
+)
+
+
+def mig_first_state() -> State:
+    state = State(access=ACCESS)
+    gpus = [
+        NvmlGpu(f.address, UUIDS[k], "NVIDIA H100 80GB HBM3", k) for k, f in enumerate(MIG_GPUS)
+    ]
+    minors = MigMinorsRead(parse_mig_minors(mig_minors_text(2)))
+    layout = MigLayoutSeen(ADDRESSES[0], MIG_LAYOUTS[0])
+    events: list[Event] = [*map(DeviceSeen, MIG_GPUS), *map(NvmlGpuSeen, gpus), minors, layout]
+    for event in events:
+        state = fold(state, [event]).state
+    return state
+
+
+@given(st.lists(mig_event_st, max_size=30))
+def test_mig_devices_follow_their_layouts_and_leases(events: list[Event]) -> None:
+    state = mig_first_state()
+    mirror = state.fingerprint.to_json()
+    for event in events:
+        reduction = fold(state, [event])
+        state = reduction.state
+        if reduction.patch is not None:
+            mirror = json_merge_patch.merge(copy.deepcopy(mirror), reduction.patch)
+        assert mirror == state.fingerprint.to_json()
+        assert state.fingerprint == build_fingerprint(state)
+        held = [d for lease in state.leases.values() for d in lease.devices]
+        assert len(held) == len(set(held))
+        shown = state.fingerprint.devices()
+        for address in ADDRESSES[:2]:
+            instances = state.mig_instances(address)
+            if address not in held and address in state.devices:  # not held whole
+                assert {i.uuid for i in instances} <= set(shown)
+                assert (address in shown) == (not instances)
+            else:
+                assert not any(i.uuid in shown for i in instances)  # blocked by the whole lease
+        for device_id in held:
+            if device_id.startswith("MIG-"):
+                found = state.mig_instance(device_id)
+                assert found is not None and found[0] not in held, device_id

@@ -35,6 +35,7 @@ from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
 from monitor.core.plan import with_edits
 from monitor.core.replicas import split
+from monitor.core.rules.lease_changes import take
 from monitor.core.rules.mig_reserve import mig_blocked, mig_refusal, mig_whole
 from monitor.core.rules.sharing import one_per_device, shared_whole
 from monitor.core.state import F, State, nvidia_minor
@@ -319,24 +320,6 @@ def reconcile(draft: Draft, request: ReconcileRequested) -> Answer:
     }
     reason = f"reconciled by {request.owner} (uid {peer.uid}, pid {peer.pid})"
     return Released(_release_all(draft, affected, reason, peer.uid))
-
-
-def take(
-    draft: Draft,
-    lease: Lease,
-    devices: tuple[str, ...],
-    kind: str,
-    reason: str,
-    by: int | None = None,
-) -> None:
-    """Take ``devices`` out of ``lease``; a lease left with none ends. ``by``: the uid that
-    asked, if anyone did."""
-    kept = {d: g for d, g in lease.devices.items() if d not in devices}
-    if kept:
-        draft.put(F.leases, lease.id, attrs.evolve(lease, devices=kept))
-    else:
-        draft.pop(F.leases, lease.id)
-    draft.lease_changes.append(LeaseChange(kind, lease, devices, reason, by))
 
 
 def lease_ended(draft: Draft, event: LeaseEnded) -> None:

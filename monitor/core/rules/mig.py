@@ -6,7 +6,7 @@ shows a GPU with MIG devices as those alone, ``monitor.core.fingerprint``). A le
 device that was destroyed ends at once, naming its holder (``monitor.core.transitions`` warns
 them): unlike a GPU that left the host, a destroyed instance never comes back under its UUID.
 A MIG UUID not in NVIDIA's present form (``MIG-`` and a UUID) names no device: the source says
-so once per layout, and it is left out.
+so once per layout, and it is left out; so is one that another GPU's layout has already.
 
 XIDs per instance are ``monitor.core.rules.mig_xids``'s.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from monitor.core.draft import Draft, Rule
 from monitor.core.events import MigLayoutSeen, MigMinorsRead
 from monitor.core.mig import MigLayout, is_mig_uuid
-from monitor.core.rules.leasing import take
+from monitor.core.rules.lease_changes import take
 from monitor.core.state import F
 
 
@@ -25,7 +25,11 @@ def mig_layout_seen(draft: Draft, event: MigLayoutSeen) -> None:
     facts = draft.get(F.devices).get(address)
     if facts is None or facts.driver != "nvidia":
         return
-    kept = tuple(i for i in event.layout.instances if is_mig_uuid(i.uuid))
+    # a UUID another GPU has already names that GPU's MIG device (NVML never gives one twice)
+    taken = {
+        i.uuid for a, other in draft.get(F.mig).items() if a != address for i in other.instances
+    }
+    kept = tuple(i for i in event.layout.instances if is_mig_uuid(i.uuid) and i.uuid not in taken)
     layout = MigLayout(event.layout.enabled, kept if event.layout.enabled else ())
     before = draft.get(F.mig).get(address)
     draft.put(F.mig, address, layout)
@@ -49,6 +53,14 @@ def forget_instances(draft: Draft, uuids: set[str], why: str) -> None:
                 holder = f"owner {lease.owner}, {holder}"
             reason = f"revoked, held by {holder}: its MIG instance was destroyed ({why})"
             take(draft, lease, ended, "ended", reason)
+
+
+def forget_gpu(draft: Draft, address: str, why: str) -> None:
+    """The GPU left the host or its driver: its MIG devices are destroyed with it (a MIG layout
+    does not outlive the driver's hold on the GPU), and the leases on them end."""
+    layout = draft.pop(F.mig, address)
+    if layout is not None and layout.instances:
+        forget_instances(draft, {i.uuid for i in layout.instances}, why)
 
 
 def mig_minors_read(draft: Draft, event: MigMinorsRead) -> None:
