@@ -112,11 +112,13 @@ def test_an_application_xid_in_an_instance_is_counted_there_alone(
     nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    sub = subscribe(mig_daemon())
+    daemon = mig_daemon()
+    sub = subscribe(daemon)
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
     nvml.xid(A, 13, gpu_instance=9, compute_instance=0)
     mirror = sub.until(lambda m: "last_xid" in device(m, ONE_A).get("attributes", {}))
     assert "last_xid" not in device(mirror, ONE_B)["attributes"]
+    assert "XID 13 in GPU instance 9, compute instance 0" in daemon.log()
     assert all(device(mirror, i)["healthy"] for i in (ONE_A, ONE_B, THREE))
     nvml.xid(A, 48, gpu_instance=9, compute_instance=0)  # needs a reset: the whole GPU's
     mirror = sub.until(lambda m: not device(m, THREE).get("healthy", True))

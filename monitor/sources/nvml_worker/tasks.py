@@ -213,7 +213,7 @@ class NvmlSource:
                 if event is None:
                     continue
                 if isinstance(event, XidReported):
-                    self._log_xid(gpu, event.xid)
+                    self._log_xid(gpu, event)
                 await self.send.send(event)
                 if isinstance(event, NvmlEventReported) and event.action == 0:
                     # reset done: what the GPU reports may have changed
@@ -307,20 +307,27 @@ class NvmlSource:
         await self.send.send(StatsSample(seq, dict(results)))
 
     @staticmethod
-    def _log_xid(gpu: NvmlGpu, xid: int) -> None:
+    def _log_xid(gpu: NvmlGpu, event: XidReported) -> None:
+        journal: dict[str, Any] = {
+            "MESSAGE_ID": MESSAGE_IDS["xid"],
+            "DEVICE_ID": gpu.address,
+            "PCI_BUS_ID": gpu.address,
+            "GPU_UUID": gpu.uuid,
+            "XID": event.xid,
+            "XID_SOURCE": "nvml",
+        }
+        where = ""
+        if event.gpu_instance is not None:  # MIG: the instance NVML attributes it to
+            journal["GPU_INSTANCE_ID"] = event.gpu_instance
+            where = f" in GPU instance {event.gpu_instance}"
+            if event.compute_instance is not None:
+                journal["COMPUTE_INSTANCE_ID"] = event.compute_instance
+                where += f", compute instance {event.compute_instance}"
         log.warning(
-            "%s (%s): XID %d",
+            "%s (%s): XID %d%s",
             gpu.address,
             gpu.uuid,
-            xid,
-            extra={
-                "journal": {
-                    "MESSAGE_ID": MESSAGE_IDS["xid"],
-                    "DEVICE_ID": gpu.address,
-                    "PCI_BUS_ID": gpu.address,
-                    "GPU_UUID": gpu.uuid,
-                    "XID": xid,
-                    "XID_SOURCE": "nvml",
-                }
-            },
+            event.xid,
+            where,
+            extra={"journal": journal},
         )
