@@ -187,7 +187,8 @@ class Settings:
         kind=SECONDS,
         check=health_interval,
         help="read each GPU's health conditions (row remapping, page retirement, ECC, PCIe "
-        "replays, clock slowdowns, NVLink) this often; 0 turns the watches off (default: 30)",
+        "replays, clock slowdowns, NVLink) and MIG layout this often; 0 turns the watches off "
+        "(default: 30)",
     )
     health_ignore: tuple[str, ...] = setting(
         (),

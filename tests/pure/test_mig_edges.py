@@ -3,6 +3,7 @@ the mig-minors file read as hostile input, and the journal's view of MIG devices
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from monitor.core.events import MigLayoutSeen, XidReported
 from monitor.core.mig import MigLayout
 from monitor.core.transitions import HealthTransition, journal_entries
+from monitor.daemon.config import ConfigError, add_setting_flags, flag_values, load_settings
 from monitor.outputs.cdi import build_lease_spec, build_spec
 from monitor.sim.mig import ci_access_minor, gi_access_minor, mig_minors_text
 from monitor.sources.mig_minors import checked_layout, read_mig_minors
@@ -127,3 +129,17 @@ def test_the_mig_minors_file_is_read_bounded_and_a_missing_one_says_why(tmp_path
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xff\xfe\x00gpu0/gi2/access 1\ngpu0/gi1/access 12\n\x00\x00")
     assert dict(read_mig_minors(binary).gi_access) == {(0, 1): 12}
+
+
+def test_the_mig_minors_setting_from_the_config_and_the_flag(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    assert load_settings(None, {}).mig_minors == Path("/proc/driver/nvidia-caps/mig-minors")
+    config.write_text('mig_minors = "/run/test/mig-minors"\n')
+    assert load_settings(config, {}).mig_minors == Path("/run/test/mig-minors")
+    flags = argparse.ArgumentParser()
+    add_setting_flags(flags)
+    given = flag_values(flags.parse_args(["--mig-minors", "/tmp/other"]))
+    assert load_settings(config, given).mig_minors == Path("/tmp/other")
+    config.write_text("mig_minors = 7\n")
+    with pytest.raises(ConfigError, match="mig_minors"):
+        load_settings(config, {})

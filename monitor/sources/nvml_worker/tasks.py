@@ -188,7 +188,12 @@ class NvmlSource:
             await self.send.send(NvmlGpuSeen(gpu))
             self.layouts.pop(address, None)  # sent afresh with each watch
             self.mig_wanted[address] = trio.Event()  # set by a change from now on
-            await self._send_layout(address, handle)
+            try:
+                await self._send_layout(address, handle)
+            except pynvml.NVMLError as exc:
+                if is_lost(exc):
+                    raise
+                log.warning("%s: MIG layout not read: %s", address, exc)
             await self.send.send(NvmlReachable(address))
             self.handles[address] = handle
             assert self.nursery is not None
