@@ -295,12 +295,14 @@ def _place(
     """The group (vendor, type, name) a device, replica or MIG device is shown in and the
     device, if it is shown: a shared device is shown as its replicas alone, in a ``.shared``
     group; a GPU with MIG devices as those alone, in ``mig`` groups, unless a lease holds it
-    whole (a whole lease blocks its MIG devices until it ends)."""
+    whole or its replicas (such leases block its MIG devices until they end)."""
     lease = leased.get(device_id)
     mig = state.mig_instance(device_id)
     if mig is not None:
         address, instance = mig
-        if _is_shown(state, address) and address not in leased:
+        # held whole, or time-sliced with its replicas held: its MIG devices wait for the end
+        held = address in leased or state.replicas.get(address, 1) > 1
+        if _is_shown(state, address) and not held:
             parent = _whole(state, address, nodes, built)
             vendor = vendor_name(state.devices[address].vendor_id)
             device = instance_device(

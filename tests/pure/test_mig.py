@@ -15,11 +15,13 @@ from monitor.core.events import (
     MigLayoutSeen,
     MigMinorsRead,
     NvmlGpuSeen,
+    SharePolicyChanged,
     XidReported,
 )
 from monitor.core.fingerprint import build_fingerprint
 from monitor.core.mig import MigInstance, MigLayout, parse_mig_minors, profile_name
 from monitor.core.plan import plan
+from monitor.core.replicas import SharePolicy
 from monitor.core.rules.nvidia import sysfs_stats_targets
 from monitor.core.state import State
 from monitor.core.transitions import LeaseWarning, journal_entries
@@ -135,9 +137,20 @@ def test_a_whole_lease_blocks_the_instances_until_it_ends() -> None:
     assert set(shown(state)) == {A}
     _, blocked = answer(state, reserve_request(ONE_A.uuid, peer=OTHER_MEMBER, lease_id="l2"))
     assert isinstance(blocked, Refusal) and blocked.reason is Reason.UNKNOWN_DEVICE
-    assert "which is reserved whole (lease-1)" in blocked.message
+    assert "which is reserved whole or as replicas (lease-1)" in blocked.message
     state, _ = answer(state, release(lease_id="lease-1"))
     assert set(shown(state)) == {ONE_A.uuid, ONE_B.uuid, THREE.uuid}
+    assert build_fingerprint(state) == state.fingerprint
+
+
+def test_held_replicas_block_the_instances_until_they_end() -> None:
+    state, _ = run(SharePolicyChanged(SharePolicy(replicas=2)), state=mig_host(MigLayout(False)))
+    state, granted = answer(state, reserve_request(f"{A}::1"))
+    assert isinstance(granted, Grant)
+    state, _ = run(MigLayoutSeen(A, LAYOUT), state=state)  # partitioned under the replica lease
+    assert set(shown(state)) == {f"{A}::0", f"{A}::1"}
+    state, _ = answer(state, release(lease_id="lease-1"))
+    assert set(shown(state)) == {ONE_A.uuid, ONE_B.uuid, THREE.uuid}  # never time-sliced now
     assert build_fingerprint(state) == state.fingerprint
 
 

@@ -401,7 +401,9 @@ mig_event_st: st.SearchStrategy[Event] = st.one_of(
         ReserveRequested,
         token=tokens,
         peer=st.sampled_from([MEMBER, OTHER_MEMBER]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES[:2], *MIGS]), min_size=1, max_size=2),
+        device_ids=st.lists(
+            st.sampled_from([*ADDRESSES[:2], *MIGS, f"{ADDRESSES[0]}::1"]), min_size=1, max_size=2
+        ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
     ),
@@ -413,6 +415,7 @@ mig_event_st: st.SearchStrategy[Event] = st.one_of(
         device_ids=st.lists(st.sampled_from([*ADDRESSES[:2], *MIGS]), max_size=2),
     ),
     st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
+    st.builds(SharePolicyChanged, st.sampled_from(SHARE_POLICIES[:2])),
     st.builds(DeviceGone, st.sampled_from(ADDRESSES[:2])),
     st.builds(DeviceSeen, st.sampled_from(MIG_GPUS)),
     st.builds(
@@ -467,12 +470,14 @@ def test_mig_devices_follow_their_layouts_and_leases(events: list[Event]) -> Non
         shown = state.fingerprint.devices()
         for address in ADDRESSES[:2]:
             instances = state.mig_instances(address)
-            if address not in held and address in state.devices:  # not held whole
+            sliced = any(base_id(d) == address for d in held)  # held whole or as replicas
+            if not sliced and address in state.devices and address not in state.replicas:
                 assert {i.uuid for i in instances} <= set(shown)
                 assert (address in shown) == (not instances)
             else:
-                assert not any(i.uuid in shown for i in instances)  # blocked by the whole lease
+                assert not any(i.uuid in shown for i in instances)  # blocked by those leases
         for device_id in held:
             if device_id.startswith("MIG-"):
                 found = state.mig_instance(device_id)
-                assert found is not None and found[0] not in held, device_id
+                assert found is not None, device_id
+                assert not any(base_id(d) == found[0] for d in held), device_id

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from monitor.core.answers import Reason, Refusal
 from monitor.core.mig import MIG_TYPE, MigLayout
 from monitor.core.model import Device, DeviceGroup
+from monitor.core.replicas import base_id
 from monitor.core.state import State
 
 
@@ -39,11 +40,13 @@ def mig_blocked(state: State, device_id: str) -> str | None:
     if found is None:
         return None
     address = found[0]
-    holders = sorted(i for i, lease in state.leases.items() if address in lease.devices)
+    holders = sorted(
+        i for i, lease in state.leases.items() if any(base_id(d) == address for d in lease.devices)
+    )
     if not holders:
         return None
     return (
-        f"{device_id} is a MIG instance of {address}, which is reserved whole "
+        f"{device_id} is a MIG instance of {address}, which is reserved whole or as replicas "
         f"({', '.join(holders)}): its MIG instances are shown once that reservation ends"
     )
 
