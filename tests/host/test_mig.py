@@ -169,3 +169,15 @@ def test_without_the_mig_minors_file_an_instance_is_refused_saying_why(
     assert refused.value.code == -32602
     assert str(missing) in refused.value.message and "capability nodes" in refused.value.message
     assert "MIG instances get no capability nodes" in daemon.log()
+
+
+def test_a_gpu_with_mig_devices_is_never_shown_whole_at_start(
+    mig_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
+) -> None:
+    daemon = mig_daemon()
+    sub = subscribe(daemon)
+    seen = [set(sub.mirror.devices())]
+    while seen[-1] != {ONE_A, ONE_B, THREE}:
+        sub.next()
+        seen.append(set(sub.mirror.devices()))
+    assert not any(A in ids for ids in seen), seen

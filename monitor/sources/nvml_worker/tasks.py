@@ -185,7 +185,7 @@ class NvmlSource:
         events = await self.call(address, watch_events, handle)
         health, mig = trio.CancelScope(), trio.CancelScope()
         try:
-            await self.send.send(NvmlGpuSeen(gpu))
+            # the layout before the GPU's name: a GPU with MIG devices is never shown whole first
             self.layouts.pop(address, None)  # sent afresh with each watch
             self.mig_wanted[address] = trio.Event()  # set by a change from now on
             try:
@@ -194,6 +194,7 @@ class NvmlSource:
                 if is_lost(exc):
                     raise
                 log.warning("%s: MIG layout not read: %s", address, exc)
+            await self.send.send(NvmlGpuSeen(gpu))
             await self.send.send(NvmlReachable(address))
             self.handles[address] = handle
             assert self.nursery is not None
