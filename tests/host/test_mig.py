@@ -6,6 +6,7 @@ nvidia-ml-py bindings loading the stand-in libnvidia-ml.so.1, repartitioned whil
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,9 @@ import pytest
 from monitor.sim.mig import (
     EXAMPLE_GPU_UUID,
     EXAMPLE_UUIDS,
+    ci_access_minor,
     example_layout,
+    gi_access_minor,
     h100_mig,
     mig_h100_nvml,
     write_mig_minors,
@@ -25,7 +28,15 @@ from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator
 from monitor.wire.errors import RpcError
 from monitor.wire.mirror import Mirror
-from tests.conftest import Daemon, Subscription
+from tests.conftest import Daemon, Subscription, need
+from tests.container import (
+    char_devices,
+    fake_dev_missing,
+    podman_missing,
+    run_with_cdi,
+    validate_cdi_spec,
+)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
 
@@ -181,3 +192,72 @@ def test_a_gpu_with_mig_devices_is_never_shown_whole_at_start(
         sub.next()
         seen.append(set(sub.mirror.devices()))
     assert not any(A in ids for ids in seen), seen
+
+
+def test_an_instance_lease_gets_its_capability_nodes_from_the_drivers_files(
+    sim: Simulator,
+    nvml: FakeNvml,
+    start_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    """The default --mig-minors, and the nodes, as the driver would make them (umockdev)."""
+    sim.add("nvidia-h100", A, 0)
+    sim.mig_nodes(0)
+    daemon = start_daemon(
+        "--udev-source", "udev", env={**sim.daemon_env(), **nvml.env()}, nvml=True
+    )
+    subscribe(daemon).until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
+    with daemon.client() as client:
+        granted = client.call("reserve", {"device_ids": [THREE]})
+    nodes = [d["host_path"] for d in granted["devices"]]
+    gi, ci = gi_access_minor(0, 2), ci_access_minor(0, 2, 0)  # THREE: GPU instance 2
+    assert nodes == [
+        "/dev/nvidia0",
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia-uvm-tools",
+        f"/dev/nvidia-caps/nvidia-cap{gi}",
+        f"/dev/nvidia-caps/nvidia-cap{ci}",
+    ]
+    assert granted["envs"] == {"NVIDIA_VISIBLE_DEVICES": THREE}
+
+
+def test_a_real_container_given_an_instance_gets_its_gpu_and_capability_nodes(
+    tmp_path: Path,
+    sim: Simulator,
+    nvml: FakeNvml,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """podman reads the daemon's CDI spec (``all``) and asks for an instance by its MIG UUID;
+    the simulated host's nodes are made in podman's private mount namespace only."""
+    need(podman_missing())
+    need(fake_dev_missing())
+    sim.add("nvidia-h100", A, 0)
+    sim.mig_nodes(0)
+    cdi_dir = tmp_path / "cdi"
+    env = {**sim.daemon_env(), **nvml.env()}
+    start_daemon("--udev-source", "udev", "--cdi-dir", str(cdi_dir), env=env, nvml=True)
+    path = cdi_dir / "hotplug-monitor.json"
+
+    def three() -> dict[str, Any] | None:
+        spec: dict[str, Any] = json.loads(path.read_text())
+        return spec if len(spec["devices"]) == 3 else None
+
+    spec = wait_until(
+        three, what="the spec to name the three instances", ignoring=(FileNotFoundError,)
+    )
+    validate_cdi_spec(spec)
+    edits = {d["name"]: d["containerEdits"] for d in spec["devices"]}
+    assert set(edits) == {ONE_A, ONE_B, THREE}
+    wanted = [n["path"] for n in edits[ONE_B]["deviceNodes"]]
+    gi, ci = gi_access_minor(0, 10), ci_access_minor(0, 10, 0)  # ONE_B: GPU instance 10
+    assert f"/dev/nvidia-caps/nvidia-cap{gi}" in wanted
+    numbers = {p: (195 if "caps" not in p else 235, k) for k, p in enumerate(wanted)}
+    result = run_with_cdi(
+        cdi_dir, [ONE_B], ["sh", "-c", f"ls -ln {' '.join(wanted)}"], fake_nodes=numbers
+    )
+    assert result.returncode == 0, result.stderr
+    seen = char_devices(result.stdout)
+    assert seen == numbers  # each node the spec names, as the host has it
+    caps = f"/dev/nvidia-caps/nvidia-cap{gi}", f"/dev/nvidia-caps/nvidia-cap{ci}"
+    assert {*caps, "/dev/nvidia0", "/dev/nvidiactl"} <= set(seen)
