@@ -23,6 +23,7 @@ from monitor.core.health import (
     device_problems,
 )
 from monitor.core.leases import Lease
+from monitor.core.mig import MigInstance
 from monitor.core.mig_devices import cap_nodes, instance_device, mig_group
 from monitor.core.model import (
     Attribute,
@@ -263,15 +264,21 @@ def _device_ids(
     ids = set(dirty)
     bases = {state.parent_of(d) for d in dirty}
     ids.update(bases)
+    for address in list(bases):
+        uuids = [i.uuid for i in state.mig_instances(address)]
+        ids.update(uuids)
+        bases.update(uuids)  # for their replicas
+    bases.update(base_id(d) for d in dirty if d.startswith("MIG-"))
     for address in bases:
-        ids.update(i.uuid for i in state.mig_instances(address))
         for k in range(state.replicas.get(address, 0)):  # kept only for shared devices
             ids.add(replica_id(address, k))
         k = 0
         while replica_id(address, k) in index:
             ids.add(replica_id(address, k))
             k += 1
-    ids.update(d for d in leased if d not in ids and state.parent_of(d) in bases)
+    ids.update(
+        d for d in leased if d not in ids and (state.parent_of(d) in bases or base_id(d) in bases)
+    )
     return sorted(ids)
 
 
@@ -300,22 +307,23 @@ def _place(
     mig = state.mig_instance(device_id)
     if mig is not None:
         address, instance = mig
+        uuid, k = split(device_id)
+        count = state.replicas.get(uuid, 1)
         # held whole, or time-sliced with its replicas held: its MIG devices wait for the end
         held = address in leased or state.replicas.get(address, 1) > 1
-        if _is_shown(state, address) and not held:
-            parent = _whole(state, address, nodes, built)
+        if (
+            _is_shown(state, address)
+            and not held
+            and (count > 1) == (k is not None)
+            and (k or 0) < count
+        ):
             vendor = vendor_name(state.devices[address].vendor_id)
-            device = instance_device(
-                parent,
-                instance,
-                caps=cap_nodes(state.mig_minors, state.nvidia_minor(address), instance),
-                problems=state.problems.get(device_id, {}),
-                xids=state.xids.get(device_id),
-                xid_source=state.xid_sources.get(device_id),
-                lease=lease,
-                before=before,
-            )
-            return mig_group(vendor, state.names[address], instance), device
+            group = mig_group(vendor, state.names[address], instance)
+            if k is None:
+                return group, _instance(state, address, instance, nodes, built, lease, before)
+            device = _instance(state, address, instance, nodes, built, None, None)
+            replica = replica_device(device, k, count, lease, before)
+            return (group[0], shared_type(group[1]), group[2]), replica
         return _departed(device_id, lease, address)
     address, k = split(device_id)
     count = state.replicas.get(address, 1)
@@ -343,6 +351,33 @@ def _whole(state: State, address: str, nodes: list[DrmNode], built: dict[str, De
     device = built.get(address)
     if device is None:
         device = built[address] = build_device(state.devices[address], state, nodes, None)
+    return device
+
+
+def _instance(
+    state: State,
+    address: str,
+    instance: MigInstance,
+    nodes: list[DrmNode],
+    built: dict[str, Device],
+    lease: Lease | None,
+    before: Device | None,
+) -> Device:
+    """MIG device ``instance`` of the GPU at ``address``; unleased, once for all its replicas."""
+    if lease is None and before is None and instance.uuid in built:
+        return built[instance.uuid]
+    device = instance_device(
+        _whole(state, address, nodes, built),
+        instance,
+        caps=cap_nodes(state.mig_minors, state.nvidia_minor(address), instance),
+        problems=state.problems.get(instance.uuid, {}),
+        xids=state.xids.get(instance.uuid),
+        xid_source=state.xid_sources.get(instance.uuid),
+        lease=lease,
+        before=before,
+    )
+    if lease is None and before is None:
+        built[instance.uuid] = device
     return device
 
 

@@ -131,11 +131,13 @@ class State:
         return nvidia_minor(self.devices, self.nvml, address)
 
     def mig_instance(self, device_id: str) -> tuple[str, MigInstance] | None:
-        """The GPU (PCI address) and MIG device a MIG UUID names now, if it names one."""
+        """The GPU (PCI address) and MIG device a MIG UUID (or a replica of one) names now, if
+        it names one."""
         if not device_id.startswith("MIG-"):
             return None
+        uuid = base_id(device_id)
         for address, layout in self.mig.items():
-            found = layout.find(device_id)
+            found = layout.find(uuid)
             if found is not None:
                 return address, found
         return None

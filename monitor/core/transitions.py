@@ -12,7 +12,6 @@ import attrs
 
 from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
-from monitor.core.mig import MIG_TYPE
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.reducer import Reduction
 from monitor.core.replicas import base_id
@@ -96,10 +95,8 @@ def _shown_present(state: State) -> dict[str, tuple[DeviceGroup, Device]]:
     device is one of its own, by its MIG UUID: each is created and destroyed alone."""
     shown: dict[str, tuple[DeviceGroup, Device]] = {}
     for device_id, found in state.fingerprint.devices().items():  # a group's sorted: ::0 first
-        group, device = found
-        if device.hw_locality.pci_bus_id in state.devices:
-            key = device_id if group.type == MIG_TYPE else base_id(device_id)
-            shown.setdefault(key, found)
+        if found[1].hw_locality.pci_bus_id in state.devices:
+            shown.setdefault(base_id(device_id), found)  # a MIG device's base: its MIG UUID
     return shown
 
 

@@ -73,7 +73,8 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
     it, held or not, and a replica's holder names its replica.
 
     A MIG device has one entry, named by its MIG UUID, with its GPU's node and its own
-    capability nodes: its GPU's address and UUID name the GPU, which is not shown then."""
+    capability nodes: its GPU's address and UUID name the GPU, which is not shown then. A MIG
+    device shared as replicas has one per replica, and its MIG UUID names the first's."""
     devices = []
     named: set[str] = set()
     for device_id, (group, device) in sorted(state.fingerprint.devices().items()):
@@ -86,8 +87,9 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
         entry = container_edits(edits)
         uuid = device.attributes.get("uuid")
         names: list[str | None] = [device_id]
-        if group.type != MIG_TYPE:
-            names += [address, str(uuid.value) if uuid is not None else None]
+        if not group.type.startswith(MIG_TYPE):  # a MIG device's address is its GPU's
+            names.append(address)
+        names.append(str(uuid.value) if uuid is not None else None)
         for name in names:
             if name is not None and name not in named:
                 named.add(name)

@@ -261,3 +261,23 @@ def test_a_real_container_given_an_instance_gets_its_gpu_and_capability_nodes(
     assert seen == numbers  # each node the spec names, as the host has it
     caps = f"/dev/nvidia-caps/nvidia-cap{gi}", f"/dev/nvidia-caps/nvidia-cap{ci}"
     assert {*caps, "/dev/nvidia0", "/dev/nvidiactl"} <= set(seen)
+
+
+def test_mig_devices_shared_by_a_config_rule_are_leased_as_replicas(
+    tmp_path: Path,
+    mig_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[share]]\nmatch = "nvidia/mig/{NAME} MIG 1g.10gb"\nreplicas = 2\n')
+    daemon = mig_daemon("--config", str(config))
+    replicas = {f"{ONE_A}::0", f"{ONE_A}::1", f"{ONE_B}::0", f"{ONE_B}::1"}
+    mirror = subscribe(daemon).until(lambda m: ids(m) == {*replicas, THREE})
+    shared = mirror.snapshot["groups"][f"nvidia/mig.shared/{NAME} MIG 1g.10gb"]
+    assert set(shared["devices"]) == replicas
+    with daemon.client() as client:
+        granted = client.call("reserve", {"device_ids": [f"{ONE_B}::1"]})
+        assert granted["envs"] == {"NVIDIA_VISIBLE_DEVICES": ONE_B}
+        with pytest.raises(RpcError) as refused:
+            client.call("reserve", {"device_ids": [ONE_B]})
+        assert refused.value.code == -32001 and "shared as 2 replicas" in refused.value.message

@@ -21,7 +21,7 @@ from monitor.core.events import (
 from monitor.core.fingerprint import build_fingerprint
 from monitor.core.mig import MigInstance, MigLayout, parse_mig_minors, profile_name
 from monitor.core.plan import plan
-from monitor.core.replicas import SharePolicy
+from monitor.core.replicas import SharePolicy, ShareRule
 from monitor.core.rules.nvidia import sysfs_stats_targets
 from monitor.core.state import State
 from monitor.core.transitions import LeaseWarning, journal_entries
@@ -249,3 +249,45 @@ def test_mig_minors_parsing_skips_what_is_not_an_access_entry() -> None:
     minors = parse_mig_minors(text + "gpu0/gi1/ci0/access notanumber\ngpu0/gi2/access 9 9\n")
     assert dict(minors.gi_access) == {(0, 1): 12}
     assert dict(minors.ci_access) == {(0, 1, 0): 13}
+
+
+def test_mig_devices_are_shared_only_where_a_group_rule_names_them() -> None:
+    everything = SharePolicy(replicas=4, rules=(ShareRule("10de", 3),))  # neither names MIG
+    state, _ = run(SharePolicyChanged(everything), state=mig_host())
+    assert set(shown(state)) == {ONE_A.uuid, ONE_B.uuid, THREE.uuid}
+    small_only = SharePolicy(rules=(ShareRule(SMALL, 2),))
+    state, _ = run(SharePolicyChanged(small_only), state=mig_host())
+    assert set(shown(state)) == {
+        f"{ONE_A.uuid}::0",
+        f"{ONE_A.uuid}::1",
+        f"{ONE_B.uuid}::0",
+        f"{ONE_B.uuid}::1",
+        THREE.uuid,
+    }
+    group, replica = shown(state)[f"{ONE_A.uuid}::1"]
+    assert group == f"nvidia/mig.shared/{NAME} MIG 1g.10gb"
+    assert replica.attributes["replica"].value == 1 and replica.hw_locality.pci_bus_id == A
+    assert build_fingerprint(state) == state.fingerprint
+
+
+def test_a_replica_of_a_mig_device_is_leased_with_its_edits_and_revoked_with_it() -> None:
+    state, _ = run(SharePolicyChanged(SharePolicy(rules=(ShareRule("mig", 2),))), state=mig_host())
+    _, whole = answer(state, reserve_request(ONE_A.uuid))
+    assert isinstance(whole, Refusal) and "shared as 2 replicas" in whole.message
+    state, grant = answer(state, reserve_request(f"{ONE_A.uuid}::1"))
+    assert isinstance(grant, Grant)
+    edits = plan(grant.devices, minor_of=grant.nvidia_minors.get, exists=lambda _: True)
+    assert edits.envs == {"NVIDIA_VISIBLE_DEVICES": ONE_A.uuid}
+    minor = GPU.minor
+    assert minor is not None
+    paths = [d.host_path for d in edits.devices]
+    assert f"/dev/nvidia-caps/nvidia-cap{gi_access_minor(minor, 9)}" in paths
+    assert f"/dev/nvidia{minor}" in paths
+    reduction = decide(state, MigLayoutSeen(A, MigLayout(True, (THREE,))))
+    assert not reduction.state.leases and set(shown(reduction.state)) == {
+        f"{THREE.uuid}::0",
+        f"{THREE.uuid}::1",
+    }
+    (change,) = reduction.lease_changes
+    assert change.devices == (f"{ONE_A.uuid}::1",) and "revoked" in change.reason
+    assert build_fingerprint(reduction.state) == reduction.state.fingerprint

@@ -11,6 +11,7 @@ import attrs
 import pytest
 
 from monitor.core.events import MigLayoutSeen, XidReported
+from monitor.core.leases import Lease
 from monitor.core.mig import MigLayout
 from monitor.core.transitions import HealthTransition, journal_entries
 from monitor.daemon.config import ConfigError, add_setting_flags, flag_values, load_settings
@@ -143,3 +144,21 @@ def test_the_mig_minors_setting_from_the_config_and_the_flag(tmp_path: Path) -> 
     config.write_text("mig_minors = 7\n")
     with pytest.raises(ConfigError, match="mig_minors"):
         load_settings(config, {})
+
+
+def test_a_lease_read_back_may_hold_a_mig_device_or_its_replica() -> None:
+    raw = {
+        "reservation_id": "lease-1",
+        "devices": {
+            ONE_A.uuid: "nvidia/mig/X MIG 1g.10gb",
+            f"{THREE.uuid}::1": "nvidia/mig.shared/X",
+        },
+        "uid": 0,
+        "gid": 0,
+        "pid": 1,
+        "created": 1.0,
+    }
+    assert set(Lease.from_json(raw).devices) == {ONE_A.uuid, f"{THREE.uuid}::1"}
+    raw["devices"] = {f"MIG-{GPU.uuid}/9/0": "nvidia/mig/X"}
+    with pytest.raises(ValueError, match="nor a MIG UUID"):
+        Lease.from_json(raw)

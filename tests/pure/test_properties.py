@@ -402,7 +402,9 @@ mig_event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=st.sampled_from([MEMBER, OTHER_MEMBER]),
         device_ids=st.lists(
-            st.sampled_from([*ADDRESSES[:2], *MIGS, f"{ADDRESSES[0]}::1"]), min_size=1, max_size=2
+            st.sampled_from([*ADDRESSES[:2], *MIGS, f"{ADDRESSES[0]}::1", f"{MIGS[0]}::1"]),
+            min_size=1,
+            max_size=2,
         ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
@@ -415,7 +417,10 @@ mig_event_st: st.SearchStrategy[Event] = st.one_of(
         device_ids=st.lists(st.sampled_from([*ADDRESSES[:2], *MIGS]), max_size=2),
     ),
     st.builds(LeaseEnded, st.sampled_from(LEASE_IDS)),
-    st.builds(SharePolicyChanged, st.sampled_from(SHARE_POLICIES[:2])),
+    st.builds(
+        SharePolicyChanged,
+        st.sampled_from([*SHARE_POLICIES[:2], SharePolicy(rules=(ShareRule("mig", 2),))]),
+    ),
     st.builds(DeviceGone, st.sampled_from(ADDRESSES[:2])),
     st.builds(DeviceSeen, st.sampled_from(MIG_GPUS)),
     st.builds(
@@ -472,11 +477,16 @@ def test_mig_devices_follow_their_layouts_and_leases(events: list[Event]) -> Non
             instances = state.mig_instances(address)
             sliced = any(base_id(d) == address for d in held)  # held whole or as replicas
             if not sliced and address in state.devices and address not in state.replicas:
-                assert {i.uuid for i in instances} <= set(shown)
+                for i in instances:  # shown whole, or as its replicas
+                    assert (i.uuid in shown) != (f"{i.uuid}::0" in shown), i.uuid
                 assert (address in shown) == (not instances)
             else:
-                assert not any(i.uuid in shown for i in instances)  # blocked by those leases
-        for device_id in held:
+                blocked = [d for d in shown if base_id(d) in {i.uuid for i in instances}]
+                assert not blocked  # by those leases
+        for device_id in held:  # a held replica of a MIG device is one it has now
+            uuid, k = split(device_id)
+            if k is not None and uuid.startswith("MIG-"):
+                assert k < state.replicas.get(uuid, 1), (device_id, state.replicas)
             if device_id.startswith("MIG-"):
                 found = state.mig_instance(device_id)
                 assert found is not None, device_id

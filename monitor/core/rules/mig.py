@@ -16,6 +16,7 @@ from __future__ import annotations
 from monitor.core.draft import Draft, Rule
 from monitor.core.events import MigLayoutSeen, MigMinorsRead
 from monitor.core.mig import MigLayout, is_mig_uuid
+from monitor.core.replicas import base_id
 from monitor.core.rules.lease_changes import take
 from monitor.core.state import F
 
@@ -45,8 +46,9 @@ def forget_instances(draft: Draft, uuids: set[str], why: str) -> None:
         draft.pop(F.xids, uuid)
         draft.pop(F.xid_sources, uuid)
         draft.pop(F.problems, uuid)
+        draft.pop(F.replicas, uuid)
     for lease in list(draft.get(F.leases).values()):
-        ended = tuple(d for d in lease.devices if d in uuids)
+        ended = tuple(d for d in lease.devices if base_id(d) in uuids)  # and their replicas
         if ended:
             holder = f"uid {lease.uid}, pid {lease.holder_pid or lease.pid}"
             if lease.owner:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from monitor.core.answers import Reason, Refusal
 from monitor.core.mig import MIG_TYPE, MigLayout
 from monitor.core.model import Device, DeviceGroup
-from monitor.core.replicas import base_id
+from monitor.core.replicas import base_id, shared_type
 from monitor.core.state import State
 
 
@@ -61,7 +61,7 @@ def mig_refusal(state: State, found: Iterable[tuple[DeviceGroup, Device]]) -> Re
     device, or a MIG device without its capability nodes."""
     empty, no_caps = [], []
     for group, device in found:
-        if group.type == MIG_TYPE:
+        if group.type in (MIG_TYPE, shared_type(MIG_TYPE)):
             if "mig_caps" not in device.attributes:
                 no_caps.append(device.id)
         elif (layout := state.mig.get(device.id)) is not None and _empty(layout, device):
