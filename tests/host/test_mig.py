@@ -7,6 +7,7 @@ nvidia-ml-py bindings loading the stand-in libnvidia-ml.so.1, repartitioned whil
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -281,3 +282,23 @@ def test_mig_devices_shared_by_a_config_rule_are_leased_as_replicas(
         with pytest.raises(RpcError) as refused:
             client.call("reserve", {"device_ids": [ONE_B]})
         assert refused.value.code == -32001 and "shared as 2 replicas" in refused.value.message
+
+
+def test_the_drivers_xid_line_naming_an_instance_counts_there_alone(
+    tmp_path: Path,
+    mig_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    fifo = tmp_path / "kmsg"
+    os.mkfifo(fifo)
+    sub = subscribe(mig_daemon("--kmsg", str(fifo)))
+    sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
+    text = "NVRM: Xid (PCI:0000:3b:00 GPU-I:10 GPU-CI:00): 13, pid=42, name=trainer, test line"
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, f"4,1,1000,-;{text}\n".encode())
+    finally:
+        os.close(fd)
+    mirror = sub.until(lambda m: "last_xid" in device(m, ONE_B).get("attributes", {}))
+    assert device(mirror, ONE_B)["attributes"]["last_xid_source"]["value"] == "kmsg"
+    assert "last_xid" not in device(mirror, ONE_A)["attributes"]
