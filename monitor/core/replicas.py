@@ -1,6 +1,7 @@
 """Time-sliced sharing: a device offered as N replicas, each leased exclusively.
 
-Replica k of a shared device has the ID ``<device ID>::<k>`` (DESIGN 3b) and sits in a group of
+Replica k of a shared device (a PCI device, or a MIG device named by a group rule) has the ID
+``<device ID>::<k>`` (DESIGN 3b) and sits in a group of
 type ``<type>.shared`` (``nvidia/gpu.shared/NVIDIA H100 80GB HBM3``): a job or pod that asks for
 a GPU (``nvidia/gpu``) never gets a time slice without asking for one, and the kubelet's default
 resource name (``hotplug-monitor.io/nvidia-gpu.shared``) follows from the type alone.
@@ -23,7 +24,11 @@ SHARED_SUFFIX = ".shared"
 # Each replica is a device in every snapshot and patch: 64 slices of one GPU is already far
 # beyond what time-slicing is good for, and keeps a replica ID within DEVICE_ID's 64 characters.
 MAX_REPLICAS = 64
-REPLICA_ID = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]::(0|[1-9][0-9]?)")
+REPLICA_ID = re.compile(
+    r"(?:[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+    r"|MIG-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"::(0|[1-9][0-9]?)"
+)
 _PCI_IDS = re.compile(r"([0-9a-f]{4})(?::([0-9a-f]{4}))?")
 
 
@@ -99,3 +104,14 @@ class SharePolicy:
             if rule.matches(vendor_id, device_id, vendor, type_, name):
                 return rule.replicas
         return self.replicas
+
+    def replicas_for_group(self, vendor: str, type_: str, name: str) -> int:
+        """The count of a device that only a group rule shares (a MIG device: ``mig``,
+        ``nvidia/mig`` or ``nvidia/mig/NAME``); neither PCI IDs nor the default count do, so
+        that a MIG instance is time-sliced only where the operator names it."""
+        for rule in self.rules:
+            if _PCI_IDS.fullmatch(rule.match.lower()) is None and rule.matches(
+                0, 0, vendor, type_, name
+            ):
+                return rule.replicas
+        return 1

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from monitor.sim.mig import mig_minors_text
 from monitor.sim.umockdev import LIBRARY, to_bytes, to_text
 
 
@@ -182,6 +183,16 @@ class Helper:
                 self._touch(f"dev/{node}")
         elif gpu.driver == "amdgpu":
             self._touch("dev/kfd")
+
+    def mig_nodes(self, gpu_minor: int) -> None:
+        """The driver's MIG capability files for one GPU: the mig-minors file (for 8 GPUs) and
+        each /dev/nvidia-caps node of that GPU's GPU and compute instances."""
+        text = mig_minors_text()
+        self._touch("proc/driver/nvidia-caps/mig-minors", text)
+        for line in text.splitlines():
+            name, _, minor = line.partition(" ")
+            if name.startswith(f"gpu{gpu_minor}/"):
+                self._touch(f"dev/nvidia-caps/nvidia-cap{minor}")
 
     def _add_stats(self, address: str, path: str, driver: str) -> None:
         """The telemetry files the GPU's driver would show (SYSFS_STATS)."""

@@ -87,6 +87,11 @@ class Simulator:
     def add(self, kind: str, address: str, numa_node: int = 0) -> None:
         self._do("add", kind=kind, address=address, numa_node=numa_node)
 
+    def mig_nodes(self, gpu_minor: int) -> None:
+        """Make the driver's MIG capability files for the NVIDIA GPU of minor ``gpu_minor``:
+        /proc/driver/nvidia-caps/mig-minors and its /dev/nvidia-caps/nvidia-capN nodes."""
+        self._do("mig_nodes", gpu_minor=gpu_minor)
+
     def remove(self, address: str) -> None:
         self._do("remove", address=address)
 

@@ -52,8 +52,13 @@ _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 # with the function where a line has one.
 _SLOT = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}"
 _FUNCTION = _SLOT + r"\.[0-7]"
-# NVRM: Xid (PCI:0000:3b:00): 79, pid=..., and the older NVRM: Xid (0000:3b:00): 79, ...
-_XID = re.compile(rf"NVRM: Xid \((?:PCI:)?({_SLOT})\): ([0-9]{{1,12}}),")
+# NVRM: Xid (PCI:0000:3b:00): 79, pid=..., and the older NVRM: Xid (0000:3b:00): 79, ...; on
+# a GPU in MIG mode the driver adds the instance it attributes the XID to, as
+# NVRM: Xid (PCI:0000:3b:00 GPU-I:05): 94, ... or (PCI:0000:3b:00 GPU-I:01 GPU-CI:02): 13, ...
+_XID = re.compile(
+    rf"NVRM: Xid \((?:PCI:)?({_SLOT})(?: GPU-I:([0-9]{{1,4}})(?: GPU-CI:([0-9]{{1,4}}))?)?\): "
+    r"([0-9]{1,12}),"
+)
 # NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.
 _FALLEN = re.compile(rf"NVRM: GPU ({_FUNCTION}): GPU has fallen off the bus\.")
 # NVRM: The NVIDIA GPU 0000:3b:00.0 (PCI ID: 10de:2330) installed in this system has fallen off
@@ -77,11 +82,14 @@ class Record:
 @attrs.frozen
 class Sighted:
     """An XID the driver's line reports: the GPU as the line names it, the XID, and whether the
-    line named no XID (a "fallen off the bus" line, taken as XID 79)."""
+    line named no XID (a "fallen off the bus" line, taken as XID 79); on a GPU in MIG mode, the
+    GPU and compute instance the driver attributes it to, where the line names them."""
 
     address: str
     xid: int
     inferred: bool = False
+    gpu_instance: int | None = None
+    compute_instance: int | None = None
 
 
 class Malformed(ValueError):
@@ -122,10 +130,11 @@ def sighted(text: str) -> Sighted | None:
     """The XID a driver line reports, if it reports one."""
     found = _XID.match(text)
     if found is not None:
-        xid = int(found.group(2))
+        xid = int(found.group(4))
         if not 0 < xid < 1 << 16:
             raise Malformed(f"XID {xid} is out of range")
-        return Sighted(found.group(1), xid)
+        gi, ci = (int(g) if g is not None else None for g in found.group(2, 3))
+        return Sighted(found.group(1), xid, gpu_instance=gi, compute_instance=ci)
     found = _FALLEN.match(text) or _FALLEN_AT_PROBE.match(text)
     if found is not None:
         return Sighted(found.group(1), FALLEN_XID, inferred=True)
@@ -223,21 +232,36 @@ class Reader:
             return None
         if found is None:
             return None
+        journal: dict[str, object] = {
+            "MESSAGE_ID": XID_MESSAGE_ID,
+            "PCI_BUS_ID": found.address,
+            "XID": found.xid,
+            "XID_SOURCE": "kmsg",
+        }
+        where = ""
+        if found.gpu_instance is not None:  # MIG: the instance the driver attributes it to
+            journal["GPU_INSTANCE_ID"] = found.gpu_instance
+            where = f", GPU instance {found.gpu_instance}"
+            if found.compute_instance is not None:
+                journal["COMPUTE_INSTANCE_ID"] = found.compute_instance
+                where += f", compute instance {found.compute_instance}"
         log.warning(
-            "%s: XID %d (kernel log%s)",
+            "%s: XID %d (kernel log%s%s)",
             found.address,
             found.xid,
             ": fallen off the bus" if found.inferred else "",
-            extra={
-                "journal": {
-                    "MESSAGE_ID": XID_MESSAGE_ID,
-                    "PCI_BUS_ID": found.address,
-                    "XID": found.xid,
-                    "XID_SOURCE": "kmsg",
-                }
-            },
+            where,
+            extra={"journal": journal},
         )
-        return XidReported(found.address, found.xid, "kmsg", at, found.inferred)
+        return XidReported(
+            found.address,
+            found.xid,
+            "kmsg",
+            at,
+            found.inferred,
+            gpu_instance=found.gpu_instance,
+            compute_instance=found.compute_instance,
+        )
 
     def _caught_up(self, seq: int) -> None:
         if self.behind:

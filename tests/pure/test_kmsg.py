@@ -37,6 +37,11 @@ def line(text: str) -> Sighted | None:
         ("NVRM: Xid (0000:03:00): 14, Channel 00000001", Sighted("0000:03:00", 14)),
         ("NVRM: Xid (PCI:0001:3b:00): 119, Timeout waiting for RPC", Sighted("0001:3b:00", 119)),
         ("NVRM: GPU 0000:3b:00.0: GPU has fallen off the bus.", Sighted("0000:3b:00.0", 79, True)),
+        # MIG: the driver names the GPU instance, and the compute instance where it knows it
+        ("NVRM: Xid (PCI:0000:01:00 GPU-I:05): 94, pid=7194, Contained: CE User Channel (0x9).",
+         Sighted("0000:01:00", 94, gpu_instance=5)),
+        ("NVRM: Xid (PCI:0000:3b:00 GPU-I:09 GPU-CI:00): 13, pid=9, name=a, Graphics Exception",
+         Sighted("0000:3b:00", 13, gpu_instance=9, compute_instance=0)),
         (
             r"NVRM: The NVIDIA GPU 0000:b3:00.0\x0aNVRM: (PCI ID: 10de:26b5) installed in this "
             r"system has\x0aNVRM: fallen off the bus and is not responding to commands.",
@@ -58,6 +63,8 @@ def test_the_drivers_forms(text: str, found: Sighted) -> None:
         "NVRM: Xid (PCI:0000:3b:00.0): 79, a function the driver does not print",
         "NVRM: Xid (PCI:0000:3b:00): seventy-nine, GPU has fallen off the bus.",
         "NVRM: Xid (PCI:0000:3b:00) 79 without its punctuation",
+        "NVRM: Xid (PCI:0000:3b:00 GPU-CI:01): 13, a compute instance without its GPU instance",
+        "NVRM: Xid (PCI:0000:3b:00 GPU-I:x): 13, an instance that is no number",
         "xNVRM: Xid (PCI:0000:3b:00): 79, not at the start",
     ],
 )

@@ -25,6 +25,8 @@ from monitor.core.events import (
     DrmWedged,
     Event,
     LeaseEnded,
+    MigLayoutSeen,
+    MigMinorsRead,
     NvmlAbsent,
     NvmlEventReported,
     NvmlGpu,
@@ -43,6 +45,7 @@ from monitor.core.events import (
     XidReported,
 )
 from monitor.core.fingerprint import build_fingerprint
+from monitor.core.mig import MigInstance, MigLayout, parse_mig_minors
 from monitor.core.model import Attribute
 from monitor.core.pci import class_matches
 from monitor.core.reducer import fold
@@ -65,6 +68,23 @@ SHARE_POLICIES = [
     SharePolicy(
         replicas=2, rules=(ShareRule("1002:74a1", 1),), fail_requests_greater_than_one=True
     ),
+]
+# MIG devices of the first two addresses: two layouts each, sharing one instance, and one UUID
+# in the old form; MIG mode off; MIG mode on without instances.
+MIGS = [f"MIG-{k}{k}{k}{k}{k}{k}{k}{k}-1111-4111-8111-111111111111" for k in "1234"]
+MIG_LAYOUTS = [
+    MigLayout(
+        True, (MigInstance(MIGS[0], 9, 0, 1, 1, 9984), MigInstance(MIGS[1], 2, 0, 3, 3, 40448))
+    ),
+    MigLayout(
+        True, (MigInstance(MIGS[0], 9, 0, 1, 1, 9984), MigInstance(MIGS[2], 1, 0, 4, 4, 40448))
+    ),
+    MigLayout(
+        True,
+        (MigInstance(MIGS[3], 0, 0, 7, 7, 81152), MigInstance("MIG-GPU-a/1/0", 1, 0, 1, 1, 9984)),
+    ),
+    MigLayout(False),
+    MigLayout(True),
 ]
 PEERS = [ROOT, MEMBER, OTHER_MEMBER, OUTSIDER, attrs.evolve(MEMBER, in_our_pid_namespace=False)]
 
@@ -117,7 +137,9 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         device_ids=st.lists(
-            st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS, "0000:ee:00.0"]), min_size=1, max_size=3
+            st.sampled_from([*ADDRESSES, *UUIDS, *REPLICAS, *MIGS, "0000:ee:00.0"]),
+            min_size=1,
+            max_size=3,
         ),
         lease_id=st.sampled_from(LEASE_IDS),
         created=st.just(0.0),
@@ -130,7 +152,9 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         token=tokens,
         peer=peers,
         lease_id=st.sampled_from([None, *LEASE_IDS]),
-        device_ids=st.lists(st.sampled_from([*ADDRESSES, *REPLICAS, "not-an-id"]), max_size=2),
+        device_ids=st.lists(
+            st.sampled_from([*ADDRESSES, *REPLICAS, *MIGS, "not-an-id"]), max_size=2
+        ),
         owner=owners,
     ),
     st.builds(
@@ -153,6 +177,18 @@ event_st: st.SearchStrategy[Event] = st.one_of(
         ),
     ),
     st.builds(XidReported, st.sampled_from(ADDRESSES), st.sampled_from([13, 48, 79, 999])),
+    st.builds(
+        XidReported,
+        st.sampled_from(ADDRESSES[:2]),
+        st.sampled_from([13, 48]),
+        gpu_instance=st.sampled_from([None, 9, 2]),
+        compute_instance=st.sampled_from([None, 0]),
+    ),
+    st.builds(MigLayoutSeen, st.sampled_from(ADDRESSES[:2]), st.sampled_from(MIG_LAYOUTS)),
+    st.builds(
+        MigMinorsRead,
+        st.sampled_from([parse_mig_minors("gpu0/gi9/access 84\ngpu0/gi9/ci0/access 85\n")]),
+    ),
     st.builds(
         NvmlEventReported,
         st.sampled_from(ADDRESSES),
@@ -240,6 +276,10 @@ def test_patches_applied_in_order_rebuild_the_final_snapshot(
         assert len(held) == len(set(held))  # no device in two leases
         whole = {d for d in held if split(d)[1] is None}
         assert not any(base_id(d) in whole for d in held if split(d)[1] is not None)  # 3b
+        for device_id in held:  # a held MIG device is one its GPU has now, not held whole
+            if device_id.startswith("MIG-"):
+                found = state.mig_instance(device_id)
+                assert found is not None and found[0] not in whole, (device_id, whole)
         for device_id in held:  # a held replica is shown, or its device is gone
             address, k = split(device_id)
             if k is not None and address in state.devices:

@@ -35,6 +35,7 @@ from monitor.core.health import (
     Problem,
 )
 from monitor.core.pci import NVIDIA_VENDOR_ID
+from monitor.core.rules.mig import forget_gpu
 from monitor.core.rules.problems import clear_problems, set_problem
 from monitor.core.state import F
 
@@ -70,6 +71,7 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
     if old is not None and old.driver == facts.driver:
         return  # the same binding: it keeps its name and facts
     if facts.driver != "nvidia":
+        forget_gpu(draft, address, f"the GPU at {address} was unbound from nvidia")
         draft.pop(F.nvml, address)
         draft.pop(F.xids, address)
         draft.pop(F.conditions, address)
@@ -111,6 +113,7 @@ def device_gone(draft: Draft, event: DeviceGone) -> None:
     if draft.pop(F.devices, address) is None:
         return
     draft.pop(F.problems, address)
+    forget_gpu(draft, address, f"the GPU at {address} left the host")
     draft.pop(F.nvml, address)
     draft.pop(F.xids, address)
     draft.pop(F.conditions, address)

@@ -22,6 +22,7 @@ from monitor.core.answers import Reason, Refusal
 from monitor.core.draft import Draft, Rule
 from monitor.core.events import PciFacts, SharePolicyChanged
 from monitor.core.leases import Lease
+from monitor.core.mig_devices import mig_group
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.pci import class_matches, device_type, vendor_name
 from monitor.core.replicas import SharePolicy, base_id, replica_id, split
@@ -64,17 +65,26 @@ def settle(draft: Draft, addresses: Iterable[str] | None, *, announce: bool = Fa
     """Bring these devices' replica counts (None: every device's) to the policy's where their
     leases let them; ``announce``: note each device whose change has to wait."""
     devices, current = draft.get(F.devices), draft.get(F.replicas)
+    instances = _mig_devices(draft)
     if addresses is None:
-        addresses = set(devices) | set(current)
+        addresses = set(devices) | set(current) | set(instances)
     addresses = {base_id(a) for a in addresses}  # a lease's touch names its replicas too
+    layouts = draft.get(F.mig)
+    addresses |= {i.uuid for a in addresses if a in layouts for i in layouts[a].instances}
     policy, names, classes = draft.get(F.share), draft.get(F.names), draft.get(F.match_classes)
     held: Mapping[str, Held] | None = None
     for address in sorted(addresses):
         facts = devices.get(address)
-        if facts is None:  # its replicas leave with it (held ones stay shown, as departed)
+        if address in instances:  # a MIG device: shared where a group rule names it
+            want = policy.replicas_for_group(*instances[address])
+        elif facts is None:  # its replicas leave with it (held ones stay shown, as departed)
             draft.pop(F.replicas, address)
             continue
-        want = wanted(policy, facts, names.get(address), classes)
+        else:
+            want = wanted(policy, facts, names.get(address), classes)
+        layout = draft.get(F.mig).get(address)
+        if layout is not None and layout.enabled and layout.instances:
+            want = 1  # shown as its MIG devices: not time-sliced whole
         have = current.get(address, 1)
         if held is None:
             held = holds(draft.get(F.leases).values())
@@ -98,6 +108,17 @@ def settle(draft: Draft, addresses: Iterable[str] | None, *, announce: bool = Fa
             draft.put(F.replicas, address, count)
 
 
+def _mig_devices(draft: Draft) -> dict[str, tuple[str, str, str]]:
+    """Each MIG device of a named GPU, by MIG UUID, with its group (vendor, type, name)."""
+    names = draft.get(F.names)
+    return {
+        i.uuid: mig_group("nvidia", names[address], i)
+        for address, layout in draft.get(F.mig).items()
+        if layout.enabled and address in names
+        for i in layout.instances
+    }
+
+
 def _replicas(count: int) -> str:
     return "no replicas (leased whole)" if count == 1 else f"{count} replicas"
 
@@ -110,7 +131,7 @@ def share_policy_changed(draft: Draft, event: SharePolicyChanged) -> None:
 def shared_whole(state: State, device_id: str) -> tuple[str, list[str]] | None:
     """When ``device_id`` (a PCI address or GPU UUID) names a shared device: why it is not
     leased whole, and its replicas."""
-    address = device_id.lower()
+    address = device_id if device_id in state.replicas else device_id.lower()  # a MIG UUID as is
     if address not in state.replicas:
         address = next((a for a, g in state.nvml.items() if g.uuid == device_id), address)
     count = state.replicas.get(address)
