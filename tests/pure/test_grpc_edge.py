@@ -28,6 +28,7 @@ from monitor.wire.reservations import BadAnswer
 
 T = TypeVar("T")
 A, B = "0000:3b:00.0", "0000:86:00.0"
+GPU_UUID = "GPU-0a0a0a0a-1111-2222-3333-444444444444"
 MIG = "MIG-0a0a0a0a-1111-2222-3333-444444444444"
 CARD = f"/dev/dri/by-path/pci-{A}-card"
 RESERVATION: dict[str, Any] = {
@@ -231,9 +232,18 @@ def test_a_reservation_for_other_devices_than_asked_by_address_is_released_then_
     assert client.asked[1:] == [
         Call("release", {"reservation_id": lease, "owner": "kubelet"})
     ]  # no device stays held for a container that never gets it
-    # Asked by a MIG UUID, the daemon names what it reserved: its own ID for the instance.
-    result, _ = reserve(copy.deepcopy(RESERVATION), [MIG])
+    # Asked by a GPU UUID, the daemon names what it reserved: its own ID for the GPU.
+    result, _ = reserve(copy.deepcopy(RESERVATION), [GPU_UUID])
     assert result["device_ids"] == [A]
+    # A MIG UUID is a MIG instance's own ID: a grant of anything else (its whole GPU) is not
+    # what was asked for, and is released.
+    client = Client({**copy.deepcopy(RESERVATION), "device_ids": [A]})
+    with pytest.raises(BadAnswer, match=rf"it is for \['{A}'\], not \['{MIG}'\]; released"):
+        asyncio.run(grpc_edge.reserve(client, [MIG], "kubelet"))
+    result, _ = reserve({**copy.deepcopy(RESERVATION), "device_ids": [MIG]}, [MIG])
+    assert result["device_ids"] == [MIG]
+    result, _ = reserve({**copy.deepcopy(RESERVATION), "device_ids": [f"{MIG}::1"]}, [f"{MIG}::1"])
+    assert result["device_ids"] == [f"{MIG}::1"]
 
 
 def test_a_reservation_of_a_shape_the_daemon_never_plans_is_refused() -> None:
