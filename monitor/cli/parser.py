@@ -434,8 +434,8 @@ def _kubelet_plugin(commands: Commands) -> argparse.ArgumentParser:
     )
     plugin.add_argument(
         "--mig-strategy",
-        choices=("none", "single", "mixed"),
         default="mixed",
+        metavar="none|single|mixed",
         help="how MIG instances are offered, as NVIDIA's plugin's strategies: none (not at all; "
         "a GPU with instances is then not offered either, as the daemon does not lease it "
         "whole), single (as the resource of their GPU's group, e.g. "
