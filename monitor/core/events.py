@@ -12,6 +12,7 @@ import attrs
 from monitor.core.access import Peer
 from monitor.core.conditions import HealthPolicy
 from monitor.core.leases import Holder
+from monitor.core.mig import MigLayout, MigMinors
 from monitor.core.model import Attribute, frozen_mapping, frozen_tuple
 from monitor.core.replicas import SharePolicy
 from monitor.core.xids import XidPolicy
@@ -134,6 +135,25 @@ class XidReported:
     at: float | None = None
     inferred: bool = False
     recovery_action: int | None = None
+    # The GPU and compute instance NVML attributes it to (MIG), where it names one.
+    gpu_instance: int | None = None
+    compute_instance: int | None = None
+
+
+@attrs.frozen
+class MigLayoutSeen:
+    """NVML's MIG mode and MIG devices of a GPU, read at its watch's start, after NVML said its
+    MIG configuration changed, on each health sweep and on SIGHUP."""
+
+    address: str
+    layout: MigLayout
+
+
+@attrs.frozen
+class MigMinorsRead:
+    """The driver's mig-minors file, read again (``problem``: why it could not be)."""
+
+    minors: MigMinors
 
 
 @attrs.frozen
@@ -275,6 +295,8 @@ Event = (
     | Resync
     | ClassFilterChanged
     | NvmlGpuSeen
+    | MigLayoutSeen
+    | MigMinorsRead
     | XidReported
     | NvmlEventReported
     | NvmlUnreachable

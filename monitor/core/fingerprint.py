@@ -23,6 +23,7 @@ from monitor.core.health import (
     device_problems,
 )
 from monitor.core.leases import Lease
+from monitor.core.mig_devices import cap_nodes, instance_device, mig_group
 from monitor.core.model import (
     Attribute,
     Device,
@@ -39,6 +40,7 @@ from monitor.core.state import State
 from monitor.core.xids import xid_action
 
 Patch = dict[str, Any]
+MIG_MODES = {False: "disabled", True: "enabled"}
 
 
 def device_attributes(
@@ -118,6 +120,9 @@ def build_device(
             judge_all(state.conditions.get(address, {}), state.health_policy).values()
         ),
     )
+    layout = state.mig.get(address)
+    if layout is not None and gpu is not None:  # read again with each change of its layout
+        attributes = {**attributes, "mig_mode": Attribute(MIG_MODES[layout.enabled])}
     if before is not None and before.attributes == attributes:
         attributes = before.attributes
     return Device(
@@ -154,13 +159,13 @@ def replica_device(
     )
 
 
-def departed_device(device_id: str, lease: Lease) -> Device:
+def departed_device(device_id: str, lease: Lease, address: str | None = None) -> Device:
     """A reserved device that left the host: shown until its lease ends, so the holder learns."""
     return Device(
         id=device_id,
         healthy=False,
         health_desc=f"removed from this host while reserved by {lease.id}",
-        hw_locality=DeviceLocality(pci_bus_id=base_id(device_id)),
+        hw_locality=DeviceLocality(pci_bus_id=address or base_id(device_id)),
         reserved_by=lease.id,
         reserved_owner=lease.owner,
         health=UNHEALTHY,
@@ -183,7 +188,7 @@ def build_fingerprint(
     leased = _leased(state)
     index = previous.devices()
     ids = _device_ids(state, dirty, index, leased)
-    bases = {base_id(d) for d in ids}
+    bases = {state.parent_of(d) for d in ids}
     nodes: dict[str, list[DrmNode]] = {}
     for node in state.drm_nodes.values():
         if node.parent in bases:
@@ -205,9 +210,8 @@ def build_fingerprint(
         was_in, before = index.get(address, (None, None))
         if was_in is not None:
             group(was_in.key).pop(address)
-        base = base_id(address)
-        lease = leased.get(address)
-        placed = _place(state, address, nodes.get(base, []), lease, before, built)
+        base = state.parent_of(address)
+        placed = _place(state, address, nodes.get(base, []), leased, before, built)
         key = None
         if placed is not None:
             triple, device = placed
@@ -232,7 +236,9 @@ def build_fingerprint(
             if old is not None and key not in stale:
                 shared = old.attributes
             else:  # a departed device has no attributes left: it does not take the group's away
-                shown = [d.attributes for i, d in devices.items() if _is_shown(state, base_id(i))]
+                shown = [
+                    d.attributes for i, d in devices.items() if _is_shown(state, state.parent_of(i))
+                ]
                 shared = common_attributes(shown)
             groups[key] = DeviceGroup(
                 vendor=vendor, type=type_, name=name, devices=devices, attributes=shared
@@ -251,19 +257,21 @@ def _device_ids(
     leased: Mapping[str, Lease],
 ) -> list[str]:
     """The IDs to build again for these devices (and replicas): each device, and its replicas
-    as they were shown, as they are now and as leases hold them. A departed replica is not
-    found here once its lease ended: the lease's own touch names it."""
+    as they were shown, as they are now and as leases hold them; and each GPU's MIG devices
+    (those that left are named by the layout's own touch). A departed replica is not found
+    here once its lease ended: the lease's own touch names it."""
     ids = set(dirty)
-    bases = {base_id(d) for d in dirty}
+    bases = {state.parent_of(d) for d in dirty}
     ids.update(bases)
     for address in bases:
+        ids.update(i.uuid for i in state.mig_instances(address))
         for k in range(state.replicas.get(address, 0)):  # kept only for shared devices
             ids.add(replica_id(address, k))
         k = 0
         while replica_id(address, k) in index:
             ids.add(replica_id(address, k))
             k += 1
-    ids.update(d for d in leased if d not in ids and base_id(d) in bases)
+    ids.update(d for d in leased if d not in ids and state.parent_of(d) in bases)
     return sorted(ids)
 
 
@@ -280,30 +288,69 @@ def _place(
     state: State,
     device_id: str,
     nodes: list[DrmNode],
-    lease: Lease | None,
+    leased: Mapping[str, Lease],
     before: Device | None,
     built: dict[str, Device],
 ) -> tuple[tuple[str, str, str], Device] | None:
-    """The group (vendor, type, name) a device or replica is shown in and the device, if it is
-    shown: a shared device is shown as its replicas alone, in a ``.shared`` group."""
+    """The group (vendor, type, name) a device, replica or MIG device is shown in and the
+    device, if it is shown: a shared device is shown as its replicas alone, in a ``.shared``
+    group; a GPU with MIG devices as those alone, in ``mig`` groups, unless a lease holds it
+    whole (a whole lease blocks its MIG devices until it ends)."""
+    lease = leased.get(device_id)
+    mig = state.mig_instance(device_id)
+    if mig is not None:
+        address, instance = mig
+        if _is_shown(state, address) and address not in leased:
+            parent = _whole(state, address, nodes, built)
+            vendor = vendor_name(state.devices[address].vendor_id)
+            device = instance_device(
+                parent,
+                instance,
+                caps=cap_nodes(state.mig_minors, state.nvidia_minor(address), instance),
+                problems=state.problems.get(device_id, {}),
+                xids=state.xids.get(device_id),
+                xid_source=state.xid_sources.get(device_id),
+                lease=lease,
+                before=before,
+            )
+            return mig_group(vendor, state.names[address], instance), device
+        return _departed(device_id, lease, address)
     address, k = split(device_id)
     count = state.replicas.get(address, 1)
-    if _is_shown(state, address) and (count > 1) == (k is not None) and (k or 0) < count:
+    in_parts = k is None and lease is None and bool(state.mig_instances(address))
+    if (
+        _is_shown(state, address)
+        and (count > 1) == (k is not None)
+        and (k or 0) < count
+        and not in_parts
+    ):
         facts = state.devices[address]
         vendor, type_ = vendor_name(facts.vendor_id), device_type(facts.pci_class)
         if k is None:
             return (vendor, type_, state.names[address]), build_device(
                 facts, state, nodes, lease, before
             )
-        device = built.get(address)
-        if device is None:
-            device = built[address] = build_device(facts, state, nodes, None)
-        replica = replica_device(device, k, count, lease, before)
+        replica = replica_device(_whole(state, address, nodes, built), k, count, lease, before)
         return (vendor, shared_type(type_), state.names[address]), replica
-    if lease is not None:
-        vendor, type_, name = lease.devices[device_id].split("/", 2)
-        return (vendor, type_, name), departed_device(device_id, lease)
-    return None
+    return _departed(device_id, lease)
+
+
+def _whole(state: State, address: str, nodes: list[DrmNode], built: dict[str, Device]) -> Device:
+    """The device at ``address`` built whole and unleased, once for all its replicas or MIG
+    devices."""
+    device = built.get(address)
+    if device is None:
+        device = built[address] = build_device(state.devices[address], state, nodes, None)
+    return device
+
+
+def _departed(
+    device_id: str, lease: Lease | None, address: str | None = None
+) -> tuple[tuple[str, str, str], Device] | None:
+    if lease is None:
+        return None
+    vendor, type_, name = lease.devices[device_id].split("/", 2)
+    return (vendor, type_, name), departed_device(device_id, lease, address)
 
 
 def fingerprint_patch(old: Fingerprint, new: Fingerprint) -> Patch | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from monitor.core.mig import MIG_UUID
 from monitor.core.model import JSON, PCI_ADDRESS, frozen_mapping
 from monitor.core.replicas import REPLICA_ID
 
@@ -106,7 +107,8 @@ class Lease:
         for device_id, key in devices.items():
             if not is_device_id(device_id):
                 raise ValueError(
-                    f"lease {lease_id}: {_shown(device_id)} is not a PCI address or replica ID"
+                    f"lease {lease_id}: {_shown(device_id)} is not a PCI address or replica ID "
+                    "(nor a MIG UUID)"
                 )
             if not is_group_key(key):
                 raise ValueError(f"lease {lease_id}: {_shown(key)} is not a vendor/type/name")
@@ -142,9 +144,12 @@ class Lease:
 
 
 def is_device_id(device_id: Any) -> bool:
-    """A device ID a lease may hold: a PCI address, or replica k of one (``<address>::<k>``)."""
+    """A device ID a lease may hold: a PCI address, replica k of one (``<address>::<k>``), or
+    a MIG UUID."""
     return isinstance(device_id, str) and (
-        PCI_ADDRESS.fullmatch(device_id) is not None or REPLICA_ID.fullmatch(device_id) is not None
+        PCI_ADDRESS.fullmatch(device_id) is not None
+        or REPLICA_ID.fullmatch(device_id) is not None
+        or MIG_UUID.fullmatch(device_id) is not None
     )
 
 

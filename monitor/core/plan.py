@@ -47,6 +47,12 @@ def by_path_links(address: str, exists: Exists) -> list[str]:
     ]
 
 
+def _mig_caps(device: Device) -> list[str]:
+    """A MIG device's capability nodes (its GPU instance's, its compute instance's)."""
+    caps = device.attributes.get("mig_caps")
+    return str(caps.value).split(",") if caps is not None else []
+
+
 def plan(
     devices: Iterable[tuple[DeviceGroup, Device]],
     *,
@@ -56,13 +62,14 @@ def plan(
     """The env vars, device nodes and mounts that let a container use these devices; ``exists``
     says which of the nodes drivers make outside udev's view are there. A replica of a shared
     device gets its device's edits (``minor_of`` is asked for the device), and two replicas of
-    one device give them once."""
+    one device give them once. A MIG device is named by its MIG UUID, and gets its GPU's node
+    and its own capability nodes (``/dev/nvidia-caps/nvidia-capN``)."""
     vendor_nodes: list[str] = []  # made by drivers outside udev's view: checked on disk
     drm_nodes: list[str] = []  # the kernel reported them with the device: they exist
     links: list[str] = []
     visible_gpus: list[str] = []
     for group, device in devices:
-        address = base_id(device.id)
+        address = device.hw_locality.pci_bus_id or base_id(device.id)  # a MIG device's GPU's
         if group.vendor == "nvidia":
             uuid_attribute = device.attributes.get("uuid")
             visible_gpus.append(str(uuid_attribute.value) if uuid_attribute else address)
@@ -70,6 +77,7 @@ def plan(
             if minor is not None:
                 vendor_nodes.append(f"/dev/nvidia{minor}")
             vendor_nodes.extend(NVIDIA_CONTROL_NODES)
+            vendor_nodes.extend(_mig_caps(device))
         elif group.vendor == "amd":
             vendor_nodes.append(AMD_KFD)
         nodes = _drm_nodes(device)

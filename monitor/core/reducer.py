@@ -19,7 +19,7 @@ from monitor.core.draft import Draft, RequestRule, Rule
 from monitor.core.events import Event, Request
 from monitor.core.fingerprint import Patch
 from monitor.core.leases import Lease, LeaseChange
-from monitor.core.rules import conditions, inventory, leasing, nvidia, sharing
+from monitor.core.rules import conditions, inventory, leasing, mig, nvidia, sharing
 from monitor.core.state import State
 
 EVENT_RULES: dict[type, Rule] = {
@@ -27,7 +27,7 @@ EVENT_RULES: dict[type, Rule] = {
     **nvidia.RULES,
     **conditions.RULES,
     **leasing.RULES,
-    **leasing.RULES,
+    **mig.RULES,
     **sharing.RULES,
 }
 REQUEST_RULES: dict[type, RequestRule] = leasing.REQUESTS

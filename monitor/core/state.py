@@ -19,6 +19,7 @@ from monitor.core.conditions import HealthPolicy
 from monitor.core.events import DrmNode, NvmlGpu, PciFacts
 from monitor.core.health import Problems, frozen_problems
 from monitor.core.leases import Lease
+from monitor.core.mig import MigInstance, MigLayout, MigMinors
 from monitor.core.model import Fingerprint, frozen_mapping, frozen_tuple
 from monitor.core.pci import DEFAULT_MATCH_CLASSES
 from monitor.core.replicas import SharePolicy, base_id
@@ -43,6 +44,10 @@ def _the_parent(_: str, node: DrmNode) -> Iterable[str]:
 def _the_devices(_: str, lease: Lease) -> Iterable[str]:
     # and a replica's device, which its replicas are built with
     return {*lease.devices, *(base_id(d) for d in lease.devices)}
+
+
+def _the_instances(address: str, layout: MigLayout) -> Iterable[str]:
+    return (address, *(i.uuid for i in layout.instances))
 
 
 def _by_device(touches: Touches = _the_key) -> dict[str, Any]:
@@ -114,10 +119,37 @@ class State:
     replicas: Mapping[str, int] = attrs.field(
         converter=frozen_mapping, factory=dict, metadata=_by_device()
     )
+    # MIG: each NVIDIA GPU's MIG mode and MIG devices as NVML last showed them, and the
+    # driver's capability minors (``monitor.core.rules.mig``).
+    mig: Mapping[str, MigLayout] = attrs.field(
+        converter=frozen_mapping, factory=dict, metadata=_by_device(_the_instances)
+    )
+    mig_minors: MigMinors = attrs.field(factory=MigMinors, metadata={TOUCHES: EVERY_DEVICE})
     fingerprint: Fingerprint = attrs.field(factory=Fingerprint)
 
     def nvidia_minor(self, address: str) -> int | None:
         return nvidia_minor(self.devices, self.nvml, address)
+
+    def mig_instance(self, device_id: str) -> tuple[str, MigInstance] | None:
+        """The GPU (PCI address) and MIG device a MIG UUID names now, if it names one."""
+        if not device_id.startswith("MIG-"):
+            return None
+        for address, layout in self.mig.items():
+            found = layout.find(device_id)
+            if found is not None:
+                return address, found
+        return None
+
+    def parent_of(self, device_id: str) -> str:
+        """The PCI address of the device an ID is of: a replica's device, a MIG device's GPU
+        (the ID itself for a MIG device no GPU has now)."""
+        found = self.mig_instance(device_id)
+        return found[0] if found is not None else base_id(device_id)
+
+    def mig_instances(self, address: str) -> tuple[MigInstance, ...]:
+        """The GPU's MIG devices now (none unless MIG mode is on and instances exist)."""
+        layout = self.mig.get(address)
+        return layout.instances if layout is not None and layout.enabled else ()
 
 
 F = attrs.fields(State)  # the fields by name, for the rules: ``draft.get(F.devices)``

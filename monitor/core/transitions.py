@@ -12,6 +12,7 @@ import attrs
 
 from monitor.core.health import device_problems
 from monitor.core.leases import Lease, LeaseChange
+from monitor.core.mig import MIG_TYPE
 from monitor.core.model import Device, DeviceGroup
 from monitor.core.reducer import Reduction
 from monitor.core.replicas import base_id
@@ -91,12 +92,14 @@ def journal_entries(old: State, reduction: Reduction) -> list[Entry]:
 
 def _shown_present(state: State) -> dict[str, tuple[DeviceGroup, Device]]:
     """Devices shown and on the host (not only kept for a lease), by PCI address: a shared
-    device once, as its first replica, since its replicas come, go and break with it."""
+    device once, as its first replica, since its replicas come, go and break with it. A MIG
+    device is one of its own, by its MIG UUID: each is created and destroyed alone."""
     shown: dict[str, tuple[DeviceGroup, Device]] = {}
     for device_id, found in state.fingerprint.devices().items():  # a group's sorted: ::0 first
-        address = base_id(device_id)
-        if address in state.devices:
-            shown.setdefault(address, found)
+        group, device = found
+        if device.hw_locality.pci_bus_id in state.devices:
+            key = device_id if group.type == MIG_TYPE else base_id(device_id)
+            shown.setdefault(key, found)
     return shown
 
 
@@ -159,14 +162,17 @@ def health_transitions(
         ):
             continue
         uuid = _uuid(new, address)
+        parent = device.hw_locality.pci_bus_id  # a MIG device's GPU; else the device itself
         if device.healthy:
             assert previous is not None
-            reason = (recoveries or {}).get(address)
+            reason = (recoveries or {}).get(address) or (recoveries or {}).get(parent)
             transition = HealthTransition(
                 "recovered", address, group.vendor, group.name, previous.health_desc, None, reason
             )
         else:
-            problems = device_problems(new.devices[address], new.problems.get(address, {}))
+            problems = device_problems(new.devices[parent], new.problems.get(parent, {}))
+            if parent != address:  # a MIG device's own
+                problems += list(new.problems.get(address, {}).values())
             kind = "lost" if any(p.lost for p in problems) else "unhealthy"
             actions = [p.recovery_action for p in problems if p.recovery_action]
             xids = [p.xid for p in problems if p.xid is not None]
@@ -178,12 +184,12 @@ def health_transitions(
                 device.health_desc,
                 actions[0] if actions else None,
                 xid=xids[0] if xids else None,
-                xid_source=new.xid_sources.get(address) if xids else None,
+                xid_source=new.xid_sources.get(parent) if xids else None,
             )
         transition = attrs.evolve(
             transition,
             uuid=uuid,
-            conditions=tuple(new.conditions.get(address, {})),
+            conditions=tuple(new.conditions.get(parent, {})),
             holders=() if device.healthy else lease_holders(new, address),
         )
         transitions.append(transition)

@@ -296,6 +296,7 @@ async def run_tasks(
             run_nvml_source,
             deadline=settings.nvml_timeout,
             health_interval=settings.health_interval,
+            mig_minors=settings.mig_minors,
             log_level=settings.log_level,
             log_target=settings.log_target,
             stats=nvml_stats,
@@ -369,6 +370,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 log.info("%s", started_line(settings, claimed, hub, where))
                 async for signum in signals:
                     if signum == signal.SIGHUP:
+                        nursery.start_soon(nvml_stats.rescan_mig)  # MIG layouts read again
                         if load is not None:
                             settings = await reload(settings, load, inbox)
                         continue

@@ -55,6 +55,9 @@ def default_cdi_dir() -> Path | None:
     return Path("/var/run/cdi") if _is_root() else None
 
 
+DEFAULT_MIG_MINORS = "/proc/driver/nvidia-caps/mig-minors"
+
+
 def default_kmsg() -> Path | None:
     """The kernel log: only root may read /dev/kmsg on most hosts (dmesg_restrict)."""
     return Path("/dev/kmsg") if _is_root() else None
@@ -142,6 +145,12 @@ class Settings:
         kind=Kind(bool, "true or false", flag={"action": "store_const", "const": True}),
         help="also take the kernel log lines userspace wrote (facility 1), not only the "
         "kernel's: any root process could then report XIDs (default: off)",
+    )
+    mig_minors: Path = setting(
+        kind=PATH,
+        factory=lambda: Path(DEFAULT_MIG_MINORS),
+        help="the NVIDIA driver's MIG capability minors, which give a MIG instance's "
+        f"/dev/nvidia-caps nodes (default: {DEFAULT_MIG_MINORS})",
     )
     nvml_timeout: float = setting(
         5.0,

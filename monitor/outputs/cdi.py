@@ -21,9 +21,9 @@ from typing import Any
 import trio
 
 from monitor.core.leases import Lease
+from monitor.core.mig import MIG_TYPE
 from monitor.core.model import ContainerReservation
 from monitor.core.plan import plan
-from monitor.core.replicas import base_id
 from monitor.core.state import State
 from monitor.outputs.files import write_atomically
 from monitor.wire.framing import dumps
@@ -70,11 +70,14 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
 
     A shared device's replicas each have an entry with the device's edits, named by replica ID,
     beside the device's own (by address and UUID): this mode hands a device to whoever names
-    it, held or not, and a replica's holder names its replica."""
+    it, held or not, and a replica's holder names its replica.
+
+    A MIG device has one entry, named by its MIG UUID, with its GPU's node and its own
+    capability nodes: its GPU's address and UUID name the GPU, which is not shown then."""
     devices = []
     named: set[str] = set()
     for device_id, (group, device) in sorted(state.fingerprint.devices().items()):
-        address = base_id(device_id)
+        address = device.hw_locality.pci_bus_id
         if address not in state.devices:
             continue  # departed, shown only for its lease
         edits = plan([(group, device)], minor_of=state.nvidia_minor, exists=exists)
@@ -82,7 +85,9 @@ def build_spec(state: State, exists: Callable[[str], bool] = os.path.exists) -> 
             continue
         entry = container_edits(edits)
         uuid = device.attributes.get("uuid")
-        names = [device_id, address, str(uuid.value) if uuid is not None else None]
+        names: list[str | None] = [device_id]
+        if group.type != MIG_TYPE:
+            names += [address, str(uuid.value) if uuid is not None else None]
         for name in names:
             if name is not None and name not in named:
                 named.add(name)
@@ -101,9 +106,9 @@ def lease_edits(
         return None
     shown = state.fingerprint.devices()
     chosen = []
-    for address in lease.devices:
-        found = shown.get(address)
-        present = base_id(address) in state.devices
+    for device_id in lease.devices:
+        found = shown.get(device_id)
+        present = found is not None and found[1].hw_locality.pci_bus_id in state.devices
         if not present or found is None or not found[1].healthy:
             return None
         if plan([found], minor_of=state.nvidia_minor, exists=exists).empty:
@@ -129,7 +134,15 @@ def spec_inputs(state: State) -> tuple[Any, ...]:
     """What the spec of every device is made of. Leases and health, which change far more
     often, are not; and as the draft keeps unchanged fields as they were, comparing these is
     mostly identity."""
-    return (state.match_classes, state.devices, state.drm_nodes, state.nvml, state.names)
+    return (
+        state.match_classes,
+        state.devices,
+        state.drm_nodes,
+        state.nvml,
+        state.names,
+        state.mig,
+        state.mig_minors,
+    )
 
 
 def lease_spec_inputs(state: State) -> tuple[Any, ...]:

@@ -8,11 +8,17 @@
  *
  *   gpus            one GPU per line, tab-separated key=value fields
  *   driver_version  string returned by nvmlSystemGetDriverVersion
- *   events          appended lines "bus_id<TAB>event_type_hex<TAB>event_data"
+ *   events          appended lines "bus_id<TAB>event_type_hex<TAB>event_data", optionally
+ *                   followed by "<TAB>gpu_instance_id<TAB>compute_instance_id"
  *   hang            "function[<TAB>bus_id]": matching calls block until removed
  *   init_error      integer nvmlReturn_t that the nvmlInit* calls return
  *   crash           "function[<TAB>bus_id]": matching calls abort()
  *   calls           if it exists, every exported call appends its name
+ *   mig             one MIG device per line, tab-separated key=value fields: bus_id (its GPU),
+ *                   index (0..7, its MIG device index), uuid, gi, ci, gpu_slices,
+ *                   compute_slices, memory_mib; read afresh on every MIG call, so a test
+ *                   repartitions a GPU while a daemon runs (and appends a MIG config change
+ *                   event to say so)
  *
  * Enumeration is fixed at initialisation, as the driver's library does it: a GPU that joins the
  * gpus file after the first nvmlInit (or leaves it and comes back) is invisible to the count and
@@ -49,6 +55,8 @@
 #define MAX_SLOTS 256      /* distinct bus ids ever seen by one process */
 #define MAX_REGS 256       /* device registrations per event set */
 #define FIELD_LEN 128      /* longest string attribute (name, uuid) */
+#define MAX_MIG 8          /* MIG devices per GPU (an A100 or H100 has at most 7) */
+#define MIG_FILE_MAX 65536 /* the mig control file is read up to this size */
 #define DEFAULT_DRIVER "550.54.15"
 #define CUDA_DRIVER_VERSION 12040
 #define HANG_POLL_NS (10 * 1000 * 1000L)
@@ -96,6 +104,10 @@ struct nvmlDevice_st {
     unsigned int nvlink_links;         /* links 0..n-1 exist; 0: no NVLink (NOT_SUPPORTED) */
     unsigned long long nvlink_down;    /* bit k: link k is inactive */
     char unsupported[1024]; /* comma-separated functions that answer NOT_SUPPORTED */
+    unsigned int max_mig;   /* nvmlDeviceGetMaxMigDeviceCount */
+    /* a MIG device handle (g_migs): its GPU, its index, and what the mig file says of it */
+    struct nvmlDevice_st *parent;
+    unsigned int mig_index, gi, ci, gpu_slices, compute_slices;
 };
 
 /* One device's interest in some event types, and where in the events file it began. */
@@ -121,6 +133,7 @@ static struct nvmlDevice_st *g_order[MAX_SLOTS]; /* index -> slot, of those */
 static struct stat g_gpus_stat;                /* identity of the gpus file last parsed */
 static int g_gpus_loaded;
 static struct nvmlEventSet_st *g_sets;
+static struct nvmlDevice_st g_migs[MAX_SLOTS * MAX_MIG]; /* MIG handles: GPU slot x index */
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
@@ -320,6 +333,7 @@ static void set_defaults(struct nvmlDevice_st *d)
     d->nvlink_links = 0;
     d->nvlink_down = 0;
     d->unsupported[0] = '\0';
+    d->max_mig = 7;
 }
 
 /* Apply one key=value field to a slot; unknown keys are ignored so the format can grow. */
@@ -434,6 +448,8 @@ static void apply_field(struct nvmlDevice_st *d, const char *key, const char *va
         d->nvlink_down = strtoull(val, NULL, 16);
     else if (strcmp(key, "unsupported") == 0)
         snprintf(d->unsupported, sizeof d->unsupported, "%s", val);
+    else if (strcmp(key, "max_mig") == 0)
+        d->max_mig = (unsigned int)dec;
 }
 
 /* Find a key's value in a tab-separated line (NUL-separated after splitting), or NULL. */
@@ -963,8 +979,13 @@ nvmlReturn_t nvmlDeviceGetPciInfoExt(nvmlDevice_t device, nvmlPciInfoExt_t *pci)
 }
 
 /* GPU UUID string ("GPU-...") from the gpus file. */
+static nvmlReturn_t mig_uuid(nvmlDevice_t device, char *uuid, unsigned int length);
+static int valid_mig(nvmlDevice_t dev);
+
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
 {
+    if (valid_mig(device))
+        return mig_uuid(device, uuid, length); /* "MIG-..." */
     DEVICE_CALL(__func__, device, d, uuid);
     return unlock_with(copy_out(uuid, length, d->uuid));
 }
@@ -1259,6 +1280,8 @@ static int next_event(struct nvmlEventSet_st *set, nvmlEventData_t *data)
             char *bus = strtok_r(line, "\t", &save);
             char *type = strtok_r(NULL, "\t", &save);
             char *value = strtok_r(NULL, "\t", &save);
+            char *gi = strtok_r(NULL, "\t", &save);
+            char *ci = strtok_r(NULL, "\t", &save);
             pci_addr_t addr;
             if (bus == NULL || type == NULL || parse_pci(bus, &addr) != 0)
                 continue;
@@ -1270,8 +1293,8 @@ static int next_event(struct nvmlEventSet_st *set, nvmlEventData_t *data)
                 data->device = r->dev;
                 data->eventType = etype;
                 data->eventData = value ? strtoull(value, NULL, 0) : 0;
-                data->gpuInstanceId = 0xFFFFFFFFu;
-                data->computeInstanceId = 0xFFFFFFFFu;
+                data->gpuInstanceId = gi ? (unsigned int)strtoul(gi, NULL, 0) : 0xFFFFFFFFu;
+                data->computeInstanceId = ci ? (unsigned int)strtoul(ci, NULL, 0) : 0xFFFFFFFFu;
                 found = 1;
                 break;
             }
@@ -1591,4 +1614,180 @@ nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link,
     *isActive = (link < 64 && (d->nvlink_down >> link) & 1) ? NVML_FEATURE_DISABLED
                                                             : NVML_FEATURE_ENABLED;
     return unlock_with(NVML_SUCCESS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* MIG: the devices of a GPU in MIG mode, from the mig file                  */
+/* ------------------------------------------------------------------------ */
+
+/* True if the pointer is one of our MIG handles. */
+static int valid_mig(nvmlDevice_t dev)
+{
+    uintptr_t p = (uintptr_t)dev, base = (uintptr_t)g_migs;
+    if (p < base || p >= base + sizeof g_migs)
+        return 0;
+    return (p - base) % sizeof g_migs[0] == 0;
+}
+
+/* Fill m from the mig file's line for (its parent GPU, index); 1 if the line is there.
+ * Called with the lock held. */
+static int read_mig(struct nvmlDevice_st *m)
+{
+    static char text[MIG_FILE_MAX];
+    if (read_control("mig", text, sizeof text) < 0)
+        return 0;
+    char *save_line = NULL;
+    for (char *line = strtok_r(text, "\n", &save_line); line != NULL;
+         line = strtok_r(NULL, "\n", &save_line)) {
+        char *fields[16];
+        int nfields = 0;
+        char *save_field = NULL;
+        rstrip(line);
+        for (char *f = strtok_r(line, "\t", &save_field); f != NULL && nfields < 16;
+             f = strtok_r(NULL, "\t", &save_field))
+            fields[nfields++] = f;
+        const char *bus = line_value(fields, nfields, "bus_id");
+        const char *index = line_value(fields, nfields, "index");
+        pci_addr_t addr;
+        if (bus == NULL || index == NULL || parse_pci(bus, &addr) != 0)
+            continue;
+        if (!pci_equal(&addr, &m->parent->addr) || strtoul(index, NULL, 10) != m->mig_index)
+            continue;
+        const char *v;
+        snprintf(m->uuid, sizeof m->uuid, "%s", (v = line_value(fields, nfields, "uuid")) ? v : "");
+        m->gi = (v = line_value(fields, nfields, "gi")) ? (unsigned int)strtoul(v, NULL, 10) : 0;
+        m->ci = (v = line_value(fields, nfields, "ci")) ? (unsigned int)strtoul(v, NULL, 10) : 0;
+        v = line_value(fields, nfields, "gpu_slices");
+        m->gpu_slices = v ? (unsigned int)strtoul(v, NULL, 10) : 1;
+        v = line_value(fields, nfields, "compute_slices");
+        m->compute_slices = v ? (unsigned int)strtoul(v, NULL, 10) : m->gpu_slices;
+        v = line_value(fields, nfields, "memory_mib");
+        m->memory_mib = v ? strtoull(v, NULL, 10) : 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* Common start of a call on a MIG handle: as dev_begin(), for the handle's GPU, and the MIG
+ * device must still be in the mig file (a destroyed one's handle is invalid, as NVML says). */
+static nvmlReturn_t mig_begin(const char *fn, nvmlDevice_t dev, struct nvmlDevice_st **out)
+{
+    nvmlReturn_t rc = begin(fn, NULL);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (!valid_mig(dev) || dev->parent == NULL)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    struct nvmlDevice_st *gpu = dev->parent;
+    if (!gpu->present || !gpu->enumerated || gpu->lost)
+        return unlock_with(NVML_ERROR_GPU_IS_LOST);
+    if (!gpu->mig_mode || !read_mig(dev))
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    *out = dev;
+    return NVML_SUCCESS;
+}
+
+/* As MIG handle calls begin: declares m, the MIG device, or returns the failure. */
+#define MIG_CALL(fn, device, m, ptr)                         \
+    struct nvmlDevice_st *m;                                 \
+    do {                                                     \
+        nvmlReturn_t call_rc_ = mig_begin(fn, device, &m);   \
+        if (call_rc_ != NVML_SUCCESS)                        \
+            return call_rc_;                                 \
+        if ((ptr) == NULL)                                   \
+            return unlock_with(NVML_ERROR_INVALID_ARGUMENT); \
+    } while (0)
+
+static nvmlReturn_t mig_uuid(nvmlDevice_t device, char *uuid, unsigned int length)
+{
+    MIG_CALL("nvmlDeviceGetUUID", device, m, uuid);
+    return unlock_with(copy_out(uuid, length, m->uuid));
+}
+
+/* How many MIG devices the GPU can have (max_mig, 7 by default). */
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count)
+{
+    DEVICE_CALL(__func__, device, d, count);
+    if (unsupported(d, __func__))
+        return unlock_with(NVML_ERROR_NOT_SUPPORTED);
+    *count = d->max_mig;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* The MIG device at index: NOT_FOUND where the mig file has none (or MIG mode is off). */
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index,
+                                                 nvmlDevice_t *migDevice)
+{
+    DEVICE_CALL(__func__, device, d, migDevice);
+    if (unsupported(d, __func__))
+        return unlock_with(NVML_ERROR_NOT_SUPPORTED);
+    if (index >= MAX_MIG || index >= d->max_mig)
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    struct nvmlDevice_st *m = &g_migs[(size_t)(d - g_slots) * MAX_MIG + index];
+    m->parent = d;
+    m->mig_index = index;
+    if (!d->mig_mode || !read_mig(m))
+        return unlock_with(NVML_ERROR_NOT_FOUND);
+    m->used = 1;
+    m->addr = d->addr;
+    *migDevice = m;
+    return unlock_with(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMigDevice)
+{
+    CALL(__func__, isMigDevice);
+    if (valid_mig(device) && device->parent != NULL)
+        *isMigDevice = 1;
+    else if (valid_slot(device) && device->used)
+        *isMigDevice = 0;
+    else
+        return unlock_with(NVML_ERROR_INVALID_ARGUMENT);
+    return unlock_with(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice,
+                                                          nvmlDevice_t *device)
+{
+    MIG_CALL(__func__, migDevice, m, device);
+    *device = m->parent;
+    return unlock_with(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    MIG_CALL(__func__, device, m, id);
+    *id = m->gi;
+    return unlock_with(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    MIG_CALL(__func__, device, m, id);
+    *id = m->ci;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* A MIG device's slices and memory; a whole GPU's memory, with no slices. */
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes)
+{
+    if (!valid_mig(device)) {
+        DEVICE_CALL(__func__, device, d, attributes);
+        memset(attributes, 0, sizeof *attributes);
+        attributes->multiprocessorCount = 132;
+        attributes->memorySizeMB = d->memory_mib;
+        return unlock_with(NVML_SUCCESS);
+    }
+    MIG_CALL(__func__, device, m, attributes);
+    memset(attributes, 0, sizeof *attributes);
+    attributes->multiprocessorCount = 16 * m->compute_slices;
+    attributes->gpuInstanceSliceCount = m->gpu_slices;
+    attributes->computeInstanceSliceCount = m->compute_slices;
+    attributes->memorySizeMB = m->memory_mib;
+    return unlock_with(NVML_SUCCESS);
+}
+
+/* The unversioned symbol, for old callers. */
+nvmlReturn_t nvmlDeviceGetAttributes(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes)
+{
+    return nvmlDeviceGetAttributes_v2(device, attributes);
 }

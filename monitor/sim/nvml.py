@@ -22,9 +22,11 @@ __all__ = [
     "EVENT_DOUBLE_BIT_ECC",
     "EVENT_GPU_RECOVERY_ACTION",
     "EVENT_GPU_UNAVAILABLE",
+    "EVENT_MIG_CONFIG_CHANGE",
     "EVENT_XID",
     "H100_SUPPORTED_EVENTS",
     "FakeGpu",
+    "FakeMig",
     "FakeNvml",
     "build_library",
     "find_nvml_include",
@@ -123,6 +125,7 @@ class FakeGpu:
     nvlink_links: int = 0  # links 0..n-1 exist (an H100 SXM has 18); 0: no NVLink
     nvlink_down: int = 0  # bit k: link k is inactive
     unsupported: tuple[str, ...] = ()  # NVML functions that answer NOT_SUPPORTED for this GPU
+    max_mig: int = 7  # nvmlDeviceGetMaxMigDeviceCount
 
     def line(self) -> str:
         """Render this GPU as one line of the ``gpus`` file the C side parses."""
@@ -147,6 +150,28 @@ class FakeGpu:
                 raise ValueError(f"{field.name} must not contain tabs or newlines: {text!r}")
             fields.append(f"{field.name}={text}")
         return "\t".join(fields)
+
+
+@attrs.frozen
+class FakeMig:
+    """One MIG device of a GPU in MIG mode: its index among the GPU's MIG devices (0..6), its
+    UUID, GPU and compute instance IDs, slices and memory, as nvmlDeviceGetAttributes gives
+    them. ``monitor.sim.mig`` has an H100's profiles ready made."""
+
+    index: int
+    uuid: str
+    gi: int
+    ci: int
+    gpu_slices: int
+    compute_slices: int
+    memory_mib: int
+
+    def line(self, bus_id: str) -> str:
+        fields = {"bus_id": bus_id, **attrs.asdict(self)}
+        text = "\t".join(f"{k}={v}" for k, v in fields.items())
+        if "\n" in text or text.count("\t") != len(fields) - 1:
+            raise ValueError(f"MIG device fields must not contain tabs or newlines: {text!r}")
+        return text
 
 
 def find_nvml_include() -> Path:
@@ -251,6 +276,7 @@ class FakeNvml:
         self.lib_dir = lib_dir
         directory.mkdir(parents=True, exist_ok=True)
         self.set_gpus(gpus)
+        self._mig: dict[str, tuple[FakeMig, ...]] = {}
         (directory / "events").touch()
         if record_calls:
             (directory / "calls").touch()
@@ -268,17 +294,50 @@ class FakeNvml:
         text = "".join(gpu.line() + "\n" for gpu in gpus)
         _write_atomic(self.directory / "gpus", text)
 
+    def set_mig(self, bus_id: str, devices: Iterable[FakeMig], *, announce: bool = True) -> None:
+        """Replace the MIG devices of the GPU at ``bus_id`` (its ``mig_mode`` says whether NVML
+        shows them), then, with ``announce``, deliver the MIG config change event as the driver
+        does after a repartition. Running processes see the new layout at their next call."""
+        self._mig[bus_id] = tuple(devices)
+        text = "".join(
+            device.line(bus) + "\n" for bus, devices in self._mig.items() for device in devices
+        )
+        _write_atomic(self.directory / "mig", text)
+        if announce:
+            self.event(bus_id, EVENT_MIG_CONFIG_CHANGE)
+
     def set_driver_version(self, version: str) -> None:
         """Change what nvmlSystemGetDriverVersion returns, e.g. to simulate an upgrade."""
         _write_atomic(self.directory / "driver_version", version + "\n")
 
-    def event(self, bus_id: str, event_type: int, data: int = 0) -> None:
-        """Deliver one event of ``event_type`` for the GPU at ``bus_id`` to registered sets."""
-        _append_line(self.directory / "events", f"{bus_id}\t{event_type:x}\t{data}")
+    def event(
+        self,
+        bus_id: str,
+        event_type: int,
+        data: int = 0,
+        gpu_instance: int | None = None,
+        compute_instance: int | None = None,
+    ) -> None:
+        """Deliver one event of ``event_type`` for the GPU at ``bus_id`` to registered sets;
+        the instance IDs (None: 0xFFFFFFFF, none) are the event data's."""
+        line = f"{bus_id}\t{event_type:x}\t{data}"
+        if gpu_instance is not None or compute_instance is not None:
+            none = 0xFFFFFFFF
+            gi = none if gpu_instance is None else gpu_instance
+            ci = none if compute_instance is None else compute_instance
+            line += f"\t{gi}\t{ci}"
+        _append_line(self.directory / "events", line)
 
-    def xid(self, bus_id: str, xid: int) -> None:
-        """Deliver an Xid critical error event carrying XID number ``xid``."""
-        self.event(bus_id, EVENT_XID, xid)
+    def xid(
+        self,
+        bus_id: str,
+        xid: int,
+        gpu_instance: int | None = None,
+        compute_instance: int | None = None,
+    ) -> None:
+        """Deliver an Xid critical error event carrying XID number ``xid`` (attributed to a
+        GPU and compute instance, where given)."""
+        self.event(bus_id, EVENT_XID, xid, gpu_instance, compute_instance)
 
     def hang(self, function: str, bus_id: str | None = None) -> None:
         """Make calls of ``function`` (for ``bus_id`` only, if given) block until unhang()."""

@@ -26,6 +26,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -33,6 +35,7 @@ import trio
 
 from monitor.core.events import (
     Event,
+    MigLayoutSeen,
     NvmlAbsent,
     NvmlGpu,
     NvmlGpuSeen,
@@ -44,6 +47,7 @@ from monitor.core.rules.nvidia import nvml_resets, nvml_targets
 from monitor.core.state import State
 from monitor.core.text import printable, shown
 from monitor.sources.counts import SourceCounts
+from monitor.sources.mig_minors import MinorsReader, checked_layout
 from monitor.sources.nvml_pool import Pool, Slot
 from monitor.sources.nvml_worker.pipe import (
     EXIT_NO_NVML,
@@ -51,6 +55,7 @@ from monitor.sources.nvml_worker.pipe import (
     NotFound,
     OutputReader,
     StatsSample,
+    encode_mig_rescan,
     encode_sample_request,
     encode_targets,
 )
@@ -111,6 +116,12 @@ class NvmlStats:
             del self._waiting[seq]
         if found:
             into.update(found[0])
+
+    async def rescan_mig(self) -> None:
+        """Ask every worker to read its GPUs' MIG layouts again (SIGHUP)."""
+        for pipe in list(self.pipes):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await pipe.send_line(encode_mig_rescan())
 
     def deliver(self, sample: StatsSample) -> None:
         waiting = self._waiting.get(sample.seq)
@@ -173,7 +184,12 @@ def checked_gpu(gpu: NvmlGpu) -> NvmlGpu:
 
 
 async def _pass_events(
-    stdout: trio.abc.ReceiveStream, send: Send, stats: NvmlStats, pool: Pool, slot: Slot
+    stdout: trio.abc.ReceiveStream,
+    send: Send,
+    stats: NvmlStats,
+    pool: Pool,
+    slot: Slot,
+    minors: MinorsReader,
 ) -> None:
     """Send on each batch of events the worker writes, until its stdout ends; hand samples to
     whoever asked for them, and GPUs it does not find to the pool."""
@@ -196,6 +212,10 @@ async def _pass_events(
                 events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
             elif not (slot.ended or output.address in slot.assigned):
                 pass  # a GPU this worker no longer watches; another reports it now
+            elif isinstance(output, MigLayoutSeen):  # the driver's minors may be new with it
+                events.append(checked_layout(output))
+                if (read := await minors.read_if_changed()) is not None:
+                    events.append(read)
             elif isinstance(output, XidReported):  # read now, by NVML: the core pairs it so
                 events.append(
                     attrs.evolve(output, source="nvml", at=trio.current_time(), inferred=False)
@@ -207,7 +227,7 @@ async def _pass_events(
 
 
 async def run_worker(
-    command: list[str], send: Send, slot: Slot, pool: Pool, stats: NvmlStats
+    command: list[str], send: Send, slot: Slot, pool: Pool, stats: NvmlStats, minors: MinorsReader
 ) -> int:
     """Run one NVML worker until it exits or its slot ends; its exit status (negative: killed
     by that signal), None if it was ended."""
@@ -221,7 +241,7 @@ async def run_worker(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_tell_targets, pipe, slot)
             stats.pipes.add(pipe)
-            await _pass_events(process.stdout, send, stats, pool, slot)  # ends when it does
+            await _pass_events(process.stdout, send, stats, pool, slot, minors)  # ends with it
             nursery.cancel_scope.cancel()
         return await process.wait()
     finally:
@@ -248,6 +268,7 @@ async def run_nvml_source(
     *,
     deadline: float = 5.0,
     health_interval: float = 30.0,
+    mig_minors: Path | None = None,
     log_level: str = "info",
     log_target: str = "auto",
     stats: NvmlStats | None = None,
@@ -260,10 +281,12 @@ async def run_nvml_source(
     command += ["--health-interval", str(health_interval)]
     command += ["--log-level", log_level, "--log-target", log_target]
     absent = trio.Event()
+    minors = MinorsReader(mig_minors)
     async with trio.open_nursery() as nursery:
 
         def start(slot: Slot) -> None:
-            nursery.start_soon(_keep_worker, command, send, slot, pool, stats, counts, absent)
+            worker = partial(_keep_worker, command, send, slot, pool, stats, counts, absent, minors)
+            nursery.start_soon(worker)
 
         pool = Pool(send.send, start)
         nursery.start_soon(end_name_waits, changes, send, deadline)
@@ -306,12 +329,13 @@ async def _keep_worker(
     stats: NvmlStats,
     counts: SourceCounts,
     absent: trio.Event,
+    minors: MinorsReader,
 ) -> None:
     """Run a slot's worker until the slot ends, starting it again each time it dies."""
     delay = RESTART_DELAYS[0]
     while not slot.ended:
         started = trio.current_time()
-        status = await run_worker(command, send, slot, pool, stats)
+        status = await run_worker(command, send, slot, pool, stats, minors)
         if slot.ended:
             return
         if status == EXIT_NO_NVML:

@@ -1,9 +1,11 @@
 """Compare the daemon's fingerprint with nvidia-smi on a real GPU host (run by check.sh).
 
 Not collected by pytest: it needs NVIDIA hardware. Exit 0 when every GPU nvidia-smi lists is in
-the fingerprint with the same UUID, name, memory and bus ID, the kernel-log reader reads
-/dev/kmsg (a line this check writes there reaches it; it cannot provoke an XID), and the daemon
-ran its event loop for 30 s without an error; prints the daemon's CPU time over that idle period.
+the fingerprint with the same UUID, name, memory and bus ID (a GPU in MIG mode with MIG devices:
+each MIG device ``nvidia-smi -L`` lists, with its profile and GPU, and not the GPU whole), the
+kernel-log reader reads /dev/kmsg (a line this check writes there reaches it; it cannot provoke
+an XID), and the daemon ran its event loop for 30 s without an error; prints the daemon's CPU
+time over that idle period.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +35,47 @@ def nvidia_smi() -> list[dict[str, str]]:
     ).stdout
     rows = csv.reader(io.StringIO(out), skipinitialspace=True)
     return [dict(zip(fields.split(","), row, strict=True)) for row in rows if row]
+
+
+def nvidia_smi_mig() -> dict[str, list[tuple[str, str]]]:
+    """Each GPU's MIG devices as ``nvidia-smi -L`` lists them: GPU UUID -> [(MIG UUID, profile)]."""
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    found: dict[str, list[tuple[str, str]]] = {}
+    gpu = None
+    for line in out.splitlines():
+        if (m := re.match(r"GPU \d+: .*\(UUID: (GPU-[^)]+)\)", line)) is not None:
+            gpu = m.group(1)
+            found[gpu] = []
+        elif (m := re.match(r"\s+MIG (\S+)\s+Device\s+\d+: \(UUID: (MIG-[^)]+)\)", line)) and gpu:
+            found[gpu].append((m.group(2), m.group(1)))
+    return found
+
+
+def check_mig(
+    gpu: dict[str, str], devices: dict[str, dict[str, Any]], mig: list[tuple[str, str]]
+) -> list[str]:
+    """A GPU in MIG mode with MIG devices: each is a device of the daemon's, with its profile
+    and its GPU, and the GPU itself is not shown whole."""
+    failures = []
+    address = kernel_bus_id(gpu["pci.bus_id"])
+    if address in devices:
+        failures.append(f"{address} has MIG devices but is shown whole")
+    for uuid, profile in mig:
+        device = devices.get(uuid)
+        if device is None:
+            failures.append(f"MIG device {uuid} ({profile}) of {address} missing")
+            continue
+        values = {k: a.get("value") for k, a in device["attributes"].items()}
+        seen = (
+            values.get("mig_profile"),
+            values.get("parent_uuid"),
+            values.get("parent_pci_bus_id"),
+        )
+        verdict = "ok" if seen == (profile, gpu["uuid"], address) else "MISMATCH"
+        print(f"check: {address} MIG {uuid}: daemon {seen!r}, nvidia-smi {profile!r} {verdict}")
+        if verdict != "ok":
+            failures.append(f"MIG device {uuid}: {seen!r} != {(profile, gpu['uuid'], address)!r}")
+    return failures
 
 
 def kernel_bus_id(smi: str) -> str:
@@ -100,8 +144,12 @@ def main(work: Path) -> int:
                 break
             time.sleep(0.2)
         print(f"check: the daemon serves {len(devices)} devices; nvidia-smi lists {len(gpus)} GPUs")
+        mig = nvidia_smi_mig()
         for gpu in gpus:
             address = kernel_bus_id(gpu["pci.bus_id"])
+            if mig.get(gpu["uuid"]):  # MIG mode with MIG devices: shown as them alone
+                failures += check_mig(gpu, devices, mig[gpu["uuid"]])
+                continue
             device = devices.get(address)
             if device is None:
                 failures.append(f"{address} ({gpu['name']}) missing from the fingerprint")

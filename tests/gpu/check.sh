@@ -9,7 +9,8 @@ work=$(mktemp -d /tmp/hotplug-monitor-gpu-check.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 command -v nvidia-smi >/dev/null || { echo "check: nvidia-smi not found: no NVIDIA driver" >&2; exit 2; }
-nvidia-smi --query-gpu=uuid,name,memory.total,pci.bus_id,driver_version --format=csv
+nvidia-smi --query-gpu=uuid,name,memory.total,pci.bus_id,driver_version,mig.mode.current --format=csv
+nvidia-smi -L  # with the MIG devices of GPUs in MIG mode, which the check finds in the fingerprint
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q --upgrade pip

@@ -70,6 +70,7 @@ def device_seen(draft: Draft, event: DeviceSeen) -> None:
     if old is not None and old.driver == facts.driver:
         return  # the same binding: it keeps its name and facts
     if facts.driver != "nvidia":
+        draft.pop(F.mig, address)
         draft.pop(F.nvml, address)
         draft.pop(F.xids, address)
         draft.pop(F.conditions, address)
@@ -111,6 +112,7 @@ def device_gone(draft: Draft, event: DeviceGone) -> None:
     if draft.pop(F.devices, address) is None:
         return
     draft.pop(F.problems, address)
+    draft.pop(F.mig, address)  # leases on its MIG devices stay, shown departed, as its own
     draft.pop(F.nvml, address)
     draft.pop(F.xids, address)
     draft.pop(F.conditions, address)

@@ -34,7 +34,8 @@ from monitor.core.leases import Lease, LeaseChange
 from monitor.core.model import Device, DeviceGroup, Fingerprint
 from monitor.core.pci import class_matches, class_phrase
 from monitor.core.plan import with_edits
-from monitor.core.replicas import base_id, split
+from monitor.core.replicas import split
+from monitor.core.rules.mig_reserve import mig_blocked, mig_refusal, mig_whole
 from monitor.core.rules.sharing import one_per_device, shared_whole
 from monitor.core.state import F, State, nvidia_minor
 
@@ -100,9 +101,12 @@ def device_index(fingerprint: Fingerprint) -> dict[str, Found]:
 
 def _why_not_shown(state: State, device_id: str) -> str | None:
     """Why a device of this host is not shown, when it is one."""
-    shared = shared_whole(state, device_id)
+    shared = shared_whole(state, device_id) or mig_whole(state, device_id)
     if shared is not None:
         return shared[0]
+    blocked = mig_blocked(state, device_id)
+    if blocked is not None:
+        return blocked
     facts = state.devices.get(device_id.lower())
     if facts is None:
         return None
@@ -141,6 +145,9 @@ def resolve(draft: Draft, device_ids: Iterable[str]) -> list[Found] | Refusal:
     replicas = {i: shared[1] for i in hidden if (shared := shared_whole(state, i)) is not None}
     if replicas:
         data["replicas"] = replicas
+    parts = {i: mig[1] for i in hidden if (mig := mig_whole(state, i)) is not None}
+    if parts:
+        data["mig_instances"] = parts
     return Refusal(Reason.UNKNOWN_DEVICE, " ".join(sentences), data)
 
 
@@ -155,7 +162,7 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
     found = resolve(draft, request.device_ids)
     if isinstance(found, Refusal):
         return found
-    refusal = one_per_device(draft.get(F.share), found)
+    refusal = one_per_device(draft.get(F.share), found) or mig_refusal(draft.state(), found)
     if refusal is not None:
         return refusal
     unhealthy = {d.id: d.health_desc for _, d in found if not d.healthy}
@@ -188,7 +195,8 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
             },
         )
     facts, nvml = draft.get(F.devices), draft.get(F.nvml)
-    bases = {base_id(d.id) for _, d in found}  # a replica's nodes are its device's
+    # a replica's nodes are its device's, a MIG device's its GPU's: where it is
+    bases = {d.hw_locality.pci_bus_id for _, d in found}
     minors = {b: m for b in bases if (m := nvidia_minor(facts, nvml, b)) is not None}
     if request.cdi_nodes is not None:  # refused before any lease flickers through consumers
         named = with_edits(found, minor_of=minors.get, exists=request.cdi_nodes.__contains__)
@@ -216,7 +224,7 @@ def reserve(draft: Draft, request: ReserveRequested) -> Answer:
         old = leases[old_id]
         devices = tuple(d for d in old.devices if d in lease.devices)
         why = f"replaced by {lease.id} of the same owner"
-        _take(draft, old, devices, "released", why, peer.uid)
+        take(draft, old, devices, "released", why, peer.uid)
     draft.put(F.leases, lease.id, lease)
     reason = f"granted to uid {peer.uid} (pid {peer.pid})"
     if owner is not None:
@@ -290,7 +298,7 @@ def _release_all(draft: Draft, affected: dict[str, set[str]], reason: str, by: i
         lease = leases[lease_id]
         gone = tuple(d for d in lease.devices if d in devices)
         released.extend(gone)
-        _take(draft, lease, gone, "released", reason, by)
+        take(draft, lease, gone, "released", reason, by)
     return released
 
 
@@ -313,7 +321,7 @@ def reconcile(draft: Draft, request: ReconcileRequested) -> Answer:
     return Released(_release_all(draft, affected, reason, peer.uid))
 
 
-def _take(
+def take(
     draft: Draft,
     lease: Lease,
     devices: tuple[str, ...],
@@ -335,18 +343,18 @@ def lease_ended(draft: Draft, event: LeaseEnded) -> None:
     lease = draft.get(F.leases).get(event.lease_id)
     if lease is not None:
         reason = f"its holder process {lease.holder_pid} exited"
-        _take(draft, lease, lease.device_ids, "ended", reason)
+        take(draft, lease, lease.device_ids, "ended", reason)
 
 
 def connection_closed(draft: Draft, event: ConnectionClosed) -> None:
     for lease in list(draft.get(F.leases).values()):
         if lease.connection == event.connection:
-            _take(draft, lease, lease.device_ids, "ended", "its connection closed")
+            take(draft, lease, lease.device_ids, "ended", "its connection closed")
 
 
 def orphaned(state: State, lease: Lease) -> tuple[str, ...]:
     """The devices ``lease`` holds that are no longer on the host: held still, until released."""
-    return tuple(d for d in lease.devices if base_id(d) not in state.devices)
+    return tuple(d for d in lease.devices if state.parent_of(d) not in state.devices)
 
 
 RULES: dict[type, Rule] = {

@@ -43,6 +43,7 @@ from monitor.core.health import (
 )
 from monitor.core.pci import NVIDIA_VENDOR_ID, class_matches
 from monitor.core.rules.inventory import database_name
+from monitor.core.rules.mig_xids import count_on_instances, instance_scoped
 from monitor.core.rules.problems import clear_problems, set_problem
 from monitor.core.rules.witnesses import witnessed
 from monitor.core.state import F, State
@@ -152,14 +153,18 @@ def xid_reported(draft: Draft, event: XidReported) -> None:
     address, xid = counted.address, counted.xid
     if not _bound_to_nvidia(draft, address):
         return
-    _, count = draft.get(F.xids).get(address, (0, 0))
-    draft.put(F.xids, address, (xid, count + 1))
-    if event.recovery_action is not None:
-        _driver_says(draft, address, event.recovery_action)
     action = event.recovery_action
     verdict = judge(
         xid, draft.get(F.xid_policy), _driver_action(draft, address) if action is None else action
     )
+    instances = instance_scoped(draft, event, address, verdict)
+    if instances:  # the application in that MIG instance failed: counted there alone
+        count_on_instances(draft, instances, xid, counted.source)
+        return
+    _, count = draft.get(F.xids).get(address, (0, 0))
+    draft.put(F.xids, address, (xid, count + 1))
+    if event.recovery_action is not None:
+        _driver_says(draft, address, event.recovery_action)
     current = draft.get(F.problems).get(address, {}).get(CAUSE_XID)
     if verdict.fatal and not _milder(verdict, current):
         set_problem(draft, address, CAUSE_XID, _problem(verdict, xid))
@@ -247,7 +252,8 @@ def nvml_resets(told: Mapping[str, int] | None, targets: Mapping[str, int]) -> l
 def sysfs_stats_targets(state: State) -> list[str]:
     """The shown devices whose statistics come from sysfs: all but those NVML reads."""
     nvml = nvml_targets(state)
-    return [device_id for device_id in state.fingerprint.devices() if device_id not in nvml]
+    # a MIG device's GPU is NVML's: its MIG devices have no sysfs figures of their own
+    return [d for d in state.fingerprint.devices() if state.parent_of(d) not in nvml]
 
 
 RULES: dict[type, Rule] = {

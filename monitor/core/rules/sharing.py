@@ -75,6 +75,9 @@ def settle(draft: Draft, addresses: Iterable[str] | None, *, announce: bool = Fa
             draft.pop(F.replicas, address)
             continue
         want = wanted(policy, facts, names.get(address), classes)
+        layout = draft.get(F.mig).get(address)
+        if layout is not None and layout.enabled and layout.instances:
+            want = 1  # shown as its MIG devices: not time-sliced whole
         have = current.get(address, 1)
         if held is None:
             held = holds(draft.get(F.leases).values())

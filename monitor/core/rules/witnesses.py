@@ -25,7 +25,8 @@ def witnessed(draft: Draft, event: XidReported) -> XidReported | None:
     draft.set(F.xid_sightings, sightings)
     if twin:
         return None
-    for gone in [a for a in draft.get(F.xid_sources) if a not in devices]:
+    instances = {i.uuid for layout in draft.get(F.mig).values() for i in layout.instances}
+    for gone in [a for a in draft.get(F.xid_sources) if a not in devices and a not in instances]:
         draft.pop(F.xid_sources, gone)  # a device that left keeps no XID of its own either
     draft.put(F.xid_sources, address, event.source)
     return attrs.evolve(event, address=address)

@@ -7,13 +7,25 @@ from typing import Any
 import pynvml
 
 from monitor.core.events import NvmlEventReported, XidReported
+from monitor.core.mig import NO_INSTANCE
 from monitor.sources.nvml_worker.pipe import NvmlEvent
 
 EVENT_XID = getattr(pynvml, "nvmlEventTypeXidCriticalError", 0x0008)
 EVENT_DOUBLE_BIT_ECC = getattr(pynvml, "nvmlEventTypeDoubleBitEccError", 0x0002)
 EVENT_GPU_UNAVAILABLE = getattr(pynvml, "nvmlEventTypeGpuUnavailableError", 0x4000)
 EVENT_RECOVERY_ACTION = getattr(pynvml, "nvmlEventTypeGpuRecoveryAction", 0x8000)
-WATCHED_EVENTS = EVENT_XID | EVENT_DOUBLE_BIT_ECC | EVENT_GPU_UNAVAILABLE | EVENT_RECOVERY_ACTION
+EVENT_MIG_CONFIG_CHANGE = getattr(pynvml, "nvmlEventMigConfigChange", 0x0100)
+WATCHED_EVENTS = (
+    EVENT_XID
+    | EVENT_DOUBLE_BIT_ECC
+    | EVENT_GPU_UNAVAILABLE
+    | EVENT_RECOVERY_ACTION
+    | EVENT_MIG_CONFIG_CHANGE
+)
+
+
+class MigConfigChanged:
+    """NVML says the GPU's MIG configuration changed: its layout is read again."""
 
 
 def watch_events(handle: Any) -> Any:
@@ -28,11 +40,20 @@ def watch_events(handle: Any) -> Any:
     return events
 
 
-def translate(address: str, data: Any) -> NvmlEvent | None:
+def _instance(value: Any) -> int | None:
+    """An event's GPU or compute instance ID; None for NVML's "none" (0xFFFFFFFF)."""
+    return None if value is None or int(value) == NO_INSTANCE else int(value)
+
+
+def translate(address: str, data: Any) -> NvmlEvent | MigConfigChanged | None:
     """One NVML event as ours."""
     kind, value = data.eventType, int(data.eventData)
     if kind & EVENT_XID:
-        return XidReported(address, value, source="nvml")
+        gi = _instance(getattr(data, "gpuInstanceId", None))
+        ci = _instance(getattr(data, "computeInstanceId", None)) if gi is not None else None
+        return XidReported(address, value, source="nvml", gpu_instance=gi, compute_instance=ci)
+    if kind & EVENT_MIG_CONFIG_CHANGE:
+        return MigConfigChanged()
     if kind & EVENT_DOUBLE_BIT_ECC:
         return NvmlEventReported(address, "double_bit_ecc")
     if kind & EVENT_GPU_UNAVAILABLE:

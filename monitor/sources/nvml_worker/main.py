@@ -19,6 +19,7 @@ from monitor.outputs import logs
 from monitor.sources.nvml_worker.library import text
 from monitor.sources.nvml_worker.pipe import (
     EXIT_NO_NVML,
+    MigRescan,
     Output,
     SampleRequest,
     decode_request,
@@ -45,6 +46,9 @@ async def _targets(
             if isinstance(request, SampleRequest):
                 assert source.nursery is not None  # the first watch line came before
                 source.nursery.start_soon(source.sample, request.seq)
+                continue
+            if isinstance(request, MigRescan):
+                source.rescan_mig()
                 continue
             yield request.watch, request.reset
 

@@ -25,6 +25,7 @@ import attrs
 
 from monitor.core.events import (
     GpuConditions,
+    MigLayoutSeen,
     NvmlEventReported,
     NvmlGpu,
     NvmlGpuSeen,
@@ -32,11 +33,18 @@ from monitor.core.events import (
     NvmlUnreachable,
     XidReported,
 )
+from monitor.core.mig import MigInstance, MigLayout
 from monitor.core.model import Attribute
 from monitor.wire.framing import LineBuffer, LineTooLong
 
 NvmlEvent = (
-    NvmlGpuSeen | XidReported | NvmlEventReported | NvmlUnreachable | NvmlReachable | GpuConditions
+    NvmlGpuSeen
+    | XidReported
+    | NvmlEventReported
+    | NvmlUnreachable
+    | NvmlReachable
+    | GpuConditions
+    | MigLayoutSeen
 )
 Stats = dict[str, dict[str, Any]]  # stat name -> {"value", "unit"}
 
@@ -79,7 +87,12 @@ class SampleRequest:
     seq: int
 
 
-Request = Targets | SampleRequest
+@attrs.frozen
+class MigRescan:
+    """Read every watched GPU's MIG layout again (the daemon got SIGHUP)."""
+
+
+Request = Targets | SampleRequest | MigRescan
 
 
 # --- to the worker ---------------------------------------------------------------------------
@@ -93,9 +106,15 @@ def encode_sample_request(seq: int) -> bytes:
     return json.dumps({"sample": seq}).encode() + b"\n"
 
 
+def encode_mig_rescan() -> bytes:
+    return json.dumps({"mig_rescan": True}).encode() + b"\n"
+
+
 def decode_request(line: bytes) -> Request:
     """One line of the worker's input as the request it stands for; ValueError if it is none."""
     message = _loads(line)
+    if isinstance(message, dict) and message.get("mig_rescan") is True:
+        return MigRescan()
     if isinstance(message, dict) and "sample" in message:
         seq = message["sample"]
         if _is(seq, int):
@@ -142,6 +161,7 @@ _EVENT_TYPES: dict[str, type[NvmlEvent]] = {
     )
 }
 MAX_CONDITIONS = 32  # a GPU's conditions: the table has 9; more is not a worker of ours
+MAX_MIG_DEVICES = 16  # a GPU's MIG devices: 7 on an A100 or H100
 
 
 def _plain(value: Any) -> Any:
@@ -155,6 +175,10 @@ def encode_event(event: Output) -> bytes:
     fields = {"event": type(event).__name__, **attrs.asdict(event, recurse=False)}
     if isinstance(event, NvmlGpuSeen):
         fields["gpu"] = attrs.asdict(event.gpu, recurse=False)
+    if isinstance(event, MigLayoutSeen):
+        del fields["layout"]
+        fields["enabled"] = event.layout.enabled
+        fields["instances"] = [attrs.asdict(i) for i in event.layout.instances]
     return json.dumps(fields, default=_plain).encode() + b"\n"
 
 
@@ -169,6 +193,17 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
         "recovery_action": (int, _NONE),
         "at": (float, _NONE),
         "inferred": (bool,),
+        "gpu_instance": (int, _NONE),
+        "compute_instance": (int, _NONE),
+    },
+    MigLayoutSeen: {"address": (str,), "enabled": (bool,), "instances": (list,)},
+    MigInstance: {
+        "uuid": (str,),
+        "gpu_instance_id": (int,),
+        "compute_instance_id": (int,),
+        "gpu_slices": (int,),
+        "compute_slices": (int,),
+        "memory_mib": (int,),
     },
     NvmlEventReported: {"address": (str,), "kind": (str,), "action": (int, _NONE)},
     NvmlUnreachable: {"address": (str,), "reason": (str,), "lost": (bool,)},
@@ -207,6 +242,8 @@ def decode_event(line: bytes) -> Output:
             return StatsSample(seq, devices)
         if name == "NotFound":
             return NotFound(**_checked(NotFound, fields))
+        if name == "MigLayoutSeen":
+            return _mig_layout(_checked(MigLayoutSeen, fields))
         cls = _EVENT_TYPES[name]
         if cls is GpuConditions:
             conditions = fields.pop("conditions")
@@ -229,6 +266,19 @@ def decode_event(line: bytes) -> Output:
         return cls(**_checked(cls, fields))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an NVML event: {line[:200]!r} ({exc!r})") from None
+
+
+def _mig_layout(fields: dict[str, Any]) -> MigLayoutSeen:
+    found = fields["instances"]
+    if len(found) > MAX_MIG_DEVICES:
+        raise TypeError(f"MigLayoutSeen: more than {MAX_MIG_DEVICES} MIG devices")
+    instances = []
+    for item in found:
+        checked = _checked(MigInstance, item)
+        if len(checked.get("uuid", "")) > 200:
+            raise TypeError("MigInstance: its UUID is too long")
+        instances.append(MigInstance(**checked))
+    return MigLayoutSeen(fields["address"], MigLayout(fields["enabled"], tuple(instances)))
 
 
 class OutputReader:

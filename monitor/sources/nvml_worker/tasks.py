@@ -22,6 +22,7 @@ the reads and nothing downstream.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ import trio
 
 from monitor.core.events import (
     GpuConditions,
+    MigLayoutSeen,
     NvmlEventReported,
     NvmlGpu,
     NvmlGpuSeen,
@@ -37,12 +39,14 @@ from monitor.core.events import (
     NvmlUnreachable,
     XidReported,
 )
+from monitor.core.mig import MigLayout
 from monitor.outputs.logs import MESSAGE_IDS
 from monitor.sources.nvml_worker.attributes import read_gpu
-from monitor.sources.nvml_worker.events import translate, watch_events
+from monitor.sources.nvml_worker.events import MigConfigChanged, translate, watch_events
 from monitor.sources.nvml_worker.gpu_stats import read_stats
 from monitor.sources.nvml_worker.health import Conditions, HealthReader
 from monitor.sources.nvml_worker.library import GPU_IS_LOST, NOT_FOUND, TIMEOUT, error_code, is_lost
+from monitor.sources.nvml_worker.mig import read_layout
 from monitor.sources.nvml_worker.pipe import (
     SAMPLE_WINDOW,
     NotFound,
@@ -82,6 +86,13 @@ class NvmlSource:
         self.nursery: trio.Nursery | None = None  # the GPU tasks' and their call watchers'
         self.handles: dict[str, Any] = {}  # the GPUs watched now, for their statistics
         self.sampling: set[str] = set()  # GPUs whose statistics read has not returned yet
+        self.layouts: dict[str, MigLayout] = {}  # the MIG layout last sent, per GPU watched
+        self.mig_wanted: dict[str, trio.Event] = {}  # set: read that GPU's layout again
+
+    def rescan_mig(self) -> None:
+        """Read every watched GPU's MIG layout again (SIGHUP)."""
+        for wanted in self.mig_wanted.values():
+            wanted.set()
 
     async def call(
         self, address: str, function: Callable[..., T], *args: Any, waits: float = 0.0
@@ -172,11 +183,16 @@ class NvmlSource:
             raise
         gpu = await self.call(address, read_gpu, address, handle)
         events = await self.call(address, watch_events, handle)
-        health = trio.CancelScope()
+        health, mig = trio.CancelScope(), trio.CancelScope()
         try:
             await self.send.send(NvmlGpuSeen(gpu))
+            self.layouts.pop(address, None)  # sent afresh with each watch
+            self.mig_wanted[address] = trio.Event()  # set by a change from now on
+            await self._send_layout(address, handle)
             await self.send.send(NvmlReachable(address))
             self.handles[address] = handle
+            assert self.nursery is not None
+            self.nursery.start_soon(self._watch_mig, address, handle, mig)
             log.info("%s: watching %s (%s) through NVML", address, gpu.name, gpu.uuid)
             if self.health_interval > 0:
                 assert self.nursery is not None
@@ -190,6 +206,10 @@ class NvmlSource:
                         continue
                     raise
                 event = translate(address, data)
+                if isinstance(event, MigConfigChanged):
+                    if address in self.mig_wanted:
+                        self.mig_wanted[address].set()
+                    continue
                 if event is None:
                     continue
                 if isinstance(event, XidReported):
@@ -201,12 +221,39 @@ class NvmlSource:
                     await self.send.send(NvmlGpuSeen(gpu))
         finally:
             health.cancel()
+            mig.cancel()
             if self.handles.get(address) is handle:
                 del self.handles[address]
             with trio.CancelScope(shield=True), trio.move_on_after(self.deadline):
                 await trio.to_thread.run_sync(
                     pynvml.nvmlEventSetFree, events, abandon_on_cancel=True
                 )
+
+    async def _send_layout(self, address: str, handle: Any) -> None:
+        """Read the GPU's MIG layout; send it when it changed."""
+        layout = await self.call(address, read_layout, handle)
+        if self.layouts.get(address) != layout:
+            self.layouts[address] = layout
+            count = len(layout.instances)
+            log.info(
+                "%s: MIG mode %s, %d MIG devices", address, "on" if layout.enabled else "off", count
+            )
+            await self.send.send(MigLayoutSeen(address, layout))
+
+    async def _watch_mig(self, address: str, handle: Any, scope: trio.CancelScope) -> None:
+        """Read the MIG layout again when NVML says it changed, on SIGHUP, and every
+        ``health_interval`` (where NVML does not say). A read that fails leaves the last one
+        standing (the event wait finds a lost GPU)."""
+        with scope:
+            wanted = self.mig_wanted[address]
+            while True:
+                with trio.move_on_after(self.health_interval or math.inf):
+                    await wanted.wait()
+                wanted = self.mig_wanted[address] = trio.Event()  # a change from now on
+                try:
+                    await self._send_layout(address, handle)
+                except pynvml.NVMLError as exc:
+                    log.debug("%s: MIG layout not read: %s", address, exc)
 
     async def _watch_health(self, address: str, handle: Any, scope: trio.CancelScope) -> None:
         """Read the GPU's health conditions every interval; send them when they change. A read
