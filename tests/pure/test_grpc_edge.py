@@ -388,3 +388,23 @@ def test_an_answer_that_cannot_be_read_counts_as_the_daemon_gone_and_is_followed
     assert tries == [Path("/run/x.sock")] * 2
     assert emitted == [None]
     assert unreadable == ["ValueError('not JSON')"]
+
+
+def test_a_mig_instances_reservation_with_its_capability_nodes_is_taken() -> None:
+    caps = ["/dev/nvidia-caps/nvidia-cap93", "/dev/nvidia-caps/nvidia-cap94"]
+    answer = {
+        **copy.deepcopy(RESERVATION),
+        "device_ids": [MIG],
+        "envs": {"NVIDIA_VISIBLE_DEVICES": MIG},
+        "devices": [
+            *RESERVATION["devices"],
+            *({"task_path": c, "host_path": c, "cgroup_perms": "r"} for c in caps),
+        ],
+    }
+    result, _ = reserve(answer, [MIG])
+    assert [d["host_path"] for d in result["devices"]][-2:] == caps
+    for odd in ("/dev/nvidia-caps/../sda", "/dev/nvidia-caps/nvidia-capx", "/dev/nvidia-caps"):
+        bad = copy.deepcopy(answer)
+        bad["devices"][-1] = {"task_path": odd, "host_path": odd, "cgroup_perms": "r"}
+        with pytest.raises(BadAnswer, match="released it"):
+            asyncio.run(grpc_edge.reserve(Client(bad), [MIG], "kubelet"))
