@@ -29,7 +29,7 @@ from monitor.wire.errors import DaemonUnavailable, RpcError
 from monitor.wire.follow import Emit
 from monitor.wire.requests import Call
 from monitor.wire.reservations import BadAnswer, check_reservation
-from monitor.wire.snapshot import PCI_ADDRESS, REPLICA_ID, text
+from monitor.wire.snapshot import MIG_UUID, PCI_ADDRESS, shared_replica_of, text
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -111,14 +111,17 @@ class Asker(Protocol):
 
 async def reserve(client: Asker, ids: Sequence[str], owner: str) -> dict[str, Any]:
     """The daemon's reservation of ``ids`` for ``owner``, checked before a container gets it:
-    of a shape the daemon plans, and, when asked by PCI address, for exactly those devices. A
+    of a shape the daemon plans, and, when asked by device ID (a PCI address, a MIG UUID, a
+    replica's), for exactly those devices. A
     lease the container will not get is released before the refusal is raised, so that no
     device stays held for nobody."""
     answer = await client.ask(requests.reserve(ids, owner=owner))
     try:
         result = check_reservation(answer)
         granted = result["device_ids"]
-        exact = all(PCI_ADDRESS.fullmatch(i) or REPLICA_ID.fullmatch(i) for i in ids)
+        exact = all(
+            PCI_ADDRESS.fullmatch(i) or MIG_UUID.fullmatch(i) or shared_replica_of(i) for i in ids
+        )
         if exact and set(granted) != set(ids):
             raise BadAnswer(f"refusing the daemon's reservation: it is for {granted}, not {ids}")
     except BadAnswer as refused:

@@ -24,6 +24,7 @@ def kubelet_plugin(args: argparse.Namespace) -> int:
             ignore_devices=args.ignore_device or (),
             reconcile_interval=args.reconcile_interval,
             cdi=not args.no_cdi,
+            mig_strategy=args.mig_strategy,
         )
     except options.OptionError as exc:
         say(f"{PROG}: error: {exc}", err=True)

@@ -282,8 +282,8 @@ def _nomad_plugin(commands: Commands) -> argparse.ArgumentParser:
         "--ignore-device",
         action="append",
         metavar="ID",
-        help="leave a device out: PCI address or GPU UUID; repeatable "
-        "(config: ignored_device_ids; default: none)",
+        help="leave a device out: PCI address, GPU UUID (its MIG instances too) or MIG UUID; "
+        "repeatable (config: ignored_device_ids; default: none)",
     )
     plugin.add_argument(
         "--offer",
@@ -438,7 +438,21 @@ def _kubelet_plugin(commands: Commands) -> argparse.ArgumentParser:
         "--ignore-device",
         action="append",
         metavar="ID",
-        help="leave a device out: PCI address or GPU UUID; repeatable (default: none)",
+        help="leave a device out: PCI address, GPU UUID (its MIG instances too) or MIG UUID; "
+        "repeatable (default: none)",
+    )
+    plugin.add_argument(
+        "--mig-strategy",
+        default="mixed",
+        metavar="none|single|mixed",
+        help="how MIG instances are offered, as NVIDIA's plugin's strategies: none (not at all; "
+        "a GPU with instances is then not offered either, as the daemon does not lease it "
+        "whole), single (as the resource of their GPU's group, e.g. "
+        "hotplug-monitor.io/nvidia-gpu, when every instance has one profile and no whole GPU "
+        "is beside them), mixed (one resource a profile, hotplug-monitor.io/mig-PROFILE, e.g. "
+        "hotplug-monitor.io/mig-1g.10gb); a --resource naming their group (e.g. "
+        "nvidia/mig=...) wins (default: mixed, which leaves no instance out and lets a pod ask "
+        "for the size it needs)",
     )
     plugin.add_argument(
         "--reconcile-interval",

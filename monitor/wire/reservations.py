@@ -18,6 +18,7 @@ class BadAnswer(Exception):
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 DEVICE_NODE = re.compile(
     r"/dev/(nvidia[0-9]{1,3}|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|kfd"
+    r"|nvidia-caps/nvidia-cap[0-9]{1,7}"  # a MIG instance's capability nodes
     r"|dri/(card|renderD)[0-9]{1,7})"
 )
 DEVICE_LINK = re.compile(

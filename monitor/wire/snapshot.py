@@ -21,10 +21,29 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")  # safe to print and to hand on
 REPLICA_ID = re.compile(r"([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])::(0|[1-9][0-9]?)")
 
 
+# A MIG instance: its ID is its MIG UUID, in a ``mig`` group (``mig.shared`` for its replicas
+# ``<MIG UUID>::<k>``); its GPU is not a device of its own while it has instances.
+MIG_TYPE = "mig"
+MIG_UUID = re.compile(
+    r"MIG-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+MIG_REPLICA_ID = re.compile(rf"({MIG_UUID.pattern})::(0|[1-9][0-9]?)")
+# NVIDIA's profile names: ``1g.10gb``, ``1g.10gb+me``, ``1c.3g.40gb`` (a compute instance
+# smaller than its GPU instance), ``7g.80gb``.
+MIG_PROFILE = re.compile(r"([1-9][0-9]?c\.)?[1-9][0-9]?g\.[0-9]{1,4}gb(\+[a-z]{1,8}){0,4}")
+
+
 def replica_of(device_id: str) -> tuple[str, int] | None:
     """The PCI address and number of a replica ID; None for any other ID."""
     match = REPLICA_ID.fullmatch(device_id)
     return (match.group(1), int(match.group(2))) if match else None
+
+
+def shared_replica_of(device_id: str) -> tuple[str, int] | None:
+    """The shared device (a PCI address or a MIG UUID) and number of a replica ID; None for
+    any other ID."""
+    match = REPLICA_ID.fullmatch(device_id) or MIG_REPLICA_ID.fullmatch(device_id)
+    return (match.group(1), int(match.group(match.re.groups))) if match else None
 
 
 def text(value: object, limit: int = MAX_TEXT) -> str | None:
@@ -39,6 +58,30 @@ def uuid_of(device: Mapping[str, Any]) -> object:
     attributes = device.get("attributes")
     uuid = attributes.get("uuid") if isinstance(attributes, Mapping) else None
     return uuid.get("value") if isinstance(uuid, Mapping) else None
+
+
+def _attribute(device: Mapping[str, Any], name: str) -> object:
+    attributes = device.get("attributes")
+    found = attributes.get(name) if isinstance(attributes, Mapping) else None
+    return found.get("value") if isinstance(found, Mapping) else None
+
+
+def is_mig_type(type_: str) -> bool:
+    """Whether a group's type is MIG instances' (``mig``), or their replicas' (``mig.shared``)."""
+    return type_ in (MIG_TYPE, f"{MIG_TYPE}.shared")
+
+
+def mig_profile_of(device: Mapping[str, Any]) -> str | None:
+    """A MIG instance's profile (``1g.10gb``), from its ``mig_profile`` attribute; None when
+    the device has none or it is not a profile's name."""
+    profile = _attribute(device, "mig_profile")
+    return profile if isinstance(profile, str) and MIG_PROFILE.fullmatch(profile) else None
+
+
+def parent_uuid_of(device: Mapping[str, Any]) -> object:
+    """A MIG instance's GPU's UUID, from its ``parent_uuid`` attribute (None when it has none);
+    unchecked."""
+    return _attribute(device, "parent_uuid")
 
 
 def pci_bus_id(device_id: str, device: Mapping[str, Any]) -> str | None:
@@ -147,4 +190,13 @@ def is_ignored(
         device_id in ignored
         or (isinstance(uuid, str) and uuid in ignored)
         or (pci_address is not None and pci_address in ignored)
+    )
+
+
+def is_ignored_device(ignored: Collection[str], device_id: str, device: Mapping[str, Any]) -> bool:
+    """``is_ignored`` for a device of the snapshot: by its ID, its UUID, its PCI address (a MIG
+    instance's is its GPU's) or its GPU's UUID (so that ignoring a GPU ignores its MIG
+    instances and their replicas)."""
+    return is_ignored(ignored, device_id, uuid_of(device), pci_bus_id(device_id, device)) or (
+        is_ignored(ignored, device_id, parent_uuid_of(device))
     )

@@ -122,6 +122,8 @@ def test_a_device_its_health_reservation_and_daemon_counters() -> None:
         "driver": "nvidia",
         "numa_node": "1",
         "uuid": UUID,
+        "mig_profile": "",  # a GPU, not a MIG instance
+        "parent_uuid": "",
     }
     assert one(found, "hotplug_monitor_device_info", **info) == 1
     assert one(found, "hotplug_monitor_device_healthy", device=A) == 1

@@ -28,6 +28,7 @@ from monitor.wire.reservations import BadAnswer
 
 T = TypeVar("T")
 A, B = "0000:3b:00.0", "0000:86:00.0"
+GPU_UUID = "GPU-0a0a0a0a-1111-2222-3333-444444444444"
 MIG = "MIG-0a0a0a0a-1111-2222-3333-444444444444"
 CARD = f"/dev/dri/by-path/pci-{A}-card"
 RESERVATION: dict[str, Any] = {
@@ -231,9 +232,18 @@ def test_a_reservation_for_other_devices_than_asked_by_address_is_released_then_
     assert client.asked[1:] == [
         Call("release", {"reservation_id": lease, "owner": "kubelet"})
     ]  # no device stays held for a container that never gets it
-    # Asked by a MIG UUID, the daemon names what it reserved: its own ID for the instance.
-    result, _ = reserve(copy.deepcopy(RESERVATION), [MIG])
+    # Asked by a GPU UUID, the daemon names what it reserved: its own ID for the GPU.
+    result, _ = reserve(copy.deepcopy(RESERVATION), [GPU_UUID])
     assert result["device_ids"] == [A]
+    # A MIG UUID is a MIG instance's own ID: a grant of anything else (its whole GPU) is not
+    # what was asked for, and is released.
+    client = Client({**copy.deepcopy(RESERVATION), "device_ids": [A]})
+    with pytest.raises(BadAnswer, match=rf"it is for \['{A}'\], not \['{MIG}'\]; released"):
+        asyncio.run(grpc_edge.reserve(client, [MIG], "kubelet"))
+    result, _ = reserve({**copy.deepcopy(RESERVATION), "device_ids": [MIG]}, [MIG])
+    assert result["device_ids"] == [MIG]
+    result, _ = reserve({**copy.deepcopy(RESERVATION), "device_ids": [f"{MIG}::1"]}, [f"{MIG}::1"])
+    assert result["device_ids"] == [f"{MIG}::1"]
 
 
 def test_a_reservation_of_a_shape_the_daemon_never_plans_is_refused() -> None:
@@ -378,3 +388,23 @@ def test_an_answer_that_cannot_be_read_counts_as_the_daemon_gone_and_is_followed
     assert tries == [Path("/run/x.sock")] * 2
     assert emitted == [None]
     assert unreadable == ["ValueError('not JSON')"]
+
+
+def test_a_mig_instances_reservation_with_its_capability_nodes_is_taken() -> None:
+    caps = ["/dev/nvidia-caps/nvidia-cap93", "/dev/nvidia-caps/nvidia-cap94"]
+    answer = {
+        **copy.deepcopy(RESERVATION),
+        "device_ids": [MIG],
+        "envs": {"NVIDIA_VISIBLE_DEVICES": MIG},
+        "devices": [
+            *RESERVATION["devices"],
+            *({"task_path": c, "host_path": c, "cgroup_perms": "r"} for c in caps),
+        ],
+    }
+    result, _ = reserve(answer, [MIG])
+    assert [d["host_path"] for d in result["devices"]][-2:] == caps
+    for odd in ("/dev/nvidia-caps/../sda", "/dev/nvidia-caps/nvidia-capx", "/dev/nvidia-caps"):
+        bad = copy.deepcopy(answer)
+        bad["devices"][-1] = {"task_path": odd, "host_path": odd, "cgroup_perms": "r"}
+        with pytest.raises(BadAnswer, match="released it"):
+            asyncio.run(grpc_edge.reserve(Client(bad), [MIG], "kubelet"))

@@ -17,7 +17,13 @@ import attrs
 from monitor.wire import stats
 from monitor.wire.conditions import ATTRIBUTE, parse_conditions
 from monitor.wire.mirror import Mirror
-from monitor.wire.snapshot import PCI_ADDRESS, REPLICA_ID, replica_of
+from monitor.wire.snapshot import (
+    MIG_PROFILE,
+    MIG_UUID,
+    PCI_ADDRESS,
+    is_mig_type,
+    shared_replica_of,
+)
 
 MAX_DEVICES = 4096
 MAX_TEXT = 256  # a label value
@@ -67,6 +73,8 @@ class DeviceView:
     xid_action: str = ""  # NVIDIA's catalog action for last_xid, as the daemon names it
     health: str = "healthy"  # or "needs reset", "unhealthy"
     conditions: tuple[tuple[str, str], ...] = ()  # health conditions NVML reports: (name, verdict)
+    mig_profile: str = ""  # a MIG instance's (or its replica's) profile; "" for other devices
+    parent_uuid: str = ""  # a MIG instance's GPU's UUID; "" for other devices
 
     @classmethod
     def of(cls, device_id: str, group_key: str, group: Any, device: Any) -> DeviceView | None:
@@ -74,6 +82,9 @@ class DeviceView:
             return None
         xid_count, last_xid = _attribute(device, "xid_count"), _attribute(device, "last_xid")
         attributes = device.get("attributes")
+        mig = is_mig_type(str(group.get("type")))
+        profile = _attribute(device, "mig_profile") if mig else None
+        parent = _attribute(device, "parent_uuid") if mig else None
         return cls(
             id=text(device_id),
             group=text(group_key),
@@ -93,6 +104,10 @@ class DeviceView:
             xid_action=text(_attribute(device, "last_xid_action")),
             health=_health(device),
             conditions=tuple(sorted(parse_conditions(_attribute(device, ATTRIBUTE)).items())),
+            mig_profile=profile
+            if isinstance(profile, str) and MIG_PROFILE.fullmatch(profile)
+            else "",
+            parent_uuid=text(parent),
         )
 
 
@@ -121,7 +136,9 @@ class Known:
         # XIDs counted since the exporter began, by XID, the catalog's action and the source
         self.xids: dict[str, dict[tuple[int, str, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
-        self.shared: set[str] = set()  # the PCI addresses of GPUs shown as replicas
+        self.shared: set[str] = (
+            set()
+        )  # the GPUs (PCI addresses) and MIG instances shown as replicas
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
         self.daemon: DaemonCounters | None = None  # the status answer, checked
@@ -142,8 +159,10 @@ class Known:
         for key, group in (groups if isinstance(groups, dict) else {}).items():
             members = group.get("devices") if isinstance(group, dict) else None
             for device_id, device in (members if isinstance(members, dict) else {}).items():
-                usable = PCI_ADDRESS.fullmatch(str(device_id)) or REPLICA_ID.fullmatch(
-                    str(device_id)
+                usable = (
+                    PCI_ADDRESS.fullmatch(str(device_id))
+                    or MIG_UUID.fullmatch(str(device_id))
+                    or shared_replica_of(str(device_id))
                 )
                 if len(devices) >= MAX_DEVICES or not usable:
                     continue
@@ -155,7 +174,7 @@ class Known:
         for gone in set(self.xids) - set(devices):
             del self.xids[gone]
         self.devices = devices
-        self.shared = {r[0] for i in devices if (r := replica_of(i)) is not None}
+        self.shared = {r[0] for i in devices if (r := shared_replica_of(i)) is not None}
 
     def _count_xids(self, before: DeviceView | None, now: DeviceView) -> None:
         """Each XID the daemon counted since we last looked is taken as the last one it names:
@@ -202,9 +221,9 @@ class Known:
         self.sample_time = number(params.get("time"))
 
     def telemetry(self, device_id: str) -> dict[str, float | str]:
-        """A device's last sample. A shared GPU's is shown once, on its replica 0, so that a
-        sum over devices (power, memory) counts each GPU once."""
-        replica = replica_of(device_id)
+        """A device's last sample. A shared GPU's (or MIG instance's) is shown once, on its
+        replica 0, so that a sum over devices (power, memory) counts each once."""
+        replica = shared_replica_of(device_id)
         if replica is None:
             return self.sample.get(device_id, {})
         return self.sample.get(replica[0], {}) if replica[1] == 0 else {}

@@ -4,8 +4,10 @@
 what it names, docs/prometheus.md's table is checked against it, and the daemon's statistics
 (``monitor.wire.stats``) map onto it through ``TELEMETRY``, converted to Prometheus's base
 units (ratios, bytes, hertz, watts, joules, celsius). Labels are few and bounded: a device is
-its PCI address (``device``) on every per-device series, and what describes it is on
-``hotplug_monitor_device_info`` alone, to be joined on ``device`` where wanted.
+its ID (``device``: a PCI address, a MIG instance's MIG UUID, a replica's ID) on every
+per-device series, and what describes it is on ``hotplug_monitor_device_info`` alone, to be
+joined on ``device`` where wanted: a MIG instance's profile (``mig_profile``) and GPU
+(``parent_uuid``) too, empty for other devices, as Prometheus's info-metric convention has it.
 
 The text is made by ``prometheus_client``'s own exposition code from a custom collector over
 ``Known``: nothing here waits on the daemon.
@@ -78,12 +80,12 @@ STATS_TIME = _spec(
     "stats_timestamp_seconds", GAUGE, "when the latest device statistics were sampled (Unix time)"
 )
 
-DEVICE = "device"  # the label every per-device series has: the PCI address
+DEVICE = "device"  # the label every per-device series has: the daemon's device ID
 INFO = _spec(
     "device_info",
     GAUGE,
-    "a device the daemon follows, always 1: its group, vendor, type, name, driver, NUMA node "
-    "and GPU UUID (empty where unknown)",
+    "a device the daemon follows, always 1: its group, vendor, type, name, driver, NUMA node, "
+    "GPU UUID, and a MIG instance's profile and GPU's UUID (empty where unknown or not MIG)",
     DEVICE,
     "group",
     "vendor",
@@ -92,6 +94,8 @@ INFO = _spec(
     "driver",
     "numa_node",
     "uuid",
+    "mig_profile",
+    "parent_uuid",
 )
 HEALTHY = _spec("device_healthy", GAUGE, "1 when the device is healthy, else 0", DEVICE)
 PRESENT = _spec(
@@ -368,7 +372,17 @@ def _bound(bound: float) -> str:
 
 def _device(known: Known, view: DeviceView, out: Families) -> None:
     device = [view.id]
-    info = (view.group, view.vendor, view.type, view.name, view.driver, view.numa_node, view.uuid)
+    info = (
+        view.group,
+        view.vendor,
+        view.type,
+        view.name,
+        view.driver,
+        view.numa_node,
+        view.uuid,
+        view.mig_profile,
+        view.parent_uuid,
+    )
     out.add(INFO, [*device, *info], 1.0)
     out.add(HEALTHY, device, 1.0 if view.healthy else 0.0)
     for state in ("healthy", "needs reset", "unhealthy"):

@@ -8,6 +8,7 @@
 | a group's resource name | ``--resource GROUP=NAME`` | ``hotplug-monitor.io/VENDOR-TYPE`` |
 | only the groups named | ``--only-listed`` | every group |
 | devices left out | ``--ignore-device ID`` | none |
+| how MIG instances are offered | ``--mig-strategy none|single|mixed`` | ``mixed`` |
 | seconds between reconciles | ``--reconcile-interval S`` | 10 |
 | CDI names in Allocate | ``--no-cdi`` | given when the daemon writes a CDI spec |
 
@@ -17,19 +18,29 @@ HBM3``) goes to the first ``--resource`` whose GROUP (``TYPE``, ``VENDOR/TYPE`` 
 (``hotplug-monitor.io/nvidia-gpu``), so that it never clashes with NVIDIA's own plugin's
 ``nvidia.com/gpu`` unless the operator maps a group to that name. ``--resource GROUP=`` (empty)
 leaves a group out. Pure: no I/O; every refusal is an ``OptionError`` saying which flag.
+
+MIG instances (groups of type ``mig``, and ``mig.shared`` for their replicas) are named as
+NVIDIA's own plugin's MIG strategies name them, a ``--resource`` that matches their group
+winning over the strategy: ``none`` offers none of them (nor their GPUs, which the daemon does
+not lease whole while they have instances); ``single`` offers them as the resource their GPU's
+group (``VENDOR/gpu/GPU NAME``) maps to; ``mixed`` (the default: nothing is left out, and a pod
+asks for the size it needs) offers each profile as ``hotplug-monitor.io/mig-PROFILE``
+(``hotplug-monitor.io/mig-1g.10gb``; a ``+`` in a profile becomes ``.``: ``mig-1g.10gb.me``).
+Whether ``single`` fits the node (one profile, no whole GPU beside) is the inventory's to say.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from monitor.wire.paths import SYSTEM_SOCKET
-from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored_device, is_mig_type
 
 KUBELET_DIR = Path("/var/lib/kubelet/device-plugins")
 POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
@@ -39,6 +50,8 @@ OWNER = "kubelet"  # the daemon lease owner of every Allocate
 API_VERSION = "v1beta1"
 MAX_SOCKET_PATH = 107  # sun_path, its NUL excluded
 RECONCILE_RANGE = (0.1, 3600.0)
+MIG_NONE, MIG_SINGLE, MIG_MIXED = "none", "single", "mixed"
+MIG_STRATEGIES = (MIG_NONE, MIG_SINGLE, MIG_MIXED)
 
 GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
 # Kubernetes' extended resource names: a DNS subdomain prefix, a qualified name after it.
@@ -71,6 +84,16 @@ def check_resource_name(text: str) -> str:
     ):
         raise OptionError(f"{text!r}: the kubernetes.io and k8s.io domains are Kubernetes' own")
     return text
+
+
+def mig_resource(profile: str, shared: bool = False) -> str | None:
+    """``hotplug-monitor.io/mig-PROFILE`` (``.shared`` after it for replicas), or None if the
+    profile makes no resource name."""
+    name = f"mig-{profile.replace('+', '.')}{'.shared' if shared else ''}"
+    try:
+        return check_resource_name(f"{DOMAIN}/{name}")
+    except OptionError:
+        return None
 
 
 def default_resource(vendor: str, type_: str) -> str | None:
@@ -113,23 +136,38 @@ class Options:
     pod_resources_socket: Path = POD_RESOURCES_SOCKET
     rules: tuple[Rule, ...] = ()
     only_listed: bool = False
-    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case) and GPU UUIDs
+    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case), GPU and MIG UUIDs
     reconcile_interval: float = 10.0
     cdi: bool = True
+    mig_strategy: str = MIG_MIXED
 
     @property
     def kubelet_socket(self) -> Path:
         return self.kubelet_dir / KUBELET_SOCKET_NAME
 
-    def resource_for(self, vendor: str, type_: str, name: str) -> str | None:
-        """The resource a group's devices are offered as, or None: not offered."""
+    def resource_for(
+        self, vendor: str, type_: str, name: str, mig_profile: str | None = None
+    ) -> str | None:
+        """The resource a group's devices are offered as, or None: not offered. A MIG group's
+        devices (``mig_profile``: their profile) are named by the MIG strategy."""
+        mig = is_mig_type(type_)
+        if mig and (self.mig_strategy == MIG_NONE or mig_profile is None):
+            return None
         for rule in self.rules:
             if rule.pattern.matches(vendor, type_, name):
                 return rule.resource
-        return None if self.only_listed else default_resource(vendor, type_)
+        if not mig:
+            return None if self.only_listed else default_resource(vendor, type_)
+        assert mig_profile is not None
+        shared = type_.endswith(".shared")
+        if self.mig_strategy == MIG_SINGLE:  # as the GPU's own group would be
+            gpu_name = name.removesuffix(f" MIG {mig_profile}")
+            return self.resource_for(vendor, "gpu.shared" if shared else "gpu", gpu_name)
+        return None if self.only_listed else mig_resource(mig_profile, shared)
 
-    def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
-        return is_ignored(self.ignored, device_id, uuid, pci_address)
+    def ignores(self, device_id: str, device: Mapping[str, Any]) -> bool:
+        """Whether ``--ignore-device`` names the device, its GPU or its GPU's PCI address."""
+        return is_ignored_device(self.ignored, device_id, device)
 
     def endpoint(self, resource: str) -> str:
         """The file name of the plugin's socket for ``resource``, inside ``kubelet_dir``:
@@ -155,6 +193,7 @@ def build(
     ignore_devices: Iterable[str] = (),
     reconcile_interval: float = 10.0,
     cdi: bool = True,
+    mig_strategy: str = MIG_MIXED,
 ) -> Options:
     """The options from the command line's words, each checked."""
     options = Options()
@@ -177,8 +216,10 @@ def build(
         else:
             raise OptionError(
                 f"--ignore-device {device_id!r} is neither a PCI address (0000:3b:00.0) "
-                "nor a GPU UUID (GPU-...)"
+                "nor a GPU or MIG UUID (GPU-..., MIG-...)"
             )
+    if mig_strategy not in MIG_STRATEGIES:
+        raise OptionError(f"--mig-strategy {mig_strategy!r}: one of {', '.join(MIG_STRATEGIES)}")
     low, high = RECONCILE_RANGE
     if not (math.isfinite(reconcile_interval) and low <= reconcile_interval <= high):
         raise OptionError(f"--reconcile-interval must be {low:g} to {high:g} seconds")
@@ -189,6 +230,7 @@ def build(
         ignored=frozenset(ignored),
         reconcile_interval=reconcile_interval,
         cdi=cdi,
+        mig_strategy=mig_strategy,
     )
     if len(str(options.kubelet_socket)) > MAX_SOCKET_PATH:
         raise OptionError(f"--kubelet-dir {str(options.kubelet_dir)!r} is too long for a socket")

@@ -28,7 +28,7 @@ import msgpack
 
 from monitor.adapters.nomad.protos import hclspec_pb2
 from monitor.wire.paths import SYSTEM_SOCKET
-from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored
+from monitor.wire.snapshot import PCI_ADDRESS, GroupPattern, is_ignored, is_ignored_device
 
 # Nomad's own device plugin API version, the one its loader accepts for device plugins.
 DEVICE_API_VERSION = "v0.1.0"
@@ -70,7 +70,7 @@ class Overrides:
 @attrs.frozen
 class PluginConfig:
     socket: Path = SYSTEM_SOCKET
-    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case) and GPU UUIDs
+    ignored: frozenset[str] = frozenset()  # PCI addresses (lower case), GPU and MIG UUIDs
     groups: tuple[GroupPattern, ...] = ()  # none: every group
     nomad_address: str = NOMAD_ADDRESS  # scheme://host[:port], no trailing slash
     nomad_token_file: Path | None = None
@@ -81,6 +81,10 @@ class PluginConfig:
 
     def ignores(self, device_id: str, uuid: object = None, pci_address: str | None = None) -> bool:
         return is_ignored(self.ignored, device_id, uuid, pci_address)
+
+    def ignores_device(self, device_id: str, device: Mapping[str, Any]) -> bool:
+        """Whether ``ignored_device_ids`` names the device, its GPU or its GPU's PCI address."""
+        return is_ignored_device(self.ignored, device_id, device)
 
 
 def _default(attr: hclspec_pb2.Attr, literal: str) -> hclspec_pb2.Spec:
@@ -172,7 +176,7 @@ def _device_id(text: str) -> str:
         return text
     raise ConfigRefused(
         f"ignored_device_ids: {text!r} is neither a PCI address (0000:3b:00.0) "
-        "nor a GPU UUID (GPU-...)"
+        "nor a GPU or MIG UUID (GPU-..., MIG-...)"
     )
 
 

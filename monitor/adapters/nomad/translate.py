@@ -7,6 +7,10 @@ stranger's input: a group, device or attribute Nomad would reject (its client dr
 whose fingerprint fails validation: an empty vendor, type, name or device ID; an attribute
 with a unit it does not know, or a unit on a string) is left out and named in ``skipped``,
 so one bad entry never costs the others.
+
+MIG instances come as the daemon groups them, one group a profile (``nvidia/mig/NVIDIA H100
+80GB HBM3 MIG 1g.10gb``), their shared attributes (``mig_profile``, ``memory`` in MiB, slices)
+the group's, for a job's ``device`` block to constrain on.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from monitor.adapters import grpc_edge
 from monitor.adapters.nomad.config import PluginConfig
 from monitor.adapters.nomad.protos import device_pb2, structs_pb2
 from monitor.wire import stats
-from monitor.wire.snapshot import MAX_TEXT, pci_bus_id, problems, replica_of, text, uuid_of
+from monitor.wire.snapshot import (
+    MAX_TEXT,
+    parent_uuid_of,
+    pci_bus_id,
+    problems,
+    shared_replica_of,
+    text,
+    uuid_of,
+)
 from monitor.wire.snapshot import devices as group_devices
 from monitor.wire.snapshot import groups as snapshot_groups
 
@@ -95,10 +107,11 @@ class Offered:
 
     def instances(self, device_id: str) -> list[str]:
         """The offered devices a stats sample of ``device_id`` is about: the device, or each
-        replica of a shared GPU (every holder sees the GPU's figures, as it shares the GPU)."""
+        replica of a shared GPU or MIG instance (every holder sees its figures, as it shares
+        it)."""
         if device_id in self.by_device:
             return [device_id]
-        return [i for i in self.by_device if (r := replica_of(i)) and r[0] == device_id]
+        return [i for i in self.by_device if (r := shared_replica_of(i)) and r[0] == device_id]
 
     def response(self) -> device_pb2.FingerprintResponse:
         return device_pb2.FingerprintResponse(device_group=list(self.groups))
@@ -117,6 +130,8 @@ def not_offered(device_id: str, snapshot: object, config: PluginConfig) -> str |
             continue
         if config.ignores(device_id, uuid_of(device)):
             return f"{device_id} is not offered to Nomad: its UUID is in ignored_device_ids"
+        if config.ignores(device_id, parent_uuid_of(device)):
+            return f"{device_id} is not offered to Nomad: its GPU is in ignored_device_ids"
         if config.ignores(device_id, pci_address=pci_bus_id(device_id, device)):
             return f"{device_id} is not offered to Nomad: its GPU is in ignored_device_ids"
         triple = tuple(str(group.get(k)) for k in ("vendor", "type", "name"))
@@ -153,8 +168,7 @@ def offered(snapshot: object, config: PluginConfig) -> Offered:
         devices: list[device_pb2.DetectedDevice] = []
         attribute_sets: list[Mapping[str, Any]] = []
         for device_id, raw in group_devices(group, skipped):
-            ignored = config.ignores(device_id, uuid_of(raw), pci_bus_id(device_id, raw))
-            if ignored or device_id in by_device:
+            if config.ignores_device(device_id, raw) or device_id in by_device:
                 continue
             detected, attributes = _device(device_id, raw)
             devices.append(detected)

@@ -70,6 +70,7 @@ def test_the_unit_verifies_and_its_exposure_is_low(unit_dir: Path) -> None:
         (["--kubelet-dir", "relative"], "--kubelet-dir must be an absolute path"),
         (["--reconcile-interval", "0"], "--reconcile-interval must be 0.1 to 3600 seconds"),
         (["--ignore-device", "gpu0"], "is neither a PCI address"),
+        (["--mig-strategy", "all"], "--mig-strategy 'all': one of none, single, mixed"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args: list[str], says: str) -> None:
