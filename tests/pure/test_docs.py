@@ -119,3 +119,23 @@ def test_the_manual_uninstall_removes_every_path_install_sh_installs_to() -> Non
                    if block.startswith("systemctl disable"))  # fmt: skip
     for path in destinations:
         assert path in by_hand, path
+
+
+def test_the_configuration_page_names_every_setting() -> None:
+    from monitor.daemon.config import SETTINGS
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in SETTINGS if f"`{f.metadata['key'] or f.name}" not in page]
+    assert not missing
+
+
+def test_how_it_is_built_names_every_module() -> None:
+    page = (ROOT / "docs" / "development.md").read_text()
+    named = set(re.findall(r"`([^`\s]+\.py)`", page))
+    modules = [
+        p.relative_to(ROOT / "monitor")
+        for p in (ROOT / "monitor").rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and "protos" not in p.parts
+    ]
+    unnamed = [str(m) for m in modules if not any(str(m).endswith(n) for n in named if m.name in n)]
+    assert not unnamed

@@ -136,9 +136,8 @@ class Known:
         # XIDs counted since the exporter began, by XID, the catalog's action and the source
         self.xids: dict[str, dict[tuple[int, str, str], int]] = {}
         self.sample: dict[str, dict[str, float | str]] = {}  # device -> stat name -> value
-        self.shared: set[str] = (
-            set()
-        )  # the GPUs (PCI addresses) and MIG instances shown as replicas
+        # the GPUs (by PCI address) and MIG instances shown as replicas
+        self.shared: set[str] = set()
         self.sample_time: float | None = None
         self.status: dict[str, Any] | None = None
         self.daemon: DaemonCounters | None = None  # the status answer, checked
