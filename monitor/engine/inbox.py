@@ -27,7 +27,10 @@ InboxReader = trio.MemoryReceiveChannel[Item]  # the receiving end: the reducer 
 async def ask(inbox: Inbox, request: Request) -> Answer:
     """Hand a request to the reducer task and wait for its decision."""
     pending = Pending(request)
-    await inbox.send(pending)
+    try:  # no scheduler round trip when there is room: waiting for the answer yields anyway
+        inbox.send_nowait(pending)
+    except trio.WouldBlock:
+        await inbox.send(pending)
     await pending.done.wait()
     assert pending.answer is not None
     return pending.answer

@@ -51,6 +51,10 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# The record reader's decoder, made once: ``json.loads`` with an argument builds one per call.
+_RECORD_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -285,7 +289,7 @@ def _snapshot(raw: bytes, legacy_holder: LegacyHolder | None) -> tuple[int, list
 def _record(payload: bytes) -> tuple[int, list[Lease | str], list[str]]:
     """A journal record's number, the leases it puts (each a ``Lease`` or what is wrong with
     it) and the reservation IDs it ends; ``ValueError`` when it is no record at all."""
-    record = json.loads(payload, parse_constant=_not_json)
+    record = _RECORD_DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     seq, put, ended = record.get("seq"), record.get("put"), record.get("end")

@@ -102,6 +102,7 @@ class Connection:
         self.subscriber: Subscriber | None = None
         self.streams_stats = False  # whether it gets stats notifications
         self.nursery: trio.Nursery | None = None
+        self.pumping: trio.CancelScope | None = None  # the notification writer's, once subscribed
         # What the timeouts look at (``overdue``): when it last finished something, when its
         # unfinished line began, the read it waits in, and since when a notification is stuck.
         self.active = self.line_begun = 0.0
@@ -112,8 +113,16 @@ class Connection:
         self._waits = 0  # reads and sends now watched by the timeouts
 
     async def send(self, data: bytes) -> None:
-        async with self.send_lock:
+        # The lock is free but while a notification is written, so take it without the
+        # scheduler round trip of ``acquire``: ``send_all`` is this request's checkpoint.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
             await self.stream.send_all(data)
+        finally:
+            self.send_lock.release()
 
     async def refuse(self, error: RpcError, linger: bool = True) -> None:
         with trio.move_on_after(1):
@@ -137,7 +146,10 @@ class Connection:
                     await self._linger()
             finally:
                 self.server.unfinished.take(buffer.pending)
-                nursery.cancel_scope.cancel()
+                if self.pumping is not None:
+                    self.pumping.cancel()
+                if self.streams_stats:
+                    nursery.cancel_scope.cancel()
                 if self.subscriber is not None:
                     self.server.hub.unsubscribe(self.subscriber)
 
@@ -281,6 +293,7 @@ class Connection:
         self.subscriber = hub.subscribe()
         await self.send(encode_raw_result(request.id, hub.snapshot_result()))
         assert self.nursery is not None
+        self.pumping = trio.CancelScope()  # made here: the connection may end before it runs
         self.nursery.start_soon(self._pump, self.subscriber)
 
     async def stream_stats(self, request: Request, interval: float, stats: StatsHub) -> None:
@@ -297,6 +310,11 @@ class Connection:
         await self._notify(encode_raw_notification("stats", params))
 
     async def _pump(self, subscriber: Subscriber) -> None:
-        """Write notifications as they come."""
-        while True:
-            await self._notify(await subscriber.next_message(self.server.hub))
+        """Write notifications as they come, until the connection ends (``run``)."""
+        # Ended by its own scope, so that the connection's nursery closes without a Cancelled
+        # to split out of an exception group: that split leaves a string in CPython's type
+        # cache per connection, each pinning a heap page after a burst of subscribers.
+        assert self.pumping is not None
+        with self.pumping:
+            while True:
+                await self._notify(await subscriber.next_message(self.server.hub))

@@ -163,7 +163,8 @@ class Server:
         call = requests.parse(request.method, request.params)
         if isinstance(call, Refusal):
             raise rpc_error(call)
-        await self.hub.ready.wait()
+        if not self.hub.ready.is_set():  # ``wait`` on a set event would still yield once
+            await self.hub.ready.wait()
         if call is Read.SNAPSHOT:
             return encode_raw_result(request.id, self.hub.snapshot_result())
         if call is Read.SUBSCRIBE:

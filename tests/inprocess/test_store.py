@@ -214,6 +214,7 @@ def test_damage_before_the_end_loses_that_record_alone_and_sets_it_aside(
         ({"seq": 2, "put": [], "end": [7]}, "reservation IDs"),
         ({"seq": 5, "put": [], "end": ["a"]}, "number 5 where 2 was due"),
         ([], "not a JSON object"),
+        ({"seq": 2, "put": [], "end": [], "at": float("nan")}, "NaN is not a JSON value"),
     ],
 )
 def test_a_record_with_a_sound_checksum_that_lies_is_not_trusted(
