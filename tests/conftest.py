@@ -23,7 +23,8 @@ import hypothesis
 import psutil
 import pytest
 
-from monitor.sim.nvml import build_library
+from monitor.sim.mig import EXAMPLE_UUIDS, mig_h100_nvml, write_mig_minors
+from monitor.sim.nvml import FakeNvml, build_library
 from monitor.sim.umockdev import Simulator, umockdev_missing
 from monitor.wire.blocking import Client
 from monitor.wire.errors import DaemonUnavailable
@@ -405,3 +406,40 @@ def subscribe() -> Iterator[Callable[[Daemon], Subscription]]:
     yield open_subscription
     for client in opened:
         client.close()
+
+
+MIG_GPU = "0000:3b:00.0"  # the simulated H100 in MIG mode of the fixtures below, on NUMA node 0
+
+
+@pytest.fixture
+def mig_nvml(tmp_path: Path, nvml_lib: Path) -> FakeNvml:
+    """The NVML stand-in with one H100 in MIG mode at ``MIG_GPU``, in ``monitor.sim.mig``'s
+    example layout (two 1g.10gb instances and one 3g.40gb)."""
+    return mig_h100_nvml(tmp_path, nvml_lib, MIG_GPU)
+
+
+@pytest.fixture
+def start_mig_daemon(
+    tmp_path: Path, sim: Simulator, mig_nvml: FakeNvml, start_daemon: Callable[..., Daemon]
+) -> Callable[..., Daemon]:
+    """Start the daemon (with more flags) on that H100, with a mig-minors file of its own."""
+    sim.add("nvidia-h100", MIG_GPU, 0)
+    minors = write_mig_minors(tmp_path / "mig-minors")
+
+    def start(*args: str) -> Daemon:
+        env = {**sim.daemon_env(), **mig_nvml.env()}
+        return start_daemon(
+            "--udev-source", "udev", "--mig-minors", str(minors), *args, env=env, nvml=True
+        )
+
+    return start
+
+
+@pytest.fixture
+def mig_daemon(
+    start_mig_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
+) -> Daemon:
+    """A daemon on that H100, once it shows every instance of the example layout."""
+    daemon = start_mig_daemon()
+    subscribe(daemon).until(lambda m: set(EXAMPLE_UUIDS) <= set(m.devices()), timeout=20)
+    return daemon

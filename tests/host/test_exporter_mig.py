@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 
-from monitor.sim.mig import EXAMPLE_GPU_UUID, EXAMPLE_UUIDS, mig_h100_nvml, write_mig_minors
-from monitor.sim.nvml import FakeNvml
-from monitor.sim.umockdev import Simulator
-from tests.conftest import Daemon, Subscription
+from monitor.sim.mig import EXAMPLE_GPU_UUID, EXAMPLE_UUIDS
+from tests.conftest import Daemon
 from tests.host.test_prometheus import JOB, free_port, stop, tool, wait_http
 from tests.waiting import wait_until
 
@@ -31,32 +29,13 @@ ONE, TWO, THREE = EXAMPLE_UUIDS  # 1g.10gb, 1g.10gb, 3g.40gb
 
 
 @pytest.fixture
-def daemon(
-    tmp_path: Path,
-    sim: Simulator,
-    nvml_lib: Path,
-    start_daemon: Callable[..., Daemon],
-    subscribe: Callable[[Daemon], Subscription],
-) -> Daemon:
-    sim.add("nvidia-h100", A, 0)
-    nvml: FakeNvml = mig_h100_nvml(tmp_path, nvml_lib, A)
-    minors = write_mig_minors(tmp_path / "mig-minors")
-    started = start_daemon(
-        "--udev-source", "udev", "--mig-minors", str(minors),
-        env={**sim.daemon_env(), **nvml.env()}, nvml=True,
-    )  # fmt: skip
-    subscribe(started).until(lambda m: set(EXAMPLE_UUIDS) <= set(m.devices()), timeout=20)
-    return started
-
-
-@pytest.fixture
-def scraped(tmp_path: Path, daemon: Daemon) -> Iterator[tuple[str, Callable[[str], Any]]]:
+def scraped(tmp_path: Path, mig_daemon: Daemon) -> Iterator[tuple[str, Callable[[str], Any]]]:
     """The exporter's metrics URL, and an instant query of Prometheus scraping it."""
     prometheus = tool("prometheus")
     port, web = free_port(), free_port()
     exporter_log = tmp_path / "exporter.log"
     exporter = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "exporter", "--socket", str(daemon.socket),
+        [sys.executable, "-m", "monitor", "exporter", "--socket", str(mig_daemon.socket),
          "--listen", f"127.0.0.1:{port}"],
         stderr=exporter_log.open("wb"),
     )  # fmt: skip

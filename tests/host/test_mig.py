@@ -1,8 +1,9 @@
 """MIG end to end: the daemon on a simulated H100 (umockdev) in MIG mode, with the real
 nvidia-ml-py bindings loading the stand-in libnvidia-ml.so.1, repartitioned while it runs.
 
-``mig_daemon`` is how a host test starts a daemon with an H100 in MIG mode (two 1g.10gb and one
-3g.40gb instance, ``monitor.sim.mig.example_layout``)."""
+``start_mig_daemon`` and ``mig_daemon`` (tests/conftest.py) are how a host test starts a daemon
+with an H100 in MIG mode (two 1g.10gb and one 3g.40gb instance,
+``monitor.sim.mig.example_layout``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from monitor.sim.mig import (
     example_layout,
     gi_access_minor,
     h100_mig,
-    mig_h100_nvml,
-    write_mig_minors,
 )
 from monitor.sim.nvml import FakeGpu, FakeNvml
 from monitor.sim.umockdev import Simulator
@@ -48,28 +47,6 @@ SMALL = f"nvidia/mig/{NAME} MIG 1g.10gb"
 LARGE = f"nvidia/mig/{NAME} MIG 3g.40gb"
 
 
-@pytest.fixture
-def nvml(tmp_path: Path, nvml_lib: Path) -> FakeNvml:
-    return mig_h100_nvml(tmp_path, nvml_lib, A)
-
-
-@pytest.fixture
-def mig_daemon(
-    tmp_path: Path, sim: Simulator, nvml: FakeNvml, start_daemon: Callable[..., Daemon]
-) -> Callable[..., Daemon]:
-    """Start the daemon on one H100 in MIG mode (at ``A``), with a mig-minors file of its own."""
-    sim.add("nvidia-h100", A, 0)
-    minors = write_mig_minors(tmp_path / "mig-minors")
-
-    def start(*args: str) -> Daemon:
-        env = {**sim.daemon_env(), **nvml.env()}
-        return start_daemon(
-            "--udev-source", "udev", "--mig-minors", str(minors), *args, env=env, nvml=True
-        )
-
-    return start
-
-
 def ids(mirror: Mirror) -> set[str]:
     return set(mirror.devices())
 
@@ -80,11 +57,11 @@ def device(mirror: Mirror, device_id: str) -> dict[str, Any]:
 
 
 def test_mig_instances_are_devices_and_a_repartition_shows_at_once(
-    mig_daemon: Callable[..., Daemon],
-    nvml: FakeNvml,
+    start_mig_daemon: Callable[..., Daemon],
+    mig_nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    daemon = mig_daemon("--health-interval", "0")  # only NVML's event says it changed
+    daemon = start_mig_daemon("--health-interval", "0")  # only NVML's event says it changed
     sub = subscribe(daemon)
     mirror = sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
     groups = mirror.snapshot["groups"]
@@ -111,7 +88,7 @@ def test_mig_instances_are_devices_and_a_repartition_shows_at_once(
         assert ONE_A in refused.value.message
     # repartitioned while it runs: ONE_A (held) and ONE_B destroyed, a 4g.40gb created
     four = "MIG-44444444-4444-4444-8444-444444444444"
-    nvml.set_mig(A, [example_layout()[0], h100_mig("4g.40gb", 1, 1, four)])
+    mig_nvml.set_mig(A, [example_layout()[0], h100_mig("4g.40gb", 1, 1, four)])
     mirror = sub.until(lambda m: ids(m) == {THREE, four})
     assert four in mirror.snapshot["groups"][f"nvidia/mig/{NAME} MIG 4g.40gb"]["devices"]
     with daemon.client() as client:
@@ -120,45 +97,45 @@ def test_mig_instances_are_devices_and_a_repartition_shows_at_once(
 
 
 def test_an_application_xid_in_an_instance_is_counted_there_alone(
-    mig_daemon: Callable[..., Daemon],
-    nvml: FakeNvml,
+    start_mig_daemon: Callable[..., Daemon],
+    mig_nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    daemon = mig_daemon()
+    daemon = start_mig_daemon()
     sub = subscribe(daemon)
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
-    nvml.xid(A, 13, gpu_instance=9, compute_instance=0)
+    mig_nvml.xid(A, 13, gpu_instance=9, compute_instance=0)
     mirror = sub.until(lambda m: "last_xid" in device(m, ONE_A).get("attributes", {}))
     assert "last_xid" not in device(mirror, ONE_B)["attributes"]
     assert "XID 13 in GPU instance 9, compute instance 0" in daemon.log()
     assert all(device(mirror, i)["healthy"] for i in (ONE_A, ONE_B, THREE))
-    nvml.xid(A, 48, gpu_instance=9, compute_instance=0)  # needs a reset: the whole GPU's
+    mig_nvml.xid(A, 48, gpu_instance=9, compute_instance=0)  # needs a reset: the whole GPU's
     mirror = sub.until(lambda m: not device(m, THREE).get("healthy", True))
     assert not device(mirror, ONE_A)["healthy"] and not device(mirror, ONE_B)["healthy"]
 
 
 def test_mig_mode_turned_off_shows_the_gpu_whole_on_the_next_sweep(
-    mig_daemon: Callable[..., Daemon],
-    nvml: FakeNvml,
+    start_mig_daemon: Callable[..., Daemon],
+    mig_nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    sub = subscribe(mig_daemon("--health-interval", "1"))
+    sub = subscribe(start_mig_daemon("--health-interval", "1"))
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
-    nvml.set_gpus([FakeGpu(bus_id=A, uuid=EXAMPLE_GPU_UUID, minor=0, mig_mode=0)])
-    nvml.set_mig(A, [], announce=False)  # no event: the sweep finds it
+    mig_nvml.set_gpus([FakeGpu(bus_id=A, uuid=EXAMPLE_GPU_UUID, minor=0, mig_mode=0)])
+    mig_nvml.set_mig(A, [], announce=False)  # no event: the sweep finds it
     mirror = sub.until(lambda m: ids(m) == {A})
     assert device(mirror, A)["attributes"]["mig_mode"]["value"] == "disabled"
 
 
 def test_sighup_reads_the_layouts_again_where_nvml_said_nothing(
-    mig_daemon: Callable[..., Daemon],
-    nvml: FakeNvml,
+    start_mig_daemon: Callable[..., Daemon],
+    mig_nvml: FakeNvml,
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
-    daemon = mig_daemon("--health-interval", "0")
+    daemon = start_mig_daemon("--health-interval", "0")
     sub = subscribe(daemon)
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
-    nvml.set_mig(A, example_layout()[:1], announce=False)  # no event, no sweep
+    mig_nvml.set_mig(A, example_layout()[:1], announce=False)  # no event, no sweep
     daemon.process.send_signal(signal.SIGHUP)
     sub.until(lambda m: ids(m) == {THREE})
 
@@ -166,13 +143,13 @@ def test_sighup_reads_the_layouts_again_where_nvml_said_nothing(
 def test_without_the_mig_minors_file_an_instance_is_refused_saying_why(
     tmp_path: Path,
     sim: Simulator,
-    nvml: FakeNvml,
+    mig_nvml: FakeNvml,
     start_daemon: Callable[..., Daemon],
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
     sim.add("nvidia-h100", A, 0)
     missing = tmp_path / "no-such-mig-minors"
-    env = {**sim.daemon_env(), **nvml.env()}
+    env = {**sim.daemon_env(), **mig_nvml.env()}
     daemon = start_daemon("--udev-source", "udev", "--mig-minors", str(missing), env=env, nvml=True)
     sub = subscribe(daemon)
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
@@ -184,9 +161,9 @@ def test_without_the_mig_minors_file_an_instance_is_refused_saying_why(
 
 
 def test_a_gpu_with_mig_devices_is_never_shown_whole_at_start(
-    mig_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
+    start_mig_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
 ) -> None:
-    daemon = mig_daemon()
+    daemon = start_mig_daemon()
     sub = subscribe(daemon)
     seen = [set(sub.mirror.devices())]
     while seen[-1] != {ONE_A, ONE_B, THREE}:
@@ -197,7 +174,7 @@ def test_a_gpu_with_mig_devices_is_never_shown_whole_at_start(
 
 def test_an_instance_lease_gets_its_capability_nodes_from_the_drivers_files(
     sim: Simulator,
-    nvml: FakeNvml,
+    mig_nvml: FakeNvml,
     start_daemon: Callable[..., Daemon],
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
@@ -205,7 +182,7 @@ def test_an_instance_lease_gets_its_capability_nodes_from_the_drivers_files(
     sim.add("nvidia-h100", A, 0)
     sim.mig_nodes(0)
     daemon = start_daemon(
-        "--udev-source", "udev", env={**sim.daemon_env(), **nvml.env()}, nvml=True
+        "--udev-source", "udev", env={**sim.daemon_env(), **mig_nvml.env()}, nvml=True
     )
     subscribe(daemon).until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
     with daemon.client() as client:
@@ -226,7 +203,7 @@ def test_an_instance_lease_gets_its_capability_nodes_from_the_drivers_files(
 def test_a_real_container_given_an_instance_gets_its_gpu_and_capability_nodes(
     tmp_path: Path,
     sim: Simulator,
-    nvml: FakeNvml,
+    mig_nvml: FakeNvml,
     start_daemon: Callable[..., Daemon],
 ) -> None:
     """podman reads the daemon's CDI spec (``all``) and asks for an instance by its MIG UUID;
@@ -236,7 +213,7 @@ def test_a_real_container_given_an_instance_gets_its_gpu_and_capability_nodes(
     sim.add("nvidia-h100", A, 0)
     sim.mig_nodes(0)
     cdi_dir = tmp_path / "cdi"
-    env = {**sim.daemon_env(), **nvml.env()}
+    env = {**sim.daemon_env(), **mig_nvml.env()}
     start_daemon("--udev-source", "udev", "--cdi-dir", str(cdi_dir), env=env, nvml=True)
     path = cdi_dir / "hotplug-monitor.json"
 
@@ -266,12 +243,12 @@ def test_a_real_container_given_an_instance_gets_its_gpu_and_capability_nodes(
 
 def test_mig_devices_shared_by_a_config_rule_are_leased_as_replicas(
     tmp_path: Path,
-    mig_daemon: Callable[..., Daemon],
+    start_mig_daemon: Callable[..., Daemon],
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[[share]]\nmatch = "nvidia/mig/{NAME} MIG 1g.10gb"\nreplicas = 2\n')
-    daemon = mig_daemon("--config", str(config))
+    daemon = start_mig_daemon("--config", str(config))
     replicas = {f"{ONE_A}::0", f"{ONE_A}::1", f"{ONE_B}::0", f"{ONE_B}::1"}
     mirror = subscribe(daemon).until(lambda m: ids(m) == {*replicas, THREE})
     shared = mirror.snapshot["groups"][f"nvidia/mig.shared/{NAME} MIG 1g.10gb"]
@@ -286,12 +263,12 @@ def test_mig_devices_shared_by_a_config_rule_are_leased_as_replicas(
 
 def test_the_drivers_xid_line_naming_an_instance_counts_there_alone(
     tmp_path: Path,
-    mig_daemon: Callable[..., Daemon],
+    start_mig_daemon: Callable[..., Daemon],
     subscribe: Callable[[Daemon], Subscription],
 ) -> None:
     fifo = tmp_path / "kmsg"
     os.mkfifo(fifo)
-    sub = subscribe(mig_daemon("--kmsg", str(fifo)))
+    sub = subscribe(start_mig_daemon("--kmsg", str(fifo)))
     sub.until(lambda m: ids(m) == {ONE_A, ONE_B, THREE})
     text = "NVRM: Xid (PCI:0000:3b:00 GPU-I:10 GPU-CI:00): 13, pid=42, name=trainer, test line"
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)

@@ -6,22 +6,17 @@ a repartition as the next Fingerprint message."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 
 from monitor.sim.mig import (
     EXAMPLE_GPU_UUID,
     EXAMPLE_UUIDS,
     h100_mig,
-    mig_h100_nvml,
-    write_mig_minors,
 )
 from monitor.sim.nvml import FakeNvml
 from monitor.sim.umockdev import Simulator
 from monitor.wire import requests
-from tests.conftest import Daemon, Subscription
+from tests.conftest import Daemon
 from tests.host.test_nomad_plugin import H100, Nomad, devices, groups, nomad  # noqa: F401
 
 pytestmark = pytest.mark.umockdev
@@ -31,40 +26,12 @@ ONE, TWO, THREE = EXAMPLE_UUIDS  # 1g.10gb, 1g.10gb, 3g.40gb
 SMALL, LARGE = f"nvidia/mig/{H100} MIG 1g.10gb", f"nvidia/mig/{H100} MIG 3g.40gb"
 
 
-@pytest.fixture
-def gpus(sim: Simulator) -> Simulator:
-    sim.add("nvidia-h100", A, 0)
-    return sim
-
-
-@pytest.fixture
-def nvml(tmp_path: Path, nvml_lib: Path) -> FakeNvml:
-    return mig_h100_nvml(tmp_path, nvml_lib, A)
-
-
-@pytest.fixture
-def daemon(
-    tmp_path: Path,
-    gpus: Simulator,
-    nvml: FakeNvml,
-    start_daemon: Callable[..., Daemon],
-    subscribe: Callable[[Daemon], Subscription],
-) -> Daemon:
-    minors = write_mig_minors(tmp_path / "mig-minors")
-    started = start_daemon(
-        "--udev-source", "udev", "--mig-minors", str(minors),
-        env={**gpus.daemon_env(), **nvml.env()}, nvml=True,
-    )  # fmt: skip
-    subscribe(started).until(lambda m: set(EXAMPLE_UUIDS) <= set(m.devices()), timeout=20)
-    return started
-
-
 def test_each_profile_is_a_device_group_nomad_takes_and_reserve_takes_mig_uuids(
     nomad: Nomad,  # noqa: F811
-    daemon: Daemon,
-    gpus: Simulator,
+    mig_daemon: Daemon,
+    sim: Simulator,
 ) -> None:
-    assert "error" not in nomad.launch("--socket", str(daemon.socket))
+    assert "error" not in nomad.launch("--socket", str(mig_daemon.socket))
     first = nomad.until(lambda d: set(EXAMPLE_UUIDS) <= set(d))  # nomad_refuses checked: []
     found = groups(first)
     assert set(found) == {SMALL, LARGE}  # the split GPU is no group of its own
@@ -79,22 +46,22 @@ def test_each_profile_is_a_device_group_nomad_takes_and_reserve_takes_mig_uuids(
     got = nomad.reserve(ONE)
     assert "error" not in got, got
     assert got["message"]["container_res"]["envs"] == {"NVIDIA_VISIBLE_DEVICES": ONE}
-    with daemon.client() as client:
+    with mig_daemon.client() as client:
         leases = client.ask(requests.leases())["leases"]
     assert [(sorted(lease["devices"]), lease["owner"]) for lease in leases] == [([ONE], "nomad")]
     # The GPU breaks: every instance of it is unhealthy for Nomad.
-    gpus.pci_error(A, "BEGIN_RECOVERY")
+    sim.pci_error(A, "BEGIN_RECOVERY")
     broken = devices(nomad.until(lambda d: not any(d[i]["healthy"] for i in EXAMPLE_UUIDS)))
     assert all("PCI error" in broken[i]["health_description"] for i in EXAMPLE_UUIDS)
 
 
 def test_a_repartition_is_the_next_fingerprint(
     nomad: Nomad,  # noqa: F811
-    daemon: Daemon,
-    nvml: FakeNvml,
+    mig_daemon: Daemon,
+    mig_nvml: FakeNvml,
 ) -> None:
-    assert "error" not in nomad.launch("--socket", str(daemon.socket))
+    assert "error" not in nomad.launch("--socket", str(mig_daemon.socket))
     nomad.until(lambda d: set(EXAMPLE_UUIDS) <= set(d))
-    nvml.set_mig(A, [h100_mig("2g.20gb", 0, 3, THREE)])
+    mig_nvml.set_mig(A, [h100_mig("2g.20gb", 0, 3, THREE)])
     after = nomad.until(lambda d: set(d) == {THREE})
     assert set(groups(after)) == {f"nvidia/mig/{H100} MIG 2g.20gb"}

@@ -7,19 +7,16 @@ two 1g.10gb instances and one 3g.40gb)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from monitor.sim.mig import (
     EXAMPLE_UUIDS,
     h100_mig,
-    mig_h100_nvml,
-    write_mig_minors,
 )
 from monitor.sim.nvml import FakeNvml
 from monitor.sim.umockdev import Simulator
-from tests.conftest import Daemon, Subscription
+from tests.conftest import Daemon
 from tests.host.kubelet.harness import RESOURCE, DeviceManager, PluginProcess
 from tests.host.kubelet.test_devicemanager import (  # noqa: F401 (fixtures)
     NUMA,
@@ -40,38 +37,16 @@ FOUR = "MIG-44444444-4444-4444-8444-444444444444"
 
 
 @pytest.fixture
-def gpus(sim: Simulator) -> Simulator:
-    sim.add("nvidia-h100", A, NUMA[A])
-    return sim
-
-
-@pytest.fixture
-def nvml(tmp_path: Path, nvml_lib: Path) -> FakeNvml:
-    return mig_h100_nvml(tmp_path, nvml_lib, A)
-
-
-@pytest.fixture
-def daemon(
-    tmp_path: Path,
-    gpus: Simulator,
-    nvml: FakeNvml,
-    start_daemon: Callable[..., Daemon],
-    subscribe: Callable[[Daemon], Subscription],
-) -> Daemon:
-    minors = write_mig_minors(tmp_path / "mig-minors")
-    started = start_daemon(
-        "--udev-source", "udev", "--mig-minors", str(minors),
-        env={**gpus.daemon_env(), **nvml.env()}, nvml=True,
-    )  # fmt: skip
-    subscribe(started).until(lambda m: set(EXAMPLE_UUIDS) <= set(m.devices()), timeout=20)
-    return started
+def daemon(mig_daemon: Daemon) -> Daemon:
+    """The daemon ``start_plugin`` follows: the one on the H100 in MIG mode."""
+    return mig_daemon
 
 
 def test_mixed_offers_a_resource_a_profile_and_allocates_instances_by_mig_uuid(
     manager: DeviceManager,  # noqa: F811
     start_plugin: Callable[..., PluginProcess],  # noqa: F811
-    daemon: Daemon,
-    gpus: Simulator,
+    mig_daemon: Daemon,
+    sim: Simulator,
 ) -> None:
     start_plugin()  # mixed: the default
     manager.wait(SMALL, capacity=2, allocatable=2)
@@ -88,25 +63,25 @@ def test_mixed_offers_a_resource_a_profile_and_allocates_instances_by_mig_uuid(
     large = manager.request("allocate", pod="large", resource=LARGE, count=1)
     assert large["device_ids"] == [THREE]
     assert large["envs"] == {"NVIDIA_VISIBLE_DEVICES": THREE}
-    assert set(kubelet_leases(daemon)) == {ONE, TWO, THREE}
+    assert set(kubelet_leases(mig_daemon)) == {ONE, TWO, THREE}
     # The GPU breaks: every instance of it leaves allocatable, capacity stays.
-    gpus.pci_error(A, "BEGIN_RECOVERY")
+    sim.pci_error(A, "BEGIN_RECOVERY")
     manager.wait(SMALL, capacity=2, allocatable=0)
     manager.wait(LARGE, capacity=1, allocatable=0)
-    gpus.pci_error(A, "SUCCESSFUL_RECOVERY")
+    sim.pci_error(A, "SUCCESSFUL_RECOVERY")
     manager.wait(SMALL, capacity=2, allocatable=2)
 
 
 def test_a_repartition_registers_the_profile_that_appears_and_empties_the_one_gone(
     manager: DeviceManager,  # noqa: F811
     start_plugin: Callable[..., PluginProcess],  # noqa: F811
-    daemon: Daemon,
-    nvml: FakeNvml,
+    mig_daemon: Daemon,
+    mig_nvml: FakeNvml,
 ) -> None:
     plugin = start_plugin()
     manager.wait(LARGE, capacity=1, allocatable=1)
     # The 3g.40gb instance becomes a 2g.20gb one and a third 1g.10gb.
-    nvml.set_mig(
+    mig_nvml.set_mig(
         A,
         [
             h100_mig("1g.10gb", 1, 9, ONE),
@@ -126,14 +101,14 @@ def test_a_repartition_registers_the_profile_that_appears_and_empties_the_one_go
 def test_single_refuses_two_profiles_in_one_line_and_offers_one_profile_as_the_gpu_resource(
     manager: DeviceManager,  # noqa: F811
     start_plugin: Callable[..., PluginProcess],  # noqa: F811
-    daemon: Daemon,
-    nvml: FakeNvml,
+    mig_daemon: Daemon,
+    mig_nvml: FakeNvml,
 ) -> None:
     plugin = start_plugin("--mig-strategy", "single")
     plugin.until_logged("--mig-strategy single needs one profile for all, not 1g.10gb, 3g.40gb")
     assert manager.request("capacity")["capacity"].get(RESOURCE, 0) == 0
     # Repartitioned into one profile: the instances are the GPU's resource.
-    nvml.set_mig(A, [h100_mig("1g.10gb", k, 9 + k, uuid) for k, uuid in enumerate((ONE, TWO))])
+    mig_nvml.set_mig(A, [h100_mig("1g.10gb", k, 9 + k, uuid) for k, uuid in enumerate((ONE, TWO))])
     manager.wait(RESOURCE, capacity=2, allocatable=2)
     assert set(manager.devices(RESOURCE)) == {ONE, TWO}
     got = manager.request("allocate", pod="one", resource=RESOURCE, count=1)
@@ -143,7 +118,7 @@ def test_single_refuses_two_profiles_in_one_line_and_offers_one_profile_as_the_g
 def test_none_offers_nothing_of_a_split_gpu_and_says_why_once(
     manager: DeviceManager,  # noqa: F811
     start_plugin: Callable[..., PluginProcess],  # noqa: F811
-    daemon: Daemon,
+    mig_daemon: Daemon,
 ) -> None:
     plugin = start_plugin("--mig-strategy", "none")
     plugin.until_logged("3 MIG instances")
