@@ -172,7 +172,7 @@ def test_a_pod_gets_the_gpu_and_a_removed_gpu_leaves_allocatable(
     )
     assert "error" not in ready, (ready, driven.log(), _tail(top, "kubelet"))
     dropped = driven.request("pod", name="gpu-one", manifest=manifest("gpu-one", SHOW))
-    until_phase("gpu-one", "Running", "Failed")
+    until_phase("gpu-one", "Running", "Failed", "Succeeded")  # any end: fail now, with the log
     assert phase_of("gpu-one")[0] == "Running", (phase_of("gpu-one"), _tail(top, "kubelet"))
     running_s = time.monotonic() - began
     wait_until(
