@@ -1,6 +1,7 @@
 """Scenario 17, what more devices per GPU cost: the snapshot (fingerprint) of 64 GPUs offered as
-4 time-sliced replicas each, against the same 64 GPUs offered whole, in bytes, in the time to
-build and encode it, and in the time one change takes to reach 100 subscribers.
+4 time-sliced replicas each, as 7 MIG instances each, and as 7 MIG instances of 4 replicas each,
+against the same 64 GPUs offered whole, in bytes, in the time to build and encode it, and in the
+time one change takes to reach 100 subscribers.
 
 Each layout is one daemon on 64 simulated H100s (umockdev, the stand-in NVML naming them);
 rounds alternate a PCI error ``change`` uevent on one GPU (a health patch each way, to that GPU
@@ -8,13 +9,12 @@ and to each of its replicas). Per round: the time until each of the subscribers 
 in this process) has read the patch, the patch's size, and two ``fingerprint`` calls: the first
 after a change builds and encodes the snapshot, the second is answered from the daemon's cache.
 
-A layout is one line of ``LAYOUTS``: ``Layout("...", mig=7, replicas=4)`` adds 64 GPUs x 7 MIG
-devices x 4 replicas once the stand-in NVML has MIG (``monitor.sim.mig``); ``_mig`` sets it up.
+A layout is one line of ``LAYOUTS``. MIG instances are shared only by a ``[[share]]`` rule naming
+them, so a MIG layout with replicas gets one in a config file.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import socket
 import time
@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from monitor.sim import mig
 from monitor.sim.nvml import FakeNvml, build_library
 from monitor.sim.umockdev import Simulator
 from monitor.wire.framing import dumps
@@ -48,22 +49,30 @@ class Layout:
 
 
 FLOOR = Layout("64 GPUs")
-LAYOUTS = (FLOOR, Layout("64 GPUs x 4 replicas", replicas=4))
+LAYOUTS = (
+    FLOOR,
+    Layout("64 GPUs x 4 replicas", replicas=4),
+    Layout("64 GPUs x 7 MIG", mig=7),
+    Layout("64 GPUs x 7 MIG x 4 replicas", mig=7, replicas=4),
+)
 
 
 def _mig(layout: Layout, nvml: FakeNvml, workdir: Path) -> list[str]:
     """Put every GPU in MIG mode with ``layout.mig`` 1g.10gb devices; the daemon's flags."""
-    mig = importlib.import_module("monitor.sim.mig")  # with MIG (branch r3-mig)
-    scenario: Any = nvml  # set_mig comes with it too
-    scenario.set_gpus(attrs.evolve(g, mig_mode=1) for g in gpus(layout.gpus))
+    nvml.set_gpus(attrs.evolve(g, mig_mode=1) for g in gpus(layout.gpus))
     for g in gpus(layout.gpus):
         devices = [
             mig.h100_mig("1g.10gb", k, 7 + k, f"MIG-{g.minor:08x}-{k:04x}-4000-8000-0000000000bb")
             for k in range(layout.mig)
         ]
-        scenario.set_mig(g.bus_id, devices, announce=False)
+        nvml.set_mig(g.bus_id, devices, announce=False)
     minors = mig.write_mig_minors(workdir / "mig-minors", gpus=layout.gpus)
-    return ["--mig-minors", str(minors)]
+    args = ["--mig-minors", str(minors)]
+    if layout.replicas > 1:
+        config = workdir / "share-mig.toml"
+        config.write_text(f'[[share]]\nmatch = "nvidia/mig"\nreplicas = {layout.replicas}\n')
+        args += ["--config", str(config)]
+    return args
 
 
 @dataclass(frozen=True)
