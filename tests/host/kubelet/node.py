@@ -14,8 +14,10 @@ JSON command per line and answers each on a line starting ``@@ `` (``harness.Dri
   a pod admitted before its resource exists fails and is never retried);
 - ``teardown``: every process stopped, the containers' tasks killed, runc's cgroups removed.
 
-The test reads the kubelet's read-only port (127.0.0.1:10255) and the pods' logs under the
-temp ``/var/log`` from outside: the network and the temp dirs are shared.
+The test reads the kubelet's read-only port (``setup`` answers its address) and the pods' logs
+under the temp ``/var/log`` from outside: the network and the temp dirs are shared. The kubelet's
+ports are free ones, not its defaults (10250, 10248, 10255), which a kubelet on the host or
+another test run may hold.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -48,7 +51,6 @@ APPLETS = ("sh", "sleep", "ls", "cat", "env", "test", "echo")
 PAUSE_IMAGE = "localhost/hotplug-monitor-pause:1"
 SHELL_IMAGE = "localhost/hotplug-monitor-busybox:1"
 NODE_NAME = "hotplug-node"
-READ_ONLY = "http://127.0.0.1:10255"
 BASIC_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx", "kmsg")
 PLUGIN = [sys.executable, "-m", "monitor", "kubelet-plugin"]
 
@@ -65,6 +67,15 @@ def _wait(check: Any, timeout: float, what: str) -> float:
     began = time.monotonic()
     wait_until(check, timeout, what, interval=0.05)
     return time.monotonic() - began
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports on 127.0.0.1 that nothing listens on now."""
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in held]
 
 
 def image_tar(name: str, cmd: list[str]) -> bytes:
@@ -203,6 +214,8 @@ state = "{self.top}/containerd/state"
             tar.write_bytes(image_tar(name, cmd))
             _run("ctr", "-a", str(sock), "-n", "k8s.io", "images", "import",
                  "--snapshotter", "native", str(tar))  # fmt: skip
+        port, healthz, read_only = free_ports(3)
+        self.read_only = f"http://127.0.0.1:{read_only}"
         kubelet = [
             command["kubelet"],
             "--container-runtime=remote",
@@ -215,8 +228,10 @@ state = "{self.top}/containerd/state"
             "--enforce-node-allocatable=",
             "--cgroup-driver=cgroupfs",
             "--address=127.0.0.1",
-            "--read-only-port=10255",
+            f"--port={port}",
+            f"--read-only-port={read_only}",
             "--healthz-bind-address=127.0.0.1",
+            f"--healthz-port={healthz}",
             f"--hostname-override={NODE_NAME}",
             "--eviction-hard=memory.available<1Mi",
             "--image-gc-high-threshold=100",
@@ -241,12 +256,13 @@ state = "{self.top}/containerd/state"
             "registration and ListAndWatch",
         )
         _wait(
-            lambda: "kubelet_device_plugin_registration_total" in _get(f"{READ_ONLY}/metrics"),
+            lambda: "kubelet_device_plugin_registration_total" in _get(f"{self.read_only}/metrics"),
             30,
             "the kubelet's registration metric",
         )
         return {
             "ok": True,
+            "read_only": self.read_only,
             "gpu_nodes": nodes,
             "setup_s": round(time.monotonic() - began, 2),
             "kubelet_socket_s": round(socket_s, 2),

@@ -27,7 +27,7 @@ from monitor.sim.umockdev import Simulator
 from monitor.wire import requests
 from tests.conftest import Daemon, Subscription, need
 from tests.host.kubelet.harness import RESOURCE, Driven, build, plugin_env
-from tests.host.kubelet.node import NODE_NAME, READ_ONLY, SHELL_IMAGE
+from tests.host.kubelet.node import NODE_NAME, SHELL_IMAGE
 from tests.host.kubelet.test_devicemanager import keep
 from tests.reliability import record
 from tests.waiting import wait_until
@@ -101,23 +101,26 @@ def node(kubelet_binary: Path) -> Iterator[tuple[Driven, Path]]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def pods() -> dict[str, dict[str, Any]]:
-    with urllib.request.urlopen(f"{READ_ONLY}/pods", timeout=5) as answer:
+def pods(kubelet: str) -> dict[str, dict[str, Any]]:
+    """The pods the kubelet (its read-only address) runs, by name."""
+    with urllib.request.urlopen(f"{kubelet}/pods", timeout=5) as answer:
         listed = json.loads(answer.read())
     return {p["metadata"]["name"]: p for p in listed.get("items") or []}
 
 
-def phase_of(name: str) -> tuple[str, str, str]:
-    pod = pods().get(f"{name}-{NODE_NAME}", {})
+def phase_of(kubelet: str, name: str) -> tuple[str, str, str]:
+    pod = pods(kubelet).get(f"{name}-{NODE_NAME}", {})
     status = pod.get("status", {})
     return status.get("phase", ""), status.get("reason", ""), status.get("message", "")
 
 
-def until_phase(name: str, *phases: str, timeout: float = 120) -> tuple[str, str, str]:
+def until_phase(
+    kubelet: str, name: str, *phases: str, timeout: float = 120
+) -> tuple[str, str, str]:
     return wait_until(
-        lambda: found if (found := phase_of(name))[0] in phases else None,
+        lambda: found if (found := phase_of(kubelet, name))[0] in phases else None,
         timeout,
-        lambda: f"{name} {phases}: {phase_of(name)}; {pods()}",
+        lambda: f"{name} {phases}: {phase_of(kubelet, name)}; {pods(kubelet)}",
         interval=0.2,
     )
 
@@ -171,15 +174,17 @@ def test_a_pod_gets_the_gpu_and_a_removed_gpu_leaves_allocatable(
         plugin_args=["--reconcile-interval", "1"],
     )
     assert "error" not in ready, (ready, driven.log(), _tail(top, "kubelet"))
+    kubelet = ready["read_only"]
     dropped = driven.request("pod", name="gpu-one", manifest=manifest("gpu-one", SHOW))
-    until_phase("gpu-one", "Running", "Failed", "Succeeded")  # any end: fail now, with the log
-    assert phase_of("gpu-one")[0] == "Running", (phase_of("gpu-one"), _tail(top, "kubelet"))
+    # Any end: fail now, with the log.
+    first = until_phase(kubelet, "gpu-one", "Running", "Failed", "Succeeded")
+    assert first[0] == "Running", (first, _tail(top, "kubelet"))
     running_s = time.monotonic() - began
     wait_until(
         lambda: "shown" in container_log(top, "gpu-one"),
         60,
         lambda: (
-            f"output from gpu-one: {pods().get(f'gpu-one-{NODE_NAME}')}\n"
+            f"output from gpu-one: {pods(kubelet).get(f'gpu-one-{NODE_NAME}')}\n"
             f"{sorted(str(p) for p in (top / 'varlog').rglob('*'))}\n"
             f"{container_log(top, 'gpu-one')}\n{_tail(top, 'kubelet')}"
         ),
@@ -197,7 +202,7 @@ def test_a_pod_gets_the_gpu_and_a_removed_gpu_leaves_allocatable(
     assert f"char /dev/nvidia{MINORS[gpu]}" in log and "char /dev/nvidiactl" in log, log
     other = B if gpu == A else A
     assert f"char /dev/nvidia{MINORS[other]}" not in log, log  # the other GPU is not its
-    metrics = _get(f"{READ_ONLY}/metrics")
+    metrics = _get(f"{kubelet}/metrics")
     assert (
         f'kubelet_device_plugin_alloc_duration_seconds_count{{resource_name="{RESOURCE}"}} 1'
         in (metrics)
@@ -207,12 +212,12 @@ def test_a_pod_gets_the_gpu_and_a_removed_gpu_leaves_allocatable(
     sim.remove(other)
     time.sleep(2)  # the plugin's ListAndWatch has told the kubelet; admission reads it
     driven.request("pod", name="gpu-two", manifest=manifest("gpu-two", SHOW))
-    phase, reason, message = until_phase("gpu-two", "Failed", "Running", timeout=60)
+    phase, reason, message = until_phase(kubelet, "gpu-two", "Failed", "Running", timeout=60)
     assert phase == "Failed", (phase, reason, _tail(top, "kubelet"))
     assert reason.startswith("OutOf") or reason == "UnexpectedAdmissionError", reason
     assert RESOURCE in message, message
     print(f"gpu-two: {reason}: {message}")
-    assert phase_of("gpu-one")[0] == "Running"
+    assert phase_of(kubelet, "gpu-one")[0] == "Running"
     keep(
         "node",
         {
