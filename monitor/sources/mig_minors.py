@@ -3,8 +3,9 @@
 The file (``--mig-minors``, ``/proc/driver/nvidia-caps/mig-minors``) names the minor of each
 ``/dev/nvidia-caps/nvidia-capN`` a MIG instance's container needs. It is input like any other:
 read up to ``MIG_MINORS_LIMIT`` bytes, from a regular file only, malformed lines skipped
-(``monitor.core.mig.parse_mig_minors``). It is read again whenever a GPU's MIG layout arrives
-(a repartition, a sweep, SIGHUP), off the event loop; what changed goes to the core. A file that
+(``monitor.core.mig.parse_mig_minors``). It is read again whenever a GPU's MIG layout with
+instances arrives (a repartition, a sweep, SIGHUP), off the event loop; what changed goes to the
+core. A host with no MIG instances never reads it, so never warns that it is missing. A file that
 cannot be read leaves MIG devices without capability nodes, and the core refuses to lease them
 with the reason (``monitor.core.rules.mig_reserve``); the reason is logged once per change.
 """

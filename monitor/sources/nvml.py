@@ -212,9 +212,11 @@ async def _pass_events(
                 events.append(NvmlGpuSeen(checked_gpu(output.gpu)))
             elif not (slot.ended or output.address in slot.assigned):
                 pass  # a GPU this worker no longer watches; another reports it now
-            elif isinstance(output, MigLayoutSeen):  # the driver's minors may be new with it
-                events.append(checked_layout(output))
-                if (read := await minors.read_if_changed()) is not None:
+            elif isinstance(output, MigLayoutSeen):
+                events.append(checked := checked_layout(output))
+                # The driver's minors may be new with the instances; no instances, no need.
+                read = await minors.read_if_changed() if checked.layout.instances else None
+                if read is not None:
                     events.append(read)
             elif isinstance(output, XidReported):  # read now, by NVML: the core pairs it so
                 events.append(

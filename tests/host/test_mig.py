@@ -160,6 +160,27 @@ def test_without_the_mig_minors_file_an_instance_is_refused_saying_why(
     assert "MIG instances get no capability nodes" in daemon.log()
 
 
+def test_without_mig_instances_a_missing_mig_minors_file_is_not_read_nor_warned_of(
+    tmp_path: Path,
+    sim: Simulator,
+    nvml_lib: Path,
+    start_daemon: Callable[..., Daemon],
+    subscribe: Callable[[Daemon], Subscription],
+) -> None:
+    """Hosts without MIG (most, and the demo) have no mig-minors file: nothing to say of it."""
+    sim.add("nvidia-h100", A, 0)
+    nvml = FakeNvml(tmp_path / "nvml", nvml_lib, [FakeGpu(bus_id=A, uuid=EXAMPLE_GPU_UUID)])
+    missing = tmp_path / "no-such-mig-minors"
+    env = {**sim.daemon_env(), **nvml.env()}
+    daemon = start_daemon("--udev-source", "udev", "--mig-minors", str(missing), env=env, nvml=True)
+    # NVML's facts (the UUID) come after the GPU's MIG layout (off): it has been handled by then.
+    uuid = EXAMPLE_GPU_UUID
+    subscribe(daemon).until(
+        lambda m: device(m, A).get("attributes", {}).get("uuid", {}).get("value") == uuid
+    )
+    assert "mig-minors" not in daemon.log() and "capability nodes" not in daemon.log()
+
+
 def test_a_gpu_with_mig_devices_is_never_shown_whole_at_start(
     start_mig_daemon: Callable[..., Daemon], subscribe: Callable[[Daemon], Subscription]
 ) -> None:
