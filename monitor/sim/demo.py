@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,10 @@ class Terminal:
             self._write(f"$ hotplug-monitor {shown}", False)
         done = None
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            # A group of its own: Ctrl-C is the demo's alone, which then stops the command.
+            done = subprocess.run(
+                argv, capture_output=True, text=True, check=False, process_group=0
+            )
         finally:
             with self._lock:
                 if done is not None:
@@ -140,6 +144,8 @@ class Terminal:
 
 def _follow(lines: IO[str], write: Callable[[str], None]) -> None:
     """Each line a process writes, handed on whole to the terminal."""
+    # Ctrl-C goes to the main thread, whose waits it interrupts at once.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     for text in lines:
         write(text.rstrip("\n"))
 
@@ -170,6 +176,7 @@ def run(speed: float = 1.0) -> None:
             env={**sim.daemon_env(), **(nvml.env() if nvml else {})},
             stderr=subprocess.PIPE,
             text=True,
+            process_group=0,  # Ctrl-C stops the demo, which stops the daemon (finally)
         )  # fmt: skip
         _follow_in_thread(daemon.stderr, lambda text: terminal.line(text, err=True))  # its log
         watcher = None
@@ -193,7 +200,10 @@ def run(speed: float = 1.0) -> None:
             client("devices")
             say("\ndemo: watching changes (hotplug-monitor watch):")
             watcher = subprocess.Popen(
-                [*python, "watch", "--socket", str(sock)], stdout=subprocess.PIPE, text=True
+                [*python, "watch", "--socket", str(sock)],
+                stdout=subprocess.PIPE,
+                text=True,
+                process_group=0,  # as the daemon
             )
             _follow_in_thread(watcher.stdout, terminal.watched)
             pause(1.0)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from monitor.core.pci import class_phrase
@@ -226,9 +227,15 @@ def test_ctrl_c_in_the_demo_ends_it_without_a_traceback(sim: Simulator) -> None:
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     assert demo.stdout is not None
-    while "demo: watching changes" not in demo.stdout.readline():
-        pass
+    sock = ""
+    while "demo: watching changes" not in (line := demo.stdout.readline()):
+        sock = line.rpartition("; socket ")[2].strip() if "; socket " in line else sock
     os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C sends: to the whole group
     out, err = demo.communicate(timeout=20)
     assert demo.returncode == 130, err
     assert "Traceback" not in err and "Traceback" not in out
+    # Its daemon and watcher (process groups of their own) were stopped with it.
+    assert sock.endswith("demo.sock")
+    assert not [
+        p.info for p in psutil.process_iter(["cmdline"]) if sock in (p.info["cmdline"] or [])
+    ]
