@@ -290,6 +290,17 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
+    def listening_sockets(self) -> int:
+        """How many Unix sockets the daemon listens on (a deleted one's stays in /proc/net/unix
+        while it is open)."""
+        held = set()
+        for fd in os.listdir(f"/proc/{self.process.pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                held.add(os.readlink(f"/proc/{self.process.pid}/fd/{fd}"))
+        listening = 0x10000  # __SO_ACCEPTCON in the Flags column
+        rows = [line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:]]
+        return sum(f"socket:[{r[6]}]" in held and int(r[3], 16) & listening != 0 for r in rows)
+
     def settle_fds(self, baseline: int, timeout: float = 5.0) -> int:
         """The fd count once it is back to ``baseline`` (closes finish after the client's), or
         what it is at the deadline."""

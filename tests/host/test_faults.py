@@ -60,7 +60,9 @@ def test_a_deleted_socket_directory_is_made_again_and_clients_carry_on(
     # install.sh run made it), else 0600
     assert daemon.socket.stat().st_mode & 0o777 == (0o660 if daemon_group_exists() else 0o600)
     assert daemon.log().count("was deleted; listening there again") == 2
-    assert daemon.settle_fds(fds) == fds, "each old listening socket is closed"
+    assert daemon.listening_sockets() == 1, "each old listening socket is closed"
+    # A count taken under load may include a connection the daemon had yet to close: at most.
+    assert daemon.settle_fds(fds) <= fds, "no fd leaked"
     daemon.stop()
     assert not daemon.socket.exists()
     record(
@@ -261,8 +263,16 @@ def test_netlink_overflow_during_a_reservation_burst(
 
     worker = threading.Thread(target=burst)
     worker.start()
+    wait_until(lambda: outcome["held"] or "error" in outcome, 30, "the burst's first lease")
     started = time.monotonic()
-    events = 0
+    # The first 2,000 while the daemon cannot read, the burst's requests waiting: the buffer
+    # overflows however fast the daemon would have read (on a busy machine it kept up).
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        emit(flapping, ["remove", "add"] * 1_000)
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    events = 2_000
     while time.monotonic() - started < 2.0:  # a storm for two seconds, the burst throughout
         emit(flapping, ["remove", "add"] * 1_000)
         events += 2_000
