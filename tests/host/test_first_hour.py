@@ -219,13 +219,19 @@ def test_the_log_tells_who_had_which_device_when(start_daemon: Callable[..., Dae
 
 @pytest.mark.umockdev
 def test_ctrl_c_in_the_demo_ends_it_without_a_traceback(sim: Simulator) -> None:
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
+    # A terminal's job takes SIGINT; a suite run in the background (nohup, a script's &) has it
+    # ignored, which the demo would inherit. A handler here is reset to the default in the child.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert demo.stdout is not None
     sock = ""
     while "demo: watching changes" not in (line := demo.stdout.readline()):
