@@ -6,9 +6,7 @@ on; ``promtool`` lints the scrape."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import pytest
 
 from monitor.sim.mig import EXAMPLE_GPU_UUID, EXAMPLE_UUIDS
 from tests.conftest import Daemon
-from tests.host.test_prometheus import JOB, free_port, stop, tool, wait_http
+from tests.host.test_prometheus import free_port, query, scraped, tool
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.umockdev
@@ -29,58 +27,19 @@ ONE, TWO, THREE = EXAMPLE_UUIDS  # 1g.10gb, 1g.10gb, 3g.40gb
 
 
 @pytest.fixture
-def scraped(tmp_path: Path, mig_daemon: Daemon) -> Iterator[tuple[str, Callable[[str], Any]]]:
+def scraping(tmp_path: Path, mig_daemon: Daemon) -> Iterator[tuple[str, Callable[[str], Any]]]:
     """The exporter's metrics URL, and an instant query of Prometheus scraping it."""
-    prometheus = tool("prometheus")
     port, web = free_port(), free_port()
-    exporter_log = tmp_path / "exporter.log"
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "exporter", "--socket", str(mig_daemon.socket),
-         "--listen", f"127.0.0.1:{port}"],
-        stderr=exporter_log.open("wb"),
-    )  # fmt: skip
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-                "scrape_configs": [
-                    {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-                ],
-            }
-        )
-    )
-    prometheus_log = tmp_path / "prometheus.log"
-    server = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web}"],
-        stdout=subprocess.DEVNULL, stderr=prometheus_log.open("wb"),
-    )  # fmt: skip
-
-    def query(promql: str) -> list[dict[str, Any]]:
-        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            body = json.load(answer)
-        assert body["status"] == "success", body
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    try:
-        metrics = f"http://127.0.0.1:{port}/metrics"
-        wait_http(metrics, exporter, exporter_log)
-        wait_http(f"http://127.0.0.1:{web}/-/ready", server, prometheus_log)
-        yield metrics, query
-    finally:
-        stop(server)
-        assert stop(exporter) == 0, exporter_log.read_text()
+    with scraped(tmp_path, mig_daemon.socket, port, web, rules=[]):
+        yield f"http://127.0.0.1:{port}/metrics", lambda promql: query(web, promql)
 
 
 def test_prometheus_sees_each_instance_with_its_profile_to_join_on(
-    scraped: tuple[str, Callable[[str], Any]],
+    scraping: tuple[str, Callable[[str], Any]],
 ) -> None:
-    metrics, query = scraped
+    metrics, ask = scraping
     info = wait_until(
-        lambda: (r := query("hotplug_monitor_device_info")) and len(r) == 3 and r,
+        lambda: (r := ask("hotplug_monitor_device_info")) and len(r) == 3 and r,
         30,
         lambda: "three MIG instances in Prometheus",
         0.25,
@@ -96,7 +55,7 @@ def test_prometheus_sees_each_instance_with_its_profile_to_join_on(
         m["parent_uuid"] == EXAMPLE_GPU_UUID and m["type"] == "mig" for m in info_labels(info)
     )
     # Healthy instances by profile, joined from the info metric as the exporter means it.
-    joined = query(
+    joined = ask(
         "sum by (mig_profile) (hotplug_monitor_device_healthy"
         " * on (instance, job, device) group_left (mig_profile) hotplug_monitor_device_info)"
     )

@@ -11,6 +11,7 @@ first sample); the tests run in order and each leaves the state the next expects
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,6 +94,64 @@ def gpu(address: str, minor: int) -> FakeGpu:
     return gpu
 
 
+def query(prometheus_port: int, promql: str) -> list[dict[str, Any]]:
+    """An instant query's result vector."""
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/query?" + urllib.parse.urlencode(
+        {"query": promql}
+    )
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        body = json.load(answer)
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@contextlib.contextmanager
+def scraped(
+    work: Path, daemon_socket: Path, exporter_port: int, prometheus_port: int, rules: list[str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The exporter of the daemon on ``daemon_socket``, and Debian's Prometheus scraping it every
+    second with ``rules``, both answering; both stopped after (the exporter cleanly)."""
+    exporter_log = work / "exporter.log"
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "exporter", "--socket", str(daemon_socket),
+         "--listen", f"127.0.0.1:{exporter_port}"],
+        stderr=exporter_log.open("wb"),
+    )  # fmt: skip
+    config = work / "prometheus.yml"
+    config.write_text(
+        json.dumps(  # YAML is a superset of JSON
+            {
+                "global": {
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "evaluation_interval": "1s",
+                },
+                "rule_files": rules,
+                "scrape_configs": [
+                    {
+                        "job_name": JOB,
+                        "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    prometheus_log = work / "prometheus.log"
+    server = subprocess.Popen(
+        [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+        stdout=subprocess.DEVNULL, stderr=prometheus_log.open("wb"),
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{exporter_port}/metrics", exporter, exporter_log)
+        wait_http(f"http://127.0.0.1:{prometheus_port}/-/ready", server, prometheus_log)
+        yield exporter
+    finally:
+        stop(server)
+        assert stop(exporter) == 0, exporter_log.read_text()
+
+
 @attrs.define
 class Stack:
     """The daemon, the exporter and Prometheus scraping it, and how to ask Prometheus."""
@@ -110,15 +169,7 @@ class Stack:
         return f"http://127.0.0.1:{self.exporter_port}/metrics"
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        """An instant query's result vector."""
-        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": promql}
-        )
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            body = json.load(answer)
-        assert body["status"] == "success", body
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
+        return query(self.prometheus_port, promql)
 
     def until(
         self, promql: str, condition: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
@@ -150,7 +201,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, nvml_lib: Path) -> Iterator[Stack]:
-    prometheus = tool("prometheus")
+    tool("prometheus")  # before anything starts: a missing server is said first
     need(umockdev_missing())
     work = tmp_path_factory.mktemp("prometheus")
     with Simulator() as sim:
@@ -159,44 +210,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, nvml_lib: Path) -> Iterator[
         nvml = FakeNvml(work / "nvml", nvml_lib, [gpu(A, 0), gpu(B, 1)])
         stack = Stack(work, sim, nvml, None, None, free_port(), free_port())  # type: ignore[arg-type]
         stack.daemon = stack.start_daemon()
-        exporter_log = work / "exporter.log"
-        stack.exporter = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "exporter", "--socket", str(stack.daemon.socket),
-             "--listen", f"127.0.0.1:{stack.exporter_port}"],
-            stderr=exporter_log.open("wb"),
-        )  # fmt: skip
-        config = work / "prometheus.yml"
-        config.write_text(
-            json.dumps(  # YAML is a superset of JSON
-                {
-                    "global": {
-                        "scrape_interval": "1s",
-                        "scrape_timeout": "1s",
-                        "evaluation_interval": "1s",
-                    },
-                    "rule_files": [str(RULES)],
-                    "scrape_configs": [
-                        {
-                            "job_name": JOB,
-                            "static_configs": [{"targets": [f"127.0.0.1:{stack.exporter_port}"]}],
-                        }
-                    ],
-                }
-            )
-        )
-        prometheus_log = work / "prometheus.log"
-        server = subprocess.Popen(
-            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{stack.prometheus_port}"],
-            stdout=subprocess.DEVNULL, stderr=prometheus_log.open("wb"),
-        )  # fmt: skip
         try:
-            wait_http(stack.metrics_url, stack.exporter, exporter_log)
-            wait_http(f"http://127.0.0.1:{stack.prometheus_port}/-/ready", server, prometheus_log)
-            yield stack
+            with scraped(
+                work, stack.daemon.socket, stack.exporter_port, stack.prometheus_port, [str(RULES)]
+            ) as stack.exporter:
+                yield stack
         finally:
-            stop(server)
-            assert stop(stack.exporter) == 0, exporter_log.read_text()
             stack.daemon.stop()
 
 
