@@ -82,7 +82,7 @@ def settle(draft: Draft, addresses: Iterable[str] | None, *, announce: bool = Fa
             continue
         else:
             want = wanted(policy, facts, names.get(address), classes)
-        layout = draft.get(F.mig).get(address)
+        layout = layouts.get(address)
         if layout is not None and layout.enabled and layout.instances:
             want = 1  # shown as its MIG devices: not time-sliced whole
         have = current.get(address, 1)
